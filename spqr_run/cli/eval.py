@@ -1,0 +1,98 @@
+"""spqr-eval: perplexity of a model on a text file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from spqr_run.cli.common import add_model_flags, run_cli
+from spqr_run.devices import default_dtype, resolve_device
+from spqr_run.errors import ConfigError
+from spqr_run.eval import perplexity
+from spqr_run.loading import build_decoder, open_model
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="spqr-eval",
+        description="Perplexity over non-overlapping windows of the first N tokens of a text file "
+        "(tokenized without special tokens).",
+        epilog="example: spqr-eval models/smollm2.spqr --text ../shared/data/wiki-test.txt --max-tokens 20000",
+    )
+    add_model_flags(p)
+    p.add_argument("--text", required=True, help="a UTF-8 text file to score")
+    p.add_argument(
+        "--max-tokens", type=int, default=None, help="score only the first N tokens (default: all)"
+    )
+    p.add_argument(
+        "--seqlen", type=int, default=None, help="window length (default 2048, or the context if smaller)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_cli(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=args.json)
+    text_path = Path(args.text)
+    try:
+        text = text_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"--text {text_path}: file not found") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--text {text_path}: not UTF-8 text") from None
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise ConfigError(f"invalid --max-tokens {args.max_tokens}: must be >= 2")
+    device = resolve_device(args.device)
+    source = open_model(args.model)
+    seqlen = args.seqlen or min(2048, source.config.max_position_embeddings)
+    if not 2 <= seqlen <= source.config.max_position_embeddings:
+        raise ConfigError(
+            f"invalid --seqlen {seqlen}: must be in [2, {source.config.max_position_embeddings}] for this model"
+        )
+    ids = source.tokenizer.encode(text, add_bos=False, special=False)
+    if args.max_tokens is not None:
+        ids = ids[: args.max_tokens]
+    if len(ids) < 2:
+        raise ConfigError(f"--text {text_path}: fewer than 2 tokens to score")
+    dtype = default_dtype(device)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("loading", total=None)
+        model = build_decoder(
+            source, device=device, dtype=dtype, progress=lambda i, n: bar.update(task, completed=i, total=n)
+        )
+        bar.update(task, description="scoring", completed=0, total=None)
+        result = perplexity(
+            model, ids, seqlen=seqlen, progress=lambda i, n: bar.update(task, completed=i, total=n)
+        )
+    table = Table(title=f"perplexity of {Path(args.model).name}")
+    for col in ("text", "tokens scored", "windows x seqlen", "ppl", "seconds"):
+        table.add_column(col)
+    table.add_row(
+        text_path.name,
+        str(result.scored_tokens),
+        f"{result.windows} x {seqlen}",
+        f"{result.ppl:.4f}",
+        f"{result.seconds:.1f}",
+    )
+    console.print(table)
+    if args.json:
+        print(
+            json.dumps(
+                {"model": str(args.model), "text": str(text_path), "device": str(device), **result.to_dict()}
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""spqr-run: one-shot commands (`spqr-run generate MODEL --prompt ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+
+from spqr_run.cli.common import add_model_flags, run_cli
+from spqr_run.runtime import load_runtime
+from spqr_run.sampling import SamplingParams
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spqr-run", description="One-shot commands of spqr-run.")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser(
+        "generate",
+        help="stream a continuation (or a chat reply with --chat) of a prompt",
+        description="Stream a continuation of --prompt, or with --chat the assistant's reply to it.",
+        epilog='example: spqr-run generate model.gguf --chat --prompt "Name three rivers." --temperature 0',
+    )
+    add_model_flags(g)
+    g.add_argument("--prompt", required=True, help="the prompt text ('-' reads standard input)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--system", default=None, help="system prompt (with --chat)")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's)")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--ctx", type=int, default=None, help="context length (default: the model's, max 4096)")
+    g.add_argument("--stats", action="store_true", help="print timings to standard error")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_cli(lambda: _generate(build_parser().parse_args(argv)))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    err = Console(stderr=True, highlight=False)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    with err.status("loading model"):
+        rt = load_runtime(args.model, device=args.device, ctx=args.ctx)
+    settings = {"max_tokens": args.max_tokens, **rt.source.generation_defaults}
+    for name in ("temperature", "top_p", "top_k", "seed"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    params = SamplingParams(**{k: v for k, v in settings.items() if k in SamplingParams.field_names()})
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        ids = rt.tokenizer.encode(
+            rt.chat_template.render(messages, add_generation_prompt=True), add_bos=False
+        )
+    else:
+        ids = rt.tokenizer.encode(prompt)
+    last = None
+    for chunk in rt.generator().stream(ids, params):
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        last = chunk
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if args.stats and last is not None and last.stats is not None:
+        s = last.stats
+        err.print(
+            f"[dim]{s.prompt_tokens} prompt + {s.completion_tokens} tokens, ttft {s.ttft_s * 1000:.0f} ms, "
+            f"prefill {s.prefill_tok_s:.1f} tok/s, decode {s.decode_tok_s:.1f} tok/s ({last.finish_reason})[/]"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Open a model from any supported source into one `ModelSource` (config + lazy weights + tokenizer),
+then build a `Decoder` from it. Sources: a Hugging Face folder, a GGUF file, a `.spqr` file."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from spqr_run.config import ModelConfig
+from spqr_run.errors import ModelFormatError
+from spqr_run.models.decoder import Decoder, Rotary
+from spqr_run.tokenizer import Tokenizer
+
+
+@dataclass
+class ModelSource:
+    """Everything a loaded model needs, with weights read lazily (one tensor at a time) by canonical name."""
+
+    path: Path
+    kind: str  # "hf" | "gguf" | "spqr"
+    config: ModelConfig
+    weights: Mapping[str, Tensor]
+    tokenizer: Tokenizer
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+    # kind "spqr": builds the quantized module for a linear's canonical name (None: dense weight)
+    linear_factory: Callable[[str], nn.Module | None] | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # display facts: bits/param, quantization config
+
+
+def open_model(path: str | Path) -> ModelSource:
+    """Open a model folder or file; raises ModelFormatError with one line on any problem."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelFormatError(f"{p}: no such file or folder")
+    if p.is_dir():
+        return _open_hf(p)
+    with p.open("rb") as f:
+        magic = f.read(8)
+    if magic[:4] == b"GGUF":
+        return _open_gguf(p)
+    if p.suffix == ".spqr":
+        from spqr_run.loading.spqr_file import open_spqr
+
+        return open_spqr(p)
+    raise ModelFormatError(f"{p}: not a model (expected a Hugging Face folder, a .gguf or a .spqr file)")
+
+
+def _open_hf(folder: Path) -> ModelSource:
+    from spqr_run.loading.hf import HFWeights, load_generation_defaults, load_hf_config
+
+    cfg = load_hf_config(folder)
+    weights = HFWeights(folder, cfg)
+    tokenizer = Tokenizer.from_hf_folder(folder)
+    cfg = _with_tokenizer_eos(cfg, tokenizer)
+    return ModelSource(folder, "hf", cfg, weights, tokenizer, load_generation_defaults(folder))
+
+
+def _open_gguf(path: Path) -> ModelSource:
+    from spqr_run.loading.gguf import GGUFWeights, config_from_metadata, open_gguf, read_metadata
+
+    reader = open_gguf(path)
+    meta = read_metadata(reader, path)
+    cfg = config_from_metadata(meta, path)
+    weights = GGUFWeights(reader, path, cfg)
+    cfg = dataclasses.replace(cfg, tie_word_embeddings=weights.tied)
+    weights.cfg = cfg
+    tokenizer = Tokenizer.from_gguf_metadata(meta, source=str(path))
+    cfg = _with_tokenizer_eos(cfg, tokenizer)
+    return ModelSource(path, "gguf", cfg, weights, tokenizer)
+
+
+def _with_tokenizer_eos(cfg: ModelConfig, tokenizer: Tokenizer) -> ModelConfig:
+    eos = tuple(sorted(set(cfg.eos_token_ids) | set(tokenizer.eos_ids)))
+    return dataclasses.replace(cfg, eos_token_ids=eos)
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical weight name -> shape, for a dense decoder of this config."""
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def build_decoder(
+    source: ModelSource,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[int, int], None] | None = None,
+) -> Decoder:
+    """Build the decoder on `device`, reading weights one at a time (no second full copy in host memory)."""
+    cfg = source.config
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    quantized: dict[str, nn.Module] = {}
+    if source.linear_factory is not None:
+        from spqr_run.models.linear import replace_linears
+
+        def swap(name: str, _: nn.Linear) -> nn.Module | None:
+            module = source.linear_factory(name)  # type: ignore[misc]
+            if module is not None:
+                quantized[name] = module
+            return module
+
+        replace_linears(model, swap)
+    expected = {n: tuple(t.shape) for n, t in model.state_dict().items() if not _inside(n, quantized)}
+    missing = sorted(set(expected) - set(source.weights))
+    if missing:
+        raise ModelFormatError(
+            f"{source.path}: missing weight {missing[0]!r} ({len(missing)} missing in all)"
+        )
+    extra = sorted(set(source.weights) - set(expected))
+    if extra:
+        raise ModelFormatError(f"{source.path}: unexpected weight {extra[0]!r} for this config")
+    for i, name in enumerate(expected):
+        w = source.weights[name]
+        if tuple(w.shape) != expected[name]:
+            raise ModelFormatError(
+                f"{source.path}: weight {name!r} has shape {tuple(w.shape)}, config implies {expected[name]}"
+            )
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        module._parameters[attr] = nn.Parameter(w.to(device=device, dtype=dtype), requires_grad=False)
+        if progress:
+            progress(i + 1, len(expected))
+    for module in quantized.values():
+        module.to(device)
+    model.rotary = Rotary(cfg).to(device)
+    return model.eval()
+
+
+def _inside(name: str, modules: Mapping[str, Any]) -> bool:
+    prefix = name.rpartition(".")[0]
+    return prefix in modules
+
+
+def load_model(
+    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[Decoder, ModelSource]:
+    source = open_model(path)
+    return build_decoder(source, device=device, dtype=dtype), source

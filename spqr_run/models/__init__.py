@@ -1,0 +1,7 @@
+"""Decoder models: one config-driven implementation for LLaMA and Falcon."""
+
+from spqr_run.models.decoder import Decoder
+from spqr_run.models.kv_cache import KVCache
+from spqr_run.models.linear import make_linear, replace_linears
+
+__all__ = ["Decoder", "KVCache", "make_linear", "replace_linears"]

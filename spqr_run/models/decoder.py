@@ -1,0 +1,204 @@
+"""One config-driven decoder for the LLaMA family and Falcon.
+
+Architecture differences are flags on `ModelConfig` (norm type, MLP type, parallel residual, shared norm,
+number of KV heads, RoPE scaling), not separate files. Module names are the project's canonical weight names:
+
+    embed_tokens.weight                              (vocab, hidden)
+    layers.{i}.attn_norm.{weight,bias}               (hidden,)        bias only for LayerNorm
+    layers.{i}.mlp_norm.{weight,bias}                (hidden,)        absent when shared_block_norm
+    layers.{i}.attn.{q,k,v,o}_proj.{weight,bias}     nn.Linear layout (out, in)
+    layers.{i}.mlp.{gate,up,down}_proj.{weight,bias} gate only for gated_silu
+    norm.{weight,bias}                               (hidden,)
+    lm_head.weight                                   (vocab, hidden)  absent when tie_word_embeddings
+
+Every linear is created by `make_linear` and can be swapped for a quantized module with the same call
+(`spqr_run.models.linear.replace_linears`), so this file never changes for a new weight format.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spqr_run.config import ModelConfig, rope_inv_freq
+from spqr_run.models.kv_cache import KVCache
+from spqr_run.models.linear import make_linear
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm_type == "rms":
+        return RMSNorm(cfg.hidden_size, cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+
+
+class Rotary(nn.Module):
+    """RoPE in the rotate-half layout (HF LLaMA/Falcon): pairs are (i, i + head_dim/2)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        inv_freq = torch.tensor(rope_inv_freq(cfg), dtype=torch.float32)  # (hd/2,)
+        pos = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
+        angles = torch.outer(pos, inv_freq)  # (max_pos, hd/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        """x: (B, T, H, hd), positions: (B, T) -> rotated x, same shape and dtype."""
+        cos = self.cos[positions][:, :, None, :]  # (B, T, 1, hd/2)
+        sin = self.sin[positions][:, :, None, :]
+        x1, x2 = x.float().chunk(2, dim=-1)  # (B, T, H, hd/2) each
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        h = cfg.hidden_size
+        self.q_proj = make_linear(h, cfg.q_dim, bias=cfg.attention_bias)
+        self.k_proj = make_linear(h, cfg.kv_dim, bias=cfg.attention_bias)
+        self.v_proj = make_linear(h, cfg.kv_dim, bias=cfg.attention_bias)
+        self.o_proj = make_linear(cfg.q_dim, h, bias=cfg.has_o_bias)
+
+    def forward(
+        self,
+        x: Tensor,
+        rotary: Rotary,
+        positions: Tensor,
+        mask: Tensor | None,
+        cache: KVCache | None,
+        rows: Tensor | None,
+        kv_len: int | None,
+    ) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)  # (B, T, H, hd)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)  # (B, T, KH, hd)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q, k = rotary(q, positions), rotary(k, positions)
+        if cache is not None:
+            k, v = cache.update(positions, k, v, rows=rows, kv_len=kv_len)  # (B, S, KH, hd)
+        q, k, v = (z.transpose(1, 2) for z in (q, k.to(q.dtype), v.to(q.dtype)))  # (B, heads, T|S, hd)
+        gqa = self.num_heads != self.num_kv_heads
+        if mask is None:  # no cache and a plain causal prefix: let SDPA build the mask
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)  # (B, T, H*hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gated = cfg.mlp_type == "gated_silu"
+        h, f = cfg.hidden_size, cfg.intermediate_size
+        if self.gated:
+            self.gate_proj = make_linear(h, f, bias=cfg.mlp_bias)
+        self.up_proj = make_linear(h, f, bias=cfg.mlp_bias)
+        self.down_proj = make_linear(f, h, bias=cfg.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gated:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.parallel = cfg.parallel_residual
+        self.attn_norm = make_norm(cfg)
+        self.mlp_norm = None if cfg.shared_block_norm else make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, rotary: Rotary, positions, mask, cache, rows, kv_len) -> Tensor:
+        h = self.attn_norm(x)
+        a = self.attn(h, rotary, positions, mask, cache, rows, kv_len)
+        if self.parallel:  # Falcon: both branches read the block input
+            m = self.mlp(h if self.mlp_norm is None else self.mlp_norm(x))
+            return x + a + m
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Decoder(nn.Module):
+    """Token ids -> next-token logits, with an optional preallocated KV cache per layer."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = make_norm(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else make_linear(cfg.hidden_size, cfg.vocab_size)
+        self.rotary = Rotary(cfg)
+        self.caches: nn.ModuleList | None = None
+
+    # ---- KV cache -------------------------------------------------------------------------------
+    def setup_caches(self, rows: int, max_seq_len: int, *, dtype: torch.dtype | None = None) -> None:
+        """Allocate the KV cache once: `rows` sequences of up to `max_seq_len` tokens."""
+        cfg = self.config
+        if max_seq_len > cfg.max_position_embeddings:
+            max_seq_len = cfg.max_position_embeddings
+        dtype = dtype or self.embed_tokens.weight.dtype
+        device = self.embed_tokens.weight.device
+        self.caches = nn.ModuleList(
+            KVCache(rows, max_seq_len, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device)
+            for _ in range(cfg.num_layers)
+        )
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.caches[0].max_seq_len if self.caches is not None else self.config.max_position_embeddings
+
+    # ---- forward ----------------------------------------------------------------------------------
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor | None = None,
+        *,
+        rows: Tensor | None = None,
+        kv_len: int | None = None,
+        use_cache: bool = True,
+        last_only: bool = False,
+    ) -> Tensor:
+        """tokens (B, T) -> logits (B, T, vocab) in fp32 ((B, 1, vocab) with `last_only`).
+
+        positions (B, T): absolute position of each token (default 0..T-1). With a cache (see
+        `setup_caches`), keys/values are written at those positions of cache rows `rows` (B,) and attention
+        reads the first `kv_len` cached positions (None: all, static shapes), masked causally per row.
+        """
+        b, t = tokens.shape
+        if positions is None:
+            positions = torch.arange(t, device=tokens.device).expand(b, t)  # (B, T)
+        cached = use_cache and self.caches is not None
+        mask = None
+        if cached:
+            s = self.max_seq_len if kv_len is None else kv_len
+            key_pos = torch.arange(s, device=tokens.device)  # (S,)
+            mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+        x = self.embed_tokens(tokens)  # (B, T, hidden)
+        for i, layer in enumerate(self.layers):
+            cache = self.caches[i] if cached else None
+            x = layer(x, self.rotary, positions, mask, cache, rows, kv_len)
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        if self.lm_head is None:
+            return F.linear(x, self.embed_tokens.weight).float()
+        return self.lm_head(x).float()

@@ -1,0 +1,54 @@
+"""Shared fixtures: the real SmolLM2 model from ../shared/data (skipped with a reason when absent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+GGUF = DATA / "SmolLM2-135M-Instruct.Q4_1.gguf"
+WIKI_TEST = DATA / "wiki-test.txt"
+WIKI_CALIB = DATA / "wiki-calib.txt"
+
+
+def require_data() -> None:
+    if not GGUF.exists():
+        pytest.skip(f"real model not found at {GGUF} (the shared data folder is absent)")
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> Path:
+    require_data()
+    return GGUF
+
+
+@pytest.fixture(scope="session")
+def real_source(gguf_path):
+    from spqr_run.loading import open_model
+
+    return open_model(gguf_path)
+
+
+@pytest.fixture(scope="session")
+def real_model(real_source):
+    from spqr_run.loading import build_decoder
+
+    return build_decoder(real_source)
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_model(gguf_path):
+    """transformers' own GGUF loading of the same file, fp32: the peer reference."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    ).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_tokenizer(gguf_path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
