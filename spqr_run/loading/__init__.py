@@ -131,6 +131,8 @@ def build_decoder(
             progress(i + 1, len(expected))
     for module in quantized.values():
         module.to(device)
+        if torch.device(device).type == "cpu":  # CPUs run quantized linears from a once-decoded dense weight
+            module.materialize(dtype)  # type: ignore[operator]
     model.rotary = Rotary(cfg).to(device)
     return model.eval()
 

@@ -1,0 +1,209 @@
+"""spqr-quantize: a Hugging Face folder or GGUF file -> one `.spqr` file (SpQR, or the GPTQ / RTN baselines)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from spqr_run.calibration import sample_from_model, windows_from_text
+from spqr_run.cli.common import run_cli
+from spqr_run.devices import resolve_device
+from spqr_run.errors import ConfigError
+from spqr_run.loading import open_model
+from spqr_run.quant import QuantConfig
+from spqr_run.quantize_model import QuantizeSummary, quantize_model
+
+# Paper configs (Dettmers et al. 2024, Sec. 4): beta1 = beta2 = 16 with 3-bit statistics; tau tuned so the
+# near-lossless preset stays under 4.75 bits and the 3-bit preset under 4.0 bits (see BENCHMARKS.md).
+PRESETS: dict[str, dict[str, object]] = {
+    "near-lossless": dict(method="spqr", wbits=4, groupsize=16, stat_bits=3, stat_groupsize=16, outlier_threshold=0.2),
+    "3bit": dict(method="spqr", wbits=3, groupsize=16, stat_bits=3, stat_groupsize=16, outlier_threshold=0.45),
+}  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="spqr-quantize",
+        description="Quantize a model (Hugging Face folder or GGUF file) into one .spqr file with SpQR "
+        "(or the GPTQ / round-to-nearest baselines), block by block with calibration data.",
+        epilog="examples:\n"
+        "  spqr-quantize ./Llama-2-7b-hf -o models/llama2-7b.spqr --calib wiki.txt\n"
+        "  spqr-quantize model.gguf -o model-3bit.spqr --preset 3bit\n"
+        "  spqr-quantize model.gguf -o gptq.spqr --method gptq --wbits 4 --groupsize 128",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("source", help="a Hugging Face model folder or a GGUF file")
+    p.add_argument("-o", "--output", required=True, help="the .spqr file to write")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="near-lossless",
+        help="start from a paper config (default: near-lossless, ~4.6-4.7 bits)",
+    )
+    p.add_argument(
+        "--method",
+        choices=["spqr", "gptq", "rtn"],
+        help="spqr (default), or a baseline: gptq (fp16 group stats) or rtn",
+    )
+    p.add_argument("--wbits", type=int, help="bits per weight (2, 3, 4; gptq/rtn also 8)")
+    p.add_argument(
+        "--groupsize", type=int, help="input columns per first-order group (beta1; spqr: multiple of 16)"
+    )
+    p.add_argument("--stat-bits", type=int, help="bits of the quantized group scales and zeros (spqr)")
+    p.add_argument("--stat-groupsize", type=int, help="output rows per second-order group (beta2; spqr)")
+    p.add_argument(
+        "--outlier-threshold", type=float, help="tau: smaller keeps more outliers; inf disables them"
+    )
+    p.add_argument("--simplified-outliers", action="store_true", help="skip the leave-one-out refit (faster)")
+    p.add_argument(
+        "--percdamp", type=float, help="Hessian damping relative to its mean diagonal (default 1.0)"
+    )
+    p.add_argument("--calib", help="calibration text file (default: text sampled from the model itself)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration sequences (paper: 128)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sequence (paper: 2048)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling")
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run from its last finished block"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON summary object as the last line")
+    return p
+
+
+def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
+    settings = dict(PRESETS[args.preset])
+    if args.method and args.method != "spqr":
+        settings = dict(method=args.method, wbits=4, groupsize=128)
+    for flag in (
+        "method",
+        "wbits",
+        "groupsize",
+        "stat_bits",
+        "stat_groupsize",
+        "outlier_threshold",
+        "percdamp",
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            settings[flag] = value
+    if args.simplified_outliers:
+        settings["simplified_outliers"] = True
+    return QuantConfig(**settings)  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_cli(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=args.json, highlight=False)
+    out = Path(args.output)
+    if out.suffix != ".spqr":
+        raise ConfigError(f"--output {out}: the file name must end in .spqr")
+    if not out.parent.exists():
+        raise ConfigError(f"--output {out}: folder {out.parent} does not exist")
+    if args.nsamples < 1 or args.seqlen < 16:
+        raise ConfigError("--nsamples must be >= 1 and --seqlen >= 16")
+    qcfg = quant_config_from_args(args)
+    device = resolve_device(args.device)
+    source = open_model(args.source)
+    if source.kind == "spqr":
+        raise ConfigError(f"{args.source}: already a .spqr file; quantize the original model instead")
+    seqlen = min(args.seqlen, source.config.max_position_embeddings)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as bar:
+        if args.calib:
+            calib = windows_from_text(
+                Path(args.calib), source, nsamples=args.nsamples, seqlen=seqlen, seed=args.seed
+            )
+            desc = f"{Path(args.calib).name}: {args.nsamples} x {seqlen} tokens (seed {args.seed})"
+        else:
+            task = bar.add_task(
+                "sampling calibration text from the model", total=args.nsamples * (seqlen - 1)
+            )
+            calib = sample_from_model(
+                source, nsamples=args.nsamples, seqlen=seqlen, device=device, seed=args.seed,
+                progress=lambda i, n: bar.update(task, completed=i),
+            )  # fmt: skip
+            desc = f"sampled from the model: {args.nsamples} x {seqlen} tokens (seed {args.seed})"
+        blocks = bar.add_task("quantizing blocks", total=source.config.num_layers)
+        linears_per_block = len(source.config.linear_shapes())
+        layer_task = bar.add_task("  linears", total=linears_per_block)
+
+        def on_block_start(i: int, n: int) -> None:
+            bar.update(blocks, completed=i, description=f"quantizing block {i + 1}/{n}")
+            bar.reset(layer_task, total=linears_per_block)
+
+        summary = quantize_model(
+            source, out, qcfg=qcfg, calib_tokens=calib, calib_desc=desc, device=device, resume=args.resume,
+            fingerprint_extra={"calib_ids": int(calib.sum())},
+            on_block_start=on_block_start,
+            on_linear=lambda name: bar.update(layer_task, advance=1, description=f"  {name}"),
+        )  # fmt: skip
+        bar.update(blocks, completed=source.config.num_layers)
+    print_summary(console, summary, qcfg)
+    if args.json:
+        print(json.dumps(summary.to_dict()))
+    return 0
+
+
+def print_summary(console: Console, s: QuantizeSummary, qcfg: QuantConfig) -> None:
+    worst = sorted(s.layers, key=lambda r: -r.relative_error)[:8]
+    table = Table(title="worst layers by relative error ||(W-Q)X|| / ||WX||")
+    for col in ("layer", "shape", "bits", "outliers", "rel. error", "seconds"):
+        table.add_column(col, justify="right" if col != "layer" else "left")
+    for r in worst:
+        table.add_row(
+            r.name,
+            f"{r.out_features}x{r.in_features}",
+            f"{r.avg_bits:.3f}",
+            f"{r.outlier_fraction:.3%}",
+            f"{r.relative_error:.4f}",
+            f"{r.seconds:.1f}",
+        )
+    console.print(table)
+    mean_err = sum(r.relative_error for r in s.layers) / len(s.layers)
+    tau = "inf" if math.isinf(qcfg.outlier_threshold) else f"{qcfg.outlier_threshold:g}"
+    t = Table(title=f"wrote {s.path}", show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row(
+        "method",
+        f"{s.method} w{qcfg.wbits} g{qcfg.groupsize}"
+        + (f" stats {qcfg.stat_bits}-bit/{qcfg.stat_groupsize} tau {tau}" if s.method == "spqr" else ""),
+    )
+    t.add_row("avg bits / quantized weight", f"{s.avg_bits:.3f} (from the bytes stored)")
+    t.add_row(
+        "file bits / parameter",
+        f"{s.file_bits_per_param:.3f} ({s.file_bytes / 2**20:.1f} MiB, fp16 embeddings included)",
+    )
+    t.add_row("outlier fraction", f"{s.outlier_fraction:.3%}")
+    t.add_row("quantized parameters", f"{s.quantized_params:,} of {s.total_params:,}")
+    t.add_row("mean relative error", f"{mean_err:.4f}")
+    t.add_row("calibration", s.calibration)
+    t.add_row("time", f"{s.seconds:.1f} s")
+    console.print(t)
+
+
+if __name__ == "__main__":
+    main()

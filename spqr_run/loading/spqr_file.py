@@ -1,0 +1,198 @@
+"""The `.spqr` container: one safetensors file (no pickle, mmap-able) with everything a model needs.
+
+The safetensors header's `__metadata__` holds one key, `spqr`, whose value is a JSON object:
+format name and version, the model config, the quantization config, the tokenizer, generation defaults,
+each quantized linear's `LinearMeta`, and a summary (bits, outliers, calibration). Tensors: dense fp16
+`embed_tokens.weight`, norms, `lm_head.weight` and linear biases under their canonical names, and per
+quantized linear `{module}.{codes,stats,second,...}` in the packed layout of `spqr_run.quant` (docs/FORMAT.md).
+
+Writing streams tensors one at a time straight into a temporary file that is renamed when complete, so a
+model larger than host memory can be written and a crash never leaves a partial `.spqr` behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from spqr_run.config import ModelConfig
+from spqr_run.errors import ModelFormatError
+
+FORMAT_NAME = "spqr"
+FORMAT_VERSION = 1
+DENSE_DTYPE = torch.float16
+_ST_DTYPES = {
+    torch.float16: "F16", torch.float32: "F32", torch.int32: "I32", torch.int16: "I16",
+    torch.uint8: "U8", torch.int64: "I64", torch.bfloat16: "BF16",
+}  # fmt: skip
+
+
+def write_spqr(
+    path: Path, header: dict[str, Any], tensors: Iterable[tuple[str, Callable[[], Tensor]]]
+) -> int:
+    """Write a `.spqr` file: `header` (JSON-serialisable) and tensors given as (name, loader) pairs, loaded
+    one at a time. Returns the file size. The file appears under `path` only once complete."""
+    path = Path(path)
+    entries: list[tuple[str, Callable[[], Tensor], str, list[int], int]] = []
+    offset = 0
+    for name, load in tensors:
+        t = load()  # loaded once for its size, then again when written (keeps memory at one tensor)
+        nbytes = t.numel() * t.element_size()
+        entries.append((name, load, _ST_DTYPES[t.dtype], list(t.shape), nbytes))
+        offset += nbytes
+        del t
+    meta = {"spqr": json.dumps({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **header})}
+    index: dict[str, Any] = {"__metadata__": meta}
+    start = 0
+    for name, _, dtype, shape, nbytes in entries:
+        index[name] = {"dtype": dtype, "shape": shape, "data_offsets": [start, start + nbytes]}
+        start += nbytes
+    blob = json.dumps(index, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for name, load, _, shape, nbytes in entries:
+                t = load().contiguous().cpu()
+                if list(t.shape) != shape:
+                    raise RuntimeError(f"tensor {name} changed shape while writing")
+                data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+                assert len(data) == nbytes
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path.stat().st_size
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """The validated top-level `spqr` header of a file (raises ModelFormatError with one line)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise ModelFormatError(f"{path}: corrupt or truncated .spqr file ({e})") from None
+    raw = meta.get("spqr")
+    if raw is None:
+        raise ModelFormatError(f"{path}: not a .spqr file (no 'spqr' header; a plain safetensors file?)")
+    try:
+        header = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ModelFormatError(f"{path}: corrupt .spqr header ({e})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+        raise ModelFormatError(f"{path}: not a .spqr file (header 'format' is not 'spqr')")
+    version = header.get("format_version")
+    if not isinstance(version, int):
+        raise ModelFormatError(f"{path}: header field 'format_version' is missing or not an integer")
+    if version > FORMAT_VERSION:
+        raise ModelFormatError(
+            f"{path}: format version {version} is newer than this spqr-run reads ({FORMAT_VERSION}); upgrade spqr-run"
+        )
+    if version < FORMAT_VERSION:
+        raise ModelFormatError(
+            f"{path}: format version {version} is no longer supported (this spqr-run reads {FORMAT_VERSION}); "
+            "quantize the model again with spqr-quantize"
+        )
+    for key, kind in (("model_config", dict), ("quant_config", dict), ("tokenizer", dict), ("linears", dict)):
+        if not isinstance(header.get(key), kind):
+            raise ModelFormatError(f"{path}: header field {key!r} is missing or not an object")
+    return header
+
+
+class SpqrWeights(Mapping[str, Tensor]):
+    """Dense tensors of a `.spqr` file (fp16), read lazily from the mmap'd file."""
+
+    def __init__(self, path: Path, names: list[str]) -> None:
+        self.path, self._names = path, names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return _read(self.path, [name])[name]
+
+
+def _read(path: Path, names: list[str]) -> dict[str, Tensor]:
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {n: f.get_tensor(n) for n in names}
+    except Exception as e:
+        raise ModelFormatError(f"{path}: cannot read tensor(s) {names[0]!r}... ({e})") from None
+
+
+def open_spqr(path: Path):
+    """Open a `.spqr` file as a ModelSource whose quantized linears are built by `linear_factory`."""
+    from spqr_run.loading import ModelSource
+    from spqr_run.models.spqr_linear import SpQRLinear
+    from spqr_run.quant import LinearMeta, QuantConfig, QuantizedLinear
+    from spqr_run.tokenizer import Tokenizer
+
+    header = read_header(path)
+    src = str(path)
+    cfg = ModelConfig.from_dict(header["model_config"], source=f"{src} model_config")
+    qcfg = QuantConfig.from_dict(header["quant_config"], source=f"{src} quant_config")
+    tokenizer = Tokenizer.from_json_dict(header["tokenizer"], source=f"{src} tokenizer")
+    expected = {
+        f"layers.{i}.{name}": shape
+        for i in range(cfg.num_layers)
+        for name, shape in cfg.linear_shapes().items()
+    }
+    metas: dict[str, LinearMeta] = {}
+    for name, meta in header["linears"].items():
+        if name not in expected:
+            raise ModelFormatError(f"{path}: header lists unknown linear {name!r}")
+        m = LinearMeta.from_dict(meta, source=f"{src} linear {name}")
+        if (m.out_features, m.in_features) != expected[name]:
+            raise ModelFormatError(
+                f"{path}: linear {name!r} is {m.out_features}x{m.in_features}, config implies "
+                f"{expected[name][0]}x{expected[name][1]}"
+            )
+        metas[name] = m
+    with safe_open(path, framework="pt") as f:
+        names = list(f.keys())
+    packed: dict[str, list[str]] = {}
+    dense: list[str] = []
+    for n in names:
+        module, _, field = n.rpartition(".")
+        if module in metas and field != "bias":
+            packed.setdefault(module, []).append(n)
+        else:
+            dense.append(n)
+
+    def linear_factory(name: str) -> nn.Module | None:
+        if name not in metas:
+            return None
+        tensors = _read(path, packed.get(name, []))
+        q = QuantizedLinear.from_tensors(
+            {k.rpartition(".")[2]: v for k, v in tensors.items()}, meta=metas[name], source=f"{src} {name}"
+        )
+        bias = None
+        if f"{name}.bias" in dense:
+            bias = _read(path, [f"{name}.bias"])[f"{name}.bias"]
+        return SpQRLinear(q, bias)
+
+    weights = SpqrWeights(path, [n for n in dense if n.rpartition(".")[0] not in metas])
+    summary = header.get("summary") if isinstance(header.get("summary"), dict) else {}
+    info = {"quant_config": qcfg, "file_bytes": path.stat().st_size, **summary}
+    gen_defaults = (
+        header.get("generation_defaults") if isinstance(header.get("generation_defaults"), dict) else {}
+    )
+    return ModelSource(path, "spqr", cfg, weights, tokenizer, gen_defaults, linear_factory, info)

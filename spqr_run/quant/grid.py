@@ -1,0 +1,92 @@
+"""Asymmetric min-max quantization grids: fitting, rounding and THE reconstruction formula.
+
+Every dequantized number in this package, at both levels of SpQR's bilevel statistics and in the
+baselines, is `scale * (code - zero)` computed in fp32 by `dequantize_codes`: the quantizer, the reference
+matmul and (later) the CUDA kernel evaluate exactly this expression, so reconstructions agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+EPS = 1e-9  # scales are clamped to at least this before dividing (as the official SpQR code does)
+FP16_MAX = 65504.0
+
+
+def max_code(bits: int) -> int:
+    """Largest code of a `bits`-bit unsigned grid."""
+    return (1 << bits) - 1
+
+
+def grid_range(x: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
+    """Range (lo, hi) (...,) of the min-max grid over the last dim of `x` (..., n).
+
+    Normally (min, max). Degenerate rows (all equal, or a range so small relative to the values that the
+    zero point would exceed ~1000 steps) get the GPTQ convention instead: the range widened to include 0,
+    so both the value and 0 are grid points and the zero point stays small.
+    """
+    x = x.float()
+    lo = x.amin(dim=-1)
+    hi = x.amax(dim=-1)
+    degenerate = (hi - lo) * 1024 <= maxq * torch.maximum(lo.abs(), hi.abs())
+    lo = torch.where(degenerate, lo.clamp(max=0), lo)
+    hi = torch.where(degenerate, hi.clamp(min=0), hi)
+    return lo, hi
+
+
+def fit_minmax(x: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
+    """Asymmetric min-max grid over the last dim of `x` (..., n) -> scale, zero (...,) fp32.
+
+    `scale = (hi - lo) / maxq`, `zero = -lo / scale`, not rounded (like the official SpQR quantizer, so the
+    bilevel zero quantizer sees real numbers); `grid_range` gives (lo, hi). An all-zero row gets scale 0,
+    zero 0, which reconstructs 0.
+    """
+    lo, hi = grid_range(x, maxq)
+    scale = (hi - lo) / maxq
+    zero = torch.where(scale > 0, -lo / scale.clamp_min(EPS), torch.zeros_like(scale))
+    return scale, zero
+
+
+def fit_minmax_fp16(x: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
+    """`fit_minmax` with the (scale, zero) pair stored in fp16 -> fp16 tensors (...,).
+
+    The zero is recomputed from the rounded scale so the grid still starts at `lo`. A scale that is 0
+    (all-zero row) becomes 1 and one that underflows fp16 becomes 2**-24, keeping `x / scale` finite.
+    """
+    lo, hi = grid_range(x, maxq)
+    scale = (hi - lo) / maxq
+    scale16 = scale.clamp(max=FP16_MAX).half()
+    fallback = torch.where(scale > 0, 2.0**-24, 1.0).to(scale16.dtype)
+    scale16 = torch.where(scale16 > 0, scale16, fallback)
+    zero16 = (-lo / scale16.float()).clamp(-FP16_MAX, FP16_MAX).half()
+    return scale16, zero16
+
+
+def quantize_codes(x: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
+    """Nearest grid codes of `x` as fp32 integers in [0, maxq] (`scale`, `zero` broadcast against `x`)."""
+    return torch.clamp(torch.round(x / scale.clamp_min(EPS) + zero), 0, maxq)
+
+
+def dequantize_codes(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """THE reconstruction formula, fp32: `scale * (code - zero)` (all operands upcast to fp32 first)."""
+    return scale.float() * (codes.float() - zero.float())
+
+
+def quantize_row_groups(values: Tensor, groupsize: int, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """SpQR's second-order step: quantize per-row statistics (out,) in groups of `groupsize` rows.
+
+    Each group of consecutive rows (the last one may be partial) gets its own min-max grid of `bits` bits
+    stored as fp16 (scale, zero). Returns codes (out,) fp32, stats (groups, 2) fp16 and the dequantized
+    values (out,) fp32, computed with `dequantize_codes` exactly as a reader will.
+    """
+    out = values.shape[0]
+    groups = -(-out // groupsize)
+    pad = groups * groupsize - out
+    padded = torch.cat([values, values[-1:].expand(pad)]) if pad else values  # replicate: same min/max
+    maxq = max_code(bits)
+    scale16, zero16 = fit_minmax_fp16(padded.reshape(groups, groupsize), maxq)  # (groups,) fp16
+    scale_rows = scale16.repeat_interleave(groupsize)[:out]  # (out,)
+    zero_rows = zero16.repeat_interleave(groupsize)[:out]  # (out,)
+    codes = quantize_codes(values, scale_rows.float(), zero_rows.float(), maxq)
+    return codes, torch.stack([scale16, zero16], dim=-1), dequantize_codes(codes, scale_rows, zero_rows)

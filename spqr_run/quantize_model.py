@@ -1,0 +1,354 @@
+"""Quantize a whole model block by block into one `.spqr` file, resumably.
+
+Only one decoder block's weights are materialised at a time (read lazily from the source file); the
+calibration activations live on the CPU between blocks. For each block, linears are quantized in
+sequential groups (q/k/v, then o, then gate/up, then down — as the official SpQR code does): a group's
+Hessians `H = 2/N sum x x^T` are collected with the earlier groups already quantized, and the block's
+outputs are recomputed with all its quantized weights to feed the next block.
+
+After every block the packed tensors and the next block's inputs are saved in `OUT.partial/`, so an
+interrupted run continues with `resume=True` from the last finished block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from spqr_run.config import ModelConfig
+from spqr_run.errors import ConfigError
+from spqr_run.loading import ModelSource
+from spqr_run.loading.spqr_file import DENSE_DTYPE, write_spqr
+from spqr_run.models.decoder import Block, Rotary
+from spqr_run.quant import QuantConfig, QuantizedLinear, quantize_linear
+
+LLAMA_GROUPS = [["attn.q_proj", "attn.k_proj", "attn.v_proj"], ["attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]  # fmt: skip
+FALCON_GROUPS = [["attn.q_proj", "attn.k_proj", "attn.v_proj"], ["attn.o_proj"], ["mlp.up_proj"], ["mlp.down_proj"]]  # fmt: skip
+
+
+@dataclass
+class LayerReport:
+    name: str
+    out_features: int
+    in_features: int
+    avg_bits: float
+    outlier_fraction: float
+    relative_error: float
+    seconds: float
+
+
+@dataclass
+class QuantizeSummary:
+    path: str
+    method: str
+    avg_bits: (
+        float  # stored bits per quantized weight (bytes in the file * 8 / params), all overheads included
+    )
+    file_bits_per_param: float  # whole file (fp16 embeddings, head, norms, header) * 8 / all params
+    outlier_fraction: float
+    quantized_params: int
+    total_params: int
+    file_bytes: int
+    calibration: str
+    seconds: float
+    layers: list[LayerReport] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = [asdict(r) for r in self.layers]
+        return d
+
+
+def sequential_groups(cfg: ModelConfig) -> list[list[str]]:
+    return FALCON_GROUPS if cfg.mlp_type == "gelu" else LLAMA_GROUPS
+
+
+def load_block(source: ModelSource, i: int, device: torch.device) -> Block:
+    """Decoder block `i` in fp32 on `device`, weights read from the source one tensor at a time."""
+    with torch.device("meta"):
+        block = Block(source.config)
+    for name, p in list(block.named_parameters()):
+        w = source.weights[f"layers.{i}.{name}"]
+        if tuple(w.shape) != tuple(p.shape):
+            raise ConfigError(
+                f"{source.path}: weight layers.{i}.{name} has shape {tuple(w.shape)}, expected {tuple(p.shape)}"
+            )
+        owner, _, attr = name.rpartition(".")
+        block.get_submodule(owner)._parameters[attr] = nn.Parameter(
+            w.to(device, torch.float32), requires_grad=False
+        )
+    return block.eval()
+
+
+@torch.inference_mode()
+def run_block(block: Block, rotary: Rotary, inps: Tensor, device: torch.device, batch: int = 8) -> Tensor:
+    """Block outputs for all calibration sequences: inps (N, T, hidden) on CPU -> same shape on CPU."""
+    n, t, _ = inps.shape
+    out = torch.empty_like(inps)
+    positions = torch.arange(t, device=device)
+    for s in range(0, n, batch):
+        x = inps[s : s + batch].to(device, torch.float32)  # (b, T, hidden)
+        pos = positions.expand(x.shape[0], t)  # (b, T)
+        out[s : s + batch] = block(x, rotary, pos, None, None, None, None).to(out.dtype).cpu()
+    return out
+
+
+@torch.inference_mode()
+def collect_hessians(
+    block: Block, names: list[str], rotary: Rotary, inps: Tensor, device: torch.device
+) -> dict[str, Tensor]:
+    """H = 2/N sum_x x x^T (in, in) fp32 over every calibration token, for each linear in `names`."""
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name: str):
+        def fn(_module: nn.Module, args: tuple[Tensor, ...], _out: Tensor) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
+            sums[name] = sums.get(name, 0) + x.T @ x  # type: ignore[operator]
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return fn
+
+    handles = [block.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        run_block(block, rotary, inps, device)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: sums[n] * (2.0 / counts[n]) for n in names}
+
+
+def _fingerprint(**kwargs: Any) -> str:
+    return hashlib.sha256(json.dumps(kwargs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Checkpoint:
+    """`OUT.partial/`: finished blocks' packed tensors and the next block's inputs, for `--resume`."""
+
+    def __init__(self, out: Path, fingerprint: str) -> None:
+        self.dir = out.with_name(out.name + ".partial")
+        self.fingerprint = fingerprint
+        self.state_path = self.dir / "state.json"
+
+    def next_block(self, resume: bool) -> int:
+        if not self.dir.exists():
+            self.dir.mkdir(parents=True)
+            self._write_state(0)
+            return 0
+        if not resume:
+            raise ConfigError(
+                f"{self.dir} holds an interrupted run: pass --resume to continue it, or delete the folder to start over"
+            )
+        try:
+            state = json.loads(self.state_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            raise ConfigError(f"{self.state_path}: unreadable; delete {self.dir} to start over") from None
+        if state.get("fingerprint") != self.fingerprint:
+            raise ConfigError(
+                f"{self.dir} was made with other settings (source, quantization or calibration); "
+                "delete it to start over or rerun with the same settings"
+            )
+        return int(state["next_block"])
+
+    def _write_state(self, next_block: int) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "next_block": next_block}))
+        os.replace(tmp, self.state_path)
+
+    def save_block(
+        self, i: int, packed: dict[str, QuantizedLinear], reports: list[LayerReport], inps: Tensor
+    ) -> None:
+        tensors = {
+            f"{name}.{k}": v.contiguous() for name, q in packed.items() for k, v in q.tensors().items()
+        }
+        meta = {
+            "metas": json.dumps({name: q.meta.to_dict() for name, q in packed.items()}),
+            "reports": json.dumps([asdict(r) for r in reports]),
+        }
+        _atomic_save(tensors, self.dir / f"block_{i:04d}.safetensors", meta)
+        _atomic_save({"inps": inps.contiguous()}, self.dir / "inps.safetensors", {})
+        self._write_state(i + 1)
+
+    def load_inps(self) -> Tensor:
+        with safe_open(self.dir / "inps.safetensors", framework="pt") as f:
+            return f.get_tensor("inps")
+
+    def block_file(self, i: int) -> Path:
+        return self.dir / f"block_{i:04d}.safetensors"
+
+    def block_info(self, i: int) -> tuple[dict[str, dict[str, Any]], list[LayerReport], list[str]]:
+        with safe_open(self.block_file(i), framework="pt") as f:
+            meta = f.metadata()
+            names = list(f.keys())
+        return json.loads(meta["metas"]), [LayerReport(**r) for r in json.loads(meta["reports"])], names
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _atomic_save(tensors: dict[str, Tensor], path: Path, meta: dict[str, str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def quantize_block(
+    block: Block,
+    i: int,
+    cfg: ModelConfig,
+    qcfg: QuantConfig,
+    rotary: Rotary,
+    inps: Tensor,
+    device: torch.device,
+    on_linear: Callable[[str], None] | None = None,
+) -> tuple[dict[str, QuantizedLinear], list[LayerReport]]:
+    """Quantize one block's linears in sequential groups, replacing each weight by its reconstruction."""
+    packed: dict[str, QuantizedLinear] = {}
+    reports: list[LayerReport] = []
+    for group in sequential_groups(cfg):
+        hessians = collect_hessians(block, group, rotary, inps, device) if qcfg.method != "rtn" else {}
+        for name in group:
+            linear = block.get_submodule(name)
+            result = quantize_linear(linear.weight.data, hessians.get(name), config=qcfg)
+            q = result.quantized
+            recon = result.reconstruction  # (out, in), permuted columns
+            if q.perm is not None:
+                unpermuted = torch.empty_like(recon)
+                unpermuted[:, q.perm.long().to(recon.device)] = recon
+                recon = unpermuted
+            linear.weight.data.copy_(recon)
+            packed[f"layers.{i}.{name}"] = QuantizedLinear(
+                **{**q.__dict__, **{k: v.cpu() for k, v in q.tensors().items()}}
+            )
+            reports.append(
+                LayerReport(f"layers.{i}.{name}", q.meta.out_features, q.meta.in_features, q.avg_bits,
+                            result.outlier_fraction, result.relative_error, result.seconds)
+            )  # fmt: skip
+            if on_linear:
+                on_linear(name)
+        del hessians
+    return packed, reports
+
+
+def quantize_model(
+    source: ModelSource,
+    out: Path,
+    *,
+    qcfg: QuantConfig,
+    calib_tokens: Tensor,
+    calib_desc: str,
+    device: torch.device,
+    resume: bool = False,
+    fingerprint_extra: dict[str, Any] | None = None,
+    on_block_start: Callable[[int, int], None] | None = None,
+    on_linear: Callable[[str], None] | None = None,
+) -> QuantizeSummary:
+    """Quantize every linear of `source` with `qcfg` on calibration tokens (N, T) and write `out`."""
+    t0 = time.perf_counter()
+    cfg = source.config
+    out = Path(out)
+    ckpt = Checkpoint(
+        out,
+        _fingerprint(src=str(source.path), q=qcfg.to_dict(), calib=calib_desc, **(fingerprint_extra or {})),
+    )
+    start = ckpt.next_block(resume)
+    rotary = Rotary(cfg).to(device)
+    act_dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if start == 0:
+        with torch.inference_mode():
+            inps = torch.cat(
+                [
+                    source.weights["embed_tokens.weight"][calib_tokens[s : s + 8]].to(act_dtype)
+                    for s in range(0, len(calib_tokens), 8)
+                ]
+            )
+    else:
+        inps = ckpt.load_inps()
+    for i in range(start, cfg.num_layers):
+        if on_block_start:
+            on_block_start(i, cfg.num_layers)
+        block = load_block(source, i, device)
+        packed, reports = quantize_block(block, i, cfg, qcfg, rotary, inps, device, on_linear)
+        inps = run_block(block, rotary, inps, device)
+        ckpt.save_block(i, packed, reports, inps)
+        del block, packed
+    del inps
+    summary = _write_file(source, out, qcfg, ckpt, calib_desc, t0)
+    ckpt.remove()
+    return summary
+
+
+def _write_file(
+    source: ModelSource, out: Path, qcfg: QuantConfig, ckpt: Checkpoint, calib_desc: str, t0: float
+) -> QuantizeSummary:
+    cfg = source.config
+    metas: dict[str, dict[str, Any]] = {}
+    reports: list[LayerReport] = []
+    tensors: list[tuple[str, Callable[[], Tensor]]] = []
+
+    def from_block(path: Path, name: str) -> Callable[[], Tensor]:
+        def load() -> Tensor:
+            with safe_open(path, framework="pt") as f:
+                return f.get_tensor(name)
+
+        return load
+
+    def dense(name: str) -> Callable[[], Tensor]:
+        return lambda: source.weights[name].to(DENSE_DTYPE)
+
+    quantized_modules = set()
+    for i in range(cfg.num_layers):
+        block_metas, block_reports, names = ckpt.block_info(i)
+        metas.update(block_metas)
+        reports += block_reports
+        quantized_modules |= set(block_metas)
+        tensors += [(n, from_block(ckpt.block_file(i), n)) for n in names]
+    for name in source.weights:
+        module, _, attr = name.rpartition(".")
+        if module in quantized_modules and attr == "weight":
+            continue
+        tensors.append((name, dense(name)))
+    qbytes = sum(
+        _nbytes(n, load)
+        for n, load in tensors
+        if n.rpartition(".")[0] in quantized_modules and not n.endswith(".bias")
+    )
+    qparams = sum(r.out_features * r.in_features for r in reports)
+    outliers = sum(r.outlier_fraction * r.out_features * r.in_features for r in reports)
+    summary = QuantizeSummary(
+        path=str(out), method=qcfg.method, avg_bits=qbytes * 8 / qparams, file_bits_per_param=0.0,
+        outlier_fraction=outliers / qparams, quantized_params=qparams, total_params=cfg.num_parameters(),
+        file_bytes=0, calibration=calib_desc, seconds=0.0, layers=reports,
+    )  # fmt: skip
+    header = {
+        "model_config": cfg.to_dict(),
+        "quant_config": qcfg.to_dict(),
+        "tokenizer": source.tokenizer.to_json_dict(),
+        "generation_defaults": source.generation_defaults,
+        "linears": metas,
+        "summary": {
+            "avg_bits": summary.avg_bits, "outlier_fraction": summary.outlier_fraction,
+            "quantized_params": qparams, "calibration": calib_desc, "source": Path(source.path).name,
+        },
+    }  # fmt: skip
+    summary.file_bytes = write_spqr(out, header, tensors)
+    summary.file_bits_per_param = summary.file_bytes * 8 / summary.total_params
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _nbytes(name: str, load: Callable[[], Tensor]) -> int:
+    t = load()
+    return t.numel() * t.element_size()
