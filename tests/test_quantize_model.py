@@ -1,0 +1,352 @@
+"""The block-by-block quantization pipeline and the `.spqr` container, on a tiny random LLaMA with a real
+(trained-in-test) byte-level BPE tokenizer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from spqr_run.calibration import sample_from_model, windows_from_text
+from spqr_run.errors import ConfigError, ModelFormatError
+from spqr_run.loading import build_decoder, open_model
+from spqr_run.loading.spqr_file import FORMAT_VERSION, read_header, write_spqr
+from spqr_run.models.spqr_linear import SpQRLinear
+from spqr_run.quant import QuantConfig
+from spqr_run.quantize_model import quantize_model
+from tests.conftest import WIKI_CALIB
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+QCFG = QuantConfig(
+    method="spqr", wbits=3, groupsize=16, stat_bits=3, stat_groupsize=16, outlier_threshold=0.2
+)
+CORPUS = (
+    "The river flows past the old mill and into the valley, where farmers grow wheat and barley. "
+    "In spring the water rises; in autumn it falls again, and the mill wheel turns more slowly. "
+) * 40
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer LLaMA (hidden 64, GQA) with a 300-token byte-level BPE tokenizer, as an HF folder."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([CORPUS], trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    (folder / "calib.txt").write_text(CORPUS)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _calib(source, n=4, seqlen=32):
+    return windows_from_text(source.path / "calib.txt", source, nsamples=n, seqlen=seqlen)
+
+
+def _quantize(folder: Path, out: Path, qcfg=QCFG, **kw):
+    source = open_model(folder)
+    return quantize_model(
+        source,
+        out,
+        qcfg=qcfg,
+        calib_tokens=_calib(source),
+        calib_desc="calib.txt",
+        device=torch.device("cpu"),
+        **kw,
+    )
+
+
+def test_file_roundtrip_equals_in_memory_result(tiny_model, tmp_path, monkeypatch):
+    import spqr_run.quantize_model as qm
+
+    captured = []
+    real = qm.quantize_linear
+    monkeypatch.setattr(
+        qm,
+        "quantize_linear",
+        lambda w, h, *, config: captured.append(real(w, h, config=config)) or captured[-1],
+    )
+    out = tmp_path / "tiny.spqr"
+    summary = _quantize(tiny_model, out)
+    assert (
+        out.exists()
+        and not (tmp_path / "tiny.spqr.tmp").exists()
+        and not (tmp_path / "tiny.spqr.partial").exists()
+    )
+    source = open_model(out)
+    names = [r.name for r in summary.layers]
+    assert len(names) == len(captured) == 2 * 7
+    for name, result in zip(names, captured, strict=True):
+        module = source.linear_factory(name)
+        assert isinstance(module, SpQRLinear)
+        assert torch.equal(module.quantized().dequantize(), result.reconstruction)
+
+
+def test_avg_bits_match_the_bytes_in_the_file(tiny_model, tmp_path):
+    out = tmp_path / "bits.spqr"
+    summary = _quantize(tiny_model, out)
+    header = read_header(out)
+    qbytes, overhead_bits, nnz = 0, 0, 0
+    with safe_open(out, framework="pt") as f:
+        for name in f.keys():
+            module, _, field = name.rpartition(".")
+            if module in header["linears"] and field != "bias":
+                t = f.get_tensor(name)
+                qbytes += t.numel() * t.element_size()
+                if field in ("outlier_row_ptr", "perm"):  # index overhead outside the paper's formula
+                    overhead_bits += t.numel() * t.element_size() * 8
+                if field == "outlier_values":
+                    nnz += t.numel()
+    params = sum(m["out_features"] * m["in_features"] for m in header["linears"].values())
+    assert summary.avg_bits == pytest.approx(qbytes * 8 / params, rel=1e-12)
+    assert summary.file_bytes == out.stat().st_size
+    assert summary.outlier_fraction == pytest.approx(nnz / params, rel=1e-12)
+    # the paper's formula: wbits + (sbits + zbits)/beta1 + 2*(16+16)/(beta1*beta2) + 32 * outlier_fraction
+    # (all shapes here are multiples of 16: no tile padding), plus the stored row pointers and permutation
+    formula_bits = params * (3 + (3 + 3) / 16 + 2 * (16 + 16) / (16 * 16)) + 32 * nnz
+    assert qbytes * 8 == formula_bits + overhead_bits
+
+
+def test_quantized_model_runs_and_tracks_the_original(tiny_model, tmp_path):
+    out = tmp_path / "run.spqr"
+    _quantize(tiny_model, out, qcfg=QuantConfig(method="spqr", wbits=4, outlier_threshold=0.2))
+    ref = build_decoder(open_model(tiny_model))
+    quant = build_decoder(open_model(out))
+    tokens = torch.randint(0, ref.config.vocab_size, (1, 24))
+    with torch.no_grad():
+        a, b = ref(tokens, use_cache=False), quant(tokens, use_cache=False)
+    assert (a - b).abs().max() / a.abs().max() < 0.25
+    assert (a - b).abs().max() > 0  # it really is quantized
+
+
+@pytest.mark.parametrize("method,wbits,groupsize", [("gptq", 4, 32), ("rtn", 3, 32)])
+def test_baselines_through_the_same_pipeline(tiny_model, tmp_path, method, wbits, groupsize):
+    out = tmp_path / f"{method}.spqr"
+    summary = _quantize(tiny_model, out, qcfg=QuantConfig(method=method, wbits=wbits, groupsize=groupsize))
+    assert summary.outlier_fraction == 0 and summary.method == method
+    assert build_decoder(open_model(out)) is not None
+
+
+def test_resume_after_interruption_gives_the_same_file(tiny_model, tmp_path, monkeypatch):
+    import spqr_run.quantize_model as qm
+
+    full = tmp_path / "full.spqr"
+    _quantize(tiny_model, full)
+    out = tmp_path / "resumed.spqr"
+    real, calls = qm.quantize_linear, []
+
+    def flaky(w, h, *, config):
+        calls.append(1)
+        if len(calls) == 9:  # in the second block
+            raise KeyboardInterrupt
+        return real(w, h, config=config)
+
+    monkeypatch.setattr(qm, "quantize_linear", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        _quantize(tiny_model, out)
+    assert not out.exists() and (tmp_path / "resumed.spqr.partial").is_dir()
+    with pytest.raises(ConfigError, match="pass --resume"):
+        _quantize(tiny_model, out)
+    monkeypatch.setattr(qm, "quantize_linear", real)
+    _quantize(tiny_model, out, resume=True)
+    assert not (tmp_path / "resumed.spqr.partial").exists()
+    with safe_open(full, framework="pt") as a, safe_open(out, framework="pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for k in a.keys():
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+
+
+def test_resume_with_other_settings_is_refused(tiny_model, tmp_path, monkeypatch):
+    import spqr_run.quantize_model as qm
+
+    out = tmp_path / "x.spqr"
+    monkeypatch.setattr(qm, "quantize_linear", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        _quantize(tiny_model, out)
+    with pytest.raises(ConfigError, match="made with other settings"):
+        _quantize(tiny_model, out, qcfg=QuantConfig(method="spqr", wbits=4), resume=True)
+
+
+def test_calibration_too_short(tiny_model):
+    source = open_model(tiny_model)
+    with pytest.raises(
+        ConfigError, match=r"calib\.txt: has \d+ tokens, too short for --nsamples 1000 x --seqlen 128"
+    ):
+        windows_from_text(tiny_model / "calib.txt", source, nsamples=1000, seqlen=128)
+
+
+def test_sampled_calibration_is_reproducible(tiny_model):
+    source = open_model(tiny_model)
+    a = sample_from_model(source, nsamples=3, seqlen=10, device=torch.device("cpu"), seed=1)
+    b = sample_from_model(source, nsamples=3, seqlen=10, device=torch.device("cpu"), seed=1)
+    assert a.shape == (3, 10) and torch.equal(a, b) and (a[:, 0] == 0).all()
+
+
+# ---- bad files --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def good_file(tiny_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("good") / "good.spqr"
+    _quantize(tiny_model, out)
+    return out
+
+
+def test_corrupt_file(tmp_path):
+    bad = tmp_path / "corrupt.spqr"
+    bad.write_bytes(b"\x00\x01garbage" * 100)
+    with pytest.raises(ModelFormatError, match=r"corrupt\.spqr: corrupt or truncated \.spqr file"):
+        open_model(bad)
+
+
+def test_truncated_file(good_file, tmp_path):
+    bad = tmp_path / "truncated.spqr"
+    bad.write_bytes(good_file.read_bytes()[: good_file.stat().st_size * 2 // 3])
+    with pytest.raises(ModelFormatError, match=r"truncated\.spqr: corrupt or truncated"):
+        open_model(bad)
+
+
+def _rewrite_header(src: Path, dst: Path, change) -> None:
+    with safe_open(src, framework="pt") as f:
+        header = json.loads(f.metadata()["spqr"])
+        names = list(f.keys())
+    header = change(header)
+    header.pop("format", None)
+    version = header.pop("format_version")
+
+    def loader(n):
+        def load():
+            with safe_open(src, framework="pt") as f:
+                return f.get_tensor(n)
+
+        return load
+
+    import spqr_run.loading.spqr_file as sf
+
+    old = sf.FORMAT_VERSION
+    sf.FORMAT_VERSION = version
+    try:
+        write_spqr(dst, header, [(n, loader(n)) for n in names])
+    finally:
+        sf.FORMAT_VERSION = old
+
+
+def test_future_format_version(good_file, tmp_path):
+    bad = tmp_path / "future.spqr"
+    _rewrite_header(good_file, bad, lambda h: {**h, "format_version": FORMAT_VERSION + 1})
+    with pytest.raises(
+        ModelFormatError, match=r"future\.spqr: format version 2 is newer than this spqr-run reads"
+    ):
+        open_model(bad)
+
+
+def test_tampered_shape_in_header(good_file, tmp_path):
+    bad = tmp_path / "tampered.spqr"
+
+    def change(h):
+        h["linears"]["layers.0.attn.q_proj"]["out_features"] = 48
+        return h
+
+    _rewrite_header(good_file, bad, change)
+    with pytest.raises(
+        ModelFormatError, match=r"linear 'layers\.0\.attn\.q_proj' is 48x64, config implies 64x64"
+    ):
+        open_model(bad)
+
+
+def test_foreign_safetensors_renamed(tmp_path):
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "foreign.spqr"
+    save_file({"x": torch.zeros(3)}, str(bad))
+    with pytest.raises(ModelFormatError, match=r"foreign\.spqr: not a \.spqr file"):
+        open_model(bad)
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "spqr_run.cli.quantize", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_cli_json_summary_and_eval_accepts_spqr(tiny_model, tmp_path):
+    out = tmp_path / "cli.spqr"
+    r = _cli(
+        tiny_model,
+        "-o",
+        out,
+        "--preset",
+        "3bit",
+        "--calib",
+        tiny_model / "calib.txt",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--device",
+        "cpu",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("avg_bits", "outlier_fraction", "quantized_params", "seconds"):
+        assert key in summary
+    assert summary["quantized_params"] == 2 * (64 * 64 * 2 + 32 * 64 * 2 + 96 * 64 * 3)
+    e = subprocess.run(
+        [sys.executable, "-m", "spqr_run.cli.eval", str(out), "--text", str(tiny_model / "calib.txt"), "--max-tokens", "200", "--seqlen", "64", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert e.returncode == 0, e.stderr
+    assert json.loads(e.stdout.strip().splitlines()[-1])["ppl"] > 1
+
+
+def test_cli_short_calibration_leaves_no_output(tiny_model, tmp_path):
+    out = tmp_path / "short.spqr"
+    r = _cli(
+        tiny_model,
+        "-o",
+        out,
+        "--calib",
+        tiny_model / "calib.txt",
+        "--nsamples",
+        "500",
+        "--seqlen",
+        "128",
+        "--device",
+        "cpu",
+    )
+    assert r.returncode == 2 and "too short" in r.stderr and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
+    r = _cli(tmp_path, "-o", tmp_path / "o.spqr", "--calib", WIKI_CALIB)
+    assert r.returncode == 2 and "unsupported architecture 'gpt_neox'" in r.stderr
+    assert not (tmp_path / "o.spqr").exists()
