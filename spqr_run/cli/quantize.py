@@ -24,14 +24,7 @@ from spqr_run.devices import resolve_device
 from spqr_run.errors import ConfigError
 from spqr_run.loading import open_model
 from spqr_run.quant import QuantConfig
-from spqr_run.quantize_model import QuantizeSummary, quantize_model
-
-# Paper configs (Dettmers et al. 2024, Sec. 4): beta1 = beta2 = 16 with 3-bit statistics; tau tuned so the
-# near-lossless preset stays under 4.75 bits and the 3-bit preset under 4.0 bits (see BENCHMARKS.md).
-PRESETS: dict[str, dict[str, object]] = {
-    "near-lossless": dict(method="spqr", wbits=4, groupsize=16, stat_bits=3, stat_groupsize=16, outlier_threshold=0.2),
-    "3bit": dict(method="spqr", wbits=3, groupsize=16, stat_bits=3, stat_groupsize=16, outlier_threshold=0.45),
-}  # fmt: skip
+from spqr_run.quantize_model import PRESETS, QuantizeSummary, quantize_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
-    settings = dict(PRESETS[args.preset])
+    settings = PRESETS[args.preset].to_dict()
     if args.method and args.method != "spqr":
         settings = dict(method=args.method, wbits=4, groupsize=128)
     for flag in (

@@ -192,6 +192,8 @@ def open_spqr(path: Path):
     weights = SpqrWeights(path, [n for n in dense if n.rpartition(".")[0] not in metas])
     summary = header.get("summary") if isinstance(header.get("summary"), dict) else {}
     info = {"quant_config": qcfg, "file_bytes": path.stat().st_size, **summary}
+    if isinstance(summary.get("avg_bits"), (int, float)):
+        info["bits_per_param"] = summary["avg_bits"]  # of the quantized linears, every stored byte counted
     gen_defaults = (
         header.get("generation_defaults") if isinstance(header.get("generation_defaults"), dict) else {}
     )

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spqr_run.ops import spqr_matmul
 from spqr_run.quant.quantized import QuantizedLinear
 from spqr_run.quant.spqr_matmul import spqr_matmul_reference
 
@@ -55,6 +56,8 @@ class SpQRLinear(nn.Module):
         if self.dense_weight is not None:
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.dense_weight.to(x.dtype), bias)
+        if x.is_cuda:
+            return spqr_matmul(x, self.quantized(), self.bias)  # CUDA kernels, by batch size
         return spqr_matmul_reference(x, self.quantized(), bias=self.bias)  # (..., out)
 
     def _apply(self, fn: Any, recurse: bool = True) -> SpQRLinear:

@@ -1,0 +1,173 @@
+"""SpQR kernels vs cuBLAS fp16 on LLaMA / Falcon linear shapes, side by side in one run.
+
+    python benchmarks/kernels.py            # all models, batch 1, 4, 16, 512
+    python benchmarks/kernels.py --quick    # LLaMA-7B shapes, fewer repetitions
+
+Method: random packed 3-bit SpQR layers (3.625 bits + 1% outliers, permuted) and fp16 weights of each shape;
+several weight sets of each are rotated so the ones in use always total more than 2x the L2 cache (50 MB on
+an H100), so no timing is flattered by a warm cache. Each measurement times a run of calls with CUDA events
+after a warm-up, repeated, and reports the median per call. GB/s counts the bytes the layer stores (packed
+tensors for SpQR, 2 bytes a weight for fp16); "% copy" compares with a measured device-to-device copy.
+Prints a markdown table headed with the GPU name and the date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import statistics
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from spqr_run.ops import spqr_matmul
+from spqr_run.quant import LinearMeta, QuantizedLinear, UnpackedLinear
+
+L2_BYTES = 50 * 2**20  # H100; more than any consumer card's
+ROTATE_BYTES = 2.5 * L2_BYTES  # weight sets rotated per measurement total at least this
+
+# model -> (name, out_features, in_features) of its distinct linear shapes
+MODELS: dict[str, list[tuple[str, int, int]]] = {
+    "LLaMA-7B": [("qkvo", 4096, 4096), ("gate/up", 11008, 4096), ("down", 4096, 11008)],
+    "LLaMA-13B": [("qkvo", 5120, 5120), ("gate/up", 13824, 5120), ("down", 5120, 13824)],
+    "LLaMA-30B": [("qkvo", 6656, 6656), ("gate/up", 17920, 6656), ("down", 6656, 17920)],
+    "LLaMA-65B": [("qkvo", 8192, 8192), ("gate/up", 22016, 8192), ("down", 8192, 22016)],
+    "Falcon-7B": [("qkv", 4672, 4544), ("dense", 4544, 4544), ("up", 18176, 4544), ("down", 4544, 18176)],
+    "Falcon-40B": [("qkv", 9216, 8192), ("dense", 8192, 8192), ("up", 32768, 8192), ("down", 8192, 32768)],
+}
+BATCHES = (1, 4, 16, 512)
+
+
+def random_spqr(
+    out_features: int, in_features: int, *, outlier_fraction: float, seed: int
+) -> QuantizedLinear:
+    """A packed 3-bit SpQR layer (3-bit stats, 16x16 tiles) with random contents, built on the GPU."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    meta = LinearMeta(
+        method="spqr",
+        wbits=3,
+        groupsize=16,
+        stat_bits=3,
+        stat_groupsize=16,
+        out_features=out_features,
+        in_features=in_features,
+    )
+    groups, row_groups = math.ceil(in_features / 16), math.ceil(out_features / 16)
+    nnz = int(outlier_fraction * out_features * in_features)
+    flat = torch.randint(0, out_features * in_features, (nnz,), generator=g, device="cuda").unique()
+    u = UnpackedLinear(
+        meta=meta,
+        codes=torch.randint(0, 8, (out_features, in_features), generator=g, device="cuda"),
+        perm=torch.randperm(in_features, generator=g, device="cuda"),
+        scale_codes=torch.randint(0, 8, (out_features, groups), generator=g, device="cuda"),
+        zero_codes=torch.randint(0, 8, (out_features, groups), generator=g, device="cuda"),
+        second=(torch.rand(row_groups, groups, 4, generator=g, device="cuda") * 0.01).half(),
+        outlier_rows=flat // in_features,
+        outlier_cols=flat % in_features,
+        outlier_values=(0.01 * torch.randn(flat.numel(), generator=g, device="cuda")).half(),
+    )
+    q = QuantizedLinear.pack(u)
+    if q.perm is not None:  # the stored form the kernels read: int16 holding unsigned indices
+        q.perm = q.perm.to(torch.int16)
+    return q
+
+
+def time_calls(fns: list[Callable[[], object]], *, calls: int, repeats: int) -> float:
+    """Median seconds per call, cycling through `fns` (one per weight set), timed with CUDA events."""
+    for i in range(max(len(fns), 10)):  # warm-up: every set once, the extension built, clocks up
+        fns[i % len(fns)]()
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(calls):
+            fns[i % len(fns)]()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3 / calls)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write) of a 1 GiB buffer."""
+    src = torch.empty(2**29, dtype=torch.float16, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = time_calls([lambda: dst.copy_(src)], calls=10, repeats=5)
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def path_name(rows: int) -> str:
+    return "matvec" if rows == 1 else "small" if rows <= 16 else "dequant+mm"
+
+
+def bench_shape(
+    out_features: int, in_features: int, rows: int, *, calls: int, repeats: int
+) -> dict[str, float]:
+    fp16_bytes = out_features * in_features * 2
+    n_fp16 = max(2, math.ceil(ROTATE_BYTES / fp16_bytes))
+    weights = [torch.randn(out_features, in_features, device="cuda").half() for _ in range(n_fp16)]
+    x = torch.randn(rows, in_features, device="cuda").half()
+    t_fp16 = time_calls([lambda w=w: F.linear(x, w) for w in weights], calls=calls, repeats=repeats)
+    del weights
+
+    first = random_spqr(out_features, in_features, outlier_fraction=0.01, seed=0)
+    n_spqr = max(2, math.ceil(ROTATE_BYTES / first.nbytes))
+    layers = [first] + [
+        random_spqr(out_features, in_features, outlier_fraction=0.01, seed=s) for s in range(1, n_spqr)
+    ]
+    t_spqr = time_calls([lambda q=q: spqr_matmul(x, q) for q in layers], calls=calls, repeats=repeats)
+    return {
+        "fp16_s": t_fp16,
+        "fp16_gbs": fp16_bytes / t_fp16 / 1e9,
+        "spqr_s": t_spqr,
+        "spqr_gbs": first.nbytes / t_spqr / 1e9,
+        "bits": first.avg_bits,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="LLaMA-7B shapes only, fewer repetitions")
+    parser.add_argument("--models", nargs="*", choices=list(MODELS), help="models to run (default: all)")
+    parser.add_argument("--batches", nargs="*", type=int, default=list(BATCHES))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(
+            "benchmarks/kernels.py: no CUDA GPU available (this torch build or machine has none); nothing to measure"
+        )
+        return 0
+    models = args.models or (["LLaMA-7B"] if args.quick else list(MODELS))
+    calls, repeats = (20, 5) if args.quick else (50, 11)
+
+    copy_bw = copy_bandwidth()
+    print(
+        f"## SpQR kernels vs cuBLAS fp16 on {torch.cuda.get_device_name()} ({datetime.date.today().isoformat()})"
+    )
+    print()
+    print(
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}; device-to-device copy {copy_bw / 1e9:.0f} GB/s; "
+    )
+    print("3-bit SpQR, 3-bit stats, 16x16 tiles, 1% outliers, permuted; medians of CUDA-event timings.")
+    print()
+    print("| model | linear | out x in | batch | fp16 us | fp16 GB/s | SpQR path | bits | SpQR us | SpQR GB/s "
+          "| % copy | speedup |")  # fmt: skip
+    print("|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+    for model in models:
+        for name, out_features, in_features in MODELS[model]:
+            for rows in args.batches:
+                r = bench_shape(out_features, in_features, rows, calls=calls, repeats=repeats)
+                print(
+                    f"| {model} | {name} | {out_features}x{in_features} | {rows} | {r['fp16_s'] * 1e6:.1f} "
+                    f"| {r['fp16_gbs']:.0f} | {path_name(rows)} | {r['bits']:.3f} | {r['spqr_s'] * 1e6:.1f} "
+                    f"| {r['spqr_gbs']:.0f} | {100 * r['spqr_gbs'] * 1e9 / copy_bw:.0f}% "
+                    f"| {r['fp16_s'] / r['spqr_s']:.2f}x |",
+                    flush=True,
+                )
+                torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

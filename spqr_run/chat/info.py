@@ -1,0 +1,106 @@
+"""Facts about the loaded model for the banner and /show: size, bits/parameter, memory plan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from spqr_run.runtime import Runtime
+
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".gguf", ".spqr", ".pt")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    name: str
+    file: str
+    arch: str
+    parameters: int
+    bits_per_param: float | None
+    bits_note: str  # where bits/param comes from ("" when the file reports it)
+    device: str
+    weights_bytes: int
+    kv_cache_bytes: int
+    max_context: int
+
+
+def model_facts(runtime: Runtime) -> ModelFacts:
+    source, cfg = runtime.source, runtime.source.config
+    params = cfg.num_parameters()
+    bits, note = source.info.get("bits_per_param"), ""
+    if not isinstance(bits, (int, float)):
+        size = _weight_file_bytes(source.path)
+        bits, note = (size * 8 / params, f"{source.kind} file size") if size and params else (None, "")
+    weights, kv = _memory_split(runtime.model)
+    return ModelFacts(
+        name=cfg.name or source.path.stem,
+        file=str(source.path),
+        arch=cfg.arch,
+        parameters=params,
+        bits_per_param=float(bits) if bits is not None else None,
+        bits_note=note,
+        device=str(runtime.device),
+        weights_bytes=weights,
+        kv_cache_bytes=kv,
+        max_context=runtime.max_context,
+    )
+
+
+def _weight_file_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    if path.is_dir():
+        return sum(
+            p.stat().st_size for p in path.iterdir() if p.suffix in WEIGHT_FILE_SUFFIXES and p.is_file()
+        )
+    return 0
+
+
+def _memory_split(model: nn.Module) -> tuple[int, int]:
+    """Bytes of weights (parameters and non-cache buffers) and of the KV cache, as allocated on the device."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv = 0
+    for name, buf in model.named_buffers():
+        size = buf.numel() * buf.element_size()
+        if name.startswith("caches."):
+            kv += size
+        else:
+            weights += size
+    return weights, kv
+
+
+def human_count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+def human_bytes(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def describe(facts: ModelFacts) -> list[tuple[str, str]]:
+    """(label, value) rows shared by the banner and /show."""
+    if facts.bits_per_param is None:
+        bits = "unknown"
+    else:
+        bits = f"{facts.bits_per_param:.2f}" + (f" (from the {facts.bits_note})" if facts.bits_note else "")
+    return [
+        ("model", f"{facts.name} ({facts.file})"),
+        ("architecture", facts.arch),
+        ("parameters", human_count(facts.parameters)),
+        ("bits/param", bits),
+        ("device", facts.device),
+        (
+            "memory plan",
+            f"weights {human_bytes(facts.weights_bytes)} + KV cache {human_bytes(facts.kv_cache_bytes)} "
+            f"= {human_bytes(facts.weights_bytes + facts.kv_cache_bytes)}",
+        ),
+        ("max context", f"{facts.max_context} tokens"),
+    ]

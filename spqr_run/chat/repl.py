@@ -1,0 +1,146 @@
+"""The chat loop: read a line, run a slash command or stream a reply; Ctrl-C stops a reply, Ctrl-D quits."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from types import FrameType
+
+from spqr_run.chat.commands import Command, apply_setting, help_text, is_command, parse_command
+from spqr_run.chat.conversation import Conversation
+from spqr_run.chat.info import describe, model_facts
+from spqr_run.chat.input import InputReader
+from spqr_run.chat.render import PlainOutput, RichOutput, stats_line
+from spqr_run.chat.session import ChatSession
+from spqr_run.errors import SpqrError
+
+Output = PlainOutput | RichOutput
+SHOWN_SETTINGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens", "seed")
+
+
+class StopFlag:
+    """Set by Ctrl-C while a reply is generated; a second Ctrl-C raises KeyboardInterrupt at once."""
+
+    def __init__(self) -> None:
+        self.stop = False
+
+    def __call__(self) -> bool:
+        return self.stop
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = True
+
+    @contextmanager
+    def installed(self) -> Iterator[StopFlag]:
+        """Catch SIGINT only for the duration of the block (the prompt handles Ctrl-C itself)."""
+        self.stop = False
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+class Repl:
+    def __init__(self, session: ChatSession, reader: InputReader, out: Output) -> None:
+        self.session, self.reader, self.out = session, reader, out
+        self.flag = StopFlag()
+
+    def banner(self) -> None:
+        self.out.table(describe(model_facts(self.session.runtime)))
+        self.out.line("Type a message, /help for commands, Ctrl-D or /exit to quit.", style="dim")
+
+    def run(self) -> int:
+        """Loop until /exit or Ctrl-D; returns the exit status."""
+        while True:
+            try:
+                text = self.reader.read()
+            except KeyboardInterrupt:
+                self.out.line("(Ctrl-C: type /exit or press Ctrl-D to quit)", style="dim")
+                continue
+            except EOFError:
+                self.out.line()
+                return 0
+            if not text.strip():
+                continue
+            try:
+                if is_command(text.strip()):
+                    if self.command(parse_command(text)) == "exit":
+                        return 0
+                else:
+                    with self.flag.installed() as flag:
+                        self.session.send(text, self.out, flag)
+            except SpqrError as e:  # one line, never a traceback
+                self.out.error(str(e))
+
+    def command(self, cmd: Command) -> str | None:
+        """Run one slash command; returns "exit" to end the loop."""
+        s, out = self.session, self.out
+        if cmd.name == "exit":
+            return "exit"
+        if cmd.name == "help":
+            out.line(help_text())
+        elif cmd.name == "clear":
+            s.conversation.clear()
+            out.notice("[new conversation]")
+        elif cmd.name == "system":
+            self._system(cmd.arg)
+        elif cmd.name == "set":
+            s.params, message = apply_setting(s.params, cmd.arg)
+            out.line(message, style="dim")
+        elif cmd.name == "show":
+            self._show()
+        elif cmd.name == "retry":
+            with self.flag.installed() as flag:
+                s.retry(out, flag)
+        elif cmd.name == "save":
+            path = s.conversation.save(cmd.arg)
+            out.line(f"saved {len(s.conversation.messages)} messages to {path}", style="dim")
+        elif cmd.name == "load":
+            s.conversation = Conversation.load(cmd.arg)
+            system = " and a system prompt" if s.conversation.system else ""
+            out.line(f"loaded {len(s.conversation.messages)} messages{system} from {cmd.arg}", style="dim")
+        elif cmd.name == "stats":
+            self._stats()
+        return None
+
+    def _system(self, arg: str) -> None:
+        conv = self.session.conversation
+        if not arg:
+            self.out.line(
+                f"system prompt: {conv.system!r}"
+                if conv.system
+                else "no system prompt (the template's default)"
+            )
+        elif arg == "-":
+            conv.system = None
+            self.out.line("system prompt removed", style="dim")
+        else:
+            conv.system = arg
+            self.out.line("system prompt set", style="dim")
+
+    def _show(self) -> None:
+        params = asdict(self.session.params)
+        rows = describe(model_facts(self.session.runtime))
+        rows.append(("settings", ", ".join(f"{k}={params[k]}" for k in SHOWN_SETTINGS)))
+        rows.append(("system prompt", repr(self.session.conversation.system)))
+        self.out.table(rows)
+
+    def _stats(self) -> None:
+        s = self.session
+        last = stats_line(s.last_finish or "", s.last_stats) if s.last_stats else "no reply yet"
+        used = s.context_tokens()
+        self.out.table(
+            [
+                ("last reply", last),
+                ("replies", f"{s.replies} ({s.total_completion_tokens} tokens generated)"),
+                (
+                    "context",
+                    f"{used} of {s.runtime.max_context} tokens ({len(s.conversation.messages)} messages)",
+                ),
+            ]
+        )

@@ -1,0 +1,154 @@
+"""The real `spqr-chat` REPL in a pseudo-terminal on the real SmolLM2-135M GGUF model (greedy, short replies).
+
+Every wait is a bounded pexpect timeout on a visible marker (the stats line, a command's output, EOF).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+pexpect = pytest.importorskip("pexpect")
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MODEL = DATA / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not MODEL.exists(), reason=f"real model not found: {MODEL} (../shared/data is absent)"
+    ),
+]
+
+STATS = r"(\d+) tokens, ttft [\d.]+ s, prefill [\d.]+ tok/s, decode [\d.]+ tok/s( \(([a-z ]+)\))?"
+PROMPT = ">>>"
+# prompt_toolkit turns bracketed paste off when the prompt returns: what follows is the program's output
+INPUT_DONE = r"\x1b\[\?2004l"
+# a word of the reply: letters not preceded by the tail of an escape sequence such as "\x1b[0m"
+WORD = r"(?<![0-9;?\[])[A-Za-z]{3,}"
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\x1b[()][A-Z0-9]|\x1b[=>]")
+TIMEOUT = 120  # seconds for one model load or one short reply on a busy 2-core machine
+
+
+def plain(text: str) -> str:
+    return ANSI.sub("", text)
+
+
+def spawn(home: Path, *args: str):
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "XDG_DATA_HOME": str(home / "data"),
+        "XDG_CONFIG_HOME": str(home / "config"),
+        "XDG_CACHE_HOME": str(home / "cache"),
+        "TERM": "xterm-256color",
+        "PROMPT_TOOLKIT_NO_CPR": "1",  # nothing answers cursor-position requests in a test pty
+        "PYTHONPATH": str(REPO),
+    }
+    env.pop("SPQR_RUN_CHAT_HISTORY", None)
+    argv = ["-m", "spqr_run.cli.chat", str(MODEL), "--device", "cpu", *args]
+    child = pexpect.spawn(
+        sys.executable, argv, cwd=str(REPO), env=env, encoding="utf-8", timeout=TIMEOUT, dimensions=(40, 160)
+    )
+    child.expect("max context")
+    child.expect(PROMPT)
+    return child
+
+
+def command(child, line: str, expected: str) -> str:
+    """Run a slash command; returns the output up to `expected` (a regex)."""
+    child.send(line + "\r")
+    child.expect(expected)
+    out = plain(child.before + child.after)
+    child.expect(PROMPT)
+    return out
+
+
+def ask(child, text: str) -> tuple[str, re.Match]:
+    """Send a message and wait for its stats line; returns the reply text (with the echo) and the stats match."""
+    child.send(text + "\r")
+    child.expect(STATS)
+    reply, match = plain(child.before), child.match
+    child.expect(PROMPT)
+    return reply, match
+
+
+def finish(child, status: int = 0) -> None:
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == status, child.before
+
+
+def test_chat_save_ctrl_c_and_load_in_a_new_session(tmp_path: Path) -> None:
+    saved = tmp_path / "chat.json"
+    child = spawn(tmp_path, "--plain", "--max-tokens", "24")
+    assert "temperature = 0.0" in command(child, "/set temperature 0", "temperature = 0.0")
+    assert "unknown command /frobnicate" in command(child, "/frobnicate", "type /help for the list")
+    assert "invalid top_p" in command(child, "/set top_p 7", r"must be in \(0, 1\]")
+    assert "memory plan" in command(child, "/show", "system prompt:")
+
+    # two turns: the second answer depends on the first
+    ask(child, "I have a cat named Whiskers.")
+    reply, _ = ask(child, "What is my cat's name?")
+    assert "Whiskers" in reply  # the question itself does not contain it
+    assert f"saved 4 messages to {saved}" in command(child, f"/save {saved}", "saved .* messages to .*json")
+
+    # Ctrl-C in the middle of a long reply stops it, keeps it, and the next question works
+    command(child, "/set max_tokens 400", "max_tokens = 400")
+    child.send("Write a long story about a dragon who learns to fly.\r")
+    child.expect(INPUT_DONE)
+    child.expect(WORD)  # the reply has started
+    child.sendintr()
+    child.expect(STATS)
+    assert child.match.group(3) == "stopped" and 0 < int(child.match.group(1)) < 400
+    child.expect(PROMPT)
+    command(child, "/set max_tokens 12", "max_tokens = 12")
+    ask(child, "Thank you!")
+    assert "context" in command(child, "/stats", r"context: .* tokens \(8 messages\)")
+
+    # Ctrl-C at the empty prompt only hints; /exit quits with status 0
+    child.sendintr()
+    child.expect("type /exit or press Ctrl-D")
+    child.send("/exit\r")
+    finish(child)
+
+    data = json.loads(saved.read_text())
+    assert data["version"] == 1 and [m["role"] for m in data["messages"]] == ["user", "assistant"] * 2
+    history = (tmp_path / "data" / "spqr-run" / "chat_history").read_text()
+    assert "What is my cat's name?" in history and "/exit" in history
+
+    # a new session (rich output this time) continues the saved conversation; Ctrl-D quits with status 0
+    child = spawn(tmp_path, "--temperature", "0", "--max-tokens", "24")
+    assert "loaded 4 messages" in command(child, f"/load {saved}", "loaded .* messages")
+    reply, _ = ask(child, "What is my cat's name?")
+    assert "Whiskers" in reply  # the question itself does not contain it
+    child.sendeof()
+    finish(child)
+
+
+def test_conversation_longer_than_the_context(tmp_path: Path) -> None:
+    child = spawn(tmp_path, "--plain", "--ctx", "256", "--max-tokens", "8", "--temperature", "0")
+    # ~90-token messages typed over several lines with Esc+Enter: the third one overflows 256 - 8 tokens
+    note = "\x1b\r".join(["The quick brown fox jumps over the lazy dog near the river bank."] * 6)
+    ask(child, "Note one: " + note)
+    ask(child, "Note two: " + note)
+    child.send("Note three: " + note + "\r")
+    child.expect(r"context full: dropped the 2 oldest messages")
+    child.expect(STATS)
+    child.expect(PROMPT)
+    # a single pasted message larger than the whole context: a clear one-line error, no crash
+    huge = "\n".join(["Every line of this pasted block is long enough to add up to many tokens."] * 30)
+    child.send("\x1b[200~" + huge + "\x1b[201~\r")
+    child.expect(r"error: your message needs (\d+) tokens with the chat template, but only (\d+) fit")
+    assert int(child.match.group(1)) > 256
+    child.expect(PROMPT)
+    # the REPL keeps working
+    ask(child, "Hello!")
+    child.send("/exit\r")
+    finish(child)

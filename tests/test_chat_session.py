@@ -1,0 +1,171 @@
+"""ChatSession and the REPL loop on a fake model (fast): trimming notices, cancel, errors, commands, SIGINT flag."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from spqr_run.chat.conversation import Conversation
+from spqr_run.chat.render import PlainOutput
+from spqr_run.chat.repl import Repl, StopFlag
+from spqr_run.chat.session import ChatSession
+from spqr_run.generation import GenerationChunk, GenerationStats
+from spqr_run.sampling import SamplingParams
+
+
+class FakeTemplate:
+    def render(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+        return " ".join(f"<{m['role']}> {m['content']}" for m in messages) + (
+            " <assistant>" if add_generation_prompt else ""
+        )
+
+
+class FakeTokenizer:
+    def encode(self, text: str) -> list[int]:
+        return [len(w) for w in text.split()]  # one token a word
+
+
+@dataclass
+class FakeGenerator:
+    """Streams the words "w0 w1 ..." (max_tokens of them), polling should_stop after each."""
+
+    prompts: list[list[int]] = field(default_factory=list)
+    stop_after: int | None = None  # simulate Ctrl-C: should_stop is made true after this many tokens
+
+    def stream(
+        self, prompt_ids: Sequence[int], params: SamplingParams, *, should_stop: Callable[[], bool]
+    ) -> Iterator[GenerationChunk]:
+        self.prompts.append(list(prompt_ids))
+        stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        for i in range(params.max_tokens):
+            stats.completion_tokens += 1
+            last = i == params.max_tokens - 1
+            if self.stop_after is not None and i + 1 >= self.stop_after:
+                yield GenerationChunk(f"w{i} ", [i], finish_reason="cancelled", stats=stats)
+                return
+            yield GenerationChunk(
+                f"w{i} ", [i], finish_reason="length" if last else None, stats=stats if last else None
+            )
+
+
+@dataclass
+class FakeRuntime:
+    max_context: int
+    gen: FakeGenerator = field(default_factory=FakeGenerator)
+    chat_template: FakeTemplate = field(default_factory=FakeTemplate)
+    tokenizer: FakeTokenizer = field(default_factory=FakeTokenizer)
+
+    def generator(self) -> FakeGenerator:
+        return self.gen
+
+
+def make_session(max_context: int = 64, max_tokens: int = 4) -> tuple[ChatSession, FakeRuntime, io.StringIO]:
+    runtime = FakeRuntime(max_context)
+    session = ChatSession(runtime, SamplingParams(max_tokens=max_tokens), system="be brief")  # type: ignore[arg-type]
+    return session, runtime, io.StringIO()
+
+
+def test_reply_is_streamed_and_kept() -> None:
+    session, runtime, buf = make_session()
+    reply = session.send("hello there", PlainOutput(buf), lambda: False)
+    assert reply.text == "w0 w1 w2 w3 " and reply.finish_reason == "length"
+    assert [m.role for m in session.conversation.messages] == ["user", "assistant"]
+    out = buf.getvalue()
+    assert (
+        out.startswith("w0 w1 w2 w3 \n") and "4 tokens, ttft" in out and "(stopped at the token limit)" in out
+    )
+
+
+def test_cancelled_reply_is_kept_in_history() -> None:
+    session, runtime, buf = make_session(max_tokens=50)
+    runtime.gen.stop_after = 3
+    reply = session.send("tell me a story", PlainOutput(buf), lambda: False)
+    assert reply.finish_reason == "cancelled" and reply.text == "w0 w1 w2 "
+    assert session.conversation.messages[-1].content == "w0 w1 w2 "
+    assert "(stopped)" in buf.getvalue()
+
+
+def test_old_turns_dropped_with_a_notice() -> None:
+    session, runtime, buf = make_session(max_context=40, max_tokens=4)
+    for i in range(6):
+        session.send(f"question {i} with some extra words", PlainOutput(buf), lambda: False)
+    assert "context full: dropped the 2 oldest messages" in buf.getvalue()
+    assert session.conversation.system == "be brief"
+    assert all(len(p) <= 40 - 4 for p in runtime.gen.prompts)
+
+
+def test_too_large_message_is_an_error_and_history_survives(tmp_path: Path) -> None:
+    session, runtime, buf = make_session(max_context=40)
+    repl = Repl(session, iter_reader(["hi", "word " * 100, "/stats", "/exit"]), PlainOutput(buf))
+    assert repl.run() == 0
+    out = buf.getvalue()
+    assert "error: your message needs" in out and "Traceback" not in out
+    assert [m.content for m in session.conversation.messages] == ["hi", "w0 w1 w2 w3 "]
+
+
+def test_repl_commands(tmp_path: Path) -> None:
+    session, runtime, buf = make_session()
+    saved = tmp_path / "c.json"
+    lines = [
+        "/set temperature 0",
+        "/set top_k x",
+        "/nope",
+        "/system Be terse.",
+        "/system",
+        "hello",
+        "/retry",
+        f"/save {saved}",
+        "/clear",
+        f"/load {saved}",
+        "/help",
+        "/load /missing.json",
+    ]
+    repl = Repl(session, iter_reader(lines), PlainOutput(buf))
+    assert repl.run() == 0  # end of input (Ctrl-D) exits with 0
+    out = buf.getvalue()
+    for expected in [
+        "temperature = 0.0",
+        "error: top_k must be an integer",
+        "error: unknown command /nope",
+        "system prompt: 'Be terse.'",
+        "saved 2 messages",
+        "[new conversation]",
+        "loaded 2 messages and a system prompt",
+        "/retry",
+        "error: cannot read",
+    ]:
+        assert expected in out, expected
+    assert session.params.temperature == 0
+    assert len(runtime.gen.prompts) == 2 and runtime.gen.prompts[0] == runtime.gen.prompts[1]  # /retry
+    assert Conversation.load(saved).system == "Be terse."
+
+
+def test_stop_flag_handles_sigint_only_while_installed() -> None:
+    flag = StopFlag()
+    before = signal.getsignal(signal.SIGINT)
+    with flag.installed():
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C stops at once
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def iter_reader(lines: list[str]):
+    class Reader:
+        def __init__(self) -> None:
+            self.it = iter(lines)
+
+        def read(self) -> str:
+            try:
+                return next(self.it)
+            except StopIteration:
+                raise EOFError from None
+
+    return Reader()
