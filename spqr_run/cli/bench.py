@@ -1,0 +1,72 @@
+"""spqr-bench: SpQR against FP16 on the same engine (prefill, decode, TTFT, GB/s, peak memory, ratios)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.console import Console
+
+from spqr_run.bench import BenchSettings, run_bench
+from spqr_run.cli.common import run_cli
+from spqr_run.devices import resolve_device
+from spqr_run.engine.planner import parse_memory
+from spqr_run.engine.synthetic import SYNTHETIC
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="spqr-bench",
+        description="Time SpQR and its FP16 counterpart side by side on one device.",
+        epilog="examples: spqr-bench --synthetic llama-7b   |   spqr-bench models/llama-7b.spqr --json",
+    )
+    p.add_argument("model", nargs="?", help="a .spqr file, Hugging Face folder or GGUF file")
+    p.add_argument("--synthetic", choices=sorted(SYNTHETIC), help="random weights with a real model's shapes")
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default: 5 on GPUs, 1 on CPUs)")
+    p.add_argument("--gpu-memory", default=None, help="memory budget, e.g. 24GiB (default: free memory)")
+    p.add_argument("--layers", type=int, default=None, help="truncate a synthetic model to N blocks")
+    p.add_argument("--wbits", type=int, default=3, choices=(2, 3, 4), help="synthetic SpQR code bits")
+    p.add_argument("--outlier-rate", type=float, default=0.01, help="synthetic SpQR outlier fraction")
+    p.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graphs)")
+    p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_cli(lambda: _bench(build_parser().parse_args(argv)))
+
+
+def _bench(args: argparse.Namespace) -> int:
+    err = Console(stderr=True, highlight=False)
+    device = resolve_device(args.device)
+    settings = BenchSettings(
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        batch=args.batch,
+        repeats=args.repeats,
+        graphs=not args.no_graphs,
+        layers=args.layers,
+        wbits=args.wbits,
+        outlier_rate=args.outlier_rate,
+        budget_bytes=None if args.gpu_memory is None else parse_memory(args.gpu_memory),
+    )
+    report = run_bench(
+        device=device,
+        settings=settings,
+        synthetic=args.synthetic,
+        model_path=args.model,
+        log=lambda msg: err.print(msg),
+    )
+    if args.json:
+        print(json.dumps(report.to_json()), flush=True)
+    else:
+        Console(highlight=False).print(report.table())
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""Synthetic models: the real shapes of LLaMA/Falcon checkpoints with random weights, for benchmarks.
+
+`build_synthetic` builds a `Decoder` directly on the target device, one linear at a time (never a whole
+model in host memory): random packed SpQR linears (`method="spqr"`) or random dense ones (`"fp16"`), with
+fp16 embeddings and norms. Speed does not depend on the values, only on the shapes and the layout, but the
+values are kept realistic so activations stay finite through every layer.
+
+Random SpQR linear: every bit pattern of the packed code and statistic words is a valid code, so uniform
+random int32 words are exactly "uniform random codes, then `QuantizedLinear.pack`" without the cost of
+packing (20 s a 7B MLP matrix on a CPU); outliers, second-order statistics and the permutation are drawn
+as an `UnpackedLinear` would hold them. `tests/test_graphs.py` checks that `pack(unpack(q))` gives the
+same words back and that the CPU fast path reconstructs exactly what `SpQRLinear.materialize` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from spqr_run.config import ModelConfig
+from spqr_run.engine.planner import fp16_params, linear_params
+from spqr_run.errors import ConfigError
+from spqr_run.models.decoder import Decoder, Rotary
+from spqr_run.models.spqr_linear import SpQRLinear
+from spqr_run.quant import LinearMeta, QuantConfig, QuantizedLinear
+from spqr_run.quant.layout import add_outliers, dense_from_groups, from_tiles, spqr_group_stats
+from spqr_run.quant.packing import encode_columns, unpack_bits
+
+METHODS = ("spqr", "fp16")
+
+
+def _llama(hidden: int, ffn: int, layers: int, heads: int, name: str) -> ModelConfig:
+    return ModelConfig(
+        arch="llama",
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=2048,
+        norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+        name=name,
+    )
+
+
+def _falcon(hidden: int, layers: int, heads: int, kv_heads: int, two_norms: bool, name: str) -> ModelConfig:
+    return ModelConfig(
+        arch="falcon",
+        vocab_size=65024,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=2048,
+        norm_type="layer",
+        mlp_type="gelu",
+        parallel_residual=True,
+        shared_block_norm=not two_norms,
+        tie_word_embeddings=True,
+        eos_token_ids=(11,),
+        name=name,
+    )
+
+
+SYNTHETIC: dict[str, ModelConfig] = {
+    "llama-7b": _llama(4096, 11008, 32, 32, "llama-7b"),
+    "llama-13b": _llama(5120, 13824, 40, 40, "llama-13b"),
+    "llama-30b": _llama(6656, 17920, 60, 52, "llama-30b"),
+    "llama-65b": _llama(8192, 22016, 80, 64, "llama-65b"),
+    "falcon-7b": _falcon(4544, 32, 71, 1, False, "falcon-7b"),
+    "falcon-40b": _falcon(8192, 60, 128, 8, True, "falcon-40b"),
+}
+
+
+def synthetic_config(name: str | ModelConfig, *, layers: int | None = None) -> ModelConfig:
+    """A synthetic name (or a ModelConfig) -> its config, optionally truncated to `layers` blocks."""
+    if isinstance(name, ModelConfig):
+        cfg = name
+    elif name in SYNTHETIC:
+        cfg = SYNTHETIC[name]
+    else:
+        raise ConfigError(f"unknown synthetic model {name!r} (known: {', '.join(SYNTHETIC)})")
+    if layers is not None:
+        if not 1 <= layers <= cfg.num_layers:
+            raise ConfigError(f"invalid --layers {layers}: {cfg.name or cfg.arch} has {cfg.num_layers}")
+        cfg = dataclasses.replace(cfg, num_layers=layers)
+    return cfg
+
+
+def spqr_meta(out_features: int, in_features: int, wbits: int) -> LinearMeta:
+    return LinearMeta.from_config(QuantConfig(method="spqr", wbits=wbits), out_features, in_features)
+
+
+# ---- one random SpQR linear -----------------------------------------------------------------------
+def _uniform(
+    shape: tuple[int, ...], std: float, gen: torch.Generator, device: torch.device, dtype=None
+) -> Tensor:
+    """Uniform in [-std*sqrt(3), std*sqrt(3)] (standard deviation `std`; 3x cheaper than normals on CPUs)."""
+    a = std * math.sqrt(3)
+    return torch.empty(shape, device=device, dtype=dtype).uniform_(-a, a, generator=gen)
+
+
+def _stratified_positions(n: int, k: int, gen: torch.Generator, device: torch.device) -> Tensor:
+    """k distinct sorted positions in [0, n): one uniform draw in each of k equal strata."""
+    if k == 0:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    lo = torch.arange(k, device=device) * n // k  # (k,) stratum starts
+    hi = torch.arange(1, k + 1, device=device) * n // k  # (k,) stratum ends (exclusive)
+    u = torch.rand(k, generator=gen, device=device, dtype=torch.float64)
+    return lo + ((hi - lo) * u).long().clamp_max(hi - lo - 1)
+
+
+def _random_words(shape: tuple[int, ...], gen: torch.Generator, device: torch.device) -> Tensor:
+    """Uniform random int32 words (every bit pattern), i.e. uniform random packed codes."""
+    return torch.randint(-(2**31), 2**31, shape, generator=gen, device=device, dtype=torch.int64).to(
+        torch.int32
+    )
+
+
+def random_spqr_linear(
+    meta: LinearMeta, *, outlier_rate: float, gen: torch.Generator, device: torch.device
+) -> QuantizedLinear:
+    """A random SpQR linear whose reconstructed weights have std ~ 1/sqrt(in_features).
+
+    Codes c and scale codes sc are uniform; zero = 1.0 * zero_code (uniform in the stat range) and
+    scale = a * (sc + 1) with a chosen so that scale * (c - zero) has the target std; outliers are
+    uniform with std 3 * std at `outlier_rate` of all positions (distinct, one per equal stratum).
+    """
+    out, inp = meta.out_features, meta.in_features
+    rt, ct = meta.num_row_groups, meta.num_groups
+    codes = _random_words((rt, ct, meta.tile_words), gen, device)  # (rt, ct, b2*b1*wbits/32)
+    stats = _random_words((rt, ct, meta.tile_stat_words), gen, device)  # (rt, ct, 2*b2*sbits/32)
+    nq, ns = 1 << meta.wbits, 1 << meta.stat_bits
+    code_var = (nq * nq - 1) / 12 + (ns * ns - 1) / 12  # Var(c - zero), both uniform
+    mean_sc = (ns - 1) / 2 + 1  # E[sc + 1]
+    target = 1.0 / math.sqrt(inp)
+    a = target / (mean_sc * math.sqrt(code_var))
+    second = torch.tensor([a, -1.0, 1.0, 0.0], dtype=torch.float16, device=device)
+    second = second.expand(rt, ct, 4).contiguous()  # (rt, ct, 4) [s.scale, s.zero, z.scale, z.zero]
+    nnz = int(round(outlier_rate * out * inp))
+    flat = _stratified_positions(out * inp, nnz, gen, device)  # (nnz,) sorted, distinct
+    values = _uniform((nnz,), 3 * target, gen, device).half()  # (nnz,)
+    row_ptr = torch.searchsorted(flat, torch.arange(out + 1, device=device) * inp).to(torch.int32)
+    cols = encode_columns(flat % inp)  # (nnz,) CSR order: sorted by row, then column
+    perm = torch.randperm(inp, generator=gen, device=device).to(torch.int32)  # (in,)
+    return QuantizedLinear(
+        meta=meta,
+        codes=codes,
+        stats=stats,
+        second=second,
+        outlier_values=values,
+        outlier_cols=cols,
+        outlier_row_ptr=row_ptr,
+        perm=perm,
+    )
+
+
+def _fast_unpack(words: Tensor, bits: int) -> Tensor:
+    """`packing.unpack_bits` through numpy's unpackbits on CPUs (~15x faster) -> uint8 codes."""
+    if words.device.type != "cpu":
+        return unpack_bits(words, bits)
+    raw = np.unpackbits(words.contiguous().numpy().view(np.uint8), axis=-1, bitorder="little")
+    b = torch.from_numpy(raw).view(*words.shape[:-1], -1, bits)  # (..., codes, bits) LSB first
+    codes = b[..., 0].clone()
+    for k in range(1, bits):
+        codes |= b[..., k] << k
+    return codes
+
+
+def dense_weight(q: QuantizedLinear, dtype: torch.dtype) -> Tensor:
+    """(out, in) dense weight in the original column order: `SpQRLinear.materialize`'s numbers, faster."""
+    m = q.meta
+    b1, b2 = m.groupsize, m.stat_groupsize
+    c = from_tiles(_fast_unpack(q.codes, m.wbits), b2, b1)  # (R, ct*b1)
+    s = _fast_unpack(q.stats, m.stat_bits)  # (rt, ct, 2*b2)
+    sc = from_tiles(s[..., :b2].contiguous(), b2, 1)  # (R, ct)
+    zc = from_tiles(s[..., b2:].contiguous(), b2, 1)  # (R, ct)
+    scale, zero = spqr_group_stats(sc, zc, q.second.repeat_interleave(b2, dim=0))  # (R, ct) each
+    w = dense_from_groups(c, scale, zero, b1)[: m.out_features, : m.in_features].contiguous()
+    w = add_outliers(w, q.outlier_row_ptr, q.outlier_cols, q.outlier_values, slice(0, m.out_features))
+    dense = torch.empty_like(w)
+    dense[:, q.perm.long()] = w  # permuted column j is input feature perm[j]
+    return dense.to(dtype)
+
+
+# ---- whole models ---------------------------------------------------------------------------------
+def _param(t: Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+def build_synthetic(
+    name: str | ModelConfig,
+    *,
+    method: str = "spqr",
+    wbits: int = 3,
+    outlier_rate: float = 0.01,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    layers: int | None = None,
+    seed: int = 0,
+) -> Decoder:
+    """A random-weight decoder of a synthetic (or given) config on `device`, built one linear at a time.
+
+    `dtype` (default fp16 on CUDA, fp32 on CPU) is the activation/dense-weight dtype. On CPU the SpQR
+    linears also keep a decoded dense copy (as `build_decoder` does), so the CPU path runs at dense speed.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"invalid method {method!r} (use {' or '.join(METHODS)})")
+    if not 0 <= outlier_rate < 1:
+        raise ConfigError(f"invalid outlier rate {outlier_rate}: must be in [0, 1)")
+    dev = torch.device(device)
+    dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
+    cfg = synthetic_config(name, layers=layers)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    for block in model.layers:
+        for lname, (out, inp) in cfg.linear_shapes().items():
+            parent_name, _, attr = lname.rpartition(".")
+            parent = block.get_submodule(parent_name)
+            old: nn.Module = getattr(parent, attr)
+            bias = getattr(old, "bias", None)
+            b = None if bias is None else torch.zeros(out, dtype=dtype, device=dev)  # (out,)
+            if method == "spqr":
+                q = random_spqr_linear(
+                    spqr_meta(out, inp, wbits), outlier_rate=outlier_rate, gen=gen, device=dev
+                )
+                new: nn.Module = SpQRLinear(q, b)
+                if dev.type == "cpu":
+                    new.register_buffer("dense_weight", dense_weight(q, dtype), persistent=False)
+            else:
+                new = nn.Linear(inp, out, bias=b is not None, device="meta")
+                new.weight = _param(_uniform((out, inp), 1.0 / math.sqrt(inp), gen, dev, dtype))  # (out, in)
+                if b is not None:
+                    new.bias = _param(b)
+            setattr(parent, attr, new)
+    for pname, p in list(model.named_parameters()):
+        if p.device.type != "meta":
+            continue
+        owner, _, attr = pname.rpartition(".")
+        if pname in ("embed_tokens.weight", "lm_head.weight"):
+            # embeddings small (like LLaMA's init) so that, tied as the LM head, they do not simply
+            # echo the input token; an untied head maps unit-RMS states to unit-std logits
+            std = 0.02 if pname == "embed_tokens.weight" else 1.0 / math.sqrt(cfg.hidden_size)
+            t = _uniform(tuple(p.shape), std, gen, dev, dtype)
+        elif attr == "bias":
+            t = torch.zeros(p.shape, device=dev, dtype=dtype)
+        else:  # norm weights
+            t = torch.ones(p.shape, device=dev, dtype=dtype)
+        model.get_submodule(owner)._parameters[attr] = _param(t)
+    model.rotary = Rotary(cfg).to(dev)
+    return model.eval()
+
+
+def synthetic_weight_bytes(
+    cfg: ModelConfig, *, method: str, wbits: int = 3, outlier_rate: float = 0.01
+) -> int:
+    """Bytes `build_synthetic` stores (packed layout for spqr, fp16 elsewhere), computed without building
+    (linear biases, absent from every synthetic config, are not counted)."""
+    fp16 = 2 * fp16_params(cfg)
+    if method == "fp16":
+        return fp16 + 2 * linear_params(cfg)
+    per_block = 0
+    for out, inp in cfg.linear_shapes().values():
+        m = spqr_meta(out, inp, wbits)
+        tiles = m.num_row_groups * m.num_groups
+        nnz = round(outlier_rate * out * inp)
+        per_block += tiles * (m.tile_words * 4 + m.tile_stat_words * 4 + 4 * 2)  # codes, stats, second
+        per_block += nnz * 4 + (out + 1) * 4 + inp * 4  # outliers (fp16 + u16), row_ptr, perm
+    return fp16 + cfg.num_layers * per_block

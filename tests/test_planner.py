@@ -1,0 +1,146 @@
+"""Memory planner: hand-computed arithmetic for LLaMA-7B (fp16, 3-bit SpQR) and the 33B under 24 GiB,
+budget strings, and the one-line refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from spqr_run.cli.bench import main as bench_main
+from spqr_run.engine.planner import (
+    GiB,
+    apply_budget,
+    dense_weight_bytes,
+    estimate_workspace,
+    parse_memory,
+    plan_memory,
+    quantized_weight_bytes,
+)
+from spqr_run.engine.synthetic import SYNTHETIC
+from spqr_run.errors import ConfigError
+
+MARGIN = 256 * 2**20  # DEFAULT_MARGIN
+
+# LLaMA-7B: 32 layers, hidden 4096, 32 heads x 128, ffn 11008, vocab 32000, 2048 positions
+LIN_7B = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)  # 6_476_005_376 weights in linears
+FP16_7B = 2 * 32000 * 4096 + 4096 * (2 * 32 + 1)  # embed + head + 65 RMSNorms = 262_410_240
+KV_7B = 2 * 32 * 32 * 128 * 2  # 524_288 bytes per token, fp16
+WS_7B = 512 * (8 * 4096 + 3 * 11008) * 4 + 512 * 2048 + 512 * 32000 * 4  # 201_326_592 (no dequant)
+
+
+def test_llama7b_fp16_hand_computed():
+    cfg = SYNTHETIC["llama-7b"]
+    weights = dense_weight_bytes(cfg)
+    assert LIN_7B == 6_476_005_376 and weights == 2 * (LIN_7B + FP16_7B) == 13_476_831_232
+    assert cfg.kv_bytes_per_token() == KV_7B == 524_288
+    assert estimate_workspace(cfg).total == WS_7B == 201_326_592
+    # 13.5 GiB: (14_495_514_624 - 13_476_831_232 - 201_326_592 - 268_435_456) // 524_288 = 1046 tokens
+    plan = plan_memory(cfg, weight_bytes=weights, budget_bytes=int(13.5 * GiB))
+    assert plan.context_fit == (int(13.5 * GiB) - weights - WS_7B - MARGIN) // KV_7B == 1046
+    assert plan.max_context == 1024  # rounded down to a multiple of 256
+    assert plan.total <= plan.budget
+    # 24 GiB: 22_550 tokens fit, capped by the model's 2048 positions
+    plan = plan_memory(cfg, weight_bytes=weights, budget_bytes=24 * GiB)
+    assert plan.context_fit == (24 * GiB - 13_476_831_232 - 201_326_592 - MARGIN) // KV_7B == 22_550
+    assert plan.max_context == 2048
+    assert any(line.startswith("context") and "2048 tokens" in line for line in plan.lines())
+
+
+def test_llama7b_spqr_3bit_hand_computed():
+    cfg = SYNTHETIC["llama-7b"]
+    weights = quantized_weight_bytes(cfg, 3.625)  # 3-bit preset without outliers
+    assert weights == LIN_7B * 3.625 / 8 + 2 * FP16_7B == 2_934_439_936 + 524_820_480
+    dequant = 11008 * 4096 * 2  # largest linear (gate/up) as fp16 for the prefill GEMM
+    ws = estimate_workspace(cfg, quantized=True)
+    assert ws.dequant == dequant and ws.total == WS_7B + dequant == 291_504_128
+    # 6 GiB: (6_442_450_944 - 3_459_260_416 - 291_504_128 - 268_435_456) // 524_288 = 4621
+    plan = plan_memory(cfg, weight_bytes=weights, budget_bytes=6 * GiB, quantized=True)
+    assert plan.context_fit == 4621 and plan.max_context == 2048
+    plan8 = plan_memory(cfg, weight_bytes=weights, budget_bytes=6 * GiB, quantized=True, kv_dtype="int8")
+    assert plan8.kv_bytes_per_token == KV_7B // 2 and plan8.context_fit == 9243
+
+
+def test_llama33b_under_24gib_with_4096_tokens():
+    cfg = SYNTHETIC["llama-30b"]  # 60 layers, hidden 6656, 52 heads x 128, ffn 17920, vocab 32000
+    lin = 60 * (4 * 6656 * 6656 + 3 * 6656 * 17920)
+    assert lin == 32_102_154_240
+    weights = quantized_weight_bytes(cfg, 3.9)
+    # 32_102_154_240 * 3.9 / 8 = 15_649_800_192, + fp16 (2*32000*6656 + 121*6656) * 2 = 853_578_752
+    assert weights == 15_649_800_192 + 853_578_752 == 16_503_378_944
+    kv = 2 * 60 * 52 * 128 * 2
+    assert cfg.kv_bytes_per_token() == kv == 1_597_440
+    ws = 512 * (8 * 6656 + 3 * 17920) * 4 + 512 * 2048 + 512 * 32000 * 4 + 17920 * 6656 * 2
+    assert estimate_workspace(cfg, quantized=True).total == ws == 524_288_000
+    plan = plan_memory(cfg, weight_bytes=weights, budget_bytes=24 * GiB, quantized=True)
+    # (25_769_803_776 - 16_503_378_944 - 524_288_000 - 268_435_456) // 1_597_440 = 5304 >= 4096
+    assert plan.context_fit == 5304
+    long_cfg = dataclasses.replace(cfg, max_position_embeddings=4096)  # LLaMA-1 stops at 2048
+    plan = plan_memory(long_cfg, weight_bytes=weights, budget_bytes=24 * GiB, quantized=True, context=4096)
+    assert plan.max_context == 4096 and plan.total <= 24 * GiB
+    assert plan.total == weights + 524_288_000 - 512 * 2048 + 512 * 4096 + MARGIN + 4096 * kv
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("24GiB", 24 * GiB),
+        ("24GB", 24 * 10**9),
+        ("22.5GiB", int(22.5 * GiB)),
+        ("512mib", 512 * 2**20),
+        ("8", 8 * GiB),
+    ],
+)
+def test_parse_memory(text, expected):
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("0", "greater than 0"),
+        ("0GiB", "greater than 0"),
+        ("abc", "expected"),
+        ("-1GiB", "expected"),
+        ("24 parsecs", "expected"),
+    ],
+)
+def test_parse_memory_rejects(text, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_memory(text)
+
+
+def test_too_small_budget_is_one_clear_line():
+    cfg = SYNTHETIC["llama-7b"]
+    with pytest.raises(ConfigError) as e:
+        plan_memory(cfg, weight_bytes=dense_weight_bytes(cfg), budget_bytes=8 * GiB)
+    msg = str(e.value)
+    assert "\n" not in msg and "8.00 GiB budget" in msg and "needs 13.11 GiB" in msg and "256 tokens" in msg
+    with pytest.raises(ConfigError, match="4096 tokens"):  # a requested context that does not fit
+        plan_memory(
+            dataclasses.replace(cfg, max_position_embeddings=4096),
+            weight_bytes=0,
+            budget_bytes=GiB,
+            context=4096,
+        )
+
+
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (["--gpu-memory", "0"], "greater than 0"),
+        (["--gpu-memory", "abc"], "expected a size"),
+        (["--gpu-memory", "1GiB"], "does not fit a 1.00 GiB budget"),
+    ],
+)
+def test_bench_cli_bad_budgets(flags, match, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_main(["--synthetic", "llama-7b", "--device", "cpu", *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("error:") == 1
+
+
+def test_apply_budget_is_noop_on_cpu():
+    assert apply_budget(torch.device("cpu"), GiB) is None
