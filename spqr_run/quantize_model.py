@@ -232,7 +232,7 @@ def quantize_block(
             recon = result.reconstruction  # (out, in), permuted columns
             if q.perm is not None:
                 unpermuted = torch.empty_like(recon)
-                unpermuted[:, q.perm.long().to(recon.device)] = recon
+                unpermuted[:, q.perm_indices().to(recon.device)] = recon
                 recon = unpermuted
             linear.weight.data.copy_(recon)
             packed[f"layers.{i}.{name}"] = QuantizedLinear(

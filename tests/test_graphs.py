@@ -13,7 +13,6 @@ from spqr_run.engine.graphs import GraphDecodeStep
 from spqr_run.engine.planner import module_weight_bytes
 from spqr_run.engine.synthetic import (
     build_synthetic,
-    dense_weight,
     random_spqr_linear,
     spqr_meta,
     synthetic_weight_bytes,
@@ -140,7 +139,6 @@ def test_random_spqr_linear_is_valid_packed_layout():
     assert 0.03 < q.outlier_fraction <= 0.05
     layer = SpQRLinear(q)
     layer.materialize(torch.float32)
-    torch.testing.assert_close(dense_weight(q, torch.float32), layer.dense_weight, rtol=0, atol=0)
     w = layer.dense_weight
     assert 0.5 / 80**0.5 < float(w.std()) < 2.0 / 80**0.5  # std ~ 1/sqrt(in)
 

@@ -154,6 +154,8 @@ def test_wide_layer_with_outliers_in_high_columns(inp):
     u.outlier_cols = torch.tensor(cols)
     u.outlier_values = torch.tensor([1.0, -2.0, 3.5, 0.25]).half()
     q = check_round_trip(u)
+    assert q.perm.dtype == torch.int16 and torch.equal(q.perm_indices(), u.perm)  # values above 32767 too
+    assert int(q.perm_indices().max()) == inp - 1 and bool((q.perm < 0).any()) == (inp > 32768)
     assert q.outlier_cols.dtype == torch.int16
     assert q.outlier_cols.tolist() == [c - 65536 if c > 32767 else c for c in cols]
     w = q.dequantize(slice(3, 4))
@@ -193,12 +195,15 @@ def test_from_tensors_rejects_bad_data_naming_the_tensor():
         "second": _tampered(q, "second", torch.full_like(q.second, float("inf"))),
         "outlier_row_ptr": _tampered(q, "outlier_row_ptr", q.outlier_row_ptr.flip(0)),
         "outlier_cols": _tampered(q, "outlier_cols", torch.full_like(q.outlier_cols, 40)),
-        "perm": _tampered(q, "perm", torch.zeros_like(q.perm)),
+        "perm": _tampered(q, "perm", torch.zeros_like(q.perm)),  # not a permutation
+        "perm ": _tampered(q, "perm", q.perm.to(torch.int32)),  # the old int32 layout: wrong dtype
+        "perm  ": _tampered(q, "perm", torch.where(q.perm == 0, 40, q.perm)),  # 40 >= in_features
+        "perm   ": _tampered(q, "perm", torch.where(q.perm == 0, -1, q.perm)),  # 65535 >= in_features
         "outlier_values": _tampered(q, "outlier_values", None),
         "bogus": {**q.tensors(), "bogus": torch.zeros(1)},
     }
     for name, tensors in cases.items():
-        with pytest.raises(ModelFormatError, match=f"layer.0.*{name}"):
+        with pytest.raises(ModelFormatError, match=f"layer.0.*{name.strip()}"):
             QuantizedLinear.from_tensors(tensors, meta=meta, source="layer.0")
     swapped = _tampered(q, "outlier_cols", torch.tensor([5, 1, 39], dtype=torch.int16))  # row 2: 5 then 1
     with pytest.raises(ModelFormatError, match="increasing"):

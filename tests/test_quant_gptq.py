@@ -86,7 +86,7 @@ def test_gptq_loop_matches_slow_reference(method, wbits, groupsize, shape, act_o
         w, h, method=method, wbits=wbits, groupsize=groupsize, act_order=act_order
     )
     q = res.quantized
-    assert torch.equal(q.perm.long() if act_order else torch.arange(n), ref_perm)
+    assert torch.equal(q.perm_indices() if act_order else torch.arange(n), ref_perm)
     codes = q.unpack().codes
     # fp32 blocked vs float64 unblocked: a weight within ~1e-6 of a rounding boundary may round the other
     # way and nudge its successors, so demand near-total agreement rather than bit equality.
@@ -114,7 +114,7 @@ def test_dead_columns_are_zeroed_and_sorted_last():
     dead = (3, 17, 40)
     w, h = torch.randn(out, n), _hessian(n, dead=dead)
     res = quantize_linear(w, h, config=QuantConfig(method="gptq", wbits=4, groupsize=16))
-    perm = res.quantized.perm.long()
+    perm = res.quantized.perm_indices()
     assert set(perm[-3:].tolist()) == set(dead)
     # Dead inputs are always zero, so their weights (zeroed, then rounded to the group's grid) cost nothing;
     # they must not disturb the rest: the error stays that of a healthy layer.
@@ -137,3 +137,5 @@ def test_quantize_linear_rejects_bad_inputs():
         quantize_linear(bad, h, config=cfg)
     with pytest.raises(ConfigError, match="in_features"):
         quantize_linear(torch.randn(1, 70000), None, config=QuantConfig(method="spqr"))
+    with pytest.raises(ConfigError, match="act_order"):  # the permutation is stored as 16-bit indices
+        quantize_linear(torch.randn(1, 70000), None, config=QuantConfig(method="gptq"))

@@ -68,7 +68,7 @@ def test_planted_outliers_are_found():
     assert res.outlier_fraction < 0.04  # the planted 0.15% plus borderline Gaussian weights (~2%)
     # outliers keep (fp16-delta) full precision: the reconstruction there is within fp16 rounding of w
     # minus the GPTQ update, so planted weights reconstruct to within a few percent
-    perm_inv = torch.argsort(res.quantized.perm.long())
+    perm_inv = torch.argsort(res.quantized.perm_indices())
     recon = res.reconstruction[:, perm_inv]
     for r, c in planted:
         assert recon[r, c].item() == pytest.approx(w[r, c].item(), rel=0.1)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -27,8 +26,7 @@ from spqr_run.errors import ConfigError
 from spqr_run.models.decoder import Decoder, Rotary
 from spqr_run.models.spqr_linear import SpQRLinear
 from spqr_run.quant import LinearMeta, QuantConfig, QuantizedLinear
-from spqr_run.quant.layout import add_outliers, dense_from_groups, from_tiles, spqr_group_stats
-from spqr_run.quant.packing import encode_columns, unpack_bits
+from spqr_run.quant.packing import encode_columns
 
 METHODS = ("spqr", "fp16")
 
@@ -165,34 +163,6 @@ def random_spqr_linear(
     )
 
 
-def _fast_unpack(words: Tensor, bits: int) -> Tensor:
-    """`packing.unpack_bits` through numpy's unpackbits on CPUs (~15x faster) -> uint8 codes."""
-    if words.device.type != "cpu":
-        return unpack_bits(words, bits)
-    raw = np.unpackbits(words.contiguous().numpy().view(np.uint8), axis=-1, bitorder="little")
-    b = torch.from_numpy(raw).view(*words.shape[:-1], -1, bits)  # (..., codes, bits) LSB first
-    codes = b[..., 0].clone()
-    for k in range(1, bits):
-        codes |= b[..., k] << k
-    return codes
-
-
-def dense_weight(q: QuantizedLinear, dtype: torch.dtype) -> Tensor:
-    """(out, in) dense weight in the original column order: `SpQRLinear.materialize`'s numbers, faster."""
-    m = q.meta
-    b1, b2 = m.groupsize, m.stat_groupsize
-    c = from_tiles(_fast_unpack(q.codes, m.wbits), b2, b1)  # (R, ct*b1)
-    s = _fast_unpack(q.stats, m.stat_bits)  # (rt, ct, 2*b2)
-    sc = from_tiles(s[..., :b2].contiguous(), b2, 1)  # (R, ct)
-    zc = from_tiles(s[..., b2:].contiguous(), b2, 1)  # (R, ct)
-    scale, zero = spqr_group_stats(sc, zc, q.second.repeat_interleave(b2, dim=0))  # (R, ct) each
-    w = dense_from_groups(c, scale, zero, b1)[: m.out_features, : m.in_features].contiguous()
-    w = add_outliers(w, q.outlier_row_ptr, q.outlier_cols, q.outlier_values, slice(0, m.out_features))
-    dense = torch.empty_like(w)
-    dense[:, q.perm.long()] = w  # permuted column j is input feature perm[j]
-    return dense.to(dtype)
-
-
 # ---- whole models ---------------------------------------------------------------------------------
 def _param(t: Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
@@ -237,7 +207,7 @@ def build_synthetic(
                 )
                 new: nn.Module = SpQRLinear(q, b)
                 if dev.type == "cpu":
-                    new.register_buffer("dense_weight", dense_weight(q, dtype), persistent=False)
+                    new.materialize(dtype)  # the CPU path, as when a .spqr file loads
             else:
                 new = nn.Linear(inp, out, bias=b is not None, device="meta")
                 new.weight = _param(_uniform((out, inp), 1.0 / math.sqrt(inp), gen, dev, dtype))  # (out, in)

@@ -47,7 +47,7 @@ class SpQRLinear(nn.Module):
         w = q.dequantize()  # (out, in) fp32, permuted columns
         if q.perm is not None:
             dense = torch.empty_like(w)
-            dense[:, q.perm.long()] = w
+            dense[:, q.perm_indices()] = w
             w = dense
         self.register_buffer("dense_weight", w.to(dtype), persistent=False)
 

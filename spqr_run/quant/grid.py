@@ -27,8 +27,11 @@ def grid_range(x: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
     so both the value and 0 are grid points and the zero point stays small.
     """
     x = x.float()
-    lo = x.amin(dim=-1)
-    hi = x.amax(dim=-1)
+    return widen_degenerate(x.amin(dim=-1), x.amax(dim=-1), maxq)
+
+
+def widen_degenerate(lo: Tensor, hi: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
+    """`grid_range` given the raw (min, max) (...,) of the values: widen degenerate ranges to include 0."""
     degenerate = (hi - lo) * 1024 <= maxq * torch.maximum(lo.abs(), hi.abs())
     lo = torch.where(degenerate, lo.clamp(max=0), lo)
     hi = torch.where(degenerate, hi.clamp(min=0), hi)
@@ -42,7 +45,11 @@ def fit_minmax(x: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
     bilevel zero quantizer sees real numbers); `grid_range` gives (lo, hi). An all-zero row gets scale 0,
     zero 0, which reconstructs 0.
     """
-    lo, hi = grid_range(x, maxq)
+    return minmax_from_range(*grid_range(x, maxq), maxq)
+
+
+def minmax_from_range(lo: Tensor, hi: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
+    """`fit_minmax`'s (scale, zero) from a grid range (lo, hi) as `grid_range` returns it."""
     scale = (hi - lo) / maxq
     zero = torch.where(scale > 0, -lo / scale.clamp_min(EPS), torch.zeros_like(scale))
     return scale, zero

@@ -80,6 +80,26 @@ def spqr_dense_rows(
     return c, sc, zc, sec
 
 
+def spqr_dense_tiles(meta: LinearMeta, codes: Tensor, stats: Tensor, second: Tensor, tiles: slice) -> Tensor:
+    """Dequantized dense part (no outliers) of the row tiles `tiles` -> (R, ct*b1) fp32, padding included.
+
+    The same numbers as `spqr_dense_rows` + `spqr_group_stats` + `dense_from_groups`, computed in the tile
+    order the codes are stored in (int32 unpacking, one strided write into the row-major result).
+    """
+    b1, b2 = meta.groupsize, meta.stat_groupsize
+    c = unpack_bits(codes[tiles], meta.wbits, torch.int32)  # (nt, ct, b2*b1)
+    nt, ct = c.shape[:2]
+    s = unpack_bits(stats[tiles], meta.stat_bits, torch.int32)  # (nt, ct, 2*b2)
+    sec = second[tiles].float().unsqueeze(-2)  # (nt, ct, 1, 4)
+    scale = dequantize_codes(s[..., :b2], sec[..., 0], sec[..., 1])  # (nt, ct, b2)
+    zero = dequantize_codes(s[..., b2:], sec[..., 2], sec[..., 3])  # (nt, ct, b2)
+    tile_rows = c.view(nt, ct, b2, b1).permute(0, 2, 1, 3)  # (nt, b2, ct, b1) view
+    scale, zero = scale.transpose(1, 2).unsqueeze(-1), zero.transpose(1, 2).unsqueeze(-1)  # (nt, b2, ct, 1)
+    w = torch.empty(nt, b2, ct, b1, device=c.device)
+    torch.mul(scale, tile_rows - zero, out=w)  # == dequantize_codes: int32 codes promote to fp32 exactly
+    return w.view(nt * b2, ct * b1)
+
+
 def spqr_group_stats(sc: Tensor, zc: Tensor, sec: Tensor) -> tuple[Tensor, Tensor]:
     """First-order (scale, zero) fp32 (..., groups) from their codes and the fp16 second-order stats."""
     scale = dequantize_codes(sc, sec[..., 0], sec[..., 1])
@@ -103,7 +123,7 @@ def pack_rows(codes: Tensor, meta: LinearMeta) -> Tensor:
 
 def baseline_rows(meta: LinearMeta, codes: Tensor, scales: Tensor, zeros: Tensor, rows: slice) -> Tensor:
     """Dequantize rows of a gptq/rtn layout -> (R, in) fp32."""
-    c = unpack_bits(codes[rows], meta.wbits)  # (R, padded in)
+    c = unpack_bits(codes[rows], meta.wbits, torch.int32)  # (R, padded in)
     g = meta.groupsize
     c = F.pad(c, (0, meta.num_groups * g - c.shape[1]))[:, : meta.num_groups * g]  # (R, groups*g)
     return dense_from_groups(c, scales[rows], zeros[rows], g)[:, : meta.in_features]

@@ -15,7 +15,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from spqr_run.quant.grid import dequantize_codes, fit_minmax, quantize_codes
+from spqr_run.quant.grid import (
+    dequantize_codes,
+    fit_minmax,
+    minmax_from_range,
+    quantize_codes,
+    widen_degenerate,
+)
 
 
 def outlier_scale(weight: Tensor, u_diag: Tensor) -> float:
@@ -37,15 +43,30 @@ def leave_one_out_reduction(group: Tensor, u_diag: Tensor, maxq: int) -> Tensor:
     group (out, g) weights, u_diag (g,) their diag(U) -> (out, g): baseline error of the row minus the
     error of the other g-1 weights quantized on a grid fitted without weight k (weight k itself, kept at
     full precision, costs nothing). First-order grids only, as in the official `get_leave_one_out_error`.
+
+    Vectorised over the whole group: leaving weight k out changes a row's min-max grid only when k is the
+    row's argmin (the grid then starts at the second smallest value) or its argmax (ends at the second
+    largest). So every row needs just three grids: the full one, "without the argmin" and "without the
+    argmax", i.e. a (3, out, g) error tensor instead of the (out, g, g-1) one of a literal implementation.
     """
     out, g = group.shape
-    base = ((minmax_roundtrip(group, maxq) - group) / u_diag).square().sum(dim=1, keepdim=True)  # (out, 1)
-    if g == 1:
-        return base  # leaving out the only weight removes all of the error
-    ar = torch.arange(g - 1, device=group.device)
-    others = ar.unsqueeze(0) + (ar.unsqueeze(0) >= torch.arange(g, device=group.device).unsqueeze(1)).long()
-    data = group[:, others]  # (out, g, g-1): row k of others = every column but k
-    loo = ((minmax_roundtrip(data, maxq) - data) / u_diag[others]).square().sum(dim=-1)  # (out, g)
+    group = group.float()
+    if g == 1:  # leaving out the only weight removes all of the error
+        return ((minmax_roundtrip(group, maxq) - group) / u_diag).square()
+    vals, order = torch.sort(group, dim=1)  # (out, g)
+    lo, lo2, hi, hi2 = vals[:, 0], vals[:, 1], vals[:, -1], vals[:, -2]  # (out,)
+    arg_lo, arg_hi = order[:, :1], order[:, -1:]  # (out, 1), distinct positions since g > 1
+    lo3, hi3 = torch.stack([lo, lo2, lo]), torch.stack([hi, hi, hi2])  # (3, out): full, -argmin, -argmax
+    scale, zero = minmax_from_range(*widen_degenerate(lo3, hi3, maxq), maxq)  # (3, out)
+    scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    deq = dequantize_codes(quantize_codes(group, scale, zero, maxq), scale, zero)  # (3, out, g)
+    err = ((deq - group) / u_diag).square()  # (3, out, g)
+    base = err[0].sum(dim=1, keepdim=True)  # (out, 1)
+    loo = base - err[0]  # (out, g): the other weights on the (unchanged) full grid
+    # the argmin / argmax left out: the others on the changed grid, summed without weight k itself
+    without_lo = err[1].scatter(1, arg_lo, 0.0).sum(dim=1, keepdim=True)  # (out, 1)
+    without_hi = err[2].scatter(1, arg_hi, 0.0).sum(dim=1, keepdim=True)  # (out, 1)
+    loo = loo.scatter(1, arg_lo, without_lo).scatter(1, arg_hi, without_hi)
     return base - loo
 
 

@@ -11,6 +11,8 @@ tensor (bit pattern), fp16 values.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 
@@ -18,32 +20,57 @@ CHUNK = 32  # codes per packed chunk; a chunk of b-bit codes is exactly b words
 MAX_COLUMN_INDEX = 0xFFFF  # unsigned 16-bit column indices: in_features <= 65536
 
 
+def _chunk_layout(bits: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """For the 32 codes of a chunk: index of the word holding each code's first bit, and its bit offset."""
+    offsets = torch.arange(CHUNK, device=device) * bits  # (32,)
+    return offsets // 32, offsets % 32
+
+
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
     """Pack integer codes (..., n) in [0, 2**bits) into int32 words (..., n*bits/32); n % 32 == 0."""
     n = codes.shape[-1]
     if n % CHUNK:
         raise ValueError(f"pack_bits needs a multiple of {CHUNK} codes, got {n}")
-    codes = codes.long()
-    shifts = torch.arange(bits, device=codes.device)
-    stream = (codes.unsqueeze(-1) >> shifts) & 1  # (..., n, bits): one bit per entry, LSB first
-    stream = stream.reshape(*codes.shape[:-1], n * bits // 32, 32)  # (..., words, 32)
-    words = (stream << torch.arange(32, device=codes.device)).sum(dim=-1)  # (..., words) in [0, 2**32)
-    return to_int32_bits(words)
+    lead = codes.shape[:-1]
+    word, shift = _chunk_layout(bits, codes.device)
+    placed = codes.long().reshape(*lead, n // CHUNK, CHUNK) << shift  # (..., chunks, 32) < 2**40
+    # The codes' bit ranges are disjoint, so summing them into their words is the same as OR-ing them;
+    # the bits of a code that straddles a word boundary (shift + bits > 32) go to the next word.
+    words = torch.zeros(*lead, n // CHUNK, bits + 1, dtype=torch.int64, device=codes.device)
+    words.index_add_(-1, word, placed & 0xFFFFFFFF)
+    words.index_add_(-1, word + 1, placed >> 32)
+    return to_int32_bits(words[..., :bits]).reshape(*lead, n * bits // 32)
 
 
-def unpack_bits(words: Tensor, bits: int) -> Tensor:
-    """Inverse of `pack_bits`: int32 words (..., m) -> int64 codes (..., m*32/bits); m % bits == 0."""
+def unpack_bits(words: Tensor, bits: int, dtype: torch.dtype = torch.int64) -> Tensor:
+    """Inverse of `pack_bits`: int32 words (..., m) -> codes (..., m*32/bits) of `dtype`; m % bits == 0.
+
+    Works on int32 words (int64 only for >= 5-bit groups); `>>` is an arithmetic shift, so every extracted
+    field is masked to its own bits.
+    """
     m = words.shape[-1]
     if m % bits:
         raise ValueError(f"unpack_bits needs a multiple of {bits} words, got {m}")
-    w64 = words.long() & 0xFFFFFFFF
-    w64 = w64.reshape(*words.shape[:-1], m // bits, bits)  # (..., chunks, bits)
-    w64 = torch.nn.functional.pad(w64, (0, 1))  # (..., chunks, bits + 1): a zero word for the last code
-    offsets = torch.arange(CHUNK, device=words.device) * bits  # (32,) bit offset of each code
-    lo = w64[..., offsets // 32]  # (..., chunks, 32) word holding the code's first bit
-    hi = w64[..., offsets // 32 + 1]  # (..., chunks, 32) next word, for codes straddling a boundary
-    codes = ((lo | (hi << 32)) >> (offsets % 32)) & ((1 << bits) - 1)
-    return codes.reshape(*words.shape[:-1], m // bits * CHUNK)
+    words = words.to(torch.int32)
+    lead = words.shape[:-1]
+    mask = (1 << bits) - 1
+    if CHUNK % bits == 0:  # 1, 2, 4, 8 bits: no code straddles a word, word w holds codes w*32/bits...
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)  # (32/bits,)
+        codes = (words.unsqueeze(-1) >> shifts).bitwise_and_(mask)  # (..., m, 32/bits)
+        return codes.reshape(*lead, m * 32 // bits).to(dtype)
+    # Other widths: 8 codes fill exactly `bits` bytes of the little-endian stream; read each such group of
+    # bytes as one integer (<= 56 bits) and shift the 8 codes out of it.
+    stream = words.view(torch.uint8)  # (..., 4m), the stream's bytes on a little-endian host
+    if sys.byteorder != "little":
+        stream = stream.reshape(*lead, m, 4).flip(-1).reshape(*lead, 4 * m)
+    stream = stream.reshape(*lead, 4 * m // bits, bits)  # (..., groups of 8 codes, bits bytes)
+    wide = torch.int32 if bits <= 3 else torch.int64
+    value = stream[..., 0].to(wide)
+    for i in range(1, bits):
+        value |= stream[..., i].to(wide) << (8 * i)
+    shifts = torch.arange(0, 8 * bits, bits, dtype=wide, device=words.device)  # (8,)
+    codes = (value.unsqueeze(-1) >> shifts).bitwise_and_(mask)  # (..., groups, 8)
+    return codes.reshape(*lead, m // bits * CHUNK).to(dtype)
 
 
 def to_int32_bits(x: Tensor) -> Tensor:

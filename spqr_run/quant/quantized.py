@@ -8,9 +8,11 @@ SpQR layout (beta2 x beta1 = 16 x 16 tiles, details and drawings in docs/FORMAT.
     outlier_values   fp16   (nnz,)        added to the dense reconstruction (w = dense + value)
     outlier_cols     int16  (nnz,)        unsigned 16-bit permuted column index (bit pattern)
     outlier_row_ptr  int32  (out+1,)      CSR row pointers
-    perm             int32  (in,)         optional: permuted column j is input feature perm[j]
+    perm             int16  (in,)         optional: permuted column j is input feature perm[j] (unsigned)
 
 gptq / rtn layout: `codes` int32 (out, ceil(in/32)*wbits), `scales`/`zeros` fp16 (out, groups), `perm`.
+`perm` holds unsigned 16-bit indices as int16 bit patterns (like `outlier_cols`): read it with
+`perm_indices()`, never `perm.long()` (wrong above 32767).
 
 Reconstruction, shared by the quantizer, `dequantize` and kernels (all fp32, `grid.dequantize_codes`):
     s = second[0] * (scale_code - second[1]);  z = second[2] * (zero_code - second[3])
@@ -30,14 +32,13 @@ from spqr_run.quant.layout import (
     UnpackedLinear,
     add_outliers,
     baseline_rows,
-    dense_from_groups,
     pack_rows,
     pack_spqr_dense,
     spqr_dense_rows,
-    spqr_group_stats,
+    spqr_dense_tiles,
 )
 from spqr_run.quant.meta import LinearMeta
-from spqr_run.quant.packing import coo_to_csr, csr_rows, decode_columns, unpack_bits
+from spqr_run.quant.packing import coo_to_csr, csr_rows, decode_columns, encode_columns, unpack_bits
 from spqr_run.quant.validate import TENSOR_NAMES, validate_tensors
 
 
@@ -65,7 +66,7 @@ class QuantizedLinear:
     def pack(cls, u: UnpackedLinear) -> QuantizedLinear:
         """Pack plain codes and statistics into the stored layout."""
         m = u.meta
-        perm = None if u.perm is None else u.perm.to(torch.int32)
+        perm = None if u.perm is None else encode_columns(u.perm)
         if m.method != "spqr":
             return cls(
                 meta=m, codes=pack_rows(u.codes, m), scales=u.scales.half(), zeros=u.zeros.half(), perm=perm
@@ -101,6 +102,10 @@ class QuantizedLinear:
         validate_tensors(tensors, meta, source)
         return cls(meta=meta, **{name: tensors[name] for name in TENSOR_NAMES if name in tensors})
 
+    def perm_indices(self) -> Tensor | None:
+        """The stored column permutation as int64 indices (None: identity); stored column j = input perm[j]."""
+        return None if self.perm is None else decode_columns(self.perm)
+
     # ---- sizes ----------------------------------------------------------------------------------
     @property
     def num_params(self) -> int:
@@ -135,12 +140,12 @@ class QuantizedLinear:
         if m.method == "spqr":
             b2 = m.stat_groupsize
             t0, t1 = start // b2, -(-stop // b2)
-            c, sc, zc, sec = spqr_dense_rows(m, self.codes, self.stats, self.second, slice(t0, t1))
-            scale, zero = spqr_group_stats(sc, zc, sec)  # (R, groups)
-            w = dense_from_groups(c, scale, zero, m.groupsize)  # (R, groups*b1)
-            w = w[start - t0 * b2 : stop - t0 * b2, : m.in_features]
+            w = spqr_dense_tiles(m, self.codes, self.stats, self.second, slice(t0, t1))  # (R, groups*b1)
+            r0, r1 = start - t0 * b2, stop - t0 * b2
+            if (r0, r1, w.shape[1]) != (0, w.shape[0], m.in_features):  # crop tile padding
+                w = w[r0:r1, : m.in_features].contiguous()
             w = add_outliers(
-                w.contiguous(),
+                w,
                 self.outlier_row_ptr,
                 self.outlier_cols,
                 self.outlier_values,
@@ -153,7 +158,7 @@ class QuantizedLinear:
     def unpack(self) -> UnpackedLinear:
         """All codes and statistics as plain tensors (inverse of `pack`; for tests and tools)."""
         m = self.meta
-        perm = None if self.perm is None else self.perm.long()
+        perm = self.perm_indices()
         if m.method != "spqr":
             codes = unpack_bits(self.codes, m.wbits)[:, : m.in_features]
             return UnpackedLinear(meta=m, codes=codes, perm=perm, scales=self.scales, zeros=self.zeros)

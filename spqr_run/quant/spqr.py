@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -28,12 +30,12 @@ from torch import Tensor
 from spqr_run.errors import ConfigError, ModelFormatError
 from spqr_run.quant.config import QuantConfig
 from spqr_run.quant.grid import (
+    EPS,
     FP16_MAX,
     dequantize_codes,
     fit_minmax,
     fit_minmax_fp16,
     max_code,
-    quantize_codes,
     quantize_row_groups,
 )
 from spqr_run.quant.layout import UnpackedLinear
@@ -116,38 +118,85 @@ def _gptq(weight: Tensor, hessian: Tensor, config: QuantConfig) -> tuple[Unpacke
     maxq = max_code(config.wbits)
     gs = config.groupsize
     block = -(-config.blocksize // gs) * gs  # whole groups per block: stats see fully updated weights
+    track_outliers = threshold < math.inf
+    dev = w.device
     # Work on W^T so that a column of W is a contiguous row: the rank-1 updates then stream memory.
     wt = w.T.contiguous()  # (in, out)
-    codes = torch.empty(n, out, device=w.device)  # (in, out) fp32 integer codes
-    recon = torch.empty(n, out, device=w.device)  # (in, out) fp32
+    codes = torch.empty(n, out, device=dev)  # (in, out) fp32 integer codes
+    recon = torch.empty(n, out, device=dev)  # (in, out) fp32
+    # Outliers as dense masks and fp16 deltas, compacted once at the end: no host sync in the loop.
+    is_outlier = torch.zeros(n, out, dtype=torch.bool, device=dev) if track_outliers else None
+    deltas = torch.zeros(n, out, dtype=torch.half, device=dev) if track_outliers else None
     groups: list[_GroupStats] = []
-    outliers: list[tuple[Tensor, int, Tensor]] = []  # (rows, column, fp16 deltas)
     for b0 in range(0, n, block):
         b1 = min(b0 + block, n)
-        err = torch.empty(b1 - b0, out, device=w.device)  # (block, out) scaled errors
-        for j in range(b0, b1):
-            if j % gs == 0:
-                g1 = min(j + gs, n)
-                groups.append(_fit_group(wt[j:g1].T, u_diag[j:g1], threshold, config))
-            stats = groups[-1]
-            col = wt[j]  # (out,) column j of W
-            q = quantize_codes(col, stats.scale, stats.zero, maxq)
-            deq = dequantize_codes(q, stats.scale, stats.zero)  # (out,)
-            if threshold < math.inf:
-                is_outlier = ((col - deq) / u_diag[j]).square() > threshold
-                if bool(is_outlier.any()):
-                    rows = is_outlier.nonzero().squeeze(1)
-                    delta = (col[rows] - deq[rows]).half()
-                    deq[rows] = deq[rows] + delta.float()  # same expression as the reader's
-                    outliers.append((rows, j, delta))
-            codes[j], recon[j] = q, deq
-            err[j - b0] = (col - deq) / u_diag[j]
-            wt[j + 1 : b1].addr_(u[j, j + 1 : b1], err[j - b0], alpha=-1)
-        wt[b1:].addmm_(u[b0:b1, b1:].T, err, alpha=-1)
+        err = torch.empty(b1 - b0, out, device=dev)  # (block, out) scaled errors
+        # Three-level lazy updates: rank-1 inside a sub-block of <= SUB_BLOCK columns, one rank-(s1-s0)
+        # matmul for the rest of the block after each sub-block, one matmul for the rest of W per block.
+        # Everything but that last matmul works on a few (out,)..(block, out) tensors: one CPU thread.
+        with _one_cpu_thread(dev):
+            for s0, s1 in _sub_blocks(b0, b1, gs):
+                for j in range(s0, s1):
+                    if j % gs == 0:
+                        g1 = min(j + gs, n)
+                        groups.append(_fit_group(wt[j:g1].T, u_diag[j:g1], threshold, config))
+                        scale, zero = groups[-1].scale, groups[-1].zero
+                        safe_scale = scale.clamp_min(EPS)
+                    col = wt[j]  # (out,) column j of W
+                    q = torch.round(col / safe_scale + zero).clamp_(0, maxq)  # == grid.quantize_codes
+                    deq = dequantize_codes(q, scale, zero)  # (out,)
+                    if track_outliers:
+                        diff = col - deq
+                        mask = (diff / u_diag[j]).square() > threshold
+                        delta = diff.half()
+                        deq = torch.where(mask, deq + delta.float(), deq)  # same expression as the reader's
+                        is_outlier[j], deltas[j] = mask, delta
+                    codes[j], recon[j] = q, deq
+                    e = err[j - b0]
+                    torch.sub(col, deq, out=e).div_(u_diag[j])
+                    if j + 1 < s1:
+                        wt[j + 1 : s1].addr_(u[j, j + 1 : s1], e, alpha=-1)
+                if s1 < b1:
+                    wt[s1:b1].addmm_(u[s0:s1, s1:b1].T, err[s0 - b0 : s1 - b0], alpha=-1)
+        if b1 < n:
+            wt[b1:].addmm_(u[b0:b1, b1:].T, err, alpha=-1)
 
+    outliers = None
+    if track_outliers:
+        cols, rows = is_outlier.nonzero(as_tuple=True)  # column-major order, as the loop visits them
+        outliers = (rows, cols, deltas[cols, rows])
     codes, recon = codes.T, recon.T.contiguous()  # (out, in)
     unpacked = _unpacked(config, weight.shape, codes, groups, outliers, perm)
     return unpacked, recon
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run the per-column / per-group work on one CPU thread (restored afterwards).
+
+    Those ops touch 10-100 KB each; splitting them over threads costs more than it saves, and on a shared
+    or oversubscribed CPU each parallel region can wait milliseconds for a descheduled worker (measured
+    here: the same quantization took 10-20x the CPU time with 2 threads than with 1). CUDA: no-op.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+SUB_BLOCK = 16  # columns per inner lazy-update step (error feedback is exact math at any size)
+
+
+def _sub_blocks(b0: int, b1: int, gs: int) -> list[tuple[int, int]]:
+    """[b0, b1) cut at every multiple of SUB_BLOCK and at every group start (a group's stats are fitted
+    when the loop reaches it, so all earlier errors must have reached the whole group by then)."""
+    cuts = sorted({b0, b1} | set(range(b0, b1, SUB_BLOCK)) | set(range(b0 - b0 % gs + gs, b1, gs)))
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
 def _fit_group(group: Tensor, u_diag: Tensor, threshold: float, config: QuantConfig) -> _GroupStats:
@@ -170,7 +219,7 @@ def _unpacked(
     shape: torch.Size,
     codes: Tensor,
     groups: list[_GroupStats],
-    outliers: list[tuple[Tensor, int, Tensor]],
+    outliers: tuple[Tensor, Tensor, Tensor] | None,  # rows, columns, fp16 deltas
     perm: Tensor | None,
 ) -> UnpackedLinear:
     out, n = shape
@@ -179,13 +228,10 @@ def _unpacked(
     if config.method == "gptq":
         return UnpackedLinear(meta=meta, codes=codes.long(), perm=perm, scales=stored[0], zeros=stored[1])
     dev = codes.device
-    rows = (
-        torch.cat([r for r, _, _ in outliers]) if outliers else torch.zeros(0, dtype=torch.long, device=dev)
-    )
-    cols = torch.cat([torch.full_like(r, j) for r, j, _ in outliers]) if outliers else rows.clone()
-    values = (
-        torch.cat([v for _, _, v in outliers]) if outliers else torch.zeros(0, dtype=torch.half, device=dev)
-    )
+    if outliers is None:
+        empty = torch.zeros(0, dtype=torch.long, device=dev)
+        outliers = (empty, empty.clone(), torch.zeros(0, dtype=torch.half, device=dev))
+    rows, cols, values = outliers
     return UnpackedLinear(
         meta=meta,
         codes=codes.long(),
@@ -200,12 +246,19 @@ def _unpacked(
 
 
 def _inverse_cholesky_upper(h: Tensor) -> Tensor:
-    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U) as fp32; float64 when fp32 is not accurate enough."""
+    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U) as fp32; float64 when fp32 is not accurate enough.
+
+    Computed without forming H^-1: with J the index reversal, J H J = L L^T gives H^-1 = (J L^-T J)(J L^-1 J),
+    and J L^-1 J is upper triangular with a positive diagonal, so it is U (the factor is unique). One
+    Cholesky and one triangular solve: much faster than `cholesky_inverse` + a second Cholesky on CPUs.
+    """
+    n = h.shape[0]
     for dtype in (torch.float32, torch.float64):
-        chol, info = torch.linalg.cholesky_ex(h.to(dtype))
+        chol, info = torch.linalg.cholesky_ex(h.to(dtype).flip(0, 1))
         if int(info) == 0:
-            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(u).all()):
+            eye = torch.eye(n, dtype=dtype, device=h.device)
+            u = torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
+            if bool(torch.isfinite(u).all()):
                 return u.float()
     raise ConfigError("the Hessian is not positive definite even in float64; increase percdamp")
 
@@ -224,6 +277,11 @@ def _checked_weight(weight: Tensor, config: QuantConfig) -> Tensor:
     if config.method == "spqr" and w.shape[1] > MAX_COLUMN_INDEX + 1:
         raise ConfigError(
             f"spqr supports in_features <= {MAX_COLUMN_INDEX + 1} (16-bit outlier column indices)"
+        )
+    if config.method == "gptq" and config.act_order and w.shape[1] > MAX_COLUMN_INDEX + 1:
+        raise ConfigError(
+            f"act_order supports in_features <= {MAX_COLUMN_INDEX + 1} (16-bit permutation); "
+            "use act_order=False"
         )
     return w
 

@@ -23,7 +23,7 @@ def spqr_matmul_reference(x: Tensor, q: QuantizedLinear, *, bias: Tensor | None 
         raise ValueError(f"input has {x.shape[-1]} features, the layer expects {m.in_features}")
     xf = x.reshape(-1, m.in_features).float()  # (tokens, in)
     if q.perm is not None:
-        xf = xf[:, q.perm.long()]  # (tokens, in) permuted to the stored column order
+        xf = xf[:, q.perm_indices()]  # (tokens, in) permuted to the stored column order
     step = max(m.stat_groupsize or 16, (ROW_BLOCK_ELEMENTS // m.in_features) // 16 * 16)
     y = torch.empty(xf.shape[0], m.out_features, device=x.device, dtype=torch.float32)  # (tokens, out)
     for r0 in range(0, m.out_features, step):

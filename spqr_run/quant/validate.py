@@ -9,7 +9,7 @@ from torch import Tensor
 
 from spqr_run.errors import ModelFormatError
 from spqr_run.quant.meta import LinearMeta
-from spqr_run.quant.packing import decode_columns
+from spqr_run.quant.packing import MAX_COLUMN_INDEX, decode_columns
 
 TENSOR_NAMES = (
     "codes",
@@ -25,7 +25,7 @@ TENSOR_NAMES = (
 
 
 def expected_specs(meta: LinearMeta, nnz: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """Required tensors (dtype, shape) of a layout; `perm` (int32, (in,)) is optional everywhere."""
+    """Required tensors (dtype, shape) of a layout; `perm` (int16, (in,)) is optional everywhere."""
     out, g = meta.out_features, meta.num_groups
     if meta.method != "spqr":
         return {
@@ -64,10 +64,14 @@ def validate_tensors(tensors: Mapping[str, Tensor], meta: LinearMeta, source: st
         _check_csr(tensors, meta, source)
     if "perm" in tensors:
         perm = tensors["perm"]
-        _check(perm, "perm", torch.int32, (meta.in_features,), source)
-        p = perm.long()
-        ok = bool(((p >= 0) & (p < meta.in_features)).all()) and bool(
-            (torch.bincount(p.clamp(0, meta.in_features - 1), minlength=meta.in_features) == 1).all()
+        _check(perm, "perm", torch.int16, (meta.in_features,), source)
+        if meta.in_features > MAX_COLUMN_INDEX + 1:
+            raise ModelFormatError(
+                f"{source}: tensor 'perm' needs in_features <= {MAX_COLUMN_INDEX + 1} (16-bit indices)"
+            )
+        p = decode_columns(perm)  # unsigned 16-bit values, so never negative
+        ok = bool((p < meta.in_features).all()) and bool(
+            (torch.bincount(p, minlength=meta.in_features) == 1).all()
         )
         if not ok:
             raise ModelFormatError(

@@ -1,0 +1,166 @@
+"""Serving benchmark: throughput and latency percentiles of spqr-serve for 1, 4 and 8 concurrent clients.
+
+Each client sends streamed /v1/completions requests back to back (temperature 0, fixed prompts) and records the
+time to first token (TTFT) and the time per output token after the first (TPOT). Prints a markdown table.
+
+    python benchmarks/serve.py --model /path/to/model.gguf --parallel 8      # starts its own server
+    python benchmarks/serve.py --url http://127.0.0.1:8000 --api-key KEY      # against a running server
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a bicycle works.",
+    "Describe the water cycle in detail.",
+    "List some facts about the Moon.",
+    "Tell me about the history of bread.",
+    "How do birds navigate when they migrate?",
+    "What makes a good cup of tea?",
+    "Describe a walk through a forest in autumn.",
+]
+
+
+@dataclass
+class Sample:
+    ttft_s: float
+    tpot_s: float | None  # None when only one token came back
+    tokens: int
+
+
+def one_request(
+    client: httpx.Client, url: str, prompt: str, max_tokens: int, headers: dict[str, str]
+) -> Sample:
+    body = {
+        "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+        "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    t0 = time.perf_counter()
+    first = last = None
+    tokens = 0
+    with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            if event.get("choices"):
+                now = time.perf_counter()
+                first = first or now
+                last = now
+    assert first is not None and last is not None
+    tpot = (last - first) / (tokens - 1) if tokens > 1 else None
+    return Sample(first - t0, tpot, tokens)
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def run_level(url: str, clients: int, requests: int, max_tokens: int, headers: dict[str, str]) -> dict:
+    def client_loop(c: int) -> list[Sample]:
+        with httpx.Client() as http:
+            return [
+                one_request(http, url, PROMPTS[(c + i) % len(PROMPTS)], max_tokens, headers)
+                for i in range(requests)
+            ]
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        samples = [s for ss in pool.map(client_loop, range(clients)) for s in ss]
+    wall = time.perf_counter() - t0
+    ttft = [s.ttft_s * 1000 for s in samples]
+    tpot = [s.tpot_s * 1000 for s in samples if s.tpot_s is not None]
+    return {
+        "clients": clients,
+        "requests": len(samples),
+        "tokens": sum(s.tokens for s in samples),
+        "tok_s": sum(s.tokens for s in samples) / wall,
+        "ttft": [percentile(ttft, q) for q in (50, 90, 99)],
+        "tpot": [percentile(tpot, q) for q in (50, 90, 99)],
+        "mean_tpot": statistics.mean(tpot) if tpot else float("nan"),
+    }
+
+
+def start_server(model: str, parallel: int, ctx: int) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "spqr_run.cli.serve", model, "--port", str(port), "--parallel", str(parallel),
+           "--ctx", str(ctx), "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, cwd=repo)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("server did not become ready in 180 s")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="a running server")
+    where.add_argument("--model", help="start a server on this model for the run")
+    p.add_argument("--parallel", type=int, default=8, help="--parallel of the started server (default 8)")
+    p.add_argument("--ctx", type=int, default=1024, help="--ctx of the started server (default 1024)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--clients", default="1,4,8", help="concurrency levels (default 1,4,8)")
+    p.add_argument("--requests", type=int, default=4, help="requests per client (default 4)")
+    p.add_argument("--max-tokens", type=int, default=32)
+    args = p.parse_args()
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    proc = None
+    url = args.url
+    if args.model:
+        proc, url = start_server(args.model, args.parallel, args.ctx)
+    try:
+        one_request(httpx.Client(), url, "Warm up.", 4, headers)
+        rows = [
+            run_level(url, int(c), args.requests, args.max_tokens, headers) for c in args.clients.split(",")
+        ]
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+    print(f"max_tokens={args.max_tokens}, {args.requests} requests per client, temperature 0, streamed\n")
+    print("| clients | requests | tokens | tok/s | TTFT p50 / p90 / p99 (ms) | TPOT p50 / p90 / p99 (ms) |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ttft = " / ".join(f"{x:.0f}" for x in r["ttft"])
+        tpot = " / ".join(f"{x:.1f}" for x in r["tpot"])
+        print(f"| {r['clients']} | {r['requests']} | {r['tokens']} | {r['tok_s']:.1f} | {ttft} | {tpot} |")
+
+
+if __name__ == "__main__":
+    main()

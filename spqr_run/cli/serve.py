@@ -1,0 +1,122 @@
+"""spqr-serve: serve a model to OpenAI clients (/v1/completions, /v1/chat/completions) over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from spqr_run.cli.common import add_model_flags, run_cli, stderr
+from spqr_run.errors import ConfigError, ModelFormatError
+
+DESCRIPTION = """\
+Serve a model over HTTP with OpenAI's API, so any OpenAI client can use it:
+
+  spqr-serve models/llama-7b.spqr --port 8000
+  curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"messages": [{"role": "user", "content": "Hello"}]}'
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST /tokenize,
+POST /detokenize, GET /health (503 while the model loads), GET /metrics (Prometheus text).
+
+The socket opens at once and the model loads in the background. Up to --parallel sequences generate together
+(continuous batching; each holds one KV-cache row of --ctx tokens); more requests wait in a queue and get
+429 when it is full. Greedy output (temperature 0) is the same whether a request runs alone or batched.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="spqr-serve", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_model_flags(p)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, local only)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("SPQR_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on the API routes (default: $SPQR_API_KEY, else no key)",
+    )
+    p.add_argument(
+        "--parallel", type=int, default=4, help="sequences generated at once (KV-cache rows, default: 4)"
+    )
+    p.add_argument(
+        "--ctx",
+        type=int,
+        default=None,
+        help="context per sequence in tokens (default: the model's, at most 4096)",
+    )
+    p.add_argument(
+        "--model-name", default=None, help="the model id clients send and see (default: file name stem)"
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    # hidden: tuning and test hooks
+    p.add_argument("--max-queue", type=int, default=64, help=argparse.SUPPRESS)
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help=argparse.SUPPRESS)
+    p.add_argument("--load-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    return p
+
+
+def _serve(argv: list[str] | None) -> int:
+    import uvicorn
+
+    from spqr_run.server.app import ServerConfig, create_app
+
+    args = build_parser().parse_args(argv)
+    for name, value, low in (
+        ("--parallel", args.parallel, 1),
+        ("--max-queue", args.max_queue, 0),
+        ("--max-body-bytes", args.max_body_bytes, 1024),
+    ):
+        if value < low:
+            raise ConfigError(f"invalid {name} {value}: must be at least {low}")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"invalid --port {args.port}: must be in [0, 65535]")
+    if args.ctx is not None and args.ctx < 16:
+        raise ConfigError(f"invalid --ctx {args.ctx}: must be at least 16 tokens")
+    path = Path(args.model).expanduser()
+    if not path.exists():
+        raise ModelFormatError(f"{path}: no such file or folder")
+    config = ServerConfig(
+        model_path=str(path),
+        model_name=args.model_name or path.stem,
+        device=args.device,
+        ctx=args.ctx,
+        parallel=args.parallel,
+        max_queue=args.max_queue,
+        api_key=args.api_key or None,
+        max_body_bytes=args.max_body_bytes,
+        load_delay_s=args.load_delay,
+    )
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    failure: list[str] = []
+
+    def on_load_failed(message: str) -> None:
+        failure.append(message)
+        server.should_exit = True
+
+    app = create_app(config, on_load_failed=on_load_failed)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5
+        )
+    )
+    server.run()
+    if failure:
+        stderr.print(f"[bold red]error:[/] {failure[0]}", markup=True, soft_wrap=True)
+        return 2
+    return 0 if server.started else 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_cli(lambda: _serve(argv if argv is not None else sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

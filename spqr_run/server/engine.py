@@ -1,0 +1,239 @@
+"""Continuous batching: one engine thread owns the model and runs every active sequence in one decode step.
+
+Each of the `slots` sequences generating at a time owns one KV-cache row. A new sequence is prefilled alone
+into a free row (in chunks) and joins the running batch between decode steps; sequences beyond the slots
+wait in a bounded queue (`submit` raises a 429 `APIError` when it is full). Results go back through each
+job's `sink`, which the caller makes thread-safe (the server posts into an asyncio queue with
+`loop.call_soon_threadsafe`). Setting `job.cancelled` ends the sequence and frees its row before the next step.
+
+Determinism: a sequence's greedy tokens do not depend on what else runs. On CPU, fp32 matmul results depend
+on the number of rows M (M=1 and M=8 differ in the last bits) and attention results depend on the key length
+when it is not a multiple of the vector width, so every decode step runs all `slots` rows (idle rows are
+dummies writing position 0 of a free row, which the next prefill overwrites) and reads a key length rounded up
+to a multiple of `kv_bucket`. Measured on SmolLM2: with both, a row's logits are bit-identical whatever the other
+rows hold and however far the keys are padded (masked keys add exact zeros).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from spqr_run.generation import GenerationChunk, GenerationStats, SequenceState
+from spqr_run.models.decoder import Decoder
+from spqr_run.sampling import SamplingParams
+from spqr_run.server.metrics import Metrics
+from spqr_run.server.protocol import APIError
+from spqr_run.tokenizer import Tokenizer
+
+log = logging.getLogger("spqr_run.server")
+
+Sink = Callable[[GenerationChunk | BaseException], None]
+
+
+@dataclass(eq=False)
+class Job:
+    """One sequence to generate; the engine fills in the fields below `cancelled`."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Sink
+    arrived: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False  # set by the client side; read by the engine between steps
+    state: SequenceState | None = None
+    slot: int = -1
+    pos: int = 0  # position the last sampled token is fed at
+    last_token: int = 0
+    last_time: float = 0.0
+    generated: int = 0
+
+
+class Engine:
+    """Owns `model` in one thread; `submit` jobs from any thread, `cancel` them, `stop` at shutdown."""
+
+    def __init__(
+        self,
+        model: Decoder,
+        tokenizer: Tokenizer,
+        *,
+        slots: int,
+        max_context: int,
+        max_queue: int,
+        metrics: Metrics,
+        prefill_chunk: int = 256,
+        kv_bucket: int = 64,
+    ) -> None:
+        self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
+        self.slots, self.max_queue, self.prefill_chunk, self.kv_bucket = (
+            slots,
+            max_queue,
+            prefill_chunk,
+            kv_bucket,
+        )
+        model.setup_caches(slots, max_context)
+        self.max_context = model.max_seq_len
+        self.device = model.embed_tokens.weight.device
+        self.eos_ids = tuple(model.config.eos_token_ids)
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._active: dict[int, Job] = {}  # slot -> job
+        self._free = list(range(slots - 1, -1, -1))  # pop() gives the lowest free slot
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="spqr-engine", daemon=True)
+        metrics.slots = slots
+
+    # ---- client side (any thread) -------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout=10)
+
+    def submit(self, jobs: Sequence[Job]) -> None:
+        """Queue `jobs` (all or none); 429 when the slots and the queue cannot hold them."""
+        with self._cond:
+            if len(self._waiting) + len(self._active) + len(jobs) > self.slots + self.max_queue:
+                raise APIError(
+                    429,
+                    f"the server is busy: {self.slots} slots and a queue of {self.max_queue} are full; retry later",
+                    type="rate_limit_error",
+                    code="queue_full",
+                )
+            self._waiting.extend(jobs)
+            self._publish()
+            self._cond.notify_all()
+
+    def cancel(self, jobs: Sequence[Job]) -> None:
+        with self._cond:
+            for job in jobs:
+                job.cancelled = True
+            self._cond.notify_all()
+
+    def _publish(self) -> None:
+        self.metrics.occupancy(queue_depth=len(self._waiting), busy_slots=len(self._active))
+
+    # ---- engine thread ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    self._drop_cancelled_waiting()
+                    while not self._stopping and not self._waiting and not self._active:
+                        self._cond.wait()
+                        self._drop_cancelled_waiting()
+                    if self._stopping:
+                        break
+                    admitted = []
+                    while self._waiting and self._free:
+                        job = self._waiting.popleft()
+                        job.slot = self._free.pop()
+                        self._active[job.slot] = job
+                        admitted.append(job)
+                    self._publish()
+                for job in admitted:
+                    self._guarded([job], self._prefill, job)
+                self._reap()
+                if self._active:
+                    self._guarded(list(self._active.values()), self._decode_step)
+                    self._reap()
+        for job in [*self._waiting, *self._active.values()]:
+            job.sink(RuntimeError("the server is shutting down"))
+
+    def _guarded(self, jobs: list[Job], fn: Callable[..., None], *args: object) -> None:
+        """Run a model step; a failure (a bug) fails the jobs involved, never the engine thread."""
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - reported to the requests and logged
+            log.exception("engine step failed")
+            for job in jobs:
+                if job.state is None or not job.state.finished:
+                    job.sink(e)
+                    job.cancelled = True
+                    if job.state is not None:
+                        job.state.finish_reason = "error"
+
+    def _drop_cancelled_waiting(self) -> None:
+        if any(j.cancelled for j in self._waiting):
+            self._waiting = collections.deque(j for j in self._waiting if not j.cancelled)
+            self._publish()
+
+    def _reap(self) -> None:
+        """Free the rows of finished and cancelled sequences."""
+        with self._cond:
+            for slot, job in list(self._active.items()):
+                if job.cancelled and job.state is not None and not job.state.finished:
+                    self.metrics.sequence_cancelled()
+                    job.sink(self._final(job, job.state.finish("cancelled")))
+                if job.cancelled or job.state is None or job.state.finished:
+                    del self._active[slot]
+                    self._free.append(slot)
+            self._free.sort(reverse=True)
+            self._publish()
+
+    def _prefill(self, job: Job) -> None:
+        ids, slot = job.prompt_ids, torch.tensor([job.slot], device=self.device)  # (1,)
+        logits: Tensor | None = None
+        for start in range(0, len(ids), self.prefill_chunk):
+            if job.cancelled:
+                return
+            part = ids[start : start + self.prefill_chunk]
+            tokens = torch.tensor([part], dtype=torch.long, device=self.device)  # (1, T)
+            positions = torch.arange(start, start + len(part), device=self.device)[None]  # (1, T)
+            logits = self.model(tokens, positions, rows=slot, kv_len=start + len(part), last_only=True)
+        assert logits is not None
+        self.metrics.tokens(prompt=len(ids))
+        job.state = SequenceState(self.tokenizer, ids, job.params, self.eos_ids)
+        job.pos = len(ids)
+        self._take(job, logits[0, -1])
+
+    def _decode_step(self) -> None:
+        jobs = [j for j in self._active.values() if j.state is not None and not j.state.finished]
+        if not jobs:
+            return
+        busy = {j.slot for j in jobs}
+        dummies = [s for s in range(self.slots) if s not in busy][: self.slots - len(jobs)]
+        rows = [j.slot for j in jobs] + dummies
+        tokens = torch.tensor(
+            [[j.last_token] for j in jobs] + [[0]] * len(dummies), device=self.device
+        )  # (B, 1)
+        positions = torch.tensor([[j.pos] for j in jobs] + [[0]] * len(dummies), device=self.device)  # (B, 1)
+        need = max(j.pos for j in jobs) + 1
+        kv_len = min(self.max_context, -(-need // self.kv_bucket) * self.kv_bucket)
+        logits = self.model(tokens, positions, rows=torch.tensor(rows, device=self.device), kv_len=kv_len)
+        for i, job in enumerate(jobs):  # logits (B, 1, V)
+            job.pos += 1
+            self._guarded([job], self._take, job, logits[i, 0])  # a sampling failure fails only its job
+
+    def _take(self, job: Job, logits: Tensor) -> None:
+        """Sample the next token of `job` from its logits (V,) and send the text it releases."""
+        state = job.state
+        assert state is not None
+        token, info = state.sample(logits)
+        t = time.perf_counter()
+        if job.generated == 0:
+            self.metrics.observe_ttft(t - job.arrived)
+        else:
+            self.metrics.observe_tpot(t - job.last_time)
+        job.last_time, job.last_token = t, token
+        job.generated += 1
+        self.metrics.tokens(generated=1)
+        chunk = state.accept(token, info)
+        if not state.finished and job.pos >= self.max_context:  # no room to feed this token back
+            tail = state.finish("length")
+            chunk.text += tail.text
+            chunk.finish_reason = tail.finish_reason
+        job.sink(self._final(job, chunk) if state.finished else chunk)
+
+    def _final(self, job: Job, chunk: GenerationChunk) -> GenerationChunk:
+        chunk.stats = GenerationStats(prompt_tokens=len(job.prompt_ids), completion_tokens=job.generated)
+        return chunk

@@ -1,0 +1,100 @@
+"""POST /v1/chat/completions: messages rendered with the model's chat template, `n` samples, logprobs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from spqr_run.generation import TokenLogprob
+from spqr_run.server import protocol as P
+from spqr_run.server.protocol import APIError
+from spqr_run.server.serving import ChoiceResult, OpenAIServing, RequestRun, sse, until_disconnected
+
+log = logging.getLogger("spqr_run.server")
+
+
+def _top(token: str, logprob: float) -> P.TopLogprob:
+    return P.TopLogprob(token=token, logprob=logprob, bytes=list(token.encode("utf-8")))
+
+
+def _logprobs(tokens: list[TokenLogprob]) -> P.ChatLogprobs:
+    return P.ChatLogprobs(
+        content=[
+            P.ChatTokenLogprob(
+                **_top(t.text, t.logprob).model_dump(), top_logprobs=[_top(text, lp) for _, text, lp in t.top]
+            )
+            for t in tokens
+        ]
+    )
+
+
+async def create_chat_completion(
+    serving: OpenAIServing, req: P.ChatCompletionRequest, is_disconnected: Callable[[], Awaitable[bool]]
+) -> P.ChatCompletionResponse | AsyncIterator[str] | None:
+    """A response, an SSE stream (when `req.stream`), or None when the client left before the end."""
+    serving.check_model(req.model)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+    ids = serving.chat_prompt(req.messages)
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    max_tokens = serving.budget(len(ids), requested, "messages")
+    params = serving.sampling_params(
+        req, max_tokens=max_tokens, logprobs=(req.top_logprobs or 0) if req.logprobs else None
+    )
+    rid, created = P.new_id("chatcmpl"), P.now()
+    usage = P.Usage(prompt_tokens=len(ids))
+    run = serving.start([ids], [params], req.n)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _stream(serving, req, run, rid, created, usage if include_usage else None)
+    results: list[ChoiceResult] | None = await until_disconnected(serving.collect(run), is_disconnected)
+    if results is None:
+        return None
+    choices = []
+    for index, r in enumerate(results):
+        message = P.AssistantMessage(content="".join(r.text))
+        lp = _logprobs(r.logprobs) if req.logprobs else None
+        choices.append(P.ChatChoice(index=index, message=message, logprobs=lp, finish_reason=r.finish_reason))
+        usage.completion_tokens += r.completion_tokens
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+    return P.ChatCompletionResponse(
+        id=rid, created=created, model=serving.model_name, choices=choices, usage=usage
+    )
+
+
+async def _stream(
+    serving: OpenAIServing,
+    req: P.ChatCompletionRequest,
+    run: RequestRun,
+    rid: str,
+    created: int,
+    usage: P.Usage | None,
+) -> AsyncIterator[str]:
+    def chunk(choices: list[P.ChatChunkChoice], **extra: object) -> str:
+        body = P.ChatCompletionChunk(
+            id=rid, created=created, model=serving.model_name, choices=choices, **extra
+        )
+        return sse(body.model_dump(exclude_none=True))
+
+    try:
+        for index in range(run.choices):
+            yield chunk([P.ChatChunkChoice(index=index, delta=P.ChatDelta(role="assistant", content=""))])
+        async for index, c in run:
+            if usage is not None:
+                usage.completion_tokens += len(c.token_ids)
+            lp = _logprobs(c.logprobs) if req.logprobs and c.logprobs else None
+            if c.text or lp is not None:
+                yield chunk([P.ChatChunkChoice(index=index, delta=P.ChatDelta(content=c.text), logprobs=lp)])
+            if c.finish_reason is not None:
+                yield chunk(
+                    [P.ChatChunkChoice(index=index, delta=P.ChatDelta(), finish_reason=c.finish_reason)]
+                )
+        if usage is not None:
+            usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+            yield chunk([], usage=usage)
+    except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream, log for the bug hunt
+        log.exception("chat stream failed")
+        yield sse(APIError(500, f"internal error: {type(e).__name__}", type="server_error").body())
+    finally:
+        run.cancel()
+    yield "data: [DONE]\n\n"
