@@ -11,6 +11,8 @@ from torch import Tensor
 
 from spqr_run.errors import ConfigError
 
+MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy (logits / T would overflow to inf)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -42,7 +44,7 @@ class SamplingParams:
             ("top_k", self.top_k >= 0, "must be >= 0"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
-            ("repetition_penalty", 0 < self.repetition_penalty <= 10, "must be in (0, 10]"),
+            ("repetition_penalty", 0.01 <= self.repetition_penalty <= 10, "must be in [0.01, 10]"),
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
@@ -57,7 +59,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperature 0, or so close to it that dividing by it would overflow the logits."""
+        return self.temperature < MIN_TEMPERATURE
 
     def updated(self, **changes: Any) -> SamplingParams:
         return replace(self, **changes)

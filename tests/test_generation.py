@@ -24,6 +24,7 @@ def _logits(seed: int = 0, v: int = 50) -> torch.Tensor:
         ("min_p", 1.5),
         ("max_tokens", 0),
         ("repetition_penalty", 0.0),
+        ("repetition_penalty", 0.001),
         ("presence_penalty", 3.0),
         ("logprobs", 21),
         ("stop", ("",)),
@@ -42,6 +43,7 @@ def test_greedy_and_degenerate_filters_pick_argmax():
         SamplingParams(temperature=1.5, top_k=1, seed=1),
         SamplingParams(temperature=1.0, top_p=1e-6, seed=2),
         SamplingParams(temperature=1.0, min_p=1.0, seed=3),
+        SamplingParams(temperature=1e-30, seed=4),  # tiny but positive: greedy, never inf/nan
     ):
         assert Sampler(params, 50, []).sample(logits) == best
 

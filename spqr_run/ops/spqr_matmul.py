@@ -2,11 +2,11 @@
 
 Dispatch (`spqr_matmul`):
 - CPU, or a layout/dtype without kernels -> `spqr_matmul_reference` (pure torch, the definition of the result);
-- CUDA, fp16, 1 activation row      -> `spqr::matvec`        (kernels/spqr_matmul.cu, fused batch-1 GEMV);
-- CUDA, fp16, 2..16 rows            -> `spqr::matmul_small`  (each weight tile decoded once for all rows);
+- CUDA, fp16, 1..16 activation rows -> `spqr::matmul_rows`: the fused batch-1 GEMV for one row, the small-batch
+  kernel (each weight tile decoded once for all rows) for 2..16 (kernels/spqr_matmul.cu);
 - CUDA, fp16, more rows (prefill)   -> `spqr::dequantize` (fp16 W, stored column order) + cuBLAS on x[:, perm].
 
-The three ops are `torch.library` custom ops with fake (meta) implementations, so `torch.compile` and CUDA
+The two ops are `torch.library` custom ops with fake (meta) implementations, so `torch.compile` and CUDA
 graphs can capture them; on a CPU tensor, or when the extension cannot be built, their body computes the
 reference instead, so they run (and `torch.library.opcheck` passes) anywhere. GPTQ/RTN baseline layouts have
 no kernels: they always take the reference path.
@@ -61,7 +61,7 @@ def _reference_layer(
         outlier_values=outlier_values,
         outlier_cols=outlier_cols,
         outlier_row_ptr=outlier_row_ptr,
-        perm=None if perm is None else perm.long() & 0xFFFF,
+        perm=perm,
     )
 
 
@@ -71,9 +71,9 @@ def _kernels_for(t: Tensor) -> Any:
 
 
 # ---- custom ops -----------------------------------------------------------------------------------------
-# Argument order shared by matvec / matmul_small: x, then the packed tensors, then the layer's numbers.
-@torch.library.custom_op("spqr::matvec", mutates_args=())
-def matvec(
+# Argument order: x, then the packed tensors, then the layer's numbers.
+@torch.library.custom_op("spqr::matmul_rows", mutates_args=())
+def matmul_rows(
     x: Tensor,
     codes: Tensor,
     stats: Tensor,
@@ -88,48 +88,19 @@ def matvec(
     out_features: int,
     in_features: int,
 ) -> Tensor:
-    """x (..., in) holding one row, fp16 -> (..., out) fp16."""
+    """x (rows, in) fp16 with 1..16 rows -> (rows, out) fp16: the fused matvec for one row, the small-batch
+    kernel (each weight tile decoded once for all rows) for more."""
     packed = (codes, stats, second, outlier_values, outlier_cols, outlier_row_ptr, perm)
     numbers = (wbits, stat_bits, out_features, in_features)
     ext = _kernels_for(x)
     if ext is not None:
-        return ext.matvec(x, *packed, bias, *numbers)
+        kernel = ext.matvec if x.shape[0] == 1 else ext.matmul_small
+        return kernel(x, *packed, bias, *numbers)
     return spqr_matmul_reference(x, _reference_layer(*packed, *numbers), bias=bias)
 
 
-@matvec.register_fake
-def _matvec_fake(x: Tensor, *args: Any) -> Tensor:
-    out_features = args[-2]
-    return x.new_empty((*x.shape[:-1], out_features))
-
-
-@torch.library.custom_op("spqr::matmul_small", mutates_args=())
-def matmul_small(
-    x: Tensor,
-    codes: Tensor,
-    stats: Tensor,
-    second: Tensor,
-    outlier_values: Tensor,
-    outlier_cols: Tensor,
-    outlier_row_ptr: Tensor,
-    perm: Tensor | None,
-    bias: Tensor | None,
-    wbits: int,
-    stat_bits: int,
-    out_features: int,
-    in_features: int,
-) -> Tensor:
-    """x (..., in) holding 1..16 rows, fp16 -> (..., out) fp16."""
-    packed = (codes, stats, second, outlier_values, outlier_cols, outlier_row_ptr, perm)
-    numbers = (wbits, stat_bits, out_features, in_features)
-    ext = _kernels_for(x)
-    if ext is not None:
-        return ext.matmul_small(x, *packed, bias, *numbers)
-    return spqr_matmul_reference(x, _reference_layer(*packed, *numbers), bias=bias)
-
-
-@matmul_small.register_fake
-def _matmul_small_fake(x: Tensor, *args: Any) -> Tensor:
+@matmul_rows.register_fake
+def _matmul_rows_fake(x: Tensor, *args: Any) -> Tensor:
     out_features = args[-2]
     return x.new_empty((*x.shape[:-1], out_features))
 
@@ -178,16 +149,6 @@ def kernels_support(x: Tensor, q: QuantizedLinear) -> bool:
     )
 
 
-def _perm16(perm: Tensor | None) -> Tensor | None:
-    """The permutation as the kernels read it: int16 holding unsigned 16-bit indices (the stored form).
-
-    Older files store int32; casting keeps the low 16 bits, which is that same pattern (in <= 65536).
-    """
-    if perm is None or perm.dtype == torch.int16:
-        return perm
-    return perm.to(torch.int16)
-
-
 def spqr_matmul(x: Tensor, q: QuantizedLinear, bias: Tensor | None = None) -> Tensor:
     """x (..., in) -> (..., out) in x's dtype, like `spqr_matmul_reference(x, q, bias=bias)`.
 
@@ -203,17 +164,18 @@ def spqr_matmul(x: Tensor, q: QuantizedLinear, bias: Tensor | None = None) -> Te
     rows = x2.shape[0]
     if rows == 0:
         return x.new_empty((*x.shape[:-1], m.out_features))
-    perm = _perm16(q.perm)
+    perm = q.perm  # int16 holding unsigned 16-bit indices, as stored and as the kernels read it
     numbers = (m.wbits, m.stat_bits, m.out_features, m.in_features)
     outliers = (q.outlier_values, q.outlier_cols, q.outlier_row_ptr)
     if rows <= MAX_SMALL_ROWS:
         if bias is not None and bias.dtype not in (torch.float16, torch.float32):
             bias = bias.float()
-        op = torch.ops.spqr.matvec if rows == 1 else torch.ops.spqr.matmul_small
-        y = op(x2, q.codes, q.stats, q.second, *outliers, perm, bias, *numbers)  # (tokens, out)
+        y = torch.ops.spqr.matmul_rows(
+            x2, q.codes, q.stats, q.second, *outliers, perm, bias, *numbers
+        )  # (tokens, out)
     else:
         # (out, in) fp16 weight in stored column order
         w = torch.ops.spqr.dequantize(q.codes, q.stats, q.second, *outliers, *numbers)
-        xp = x2 if perm is None else x2.index_select(1, perm.int() & 0xFFFF)  # (tokens, in) stored order
+        xp = x2 if perm is None else x2.index_select(1, q.perm_indices())  # (tokens, in) stored order
         y = F.linear(xp, w, None if bias is None else bias.to(torch.float16))  # (tokens, out)
     return y.reshape(*x.shape[:-1], m.out_features)
