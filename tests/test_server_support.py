@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +77,7 @@ class Server:
 def start_server(*args: str, tmp: Path | None = None) -> Server:
     """Spawn `python -m spqr_run.cli.serve MODEL --port P *args` (not waiting for it to be ready)."""
     port = free_port()
-    log = Path(tmp or "/tmp") / f"spqr-serve-{port}.log"
+    log = Path(tmp or tempfile.mkdtemp(prefix="spqr-serve-test-")) / f"spqr-serve-{port}.log"
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     # one thread: on a small shared CI box, OpenMP threads spinning against other processes cost far more
     # than they gain on a 135M model (SPQR_TEST_THREADS overrides)
