@@ -56,7 +56,7 @@ def sample_from_model(
     seqlen: int,
     device: torch.device,
     seed: int = 0,
-    batch: int = 16,
+    batch: int = 64,
     progress: Callable[[int, int], None] | None = None,
 ) -> Tensor:
     """(nsamples, seqlen) token ids sampled from the full-precision model itself at temperature 1."""
