@@ -17,7 +17,7 @@ import torch
 from spqr_run.bench import BenchReport, BenchSettings, run_bench
 from spqr_run.cli.common import run_cli
 from spqr_run.devices import resolve_device
-from spqr_run.engine.planner import GiB, parse_memory
+from spqr_run.engine.planner import GiB
 from spqr_run.engine.synthetic import SYNTHETIC
 from spqr_run.errors import ConfigError
 
@@ -60,15 +60,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def body() -> int:
         device = resolve_device(args.device)
-        settings = BenchSettings(
-            prompt_len=args.prompt_len,
-            new_tokens=args.new_tokens,
-            batch=args.batch,
-            repeats=args.repeats,
-            graphs=not args.no_graphs,
-            layers=args.layers,
-            budget_bytes=None if args.gpu_memory is None else parse_memory(args.gpu_memory),
-        )
+        settings = BenchSettings.from_args(args)
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         print(f"GPU: {gpu}, torch {torch.__version__}, {datetime.date.today().isoformat()}")
         print(f"command: `{shlex.join(['python', '-m', 'benchmarks.bench', *sys.argv[1:]])}`")

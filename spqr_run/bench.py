@@ -52,6 +52,20 @@ class BenchSettings:
     outlier_rate: float = 0.01
     budget_bytes: int | None = None  # None: the device's free memory minus a reserve
 
+    @classmethod
+    def from_args(cls, args: Any) -> BenchSettings:
+        """From parsed command-line flags (`--prompt-len`, ..., `--gpu-memory`); absent flags keep defaults."""
+        from spqr_run.engine.planner import parse_memory
+
+        names = ("prompt_len", "new_tokens", "batch", "repeats", "layers", "wbits", "outlier_rate")
+        kwargs = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+        memory = getattr(args, "gpu_memory", None)
+        return cls(
+            **kwargs,
+            graphs=not getattr(args, "no_graphs", False),
+            budget_bytes=None if memory is None else parse_memory(memory),
+        )
+
     def check(self) -> None:
         for name in ("prompt_len", "new_tokens", "batch"):
             if getattr(self, name) < 1:

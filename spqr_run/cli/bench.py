@@ -10,7 +10,6 @@ from rich.console import Console
 from spqr_run.bench import BenchSettings, run_bench
 from spqr_run.cli.common import run_cli
 from spqr_run.devices import resolve_device
-from spqr_run.engine.planner import parse_memory
 from spqr_run.engine.synthetic import SYNTHETIC
 
 
@@ -43,17 +42,7 @@ def main(argv: list[str] | None = None) -> None:
 def _bench(args: argparse.Namespace) -> int:
     err = Console(stderr=True, highlight=False)
     device = resolve_device(args.device)
-    settings = BenchSettings(
-        prompt_len=args.prompt_len,
-        new_tokens=args.new_tokens,
-        batch=args.batch,
-        repeats=args.repeats,
-        graphs=not args.no_graphs,
-        layers=args.layers,
-        wbits=args.wbits,
-        outlier_rate=args.outlier_rate,
-        budget_bytes=None if args.gpu_memory is None else parse_memory(args.gpu_memory),
-    )
+    settings = BenchSettings.from_args(args)
     report = run_bench(
         device=device,
         settings=settings,
