@@ -150,7 +150,7 @@ def random_spqr_linear(
     values = _uniform((nnz,), 3 * target, gen, device).half()  # (nnz,)
     row_ptr = torch.searchsorted(flat, torch.arange(out + 1, device=device) * inp).to(torch.int32)
     cols = encode_columns(flat % inp)  # (nnz,) CSR order: sorted by row, then column
-    perm = torch.randperm(inp, generator=gen, device=device).to(torch.int32)  # (in,)
+    perm = encode_columns(torch.randperm(inp, generator=gen, device=device))  # (in,) uint16 pattern, as stored
     return QuantizedLinear(
         meta=meta,
         codes=codes,
@@ -246,5 +246,5 @@ def synthetic_weight_bytes(
         tiles = m.num_row_groups * m.num_groups
         nnz = round(outlier_rate * out * inp)
         per_block += tiles * (m.tile_words * 4 + m.tile_stat_words * 4 + 4 * 2)  # codes, stats, second
-        per_block += nnz * 4 + (out + 1) * 4 + inp * 4  # outliers (fp16 + u16), row_ptr, perm
+        per_block += nnz * 4 + (out + 1) * 4 + inp * 2  # outliers (fp16 + u16), row_ptr (i32), perm (u16)
     return fp16 + cfg.num_layers * per_block
