@@ -150,9 +150,8 @@ def random_spqr_linear(
     values = _uniform((nnz,), 3 * target, gen, device).half()  # (nnz,)
     row_ptr = torch.searchsorted(flat, torch.arange(out + 1, device=device) * inp).to(torch.int32)
     cols = encode_columns(flat % inp)  # (nnz,) CSR order: sorted by row, then column
-    perm = encode_columns(
-        torch.randperm(inp, generator=gen, device=device)
-    )  # (in,) uint16 pattern, as stored
+    # (in,) int16 holding the unsigned 16-bit pattern, as files store it
+    perm = encode_columns(torch.randperm(inp, generator=gen, device=device))
     return QuantizedLinear(
         meta=meta,
         codes=codes,
