@@ -58,6 +58,7 @@ class GenerationChunk:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" on the last chunk
     stats: GenerationStats | None = None  # on the last chunk
+    prompt_logprobs: list[TokenLogprob] | None = None  # on the first chunk, when the prompt was scored
 
 
 @dataclass

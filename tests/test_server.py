@@ -130,8 +130,43 @@ def test_echo_and_completion_logprobs(client: openai.OpenAI) -> None:
     lp = choice.logprobs
     n_prompt = r.usage.prompt_tokens
     assert len(lp.tokens) == n_prompt + 4 == len(lp.token_logprobs) == len(lp.text_offset)
-    assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[n_prompt:])
-    assert all(len(t) == 3 for t in lp.top_logprobs[n_prompt:])
+    assert "".join(lp.tokens) == choice.text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing predicts the first token
+    assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
+    assert all(len(t) == 3 for t in lp.top_logprobs[1:])
+
+
+def test_echo_scores_the_prompt_like_generation(client: openai.OpenAI) -> None:
+    """Scoring prompt + greedy continuation with max_tokens=0 (how lm-eval-harness asks for loglikelihoods)
+    gives the continuation the logprobs it was generated with, and each is the top-1 of its position."""
+    prompt = "The capital of France is"
+    gen = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=6, temperature=0, logprobs=1)
+    generated = gen.choices[0].logprobs
+    scored = client.completions.create(
+        model=MODEL_NAME, prompt=prompt + gen.choices[0].text, max_tokens=0, echo=True, logprobs=1
+    )
+    choice = scored.choices[0]
+    assert choice.text == prompt + gen.choices[0].text and choice.finish_reason == "length"
+    assert scored.usage.completion_tokens == 0
+    n_prompt = gen.usage.prompt_tokens
+    tail = choice.logprobs.token_logprobs[n_prompt:]
+    assert choice.logprobs.tokens[n_prompt:] == generated.tokens
+    assert tail == pytest.approx(generated.token_logprobs, abs=1e-3)
+    for token, top in zip(generated.tokens, choice.logprobs.top_logprobs[n_prompt:], strict=True):
+        assert list(top) == [token]
+    streamed = client.completions.create(
+        model=MODEL_NAME,
+        prompt=prompt + gen.choices[0].text,
+        max_tokens=0,
+        echo=True,
+        logprobs=1,
+        stream=True,
+    )
+    chunks = [c.choices[0] for c in streamed if c.choices]
+    assert "".join(c.text for c in chunks) == choice.text
+    assert [
+        x for c in chunks if c.logprobs for x in c.logprobs.token_logprobs
+    ] == choice.logprobs.token_logprobs
 
 
 def test_chat_logprobs(client: openai.OpenAI) -> None:

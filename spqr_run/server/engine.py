@@ -1,16 +1,18 @@
 """Continuous batching: one engine thread owns the model and runs every active sequence in one decode step.
 
 Each of the `slots` sequences generating at a time owns one KV-cache row. A new sequence is prefilled alone
-into a free row (in chunks) and joins the running batch between decode steps; sequences beyond the slots
-wait in a bounded queue (`submit` raises a 429 `APIError` when it is full). Results go back through each
+into a free row, one chunk of `prefill_chunk` tokens per engine step interleaved with the decode steps of the
+running batch (a long prompt delays the other streams by one chunk per token, never by its whole length), and
+joins the batch when its prompt is in; sequences beyond the slots wait in a bounded queue (`submit` raises a
+429 `APIError` when it is full). Results go back through each
 job's `sink`, which the caller makes thread-safe (the server posts into an asyncio queue with
 `loop.call_soon_threadsafe`). Setting `job.cancelled` ends the sequence and frees its row before the next step.
 
 Determinism: a sequence's greedy tokens do not depend on what else runs. On CPU, fp32 matmul results depend
 on the number of rows M (M=1 and M=8 differ in the last bits) and attention results depend on the key length
-when it is not a multiple of the vector width, so every decode step runs all `slots` rows (idle rows are
-dummies writing position 0 of a free row, which the next prefill overwrites) and reads a key length rounded up
-to a multiple of `kv_bucket`. Measured on SmolLM2: with both, a row's logits are bit-identical whatever the other
+when it is not a multiple of the vector width, so every decode step runs all `slots` rows (rows not decoding are dummies
+writing the last position of their row, which a sequence always writes itself before it reads it) and reads a
+key length rounded up to a multiple of `kv_bucket`. Measured on SmolLM2: with both, a row's logits are bit-identical whatever the other
 rows hold and however far the keys are padded (masked keys add exact zeros).
 """
 
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from spqr_run.generation import GenerationChunk, GenerationStats, SequenceState
+from spqr_run.generation import GenerationChunk, GenerationStats, SequenceState, TokenLogprob
 from spqr_run.models.decoder import Decoder
 from spqr_run.sampling import SamplingParams
 from spqr_run.server.metrics import Metrics
@@ -45,10 +47,14 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     sink: Sink
+    prompt_logprobs: int | None = None  # k: score every prompt token after the first, with its top k
+    score_only: bool = False  # generate nothing: prefill (and score) the prompt, finish with "length"
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: bool = False  # set by the client side; read by the engine between steps
-    state: SequenceState | None = None
+    state: SequenceState | None = None  # set when the whole prompt is in the cache
     slot: int = -1
+    prefilled: int = 0  # prompt tokens in the cache
+    prompt_info: list[TokenLogprob] = field(default_factory=list)
     pos: int = 0  # position the last sampled token is fed at
     last_token: int = 0
     last_time: float = 0.0
@@ -82,7 +88,8 @@ class Engine:
         self.device = model.embed_tokens.weight.device
         self.eos_ids = tuple(model.config.eos_token_ids)
         self._waiting: collections.deque[Job] = collections.deque()
-        self._active: dict[int, Job] = {}  # slot -> job
+        self._active: dict[int, Job] = {}  # slot -> job (prefilling or decoding)
+        self._prefilling: collections.deque[Job] = collections.deque()  # oldest first
         self._free = list(range(slots - 1, -1, -1))  # pop() gives the lowest free slot
         self._cond = threading.Condition()
         self._stopping = False
@@ -140,11 +147,14 @@ class Engine:
                         self._active[job.slot] = job
                         admitted.append(job)
                     self._publish()
-                for job in admitted:
-                    self._guarded([job], self._prefill, job)
-                self._reap()
-                if self._active:
-                    self._guarded(list(self._active.values()), self._decode_step)
+                self._prefilling.extend(admitted)
+                if self._prefilling:
+                    job = self._prefilling[0]
+                    self._guarded([job], self._prefill_step, job)
+                    self._reap()
+                decoding = [j for j in self._active.values() if j.state is not None and not j.state.finished]
+                if decoding:
+                    self._guarded(decoding, self._decode_step, decoding)
                     self._reap()
         for job in [*self._waiting, *self._active.values()]:
             job.sink(RuntimeError("the server is shutting down"))
@@ -174,39 +184,65 @@ class Engine:
                 if job.cancelled and job.state is not None and not job.state.finished:
                     self.metrics.sequence_cancelled()
                     job.sink(self._final(job, job.state.finish("cancelled")))
-                if job.cancelled or job.state is None or job.state.finished:
+                if job.cancelled or (job.state is not None and job.state.finished):
                     del self._active[slot]
                     self._free.append(slot)
             self._free.sort(reverse=True)
+            self._prefilling = collections.deque(
+                j for j in self._prefilling if not j.cancelled and j.state is None
+            )
             self._publish()
 
-    def _prefill(self, job: Job) -> None:
-        ids, slot = job.prompt_ids, torch.tensor([job.slot], device=self.device)  # (1,)
-        logits: Tensor | None = None
-        for start in range(0, len(ids), self.prefill_chunk):
-            if job.cancelled:
-                return
-            part = ids[start : start + self.prefill_chunk]
-            tokens = torch.tensor([part], dtype=torch.long, device=self.device)  # (1, T)
-            positions = torch.arange(start, start + len(part), device=self.device)[None]  # (1, T)
-            logits = self.model(tokens, positions, rows=slot, kv_len=start + len(part), last_only=True)
-        assert logits is not None
+    def _prefill_step(self, job: Job) -> None:
+        """Feed the next chunk of `job`'s prompt; after the last one, sample its first token."""
+        ids, start = job.prompt_ids, job.prefilled
+        part = ids[start : start + self.prefill_chunk]
+        tokens = torch.tensor([part], dtype=torch.long, device=self.device)  # (1, T)
+        positions = torch.arange(start, start + len(part), device=self.device)[None]  # (1, T)
+        rows = torch.tensor([job.slot], device=self.device)  # (1,)
+        score = job.prompt_logprobs is not None
+        logits = self.model(tokens, positions, rows=rows, kv_len=start + len(part), last_only=not score)
+        if score:  # logits (1, T, V): position i predicts prompt token start + i + 1
+            job.prompt_info += self._score(logits[0], ids[start + 1 : start + len(part) + 1], job)
+        job.prefilled += len(part)
+        if job.prefilled < len(ids):
+            return
         self.metrics.tokens(prompt=len(ids))
         job.state = SequenceState(self.tokenizer, ids, job.params, self.eos_ids)
         job.pos = len(ids)
+        if job.score_only:
+            chunk = job.state.finish("length")
+            chunk.prompt_logprobs = job.prompt_info if score else None
+            job.sink(self._final(job, chunk))
+            return
         self._take(job, logits[0, -1])
 
-    def _decode_step(self) -> None:
-        jobs = [j for j in self._active.values() if j.state is not None and not j.state.finished]
-        if not jobs:
-            return
+    def _score(self, logits: Tensor, targets: list[int], job: Job) -> list[TokenLogprob]:
+        """Log-probabilities of `targets` under the raw distributions `logits` (T, V), T >= len(targets)."""
+        k = job.prompt_logprobs or 0
+        lp = torch.log_softmax(logits[: len(targets)].float(), dim=-1)  # (N, V)
+        chosen = lp.gather(1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].tolist()  # (N,)
+        if k > 0:
+            vals, idx = torch.topk(lp, k, dim=-1)  # (N, k)
+            top_vals, top_idx = vals.tolist(), idx.tolist()
+        text = self.tokenizer.token_text
+        out = []
+        for n, token in enumerate(targets):
+            top = [(i, text(i), v) for i, v in zip(top_idx[n], top_vals[n], strict=True)] if k > 0 else []
+            out.append(TokenLogprob(token, text(token), chosen[n], top))
+        return out
+
+    def _decode_step(self, jobs: list[Job]) -> None:
         busy = {j.slot for j in jobs}
-        dummies = [s for s in range(self.slots) if s not in busy][: self.slots - len(jobs)]
+        dummies = [s for s in range(self.slots) if s not in busy]
         rows = [j.slot for j in jobs] + dummies
         tokens = torch.tensor(
             [[j.last_token] for j in jobs] + [[0]] * len(dummies), device=self.device
         )  # (B, 1)
-        positions = torch.tensor([[j.pos] for j in jobs] + [[0]] * len(dummies), device=self.device)  # (B, 1)
+        last = self.max_context - 1  # dummies write here: see the module docstring
+        positions = torch.tensor(
+            [[j.pos] for j in jobs] + [[last]] * len(dummies), device=self.device
+        )  # (B, 1)
         need = max(j.pos for j in jobs) + 1
         kv_len = min(self.max_context, -(-need // self.kv_bucket) * self.kv_bucket)
         logits = self.model(tokens, positions, rows=torch.tensor(rows, device=self.device), kv_len=kv_len)
@@ -228,6 +264,8 @@ class Engine:
         job.generated += 1
         self.metrics.tokens(generated=1)
         chunk = state.accept(token, info)
+        if job.generated == 1 and job.prompt_logprobs is not None:
+            chunk.prompt_logprobs = job.prompt_info
         if not state.finished and job.pos >= self.max_context:  # no room to feed this token back
             tail = state.finish("length")
             chunk.text += tail.text

@@ -100,7 +100,7 @@ class CompletionRequest(SamplingFields):
     """POST /v1/completions. `prompt`: a string, a list of strings, token ids or a list of token-id lists."""
 
     prompt: StrictStr | list[StrictStr] | list[TokenId] | list[list[TokenId]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=0)  # 0: score the prompt only (with echo + logprobs)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None

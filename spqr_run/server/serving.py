@@ -41,6 +41,7 @@ class ChoiceResult:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class OpenAIServing:
@@ -144,9 +145,21 @@ class OpenAIServing:
         return max_tokens
 
     # ---- engine -> chunks ---------------------------------------------------------------------------
-    def start(self, prompts: list[list[int]], params: list[SamplingParams], n: int) -> RequestRun:
-        """Queue the sequences of one request now (a full queue raises 429 before any response starts)."""
-        return RequestRun(self.engine, prompts, params, n)
+    def start(
+        self,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        n: int,
+        *,
+        prompt_logprobs: int | None = None,
+        score_only: bool = False,
+    ) -> RequestRun:
+        """Queue the sequences of one request now (a full queue raises 429 before any response starts).
+
+        `prompt_logprobs` k scores the prompt tokens too (echo + logprobs); `score_only` generates nothing."""
+        return RequestRun(
+            self.engine, prompts, params, n, prompt_logprobs=prompt_logprobs, score_only=score_only
+        )
 
     async def collect(self, run: RequestRun) -> list[ChoiceResult]:
         results = [ChoiceResult() for _ in range(run.choices)]
@@ -156,6 +169,7 @@ class OpenAIServing:
             r.logprobs += chunk.logprobs or []
             r.completion_tokens += len(chunk.token_ids)
             r.finish_reason = chunk.finish_reason or r.finish_reason
+            r.prompt_logprobs = chunk.prompt_logprobs or r.prompt_logprobs
         return results
 
 
@@ -164,7 +178,14 @@ class RequestRun:
     p's j-th sample. Iteration ends when every choice has finished; leaving early cancels the rest."""
 
     def __init__(
-        self, engine: Engine, prompts: list[list[int]], params: list[SamplingParams], n: int
+        self,
+        engine: Engine,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        n: int,
+        *,
+        prompt_logprobs: int | None = None,
+        score_only: bool = False,
     ) -> None:
         self.engine = engine
         self.loop = asyncio.get_running_loop()
@@ -173,7 +194,8 @@ class RequestRun:
         for p, (ids, prm) in enumerate(zip(prompts, params, strict=True)):
             for j in range(n):
                 seeded = prm if prm.seed is None or j == 0 else prm.updated(seed=_nth_seed(prm.seed, j))
-                self.jobs.append(Job(ids, seeded, self._sink(p * n + j)))
+                sink = self._sink(p * n + j)
+                self.jobs.append(Job(ids, seeded, sink, prompt_logprobs, score_only))
         self.choices = len(self.jobs)
         engine.submit(self.jobs)
 

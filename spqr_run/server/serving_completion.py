@@ -13,23 +13,31 @@ log = logging.getLogger("spqr_run.server")
 
 
 def _logprobs(
-    tokens: list[TokenLogprob], *, echo_ids: list[int], serving: OpenAIServing, offset: int
+    tokens: list[TokenLogprob],
+    *,
+    prompt: tuple[list[int], list[TokenLogprob]] | None,
+    serving: OpenAIServing,
+    offset: int,
 ) -> P.CompletionLogprobs:
-    """OpenAI's legacy logprobs object; echoed prompt tokens carry null logprobs (not computed)."""
+    """OpenAI's legacy logprobs object. With `prompt` (echo: its ids and the scores of all but the first),
+    the prompt's tokens come first, the first one with null logprobs as OpenAI gives it."""
     out = P.CompletionLogprobs()
-    for token_id in echo_ids:
-        text = serving.tokenizer.token_text(token_id)
+
+    def add(text: str, logprob: float | None, top: dict[str, float] | None) -> None:
+        nonlocal offset
         out.tokens.append(text)
-        out.token_logprobs.append(None)
-        out.top_logprobs.append(None)
+        out.token_logprobs.append(logprob)
+        out.top_logprobs.append(top)
         out.text_offset.append(offset)
         offset += len(text)
+
+    if prompt is not None:
+        ids, scored = prompt
+        add(serving.tokenizer.token_text(ids[0]), None, None)
+        for t in scored:
+            add(t.text, t.logprob, {text: lp for _, text, lp in t.top})
     for t in tokens:
-        out.tokens.append(t.text)
-        out.token_logprobs.append(t.logprob)
-        out.top_logprobs.append({text: lp for _, text, lp in t.top})
-        out.text_offset.append(offset)
-        offset += len(t.text)
+        add(t.text, t.logprob, {text: lp for _, text, lp in t.top})
     return out
 
 
@@ -39,16 +47,20 @@ async def create_completion(
     """A response, an SSE stream (when `req.stream`), or None when the client left before the end."""
     serving.check_model(req.model)
     prompts = serving.completion_prompts(req)
-    params = [
-        serving.sampling_params(
-            req, max_tokens=serving.budget(len(ids), req.max_tokens, "prompt"), logprobs=req.logprobs
-        )
-        for ids, _ in prompts
-    ]
+    budgets = [serving.budget(len(ids), req.max_tokens, "prompt") for ids, _ in prompts]
+    # max_tokens 0 scores the prompt without generating; the sampler still needs a positive limit
+    params = [serving.sampling_params(req, max_tokens=max(b, 1), logprobs=req.logprobs) for b in budgets]
     ids_list = [ids for ids, _ in prompts]
     rid, created, n = P.new_id("cmpl"), P.now(), req.n
     usage = P.Usage(prompt_tokens=sum(len(ids) for ids in ids_list))
-    run = serving.start(ids_list, params, n)
+    score = req.echo and req.logprobs is not None
+    run = serving.start(
+        ids_list,
+        params,
+        n,
+        prompt_logprobs=req.logprobs if score else None,
+        score_only=req.max_tokens == 0,
+    )
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return _stream(serving, req, run, prompts, rid, created, usage if include_usage else None)
@@ -61,7 +73,8 @@ async def create_completion(
         prefix = prompt_text if req.echo else ""
         lp = None
         if req.logprobs is not None:
-            lp = _logprobs(r.logprobs, echo_ids=ids if req.echo else [], serving=serving, offset=0)
+            echoed = (ids, r.prompt_logprobs or []) if req.echo else None
+            lp = _logprobs(r.logprobs, prompt=echoed, serving=serving, offset=0)
         choices.append(
             P.CompletionChoice(
                 index=index, text=prefix + "".join(r.text), logprobs=lp, finish_reason=r.finish_reason
@@ -88,23 +101,24 @@ async def _stream(
         return sse(body.model_dump(exclude_none=True))
 
     offsets = [0] * run.choices
+    echoed = [not req.echo] * run.choices
     try:
-        if req.echo:
-            for index in range(run.choices):
+        async for index, c in run:
+            if not echoed[index]:  # the prompt first, with its scores when they were asked for
+                echoed[index] = True
                 ids, text = prompts[index // req.n]
                 lp = None
                 if req.logprobs is not None:
-                    lp = _logprobs([], echo_ids=ids, serving=serving, offset=0)
+                    lp = _logprobs([], prompt=(ids, c.prompt_logprobs or []), serving=serving, offset=0)
                 offsets[index] = len(text)
                 yield chunk([P.CompletionChoice(index=index, text=text, logprobs=lp)])
-        async for index, c in run:
             if usage is not None:
                 usage.completion_tokens += len(c.token_ids)
             if not c.text and c.finish_reason is None and req.logprobs is None:
                 continue
             lp = None
             if req.logprobs is not None:
-                lp = _logprobs(c.logprobs or [], echo_ids=[], serving=serving, offset=offsets[index])
+                lp = _logprobs(c.logprobs or [], prompt=None, serving=serving, offset=offsets[index])
             offsets[index] += len(c.text)
             yield chunk(
                 [P.CompletionChoice(index=index, text=c.text, logprobs=lp, finish_reason=c.finish_reason)]
