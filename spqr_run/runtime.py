@@ -9,10 +9,19 @@ import torch
 
 from spqr_run.chat_template import ChatTemplate, chat_template_for
 from spqr_run.devices import default_dtype, resolve_device
+from spqr_run.engine.planner import (
+    TORCH_KV_DTYPES,
+    MemoryPlan,
+    apply_budget,
+    default_budget,
+    plan_memory,
+    resident_bytes,
+)
 from spqr_run.errors import ConfigError
 from spqr_run.generation import Generator
 from spqr_run.loading import ModelSource, build_decoder, open_model
 from spqr_run.models.decoder import Decoder
+from spqr_run.models.kv_cache import KV_CACHE_KINDS
 from spqr_run.tokenizer import Tokenizer
 
 
@@ -23,6 +32,7 @@ class Runtime:
     chat_template: ChatTemplate
     device: torch.device
     max_context: int
+    plan: MemoryPlan  # the memory budget the KV cache was sized for
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -33,19 +43,45 @@ class Runtime:
         return Generator(self.model, self.tokenizer, max_seq_len=self.max_context)
 
 
+DEFAULT_CONTEXT = 4096  # the context when none is asked for, unless the model's or the memory's is smaller
+
+
 def load_runtime(
-    path: str | Path, *, device: str | None = None, ctx: int | None = None, progress=None
+    path: str | Path,
+    *,
+    device: str | None = None,
+    ctx: int | None = None,
+    progress=None,
+    rows: int = 1,
+    memory: int | None = None,
+    kv_cache: str = "auto",
 ) -> Runtime:
-    """Open and build a model; `ctx` caps the context (default: the model's, at most 4096 on CPU)."""
+    """Open and build a model with a KV cache of `rows` sequences sized by the memory planner.
+
+    `memory` is the budget in bytes for weights + workspace + KV cache (default: the device's free memory
+    plus what the weights took); on CUDA it also caps this process's allocations. `ctx` asks for a context
+    (a ConfigError names the shortfall when it does not fit); without it the context is the longest that fits,
+    at most the model's and `DEFAULT_CONTEXT`. `kv_cache` "int8" stores the cache in 8 bits (`kv_cache`).
+    """
     dev = resolve_device(device)
-    source = open_model(path)
-    cfg = source.config
     if ctx is not None and ctx < 16:
         raise ConfigError(f"invalid --ctx {ctx}: must be at least 16 tokens")
-    max_context = min(ctx or 4096, cfg.max_position_embeddings)
-    dtype = default_dtype(dev)
-    model = build_decoder(source, device=dev, dtype=dtype, progress=progress)
-    model.setup_caches(1, max_context)
+    if memory is not None:
+        apply_budget(dev, memory)
+    source = open_model(path)
+    cfg = source.config
+    model = build_decoder(source, device=dev, dtype=default_dtype(dev), progress=progress)
+    plan = plan_context(
+        model,
+        budget=memory if memory is not None else default_budget(dev) + resident_bytes(model)[0],
+        ctx=ctx,
+        rows=rows,
+        quantized=source.kind == "spqr",
+        name=cfg.name or Path(path).name,
+        kv_cache=kv_cache,
+    )
+    max_context = plan.max_context
+    model.setup_caches(rows, max_context, kind=kv_cache)
     tok = source.tokenizer
     template = chat_template_for(
         tok.chat_template,
@@ -55,4 +91,36 @@ def load_runtime(
         bos_token=tok.bos_token,
         eos_token=tok.eos_token,
     )
-    return Runtime(source, model, template, dev, max_context)
+    return Runtime(source, model, template, dev, max_context, plan)
+
+
+def plan_context(
+    model: Decoder,
+    *,
+    budget: int,
+    ctx: int | None,
+    rows: int,
+    quantized: bool,
+    name: str = "",
+    kv_cache: str = "auto",
+) -> MemoryPlan:
+    """The memory plan of a built `model` (its weights resident) with `rows` KV-cache rows: `ctx` tokens
+    each when asked for, else the longest context that fits, capped at `DEFAULT_CONTEXT`."""
+    weights, _ = resident_bytes(model)
+    if kv_cache not in KV_CACHE_KINDS:
+        raise ConfigError(f"invalid --kv-cache {kv_cache!r}: use one of {', '.join(KV_CACHE_KINDS)}")
+    # "auto": the cache takes the model's dtype
+    kv_dtype = "int8" if kv_cache == "int8" else TORCH_KV_DTYPES[model.embed_tokens.weight.dtype]
+    common = dict(
+        weight_bytes=weights,
+        budget_bytes=budget,
+        batch=rows,
+        quantized=quantized,
+        name=name,
+        kv_dtype=kv_dtype,
+    )
+    note = "as loaded" + (", spqr" if quantized else "")
+    plan = plan_memory(model.config, context=ctx, weights_note=note, **common)  # type: ignore[arg-type]
+    if ctx is None and plan.max_context > DEFAULT_CONTEXT:
+        plan = plan_memory(model.config, context=DEFAULT_CONTEXT, weights_note=note, **common)  # type: ignore[arg-type]
+    return plan

@@ -12,24 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
+from tiny_configs import tiny_llama
 
 from spqr_run.bench import BenchSettings, run_bench
-from spqr_run.config import ModelConfig
 from spqr_run.engine.planner import MiB
 from spqr_run.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ModelConfig(
-    arch="llama",
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=160,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=4,
-    head_dim=16,
-    max_position_embeddings=512,
-    name="tiny",
+TINY = tiny_llama(
+    vocab_size=256, intermediate_size=160, num_kv_heads=4, max_position_embeddings=512, name="tiny"
 )
 
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+from tiny_configs import TINY_FALCON, TINY_LLAMA
 
 from spqr_run.config import ModelConfig
 from spqr_run.engine.graphs import GraphDecodeStep
@@ -22,36 +23,6 @@ from spqr_run.models.decoder import Decoder
 from spqr_run.models.spqr_linear import SpQRLinear
 from spqr_run.quant import QuantizedLinear
 from spqr_run.sampling import SamplingParams
-
-TINY_LLAMA = ModelConfig(
-    arch="llama",
-    vocab_size=101,
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    max_position_embeddings=128,
-    name="tiny-llama",
-)
-TINY_FALCON = ModelConfig(
-    arch="falcon",
-    vocab_size=101,
-    hidden_size=64,
-    intermediate_size=256,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=1,
-    head_dim=16,
-    max_position_embeddings=128,
-    norm_type="layer",
-    mlp_type="gelu",
-    parallel_residual=True,
-    shared_block_norm=True,
-    tie_word_embeddings=True,
-    name="tiny-falcon",
-)
 
 
 @pytest.fixture(autouse=True)

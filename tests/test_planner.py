@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from tiny_configs import tiny_llama
 
 from spqr_run.cli.bench import main as bench_main
 from spqr_run.engine.planner import (
@@ -59,7 +60,9 @@ def test_llama7b_spqr_3bit_hand_computed():
     plan = plan_memory(cfg, weight_bytes=weights, budget_bytes=6 * GiB, quantized=True)
     assert plan.context_fit == 4621 and plan.max_context == 2048
     plan8 = plan_memory(cfg, weight_bytes=weights, budget_bytes=6 * GiB, quantized=True, kv_dtype="int8")
-    assert plan8.kv_bytes_per_token == KV_7B // 2 and plan8.context_fit == 9243
+    # int8: one byte per number + an fp32 scale per (layer, k/v, head): 262_144 + 2 * 32 * 32 * 4 = 270_336
+    # (6_442_450_944 - 3_459_260_416 - 291_504_128 - 268_435_456) // 270_336 = 8963
+    assert plan8.kv_bytes_per_token == KV_7B // 2 + 8192 == 270_336 and plan8.context_fit == 8963
 
 
 def test_llama33b_under_24gib_with_4096_tokens():
@@ -144,3 +147,85 @@ def test_bench_cli_bad_budgets(flags, match, capsys):
 
 def test_apply_budget_is_noop_on_cpu():
     assert apply_budget(torch.device("cpu"), GiB) is None
+
+
+# ---- the runtime's context choice -----------------------------------------------------------------
+def _tiny_decoder(max_positions: int):
+    from spqr_run.models.decoder import Decoder
+
+    return Decoder(
+        tiny_llama(vocab_size=256, intermediate_size=160, max_position_embeddings=max_positions, name="tiny")
+    )
+
+
+def test_runtime_context_fits_the_budget():
+    from spqr_run.engine.planner import resident_bytes
+    from spqr_run.runtime import DEFAULT_CONTEXT, plan_context
+
+    model = _tiny_decoder(32768)
+    weights, kv = resident_bytes(model)
+    rope_tables = sum(b.numel() * b.element_size() for b in model.buffers())  # no cache yet
+    assert kv == 0 and weights == sum(p.numel() * 4 for p in model.parameters()) + rope_tables
+    kv_tok = 2 * 2 * 2 * 16 * 4  # k and v, 2 layers, 2 kv heads, head_dim 16, fp32
+    fixed = plan_memory(model.config, weight_bytes=weights, budget_bytes=GiB, batch=3).total
+    fixed -= plan_memory(model.config, weight_bytes=weights, budget_bytes=GiB, batch=3).kv_bytes
+
+    roomy = plan_context(model, budget=GiB, ctx=None, rows=3, quantized=False)
+    assert roomy.max_context == DEFAULT_CONTEXT and roomy.batch == 3  # capped, though 32768 would fit
+
+    tight = plan_context(model, budget=fixed + 3 * 1000 * kv_tok, ctx=None, rows=3, quantized=False)
+    assert tight.context_fit == 1000 and tight.max_context == 768  # rounded down to 256
+    assert tight.headroom >= 0
+
+    asked = plan_context(model, budget=fixed + 3 * 1000 * kv_tok, ctx=1000, rows=3, quantized=False)
+    assert asked.max_context == 1000
+    with pytest.raises(
+        ConfigError, match=r"^tiny does not fit a .* budget: .*KV cache .* for 1001 tokens x 3"
+    ):
+        plan_context(model, budget=fixed + 3 * 1000 * kv_tok, ctx=1001, rows=3, quantized=False, name="tiny")
+
+    short = _tiny_decoder(300)  # the model's own limit wins over the memory
+    assert plan_context(short, budget=GiB, ctx=None, rows=1, quantized=False).max_context == 300
+
+
+def test_setup_caches_frees_or_reuses():
+    model = _tiny_decoder(64)
+    model.setup_caches(2, 64)
+    first = model.caches[0].k
+    first.fill_(1.0)
+    model.setup_caches(2, 64)  # same size: same memory, zeroed
+    assert model.caches[0].k.data_ptr() == first.data_ptr() and not model.caches[0].k.any()
+    model.setup_caches(1, 32)
+    assert model.caches[0].k.shape[:2] == (1, 32)
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--gpu-memory", "lots"], "invalid --gpu-memory 'lots'"),
+        (["--gpu-memory", "1MiB"], "does not fit a 0.00 GiB budget"),
+        (["--gpu-memory", "1GiB", "--ctx", "8192"], "KV cache 0.35 GiB for 8192 tokens x 1"),
+    ],
+)
+def test_generate_cli_refuses_what_does_not_fit(tmp_path, flags, message):
+    import subprocess
+    import sys
+
+    from conftest import GGUF, require_data
+
+    require_data()
+    cmd = [
+        sys.executable,
+        "-m",
+        "spqr_run.cli.run",
+        "generate",
+        str(GGUF),
+        "--prompt",
+        "hi",
+        "--device",
+        "cpu",
+    ]
+    proc = subprocess.run([*cmd, *flags], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch import nn
-
+from spqr_run.engine.planner import resident_bytes
 from spqr_run.runtime import Runtime
 
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".gguf", ".spqr", ".pt")
@@ -23,7 +22,9 @@ class ModelFacts:
     device: str
     weights_bytes: int
     kv_cache_bytes: int
+    budget_bytes: int
     max_context: int
+    context_fit: int  # tokens of KV cache the budget had room for
 
 
 def model_facts(runtime: Runtime) -> ModelFacts:
@@ -33,7 +34,7 @@ def model_facts(runtime: Runtime) -> ModelFacts:
     if not isinstance(bits, (int, float)):
         size = _weight_file_bytes(source.path)
         bits, note = (size * 8 / params, f"{source.kind} file size") if size and params else (None, "")
-    weights, kv = _memory_split(runtime.model)
+    weights, kv = resident_bytes(runtime.model)
     return ModelFacts(
         name=cfg.name or source.path.stem,
         file=str(source.path),
@@ -44,7 +45,9 @@ def model_facts(runtime: Runtime) -> ModelFacts:
         device=str(runtime.device),
         weights_bytes=weights,
         kv_cache_bytes=kv,
+        budget_bytes=runtime.plan.budget,
         max_context=runtime.max_context,
+        context_fit=runtime.plan.context_fit,
     )
 
 
@@ -56,19 +59,6 @@ def _weight_file_bytes(path: Path) -> int:
             p.stat().st_size for p in path.iterdir() if p.suffix in WEIGHT_FILE_SUFFIXES and p.is_file()
         )
     return 0
-
-
-def _memory_split(model: nn.Module) -> tuple[int, int]:
-    """Bytes of weights (parameters and non-cache buffers) and of the KV cache, as allocated on the device."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv = 0
-    for name, buf in model.named_buffers():
-        size = buf.numel() * buf.element_size()
-        if name.startswith("caches."):
-            kv += size
-        else:
-            weights += size
-    return weights, kv
 
 
 def human_count(n: int) -> str:
@@ -100,7 +90,8 @@ def describe(facts: ModelFacts) -> list[tuple[str, str]]:
         (
             "memory plan",
             f"weights {human_bytes(facts.weights_bytes)} + KV cache {human_bytes(facts.kv_cache_bytes)} "
-            f"= {human_bytes(facts.weights_bytes + facts.kv_cache_bytes)}",
+            f"= {human_bytes(facts.weights_bytes + facts.kv_cache_bytes)} "
+            f"(budget {human_bytes(facts.budget_bytes)})",
         ),
-        ("max context", f"{facts.max_context} tokens"),
+        ("max context", f"{facts.max_context} tokens (room for {facts.context_fit})"),
     ]

@@ -15,7 +15,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from spqr_run.cli.common import add_model_flags, run_cli
+from spqr_run.cli.common import add_memory_flags, add_model_flags, memory_budget, run_cli
 from spqr_run.errors import ConfigError
 from spqr_run.sampling import SamplingParams
 
@@ -51,9 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_flags(p, model_required=False)
-    p.add_argument(
-        "--ctx", type=int, default=None, help="maximum context in tokens (default: the model's, <= 4096)"
-    )
+    add_memory_flags(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: the model's)")
@@ -111,6 +109,7 @@ def _main() -> int:
     from spqr_run.runtime import load_runtime
 
     sampling_params(args, {})  # a bad flag value fails now, not after loading the model
+    memory = memory_budget(args)
     plain = args.plain or not sys.stdout.isatty()
     status = Console(stderr=True, highlight=False)
     with _progress(status) as progress:
@@ -120,7 +119,9 @@ def _main() -> int:
         def on_weight(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        runtime = load_runtime(path, device=args.device, ctx=args.ctx, progress=on_weight)
+        runtime = load_runtime(
+            path, device=args.device, ctx=args.ctx, memory=memory, kv_cache=args.kv_cache, progress=on_weight
+        )
         progress.update(task, description=f"loaded {path.name}")
     params = sampling_params(args, runtime.source.generation_defaults)
     session = ChatSession(runtime, params, system=args.system)

@@ -33,3 +33,40 @@ def add_model_flags(parser: argparse.ArgumentParser, *, model_required: bool = T
         help="a .spqr file, a Hugging Face model folder or a GGUF file",
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
+
+
+def add_memory_flags(parser: argparse.ArgumentParser, *, per_sequence: bool = False) -> None:
+    """--ctx and --gpu-memory: the KV cache is sized by the memory planner (`spqr_run.engine.planner`)."""
+    each = " per sequence" if per_sequence else ""
+    parser.add_argument(
+        "--ctx",
+        type=int,
+        default=None,
+        help=f"context{each} in tokens (default: the longest that fits the memory, at most the model's and "
+        "4096; a larger one that does not fit is refused)",
+    )
+    parser.add_argument(
+        "--gpu-memory",
+        default=None,
+        metavar="SIZE",
+        help="memory budget for weights + KV cache, e.g. 24GiB (default: the free memory; on a GPU it also "
+        "caps this process, to try a smaller card)",
+    )
+    add_kv_cache_flag(parser)
+
+
+def add_kv_cache_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kv-cache",
+        choices=["auto", "int8"],
+        default="auto",
+        help="KV cache storage: auto = the model's dtype; int8 = 8 bits with a scale per token and head, "
+        "about half the memory, so twice the context fits (default: auto)",
+    )
+
+
+def memory_budget(args: argparse.Namespace) -> int | None:
+    """--gpu-memory in bytes (None when absent); ConfigError on a malformed size."""
+    from spqr_run.engine.planner import parse_memory
+
+    return None if args.gpu_memory is None else parse_memory(args.gpu_memory)

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from spqr_run.cli.common import add_model_flags, run_cli
+from spqr_run.cli.common import add_kv_cache_flag, add_model_flags, run_cli
 from spqr_run.devices import default_dtype, resolve_device
 from spqr_run.errors import ConfigError
 from spqr_run.eval import perplexity
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seqlen", type=int, default=None, help="window length (default 2048, or the context if smaller)"
     )
+    add_kv_cache_flag(p)  # int8: score through the 8-bit cache, to measure what it costs
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     return p
 
@@ -72,7 +73,11 @@ def _main(argv: list[str] | None) -> int:
         )
         bar.update(task, description="scoring", completed=0, total=None)
         result = perplexity(
-            model, ids, seqlen=seqlen, progress=lambda i, n: bar.update(task, completed=i, total=n)
+            model,
+            ids,
+            seqlen=seqlen,
+            kv_cache=None if args.kv_cache == "auto" else args.kv_cache,  # auto: no cache, the same numbers
+            progress=lambda i, n: bar.update(task, completed=i, total=n),
         )
     table = Table(title=f"perplexity of {Path(args.model).name}")
     for col in ("text", "tokens scored", "windows x seqlen", "ppl", "seconds"):
@@ -88,7 +93,13 @@ def _main(argv: list[str] | None) -> int:
     if args.json:
         print(
             json.dumps(
-                {"model": str(args.model), "text": str(text_path), "device": str(device), **result.to_dict()}
+                {
+                    "model": str(args.model),
+                    "text": str(text_path),
+                    "device": str(device),
+                    "kv_cache": args.kv_cache,
+                    **result.to_dict(),
+                }
             )
         )
     return 0

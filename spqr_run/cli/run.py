@@ -7,7 +7,7 @@ import sys
 
 from rich.console import Console
 
-from spqr_run.cli.common import add_model_flags, run_cli
+from spqr_run.cli.common import add_memory_flags, add_model_flags, memory_budget, run_cli
 from spqr_run.runtime import load_runtime
 from spqr_run.sampling import SamplingParams
 
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--ctx", type=int, default=None, help="context length (default: the model's, max 4096)")
+    add_memory_flags(g)
     g.add_argument("--stats", action="store_true", help="print timings to standard error")
     return p
 
@@ -43,7 +43,9 @@ def _generate(args: argparse.Namespace) -> int:
     err = Console(stderr=True, highlight=False)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     with err.status("loading model"):
-        rt = load_runtime(args.model, device=args.device, ctx=args.ctx)
+        rt = load_runtime(
+            args.model, device=args.device, ctx=args.ctx, memory=memory_budget(args), kv_cache=args.kv_cache
+        )
     settings = {"max_tokens": args.max_tokens, **rt.source.generation_defaults}
     for name in ("temperature", "top_p", "top_k", "seed"):
         if getattr(args, name) is not None:

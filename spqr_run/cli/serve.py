@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from spqr_run.cli.common import add_model_flags, run_cli, stderr
+from spqr_run.cli.common import add_memory_flags, add_model_flags, memory_budget, run_cli, stderr
 from spqr_run.errors import ConfigError, ModelFormatError
 
 DESCRIPTION = """\
@@ -22,7 +22,7 @@ Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST
 POST /detokenize, GET /health (503 while the model loads), GET /metrics (Prometheus text).
 
 The socket opens at once and the model loads in the background. Up to --parallel sequences generate together
-(continuous batching; each holds one KV-cache row of --ctx tokens); more requests wait in a queue and get
+(continuous batching; each holds one KV-cache row of --ctx tokens, sized to fit --gpu-memory); more requests wait in a queue and get
 429 when it is full. Greedy output (temperature 0) is the same whether a request runs alone or batched.
 """
 
@@ -44,12 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--parallel", type=int, default=4, help="sequences generated at once (KV-cache rows, default: 4)"
     )
-    p.add_argument(
-        "--ctx",
-        type=int,
-        default=None,
-        help="context per sequence in tokens (default: the model's, at most 4096)",
-    )
+    add_memory_flags(p, per_sequence=True)
     p.add_argument(
         "--model-name", default=None, help="the model id clients send and see (default: file name stem)"
     )
@@ -86,6 +81,8 @@ def _serve(argv: list[str] | None) -> int:
         model_name=args.model_name or path.stem,
         device=args.device,
         ctx=args.ctx,
+        memory=memory_budget(args),
+        kv_cache=args.kv_cache,
         parallel=args.parallel,
         max_queue=args.max_queue,
         api_key=args.api_key or None,

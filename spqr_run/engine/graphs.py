@@ -93,7 +93,7 @@ class GraphDecodeStep:
         last = self.model.max_seq_len - 1
         b = self.batch
         with torch.inference_mode():
-            saved = [(c.k[:b, last].clone(), c.v[:b, last].clone()) for c in caches]  # (B, KH, hd) each
+            saved = [c.save_position(b, last) for c in caches]
             self.positions.fill_(last)
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -110,8 +110,7 @@ class GraphDecodeStep:
                     f"CUDA graph capture of the decode step failed ({e}); run without graphs "
                     "(--no-graphs) or make the step capturable"
                 ) from e
-            for c, (k, v) in zip(caches, saved, strict=True):
-                c.k[:b, last] = k
-                c.v[:b, last] = v
+            for c, values in zip(caches, saved, strict=True):
+                c.restore_position(b, last, values)
             self.positions.zero_()
         self.graph = graph

@@ -4,6 +4,7 @@ longest context that fits a budget, and enforcing a budget smaller than the card
 All sizes are bytes (ints); GiB = 2**30. The arithmetic, as `plan_memory` does it:
 
     kv_bytes_per_token = 2 (k and v) * layers * kv_heads * head_dim * kv_element_bytes
+                         (+ 2 * layers * kv_heads * 4 for int8: an fp32 scale per token and head)
     workspace          = activations + mask + logits + dequant
         activations    = batch * chunk * (8 * hidden + 3 * ffn) * 4    (fp32 upper bound: x, norms, q/k/v,
                                                                         RoPE temporaries, gate/up/product)
@@ -29,13 +30,15 @@ from torch import nn
 
 from spqr_run.config import ModelConfig
 from spqr_run.errors import ConfigError
+from spqr_run.models.kv_cache import INT8_SCALE_DTYPE
 
 GiB = 1 << 30
 MiB = 1 << 20
 MIN_CONTEXT = 256  # the smallest context worth running; also the rounding granularity of max_context
 DEFAULT_RESERVE = 512 * MiB  # left to the CUDA context / other processes when the budget is "free memory"
 DEFAULT_MARGIN = 256 * MiB  # allocator fragmentation and small buffers inside the budget
-KV_DTYPES = {"fp16": 2, "bf16": 2, "fp8": 1, "int8": 1, "8bit": 1}
+KV_DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1, "8bit": 1}
+TORCH_KV_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 _UNITS = {"": GiB, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS |= {"kib": 1 << 10, "mib": MiB, "gib": GiB, "tib": 1 << 40}
@@ -61,6 +64,15 @@ def kv_element_bytes(kv_dtype: str) -> int:
         raise ConfigError(
             f"invalid KV cache dtype {kv_dtype!r} (use one of {', '.join(KV_DTYPES)})"
         ) from None
+
+
+def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str) -> int:
+    """KV-cache bytes per token of one sequence; int8 adds its fp32 scale per (layer, k/v, head)."""
+    per_token = cfg.kv_bytes_per_token(kv_element_bytes(kv_dtype))
+    if kv_dtype.lower() in ("int8", "8bit"):
+        scale_bytes = torch.finfo(INT8_SCALE_DTYPE).bits // 8
+        per_token += 2 * cfg.num_layers * cfg.num_kv_heads * scale_bytes
+    return per_token
 
 
 def fmt_gib(n: float) -> str:
@@ -89,6 +101,20 @@ def dense_weight_bytes(cfg: ModelConfig, element_bytes: int = 2) -> int:
 def quantized_weight_bytes(cfg: ModelConfig, bits_per_weight: float) -> int:
     """Linears at `bits_per_weight` (as stored, outliers and statistics included) + fp16 everything else."""
     return math.ceil(linear_params(cfg) * bits_per_weight / 8) + fp16_params(cfg) * 2
+
+
+def resident_bytes(model: nn.Module) -> tuple[int, int]:
+    """Bytes a built model holds on its device: (weights: parameters and every buffer but the KV cache,
+    KV cache). Unlike `module_weight_bytes`, dense copies kept for the CPU path count."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv = 0
+    for name, buf in model.named_buffers():
+        size = buf.numel() * buf.element_size()
+        if name.startswith("caches."):
+            kv += size
+        else:
+            weights += size
+    return weights, kv
 
 
 def module_weight_bytes(model: nn.Module) -> int:
@@ -208,7 +234,7 @@ def plan_memory(
     """
     if batch < 1:
         raise ConfigError(f"invalid batch {batch}: must be at least 1")
-    kv_tok = cfg.kv_bytes_per_token(kv_element_bytes(kv_dtype))
+    kv_tok = kv_bytes_per_token(cfg, kv_dtype)
     ws = estimate_workspace(cfg, prefill_chunk=prefill_chunk, batch=batch, quantized=quantized)
     fixed = weight_bytes + ws.total + margin_bytes
     fit = max(0, (budget_bytes - fixed) // (batch * kv_tok))

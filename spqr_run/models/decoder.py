@@ -150,15 +150,29 @@ class Decoder(nn.Module):
         self.caches: nn.ModuleList | None = None
 
     # ---- KV cache -------------------------------------------------------------------------------
-    def setup_caches(self, rows: int, max_seq_len: int, *, dtype: torch.dtype | None = None) -> None:
-        """Allocate the KV cache once: `rows` sequences of up to `max_seq_len` tokens."""
+    def setup_caches(
+        self, rows: int, max_seq_len: int, *, dtype: torch.dtype | None = None, kind: str | None = None
+    ) -> None:
+        """Allocate a zeroed KV cache: `rows` sequences of up to `max_seq_len` tokens, stored as `kind`
+        ("auto": the model's dtype, "int8": see `kv_cache`; None: the current cache's kind, else "auto"). The
+        old cache is freed first, or zeroed and kept when it already has that size, so a cache never exists
+        twice."""
         cfg = self.config
         if max_seq_len > cfg.max_position_embeddings:
             max_seq_len = cfg.max_position_embeddings
         dtype = dtype or self.embed_tokens.weight.dtype
         device = self.embed_tokens.weight.device
+        if kind is None:
+            kind = self.caches[0].kind if self.caches is not None else "auto"
+        if self.caches is not None:
+            c = self.caches[0]
+            if (c.rows, c.max_seq_len, c.kind, c.dtype) == (rows, max_seq_len, kind, dtype):
+                for cache in self.caches:  # already this size: reuse the memory, zeroed
+                    cache.reset()
+                return
+        self.caches = None  # free the old cache before allocating the new one
         self.caches = nn.ModuleList(
-            KVCache(rows, max_seq_len, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device)
+            KVCache(rows, max_seq_len, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device, kind=kind)
             for _ in range(cfg.num_layers)
         )
 

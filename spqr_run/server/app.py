@@ -49,6 +49,8 @@ class ServerConfig:
     model_name: str
     device: str = "auto"
     ctx: int | None = None
+    memory: int | None = None  # bytes for weights + KV cache (None: the free memory)
+    kv_cache: str = "auto"
     parallel: int = 4
     max_queue: int = 64
     api_key: str | None = None
@@ -73,7 +75,14 @@ class ServerState:
         cfg = self.config
         try:
             time.sleep(cfg.load_delay_s)
-            runtime = load_runtime(cfg.model_path, device=cfg.device, ctx=cfg.ctx)
+            runtime = load_runtime(
+                cfg.model_path,
+                device=cfg.device,
+                ctx=cfg.ctx,
+                rows=cfg.parallel,
+                memory=cfg.memory,
+                kv_cache=cfg.kv_cache,
+            )
             engine = Engine(
                 runtime.model,
                 runtime.tokenizer,
