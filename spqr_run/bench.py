@@ -31,6 +31,7 @@ from spqr_run.engine.planner import (
     dense_weight_bytes,
     module_weight_bytes,
     plan_memory,
+    resident_bytes,
 )
 from spqr_run.engine.synthetic import build_synthetic, synthetic_config, synthetic_weight_bytes
 from spqr_run.errors import ConfigError
@@ -51,13 +52,23 @@ class BenchSettings:
     wbits: int = 3
     outlier_rate: float = 0.01
     budget_bytes: int | None = None  # None: the device's free memory minus a reserve
+    kv_cache: str = "auto"  # "int8": the 8-bit KV cache (models.kv_cache)
 
     @classmethod
     def from_args(cls, args: Any) -> BenchSettings:
         """From parsed command-line flags (`--prompt-len`, ..., `--gpu-memory`); absent flags keep defaults."""
         from spqr_run.engine.planner import parse_memory
 
-        names = ("prompt_len", "new_tokens", "batch", "repeats", "layers", "wbits", "outlier_rate")
+        names = (
+            "prompt_len",
+            "new_tokens",
+            "batch",
+            "repeats",
+            "layers",
+            "wbits",
+            "outlier_rate",
+            "kv_cache",
+        )
         kwargs = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
         memory = getattr(args, "gpu_memory", None)
         return cls(
@@ -86,6 +97,7 @@ class MethodResult:
     ttft_ms: float
     gb_s: float
     peak_bytes: int | None  # torch.cuda.max_memory_allocated after the build (None on CPU)
+    kv_cache_bytes: int  # the KV cache allocated for batch x (prompt + new tokens)
     graphs: bool
     source: str  # "synthetic" or the model file
 
@@ -123,7 +135,7 @@ class BenchReport:
         st = self.settings
         t = Table(
             title=f"{self.model} on {self.device}: batch {st.batch}, prompt {st.prompt_len}, "
-            f"{st.new_tokens} new tokens"
+            f"{st.new_tokens} new tokens" + (f", {st.kv_cache} KV cache" if st.kv_cache != "auto" else "")
         )
         cols = ["", "bits/w", "weights GiB", "prefill tok/s", "decode tok/s", "ms/token", "TTFT ms", "GB/s"]
         for c in [*cols, "peak GiB", "graphs"]:
@@ -220,7 +232,7 @@ def bench_model(
     repeats = st.repeats or (5 if cuda else 1)
     warmup = st.warmup if st.warmup is not None else int(cuda)
     b, p, n = st.batch, st.prompt_len, st.new_tokens
-    model.setup_caches(b, p + n)
+    model.setup_caches(b, p + n, kind=st.kv_cache)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     gen = torch.Generator(device=device).manual_seed(1)
@@ -261,6 +273,7 @@ def bench_model(
         ttft_ms=statistics.median(ttft) * 1e3,
         gb_s=read / per_token / 1e9,
         peak_bytes=peak,
+        kv_cache_bytes=resident_bytes(model)[1],
         graphs=step.graphed,
         source=source,
     )
@@ -291,6 +304,7 @@ def _fits(cfg: ModelConfig, weight_bytes: int, st: BenchSettings, budget: int, q
             batch=st.batch,
             quantized=quantized,
             context=min(st.prompt_len + st.new_tokens, cfg.max_position_embeddings),
+            kv_dtype="int8" if st.kv_cache == "int8" else "fp16",
         )
     except ConfigError as e:
         return str(e)

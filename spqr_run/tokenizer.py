@@ -15,6 +15,7 @@ space is added only at the start of the text, not after a special token (transfo
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import re
 from collections.abc import Sequence
@@ -531,6 +532,20 @@ class Tokenizer:
             text = " " + text
         return text
 
+    @functools.cached_property
+    def byte_run_ids(self) -> frozenset[int]:
+        """The byte-fallback tokens `<0xNN>` whose runs decode as one: tokenizers' ByteFallback decoder turns a
+        whole run into one U+FFFD per byte when any byte of it is invalid ("é" then a stray continuation byte
+        gives three U+FFFD, not "é\ufffd"). Empty when there are none or they decode like UTF-8 bytes."""
+        found = (self._backend.piece_to_id(f"<0x{b:02X}>") for b in range(256))
+        ids = [i for i in found if i is not None]
+        if len(ids) < 256:  # none (byte-level BPE) or a partial set that cannot be checked: assume runs
+            return frozenset(ids)
+        probe = [ids[0xC3], ids[0xA9], ids[0x80]]  # all 256 present, so `ids` is indexed by byte
+        if self.decode(probe) == self.decode(probe[:2]) + self.decode(probe[2:]):
+            return frozenset()
+        return frozenset(ids)
+
     def vocab_strings(self) -> frozenset[str]:
         """Every token string (pieces as stored, added tokens as written); for chat-template fallbacks."""
         pieces = (self._backend.piece(i) for i in range(self.vocab_size))
@@ -616,15 +631,24 @@ def _folder_chat_template(folder: Path, config: dict[str, Any]) -> str | None:
 class IncrementalDetokenizer:
     """Streaming text from token ids: `push(id)` -> new text (possibly ""), `flush()` -> the rest.
 
-    Decodes a short window `ids[start:]` and emits what it adds over the `emitted` characters of that window
-    already sent, holding back trailing U+FFFD (a character whose bytes are still arriving). When the window
-    decodes cleanly it restarts at its last token; both decodes then start at the same token, so a
-    SentencePiece leading-space strip cancels out. A special token flushes pending text, emits its own text
-    unless `skip_special`, and starts the next window. Bytes that never form a character (invalid UTF-8) are
-    given up after `_MAX_PENDING` tokens.
-    """
+    Every piece is final: for ordinary tokens the pieces joined are exactly `tokenizer.decode(ids)`, the
+    U+FFFD of invalid UTF-8 included, and no piece ends in a character that a later token could complete.
 
-    _MAX_PENDING = 8  # a UTF-8 character is <= 4 bytes, so <= 4 tokens
+    A short window `ids[start:]` is decoded; `emitted` characters of its text are already sent, and what
+    follows them is sent except what a later token could still change:
+    - a trailing U+FFFD: the bytes of a character may still be arriving (UTF-8 decoding replaces each
+      maximal invalid subpart, so only the last replacement can change);
+    - the text of a trailing run of byte-fallback tokens `<0xNN>`: tokenizers' ByteFallback decoder turns
+      a whole run into one U+FFFD per byte when any byte of it is invalid, so a run is only final once a
+      token ends it.
+    The window then moves up to a cut where the decode splits for good: after its last token when nothing
+    is held back, else before its last token when decoding the two halves gives the same text (for UTF-8
+    that means the bytes before the cut do not continue into the last token). The token before the cut
+    stays in the window as context, so the two decodes start at the same token and a SentencePiece
+    leading-space strip cancels out. A window only grows while a character or a byte-fallback run spans
+    its tokens. A special token flushes pending text, emits its own text unless `skip_special`, and starts
+    the next window.
+    """
 
     def __init__(
         self, tokenizer: Tokenizer, *, prompt_ids: Sequence[int] = (), skip_special: bool = True
@@ -635,34 +659,51 @@ class IncrementalDetokenizer:
         # at the very start (nothing but skipped specials) the first real token is decoded as a start
         self._ids: list[int] = list(prompt_ids)[-4:] if self._seen_text else []
         self._start = 0  # window start in `_ids`
-        self._emitted = len(self._window())  # characters of the window's text already sent (or prompt)
+        self._emitted = len(self._decode(0, len(self._ids)))  # characters of the window's text already sent
+        self._runs = tokenizer.byte_run_ids
 
-    def _window(self) -> str:
-        return self._tok.decode(self._ids[self._start :], skip_special=False)
+    def _decode(self, lo: int, hi: int) -> str:
+        return self._tok.decode(self._ids[lo:hi], skip_special=False)
+
+    def _final_length(self, text: str) -> int:
+        """How many characters of the window's `text` no later token can change."""
+        run = len(self._ids)
+        while run > self._start and self._ids[run - 1] in self._runs:
+            run -= 1
+        if run < len(self._ids):
+            return len(self._decode(self._start, run))
+        return len(text) - 1 if text.endswith("\ufffd") else len(text)
+
+    def _move_window(self, text: str, final: int) -> None:
+        ids, n = self._ids, len(self._ids)
+        if final == len(text) == self._emitted and n and ids[-1] not in self._runs:
+            self._start = n - 1  # nothing held back: cut after the last token
+            self._emitted = len(self._decode(n - 1, n))
+        elif n - 2 > self._start and not (ids[-2] in self._runs and ids[-1] in self._runs):
+            head = self._decode(self._start, n - 1)
+            context, pair = self._decode(n - 2, n - 1), self._decode(n - 2, n)
+            if (
+                len(head) > self._emitted
+                or not pair.startswith(context)
+                or text != head + pair[len(context) :]
+            ):
+                return  # the bytes before the last token continue into it
+            self._start = n - 2
+            self._emitted = len(context) + self._emitted - len(head)
+        if self._start > 64:  # keep the list short
+            del self._ids[: self._start]
+            self._start = 0
 
     def _advance(self, force: bool) -> str:
-        text = self._window()
-        stable = text if force else text.rstrip("\ufffd")
-        if len(stable) < len(text) and len(self._ids) - self._start >= self._MAX_PENDING:
-            # invalid bytes, not a character being completed: give up on all but the last 4 tokens (which
-            # may still hold one), and restart the window at the last token given up
-            cut = len(self._ids) - 4
-            out = self._tok.decode(self._ids[self._start : cut], skip_special=False)[self._emitted :]
-            self._start = cut - 1
-            self._emitted = len(self._tok.decode(self._ids[self._start : cut], skip_special=False))
-            return out + self._advance(force=False)
-        out = stable[self._emitted :]
-        self._emitted = max(self._emitted, len(stable))
-        if len(stable) == len(text) and self._ids:  # clean: restart the window at its last token
-            self._start = len(self._ids) - 1
-            self._emitted = len(self._window())
-            if self._start > 64:  # keep the list short
-                del self._ids[: self._start]
-                self._start = 0
+        text = self._decode(self._start, len(self._ids))
+        final = len(text) if force else self._final_length(text)
+        out = text[self._emitted : final]
+        self._emitted = max(self._emitted, final)
+        self._move_window(text, final)
         return out
 
     def push(self, token_id: int) -> str:
-        """Add one token; return the text it completes ("" while a character is incomplete)."""
+        """Add one token; return the text it makes final ("" while a character is incomplete)."""
         if not self._tok.is_special(token_id):
             self._ids.append(token_id)
             self._seen_text = True
@@ -672,7 +713,7 @@ class IncrementalDetokenizer:
             return text  # nothing before it: the next token still starts the text
         self._ids.append(token_id)
         self._start = len(self._ids) - 1
-        special_text = self._window()
+        special_text = self._decode(self._start, len(self._ids))
         self._emitted = len(special_text)
         return text if self._skip else text + special_text
 

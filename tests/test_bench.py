@@ -15,7 +15,7 @@ from rich.console import Console
 from tiny_configs import tiny_llama
 
 from spqr_run.bench import BenchSettings, run_bench
-from spqr_run.engine.planner import MiB
+from spqr_run.engine.planner import MiB, kv_bytes_per_token
 from spqr_run.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +62,23 @@ def test_run_bench_tiny_report_and_table():
     console.print(report.table())
     text = console.export_text()
     assert "spqr/fp16" in text and "decode tok/s" in text
+
+
+def test_run_bench_with_int8_kv_cache():
+    tokens = 6 + 3
+    reports = {
+        kind: run_bench(
+            device=torch.device("cpu"),
+            settings=BenchSettings(prompt_len=6, new_tokens=3, warmup=0, kv_cache=kind),
+            synthetic=TINY,
+        )
+        for kind in ("auto", "int8")
+    }
+    assert reports["int8"].to_json()["settings"]["kv_cache"] == "int8"
+    for method in ("spqr", "fp16"):
+        int8 = reports["int8"].results[method].kv_cache_bytes
+        assert int8 == tokens * kv_bytes_per_token(TINY, "int8")
+        assert reports["auto"].results[method].kv_cache_bytes > 1.8 * int8
 
 
 def test_run_bench_skips_what_does_not_fit_and_refuses_when_nothing_does():

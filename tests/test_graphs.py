@@ -39,6 +39,7 @@ class NumberTokenizer:
 
     vocab_size = 101
     eos_ids: frozenset[int] = frozenset()
+    byte_run_ids: frozenset[int] = frozenset()
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
         return "".join(f" {i}" for i in ids)

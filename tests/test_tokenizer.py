@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -318,8 +319,128 @@ def test_incremental_property_byte_level(gguf_tok: Tokenizer, text: str) -> None
     ids = gguf_tok.encode(text, special=False)
     pieces = stream(gguf_tok, ids)
     full = gguf_tok.decode(ids, skip_special=True)
+    assert "".join(pieces) == full  # not always == text: bytes missing from the vocab are dropped
     if "\ufffd" not in full:
-        assert "".join(pieces) == full  # not always == text: bytes missing from the vocab are dropped
         assert all("\ufffd" not in p for p in pieces)
-    else:  # SmolLM2's vocabulary lacks a few byte symbols: invalid UTF-8 is only approximately streamed
-        assert abs(len("".join(pieces)) - len(full)) <= 8
+
+
+# ---- incremental detokenization of byte tokens in any order (invalid UTF-8 included) ----------------------
+def gpt2_byte_chars() -> dict[int, str]:
+    """GPT-2's `bytes_to_unicode`: the vocabulary symbol of each byte in a byte-level BPE."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
+
+
+class ByteTok(NamedTuple):
+    tok: Tokenizer
+    byte_ids: dict[int, int]  # byte -> id of its single-byte token (bytes missing from the vocab left out)
+    partial_ids: list[int]  # ordinary tokens that alone are not valid UTF-8 (parts of a character)
+
+
+@pytest.fixture(scope="module", params=["byte_level", "sentencepiece", "sentencepiece_gguf"])
+def byte_tok(request: pytest.FixtureRequest) -> ByteTok:
+    if request.param == "byte_level":
+        tok = request.getfixturevalue("gguf_tok")
+        ids = {b: tok._backend.piece_to_id(c) for b, c in gpt2_byte_chars().items()}
+    else:
+        sp = request.getfixturevalue("sp")
+        tok = request.getfixturevalue("sp_tok")
+        if request.param == "sentencepiece_gguf":  # tokenizers' ByteFallback decoder, not sentencepiece's
+            tok = Tokenizer.from_gguf_metadata(llama_gguf_meta(sp))
+        ids = {b: sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)}
+    byte_ids = {b: i for b, i in ids.items() if i is not None}
+    singles = set(byte_ids.values())
+    partial = [
+        i
+        for i in range(tok.vocab_size)
+        if i not in singles and not tok.is_special(i) and "\ufffd" in tok.decode([i])
+    ]
+    return ByteTok(tok, byte_ids, partial)
+
+
+WORDS = ["hello", " world", " the", "世界", "é", "🎉", " ", "\n", "x", ",", "日本"]
+# ("byte", b): a single-byte token; ("partial", k): a token holding part of a character; ("any", k): any
+# ordinary token; ("text", s): the tokens of s
+BYTE_ITEM = st.one_of(
+    st.tuples(st.just("byte"), st.integers(0x80, 0xFF)),  # continuation and lead bytes
+    st.tuples(st.just("byte"), st.integers(0, 0xFF)),
+    st.tuples(st.just("partial"), st.integers(0, 10**6)),
+    st.tuples(st.just("partial"), st.integers(0, 10**6)),
+    st.tuples(st.just("any"), st.integers(0, 10**6)),
+    st.tuples(st.just("text"), st.sampled_from(WORDS)),
+)
+BYTE_MIX = st.integers(0, 40).flatmap(lambda n: st.lists(BYTE_ITEM, min_size=n, max_size=n))  # long ones too
+
+
+def byte_mix_ids(bt: ByteTok, items: list[tuple[str, int | str]]) -> list[int]:
+    ids: list[int] = []
+    for kind, value in items:
+        if kind == "text":
+            ids += bt.tok.encode(str(value), add_bos=False, special=False)
+        elif kind == "byte" and value in bt.byte_ids:
+            ids.append(bt.byte_ids[int(value)])
+        elif kind == "partial" and bt.partial_ids:
+            ids.append(bt.partial_ids[int(value) % len(bt.partial_ids)])
+        elif kind == "any" and not bt.tok.is_special(int(value) % bt.tok.vocab_size):
+            ids.append(int(value) % bt.tok.vocab_size)
+    return ids
+
+
+def assert_streams_like_decode(tok: Tokenizer, ids: list[int], prompt: list[int]) -> None:
+    pieces = stream(tok, ids, prompt_ids=prompt)
+    before = tok.decode(prompt, skip_special=True)
+    full = tok.decode(prompt + ids, skip_special=True)
+    assert full.startswith(before)
+    assert "".join(pieces) == full[len(before) :], (ids, pieces)
+    so_far = before
+    for piece in pieces:  # every piece is final: never a U+FFFD that a later token turns into a character
+        so_far += piece
+        assert full.startswith(so_far), (ids, pieces)
+
+
+@given(items=BYTE_MIX, with_prompt=st.booleans())
+@settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+def test_incremental_property_invalid_utf8(
+    byte_tok: ByteTok, items: list[tuple[str, int | str]], with_prompt: bool
+) -> None:
+    """Any mix of byte tokens and ordinary tokens streams to exactly the one-shot decode (U+FFFD included)."""
+    prompt = byte_tok.tok.encode("Hello") if with_prompt else []
+    assert_streams_like_decode(byte_tok.tok, byte_mix_ids(byte_tok, items), prompt)
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        [0xE4, 0xB8, 0xAD, 0x80],  # a character, then a stray continuation byte
+        [0x80] * 9 + [0xE4, 0xB8, 0xAD],  # a long invalid run, then a character
+        [0xE4, 0xB8] * 5 + [0xAD],  # truncated characters, the last one completed
+        [0xF0, 0x9F, 0x8E, " world", 0xF0, 0x9F, 0x8E, 0x89],
+        ["hello", 0xC3, " the", 0xA9, 0xC3, 0xA9],
+    ],
+)
+def test_incremental_invalid_utf8_examples(byte_tok: ByteTok, items: list[int | str]) -> None:
+    mix = [("text", i) if isinstance(i, str) else ("byte", i) for i in items]
+    ids = byte_mix_ids(byte_tok, mix)
+    assert len(ids) >= len(items)
+    assert_streams_like_decode(byte_tok.tok, ids, [])
+    assert_streams_like_decode(byte_tok.tok, ids, byte_tok.tok.encode("Hello"))
+
+
+@needs_data
+def test_incremental_invalid_utf8_byte_level_pieces(gguf_tok: Tokenizer) -> None:
+    """Tokens that hold parts of characters (and a space), never forming one: once sent a space twice."""
+    pieces = ["Ġyr", "ä»", "à´", "å¤", "ĠðŁ", "Â", "Ñ", "æ"]
+    ids = [gguf_tok._backend.piece_to_id(p) for p in pieces]
+    assert None not in ids
+    assert_streams_like_decode(gguf_tok, ids, [])  # type: ignore[arg-type]
+    assert gguf_tok.decode(ids) == " yr\ufffd\ufffd\ufffd \ufffd\ufffd\ufffd\ufffd"

@@ -8,7 +8,7 @@ import json
 from rich.console import Console
 
 from spqr_run.bench import BenchSettings, run_bench
-from spqr_run.cli.common import run_cli
+from spqr_run.cli.common import add_kv_cache_flag, run_cli
 from spqr_run.devices import resolve_device
 from spqr_run.engine.synthetic import SYNTHETIC
 
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wbits", type=int, default=3, choices=(2, 3, 4), help="synthetic SpQR code bits")
     p.add_argument("--outlier-rate", type=float, default=0.01, help="synthetic SpQR outlier fraction")
     p.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graphs)")
+    add_kv_cache_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     return p
 
