@@ -229,3 +229,15 @@ def test_generate_cli_refuses_what_does_not_fit(tmp_path, flags, message):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
+
+
+def test_host_memory_counts_reclaimable_cache():
+    import os
+
+    from spqr_run.engine.planner import host_available_bytes
+
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    available = host_available_bytes()
+    assert 0 < available <= total
+    assert available >= free * 0.9  # MemAvailable includes free memory (other processes move it a little)

@@ -270,12 +270,24 @@ def plan_memory(
 
 # ---- the device side ------------------------------------------------------------------------------
 def default_budget(device: torch.device, *, reserve: int = DEFAULT_RESERVE) -> int:
-    """Free memory of the device (host RAM for CPUs) minus `reserve`."""
+    """Free memory of the device (available host RAM for CPUs) minus `reserve`."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
     else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        free = host_available_bytes()
     return max(0, free - reserve)
+
+
+def host_available_bytes() -> int:
+    """RAM a new allocation can get: Linux's MemAvailable (free + reclaimable page cache), else free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def apply_budget(device: torch.device, budget_bytes: int) -> float | None:
