@@ -111,3 +111,42 @@ def test_prompt_scores_equal_a_plain_forward(engine: Engine, real_source) -> Non
     assert torch.tensor([t.logprob for t in scored]) == pytest.approx(expected, abs=1e-4)
     top2 = torch.topk(lp, 2, dim=-1).indices.tolist()
     assert [[i for i, _, _ in t.top] for t in scored] == top2
+
+
+def test_prefix_reuse_is_bit_identical(engine: Engine, real_source) -> None:
+    """A prompt extending an earlier one reuses its whole chunks from the row, and its tokens and logprobs
+    are exactly those of a fresh engine computing everything."""
+    tok = real_source.tokenizer
+    first = _prompt(tok, 2 * CHUNK + 9)
+    longer = first + tok.encode(" Then the railway arrived and the town grew.", add_bos=False)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
+
+    def run(eng: Engine, ids: list[int], name: str) -> tuple[Job, list[tuple[int, float]]]:
+        rec = Recorder()
+        job = Job(ids, params, rec.sink(name))
+        eng.submit([job])
+        rec.wait(name)
+        return job, [(t.token_id, t.logprob) for _, c in rec.events for t in c.logprobs or []]
+
+    run(engine, first, "first")
+    cached_before = engine.metrics.cached_prompt_tokens
+    job, reused = run(engine, longer, "longer")
+    assert job.reused == 2 * CHUNK  # the whole chunks of `first`; its partial last chunk is recomputed
+    assert engine.metrics.cached_prompt_tokens - cached_before == 2 * CHUNK
+
+    fresh = Engine(
+        build_decoder(real_source),
+        tok,
+        slots=2,
+        max_context=512,
+        max_queue=4,
+        metrics=Metrics(),
+        prefill_chunk=CHUNK,
+    )
+    fresh.start()
+    try:
+        fresh_job, recomputed = run(fresh, longer, "fresh")
+    finally:
+        fresh.stop()
+    assert fresh_job.reused == 0 and len(recomputed) == 6
+    assert reused == recomputed  # bit-identical tokens and logprobs

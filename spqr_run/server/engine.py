@@ -4,7 +4,13 @@ Each of the `slots` sequences generating at a time owns one KV-cache row. A new 
 into a free row, one chunk of `prefill_chunk` tokens per engine step interleaved with the decode steps of the
 running batch (a long prompt delays the other streams by one chunk per token, never by its whole length), and
 joins the batch when its prompt is in; sequences beyond the slots wait in a bounded queue (`submit` raises a
-429 `APIError` when it is full). Results go back through each
+429 `APIError` when it is full).
+
+Prefix reuse: a row keeps the keys/values of its last prompt after its sequence ends. A new sequence takes the
+free row that shares the longest prefix with its prompt and starts its prefill after the shared part (a chat
+client resending a growing conversation pays only for the new turn). Only whole prefill chunks computed by an
+earlier prefill are reused, so the new prefill starts at a chunk boundary and every chunk has the shape it
+would have had from scratch: the result is bit-identical to recomputing. Results go back through each
 job's `sink`, which the caller makes thread-safe (the server posts into an asyncio queue with
 `loop.call_soon_threadsafe`). Setting `job.cancelled` ends the sequence and frees its row before the next step.
 
@@ -53,7 +59,8 @@ class Job:
     cancelled: bool = False  # set by the client side; read by the engine between steps
     state: SequenceState | None = None  # set when the whole prompt is in the cache
     slot: int = -1
-    prefilled: int = 0  # prompt tokens in the cache
+    prefilled: int = 0  # prompt tokens in the cache (reused from the row's previous prompt, then computed)
+    reused: int = 0  # prompt tokens whose keys/values were already in the row
     prompt_info: list[TokenLogprob] = field(default_factory=list)
     pos: int = 0  # position the last sampled token is fed at
     last_token: int = 0
@@ -90,7 +97,8 @@ class Engine:
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: dict[int, Job] = {}  # slot -> job (prefilling or decoding)
         self._prefilling: collections.deque[Job] = collections.deque()  # oldest first
-        self._free = list(range(slots - 1, -1, -1))  # pop() gives the lowest free slot
+        self._free = list(range(slots))
+        self._row_prompt: list[list[int]] = [[] for _ in range(slots)]  # reusable whole chunks per row
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="spqr-engine", daemon=True)
@@ -143,7 +151,7 @@ class Engine:
                     admitted = []
                     while self._waiting and self._free:
                         job = self._waiting.popleft()
-                        job.slot = self._free.pop()
+                        self._assign_row(job)
                         self._active[job.slot] = job
                         admitted.append(job)
                     self._publish()
@@ -187,11 +195,32 @@ class Engine:
                 if job.cancelled or (job.state is not None and job.state.finished):
                     del self._active[slot]
                     self._free.append(slot)
-            self._free.sort(reverse=True)
+            self._free.sort()
             self._prefilling = collections.deque(
                 j for j in self._prefilling if not j.cancelled and j.state is None
             )
             self._publish()
+
+    def _reusable(self, slot: int, job: Job) -> int:
+        """Prompt tokens of `job` whose keys/values row `slot` holds: whole chunks, and never the last
+        prompt token (its logits are needed). 0 when the prompt is scored (every position's logits are)."""
+        if job.prompt_logprobs is not None:
+            return 0
+        cached, ids = self._row_prompt[slot], job.prompt_ids
+        n = 0
+        limit = min(len(cached), len(ids) - 1)
+        while n < limit and cached[n] == ids[n]:
+            n += 1
+        return n // self.prefill_chunk * self.prefill_chunk
+
+    def _assign_row(self, job: Job) -> None:
+        """Give `job` the free row with the most reusable tokens (ties: the one holding least, then the
+        lowest), and start its prefill after them."""
+        slot = max(self._free, key=lambda s: (self._reusable(s, job), -len(self._row_prompt[s]), -s))
+        self._free.remove(slot)
+        job.slot, job.reused = slot, self._reusable(slot, job)
+        job.prefilled = job.reused
+        self._row_prompt[slot] = job.prompt_ids[: job.reused]  # the rest of the row is overwritten from here
 
     def _prefill_step(self, job: Job) -> None:
         """Feed the next chunk of `job`'s prompt; after the last one, sample its first token."""
@@ -207,7 +236,8 @@ class Engine:
         job.prefilled += len(part)
         if job.prefilled < len(ids):
             return
-        self.metrics.tokens(prompt=len(ids))
+        self._row_prompt[job.slot] = ids[: len(ids) // self.prefill_chunk * self.prefill_chunk]
+        self.metrics.tokens(prompt=len(ids), cached=job.reused)
         job.state = SequenceState(self.tokenizer, ids, job.params, self.eos_ids)
         job.pos = len(ids)
         if job.score_only:
@@ -273,5 +303,7 @@ class Engine:
         job.sink(self._final(job, chunk) if state.finished else chunk)
 
     def _final(self, job: Job, chunk: GenerationChunk) -> GenerationChunk:
-        chunk.stats = GenerationStats(prompt_tokens=len(job.prompt_ids), completion_tokens=job.generated)
+        chunk.stats = GenerationStats(
+            prompt_tokens=len(job.prompt_ids), cached_tokens=job.reused, completion_tokens=job.generated
+        )
         return chunk

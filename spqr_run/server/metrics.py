@@ -44,6 +44,7 @@ class Metrics:
         self._lock = threading.Lock()
         self.requests: Counter[tuple[str, int]] = Counter()
         self.prompt_tokens = 0
+        self.cached_prompt_tokens = 0  # of prompt_tokens: reused from a row's previous prompt
         self.generation_tokens = 0
         self.queue_depth = 0
         self.busy_slots = 0
@@ -56,10 +57,11 @@ class Metrics:
         with self._lock:
             self.requests[(route, status)] += 1
 
-    def tokens(self, *, prompt: int = 0, generated: int = 0) -> None:
+    def tokens(self, *, prompt: int = 0, generated: int = 0, cached: int = 0) -> None:
         with self._lock:
             self.prompt_tokens += prompt
             self.generation_tokens += generated
+            self.cached_prompt_tokens += cached
 
     def occupancy(self, *, queue_depth: int, busy_slots: int) -> None:
         with self._lock:
@@ -87,6 +89,12 @@ class Metrics:
                 out.append(f'spqr_requests_total{{route="{route}",status="{status}"}} {n}')
             simple = [
                 ("spqr_prompt_tokens_total", "counter", "Prompt tokens processed.", self.prompt_tokens),
+                (
+                    "spqr_prompt_tokens_cached_total",
+                    "counter",
+                    "Prompt tokens whose keys/values were reused from an earlier prompt (not recomputed).",
+                    self.cached_prompt_tokens,
+                ),
                 ("spqr_generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens),
                 (
                     "spqr_sequences_cancelled_total",
