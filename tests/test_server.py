@@ -8,7 +8,7 @@ import time
 import httpx
 import openai
 import pytest
-from test_server_support import API_KEY, MODEL_NAME, Server, main_server, needs_model, start_server
+from test_server_support import API_KEY, MODEL_NAME, Server, main_server, metric, needs_model, start_server
 
 pytestmark = needs_model
 
@@ -289,3 +289,18 @@ def test_503_while_loading(tmp_path) -> None:
         assert r.status_code == 503 and error_of(r)["type"] == "service_unavailable"
     finally:
         loading.stop()
+
+
+def test_conversation_reuses_its_prefix(client: openai.OpenAI, server: Server) -> None:
+    """A second request sharing a long system prompt reuses its whole prefill chunks (see /metrics)."""
+    system = "You answer questions about rivers. " + "Rivers flow from sources to mouths. " * 60
+    before = metric(server, "spqr_prompt_tokens_cached_total")
+    for question in ("Name a long river.", "Name a short river."):
+        r = client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+            max_tokens=4,
+            temperature=0,
+        )
+        assert r.usage.prompt_tokens > 256
+    assert metric(server, "spqr_prompt_tokens_cached_total") - before >= 256
