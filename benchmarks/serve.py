@@ -2,9 +2,12 @@
 
 Each client sends streamed /v1/completions requests back to back (temperature 0, fixed prompts) and records the
 time to first token (TTFT) and the time per output token after the first (TPOT). Prints a markdown table.
+`--shared-prefix N` puts the same N-sentence document before every prompt (a long system prompt, a RAG context);
+with `--model`, `--compare-reuse` runs everything twice, with and without prefix reuse, on the same settings.
 
     python benchmarks/serve.py --model /path/to/model.gguf --parallel 8      # starts its own server
     python benchmarks/serve.py --url http://127.0.0.1:8000 --api-key KEY      # against a running server
+    python benchmarks/serve.py --model m.gguf --shared-prefix 40 --compare-reuse --clients 1,4
 """
 
 from __future__ import annotations
@@ -78,11 +81,18 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def run_level(url: str, clients: int, requests: int, max_tokens: int, headers: dict[str, str]) -> dict:
+DOCUMENT_SENTENCE = (
+    "The harbour town kept its records in a stone house by the water, and every ship was logged. "
+)
+
+
+def run_level(
+    url: str, clients: int, requests: int, max_tokens: int, headers: dict[str, str], prefix: str = ""
+) -> dict:
     def client_loop(c: int) -> list[Sample]:
         with httpx.Client() as http:
             return [
-                one_request(http, url, PROMPTS[(c + i) % len(PROMPTS)], max_tokens, headers)
+                one_request(http, url, prefix + PROMPTS[(c + i) % len(PROMPTS)], max_tokens, headers)
                 for i in range(requests)
             ]
 
@@ -103,14 +113,14 @@ def run_level(url: str, clients: int, requests: int, max_tokens: int, headers: d
     }
 
 
-def start_server(model: str, parallel: int, ctx: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, parallel: int, ctx: int, *extra: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, "-m", "spqr_run.cli.serve", model, "--port", str(port), "--parallel", str(parallel),
-           "--ctx", str(ctx), "--log-level", "warning"]  # fmt: skip
+           "--ctx", str(ctx), "--log-level", "warning", *extra]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, cwd=repo)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -138,28 +148,39 @@ def main() -> None:
     p.add_argument("--clients", default="1,4,8", help="concurrency levels (default 1,4,8)")
     p.add_argument("--requests", type=int, default=4, help="requests per client (default 4)")
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--shared-prefix", type=int, default=0, help="sentences of a document before every prompt")
+    p.add_argument("--compare-reuse", action="store_true", help="with --model: also run without prefix reuse")
     args = p.parse_args()
+    if args.compare_reuse and not args.model:
+        p.error("--compare-reuse needs --model (it starts the servers)")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    proc = None
-    url = args.url
-    if args.model:
-        proc, url = start_server(args.model, args.parallel, args.ctx)
-    try:
-        one_request(httpx.Client(), url, "Warm up.", 4, headers)
-        rows = [
-            run_level(url, int(c), args.requests, args.max_tokens, headers) for c in args.clients.split(",")
-        ]
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=30)
-    print(f"max_tokens={args.max_tokens}, {args.requests} requests per client, temperature 0, streamed\n")
-    print("| clients | requests | tokens | tok/s | TTFT p50 / p90 / p99 (ms) | TPOT p50 / p90 / p99 (ms) |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        ttft = " / ".join(f"{x:.0f}" for x in r["ttft"])
-        tpot = " / ".join(f"{x:.1f}" for x in r["tpot"])
-        print(f"| {r['clients']} | {r['requests']} | {r['tokens']} | {r['tok_s']:.1f} | {ttft} | {tpot} |")
+    prefix = DOCUMENT_SENTENCE * args.shared_prefix
+    variants = [("prefix reuse", ())] + ([("no reuse", ("--no-prefix-reuse",))] if args.compare_reuse else [])
+    print(f"max_tokens={args.max_tokens}, {args.requests} requests per client, temperature 0, streamed, "
+          f"shared prefix of {args.shared_prefix} sentences\n")  # fmt: skip
+    print(
+        "| server | clients | requests | tokens | tok/s | TTFT p50 / p90 / p99 (ms) | TPOT p50 / p90 / p99 (ms) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, extra in variants:
+        proc, url = (
+            (None, args.url) if not args.model else start_server(args.model, args.parallel, args.ctx, *extra)
+        )
+        try:
+            one_request(httpx.Client(), url, "Warm up.", 4, headers)
+            for c in args.clients.split(","):
+                r = run_level(url, int(c), args.requests, args.max_tokens, headers, prefix)
+                ttft = " / ".join(f"{x:.0f}" for x in r["ttft"])
+                tpot = " / ".join(f"{x:.1f}" for x in r["tpot"])
+                print(
+                    f"| {name} | {r['clients']} | {r['requests']} | {r['tokens']} | {r['tok_s']:.1f} | {ttft} "
+                    f"| {tpot} |",
+                    flush=True,
+                )
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=30)
 
 
 if __name__ == "__main__":

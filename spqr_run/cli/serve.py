@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     # hidden: tuning and test hooks
     p.add_argument("--max-queue", type=int, default=64, help=argparse.SUPPRESS)
+    p.add_argument("--no-prefix-reuse", action="store_true", help=argparse.SUPPRESS)  # benchmarks compare
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help=argparse.SUPPRESS)
     p.add_argument("--load-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     return p
@@ -85,6 +86,7 @@ def _serve(argv: list[str] | None) -> int:
         kv_cache=args.kv_cache,
         parallel=args.parallel,
         max_queue=args.max_queue,
+        prefix_reuse=not args.no_prefix_reuse,
         api_key=args.api_key or None,
         max_body_bytes=args.max_body_bytes,
         load_delay_s=args.load_delay,

@@ -53,6 +53,7 @@ class ServerConfig:
     kv_cache: str = "auto"
     parallel: int = 4
     max_queue: int = 64
+    prefix_reuse: bool = True
     api_key: str | None = None
     max_body_bytes: int = 4 * 1024 * 1024
     load_delay_s: float = 0.0  # test hook: stay in the loading state this long
@@ -89,6 +90,7 @@ class ServerState:
                 slots=cfg.parallel,
                 max_context=runtime.max_context,
                 max_queue=cfg.max_queue,
+                prefix_reuse=cfg.prefix_reuse,
                 metrics=self.metrics,
             )
             engine.start()

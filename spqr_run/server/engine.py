@@ -82,8 +82,10 @@ class Engine:
         metrics: Metrics,
         prefill_chunk: int = 256,
         kv_bucket: int = 64,
+        prefix_reuse: bool = True,
     ) -> None:
         self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
+        self.prefix_reuse = prefix_reuse
         self.slots, self.max_queue, self.prefill_chunk, self.kv_bucket = (
             slots,
             max_queue,
@@ -204,7 +206,7 @@ class Engine:
     def _reusable(self, slot: int, job: Job) -> int:
         """Prompt tokens of `job` whose keys/values row `slot` holds: whole chunks, and never the last
         prompt token (its logits are needed). 0 when the prompt is scored (every position's logits are)."""
-        if job.prompt_logprobs is not None:
+        if job.prompt_logprobs is not None or not self.prefix_reuse:
             return 0
         cached, ids = self._row_prompt[slot], job.prompt_ids
         n = 0
