@@ -25,6 +25,8 @@ class ModelFacts:
     budget_bytes: int
     max_context: int
     context_fit: int  # tokens of KV cache the budget had room for
+    max_positions: int  # the model's own limit
+    kv_dtype: str  # how the KV cache stores keys and values: fp32, fp16, bf16, int8
 
 
 def model_facts(runtime: Runtime) -> ModelFacts:
@@ -48,6 +50,8 @@ def model_facts(runtime: Runtime) -> ModelFacts:
         budget_bytes=runtime.plan.budget,
         max_context=runtime.max_context,
         context_fit=runtime.plan.context_fit,
+        max_positions=cfg.max_position_embeddings,
+        kv_dtype=runtime.plan.kv_dtype,
     )
 
 
@@ -90,8 +94,13 @@ def describe(facts: ModelFacts) -> list[tuple[str, str]]:
         (
             "memory plan",
             f"weights {human_bytes(facts.weights_bytes)} + KV cache {human_bytes(facts.kv_cache_bytes)} "
+            f"({facts.kv_dtype}) "
             f"= {human_bytes(facts.weights_bytes + facts.kv_cache_bytes)} "
             f"(budget {human_bytes(facts.budget_bytes)})",
         ),
-        ("max context", f"{facts.max_context} tokens (room for {facts.context_fit})"),
+        (
+            "max context",
+            f"{facts.max_context} tokens (model limit {facts.max_positions}, "
+            f"memory room for {facts.context_fit:,})",
+        ),
     ]
