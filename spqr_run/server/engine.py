@@ -85,13 +85,8 @@ class Engine:
         prefix_reuse: bool = True,
     ) -> None:
         self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
-        self.prefix_reuse = prefix_reuse
-        self.slots, self.max_queue, self.prefill_chunk, self.kv_bucket = (
-            slots,
-            max_queue,
-            prefill_chunk,
-            kv_bucket,
-        )
+        self.slots, self.max_queue = slots, max_queue
+        self.prefill_chunk, self.kv_bucket, self.prefix_reuse = prefill_chunk, kv_bucket, prefix_reuse
         model.setup_caches(slots, max_context)
         self.max_context = model.max_seq_len
         self.device = model.embed_tokens.weight.device
