@@ -49,19 +49,19 @@ class Recorder:
         assert getattr(self, event)[name].wait(timeout=120), f"job {name} did not progress"
 
 
-@pytest.fixture(scope="module")
-def engine(real_source) -> Iterator[Engine]:
-    model = build_decoder(real_source)  # its own copy: the engine owns the model's caches
+def _started_engine(source) -> Engine:
+    """2 rows of 512 tokens on a model of its own (an engine owns its model's caches), prefill chunks of CHUNK."""
+    model = build_decoder(source)
     eng = Engine(
-        model,
-        real_source.tokenizer,
-        slots=2,
-        max_context=512,
-        max_queue=4,
-        metrics=Metrics(),
-        prefill_chunk=CHUNK,
+        model, source.tokenizer, slots=2, max_context=512, max_queue=4, metrics=Metrics(), prefill_chunk=CHUNK
     )
     eng.start()
+    return eng
+
+
+@pytest.fixture(scope="module")
+def engine(real_source) -> Iterator[Engine]:
+    eng = _started_engine(real_source)
     yield eng
     eng.stop()
 
@@ -134,16 +134,7 @@ def test_prefix_reuse_is_bit_identical(engine: Engine, real_source) -> None:
     assert job.reused == 2 * CHUNK  # the whole chunks of `first`; its partial last chunk is recomputed
     assert engine.metrics.cached_prompt_tokens - cached_before == 2 * CHUNK
 
-    fresh = Engine(
-        build_decoder(real_source),
-        tok,
-        slots=2,
-        max_context=512,
-        max_queue=4,
-        metrics=Metrics(),
-        prefill_chunk=CHUNK,
-    )
-    fresh.start()
+    fresh = _started_engine(real_source)
     try:
         fresh_job, recomputed = run(fresh, longer, "fresh")
     finally:
