@@ -41,7 +41,7 @@ def _spqr_stats(group: torch.Tensor, maxq: int):
     return _bilevel(s, 3), _bilevel(-lo / s, 3)
 
 
-def slow_reference(w, h, *, method, wbits, groupsize, act_order, percdamp=1.0):
+def slow_reference(w, h, *, method, wbits, groupsize, act_order, percdamp):
     """Column-by-column GPTQ without blocks (Frantar et al. 2022, Alg. 1 with lazy batching removed):
     stats of a group are fitted when its first column is reached; after rounding column j its scaled
     error (w_j - q_j) / U[j, j] is subtracted from every later column through row j of U."""
@@ -83,7 +83,7 @@ def test_gptq_loop_matches_slow_reference(method, wbits, groupsize, shape, act_o
     )
     res = quantize_linear(w, h, config=cfg)
     ref_codes, ref_recon, ref_perm = slow_reference(
-        w, h, method=method, wbits=wbits, groupsize=groupsize, act_order=act_order
+        w, h, method=method, wbits=wbits, groupsize=groupsize, act_order=act_order, percdamp=cfg.percdamp
     )
     q = res.quantized
     assert torch.equal(q.perm_indices() if act_order else torch.arange(n), ref_perm)

@@ -30,7 +30,9 @@ class QuantConfig:
     stat_groupsize: int = 16  # spqr only, beta2: consecutive output rows sharing second-order stats
     outlier_threshold: float = 0.2  # spqr only, tau: relative outlier threshold; inf disables outliers
     simplified_outliers: bool = False  # spqr only: skip the leave-one-out refit (faster, a bit worse)
-    percdamp: float = 1.0  # H[i, i] += percdamp * mean(diag H)
+    # H[i, i] += percdamp * mean(diag H). 0.01 is GPTQ's default (Frantar et al., 2023); the SpQR release ran
+    # 1.0, which on SmolLM2 costs every method 1.5-2.5 points of perplexity (sweep in BENCHMARKS.md)
+    percdamp: float = 0.01
     blocksize: int = 128  # GPTQ lazy-update block; affects speed only (rounded up to the group size)
     act_order: bool = True  # permute input columns by descending diag(H)
 
