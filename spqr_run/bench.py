@@ -29,6 +29,7 @@ from spqr_run.engine.planner import (
     apply_budget,
     default_budget,
     dense_weight_bytes,
+    kv_dtype_of,
     module_weight_bytes,
     plan_memory,
     resident_bytes,
@@ -304,7 +305,7 @@ def _fits(cfg: ModelConfig, weight_bytes: int, st: BenchSettings, budget: int, q
             batch=st.batch,
             quantized=quantized,
             context=min(st.prompt_len + st.new_tokens, cfg.max_position_embeddings),
-            kv_dtype="int8" if st.kv_cache == "int8" else "fp16",
+            kv_dtype=kv_dtype_of(st.kv_cache, torch.float16),  # planned as on a GPU (CPU caches are fp32)
         )
     except ConfigError as e:
         return str(e)

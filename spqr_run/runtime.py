@@ -10,10 +10,10 @@ import torch
 from spqr_run.chat_template import ChatTemplate, chat_template_for
 from spqr_run.devices import default_dtype, resolve_device
 from spqr_run.engine.planner import (
-    TORCH_KV_DTYPES,
     MemoryPlan,
     apply_budget,
     default_budget,
+    kv_dtype_of,
     plan_memory,
     resident_bytes,
 )
@@ -109,8 +109,7 @@ def plan_context(
     weights, _ = resident_bytes(model)
     if kv_cache not in KV_CACHE_KINDS:
         raise ConfigError(f"invalid --kv-cache {kv_cache!r}: use one of {', '.join(KV_CACHE_KINDS)}")
-    # "auto": the cache takes the model's dtype
-    kv_dtype = "int8" if kv_cache == "int8" else TORCH_KV_DTYPES[model.embed_tokens.weight.dtype]
+    kv_dtype = kv_dtype_of(kv_cache, model.embed_tokens.weight.dtype)
     common = dict(
         weight_bytes=weights,
         budget_bytes=budget,

@@ -22,8 +22,8 @@ Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST
 POST /detokenize, GET /health (503 while the model loads), GET /metrics (Prometheus text).
 
 The socket opens at once and the model loads in the background. Up to --parallel sequences generate together
-(continuous batching; each holds one KV-cache row of --ctx tokens, sized to fit --gpu-memory); more requests wait in a queue and get
-429 when it is full. Greedy output (temperature 0) is the same whether a request runs alone or batched.
+(continuous batching; each holds one KV-cache row of --ctx tokens, sized to fit --gpu-memory); more requests
+wait in a queue and get 429 when it is full. Greedy output (temperature 0) is the same whether a request runs alone or batched.
 """
 
 

@@ -66,6 +66,11 @@ def kv_element_bytes(kv_dtype: str) -> int:
         ) from None
 
 
+def kv_dtype_of(kind: str, model_dtype: torch.dtype) -> str:
+    """The planner's name for how a KV cache of `kind` ("auto": the model's dtype, "int8") stores numbers."""
+    return "int8" if kind == "int8" else TORCH_KV_DTYPES[model_dtype]
+
+
 def kv_bytes_per_token(cfg: ModelConfig, kv_dtype: str) -> int:
     """KV-cache bytes per token of one sequence; int8 adds its fp32 scale per (layer, k/v, head)."""
     per_token = cfg.kv_bytes_per_token(kv_element_bytes(kv_dtype))

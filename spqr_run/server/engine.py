@@ -10,16 +10,19 @@ Prefix reuse: a row keeps the keys/values of its last prompt after its sequence 
 free row that shares the longest prefix with its prompt and starts its prefill after the shared part (a chat
 client resending a growing conversation pays only for the new turn). Only whole prefill chunks computed by an
 earlier prefill are reused, so the new prefill starts at a chunk boundary and every chunk has the shape it
-would have had from scratch: the result is bit-identical to recomputing. Results go back through each
-job's `sink`, which the caller makes thread-safe (the server posts into an asyncio queue with
-`loop.call_soon_threadsafe`). Setting `job.cancelled` ends the sequence and frees its row before the next step.
+would have had from scratch: the result is bit-identical to recomputing.
+
+Results go back through each job's `sink`, which the caller makes thread-safe (the server posts into an
+asyncio queue with `loop.call_soon_threadsafe`). Setting `job.cancelled` ends the sequence and frees its row
+before the next step.
 
 Determinism: a sequence's greedy tokens do not depend on what else runs. On CPU, fp32 matmul results depend
 on the number of rows M (M=1 and M=8 differ in the last bits) and attention results depend on the key length
-when it is not a multiple of the vector width, so every decode step runs all `slots` rows (rows not decoding are dummies
-writing the last position of their row, which a sequence always writes itself before it reads it) and reads a
-key length rounded up to a multiple of `kv_bucket`. Measured on SmolLM2: with both, a row's logits are bit-identical whatever the other
-rows hold and however far the keys are padded (masked keys add exact zeros).
+when it is not a multiple of the vector width, so every decode step runs all `slots` rows (rows not decoding
+are dummies writing the last position of their row, which a sequence always writes itself before it reads
+it) and reads a key length rounded up to a multiple of `kv_bucket`. Measured on SmolLM2: with both, a row's
+logits are bit-identical whatever the other rows hold and however far the keys are padded (masked keys add
+exact zeros).
 """
 
 from __future__ import annotations
@@ -213,9 +216,10 @@ class Engine:
     def _assign_row(self, job: Job) -> None:
         """Give `job` the free row with the most reusable tokens (ties: the one holding least, then the
         lowest), and start its prefill after them."""
-        slot = max(self._free, key=lambda s: (self._reusable(s, job), -len(self._row_prompt[s]), -s))
+        reusable = {s: self._reusable(s, job) for s in self._free}
+        slot = max(self._free, key=lambda s: (reusable[s], -len(self._row_prompt[s]), -s))
         self._free.remove(slot)
-        job.slot, job.reused = slot, self._reusable(slot, job)
+        job.slot, job.reused = slot, reusable[slot]
         job.prefilled = job.reused
         self._row_prompt[slot] = job.prompt_ids[: job.reused]  # the rest of the row is overwritten from here
 
