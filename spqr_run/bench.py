@@ -1,4 +1,7 @@
-"""`spqr-bench` core: SpQR against FP16 on the same engine, side by side in one run.
+"""`spqr-bench` core: SpQR against its dense counterpart on the same engine, side by side in one run.
+
+The dense baseline is called "fp16" in the JSON keys (its name on GPUs); each result's `dtype` says what it
+really ran in (fp32 on CPUs), and the table labels the row with it.
 
 For each method: build the model (a synthetic one, or a real file and a synthetic counterpart of the same
 config), check that it fits the memory budget (`engine.planner`), then time
@@ -21,10 +24,12 @@ from typing import Any
 
 import torch
 from rich.table import Table
+from rich.text import Text
 
 from spqr_run.config import ModelConfig
 from spqr_run.engine.graphs import GraphDecodeStep
 from spqr_run.engine.planner import (
+    TORCH_KV_DTYPES,
     GiB,
     apply_budget,
     default_budget,
@@ -101,6 +106,12 @@ class MethodResult:
     kv_cache_bytes: int  # the KV cache allocated for batch x (prompt + new tokens)
     graphs: bool
     source: str  # "synthetic" or the model file
+    dtype: str = "fp16"  # what the dense weights and activations are held in: fp16 on GPUs, fp32 on CPUs
+
+    @property
+    def label(self) -> str:
+        """The table's name for this row: "spqr", or the dense baseline's real dtype ("fp32" on a CPU)."""
+        return self.method if self.method == "spqr" else self.dtype
 
 
 @dataclass
@@ -133,18 +144,21 @@ class BenchReport:
         return out
 
     def table(self) -> Table:
+        """The report as a rich Table (the model name is printed literally, never as markup)."""
         st = self.settings
         t = Table(
-            title=f"{self.model} on {self.device}: batch {st.batch}, prompt {st.prompt_len}, "
-            f"{st.new_tokens} new tokens" + (f", {st.kv_cache} KV cache" if st.kv_cache != "auto" else "")
+            title=Text(
+                f"{self.model} on {self.device}: batch {st.batch}, prompt {st.prompt_len}, "
+                f"{st.new_tokens} new tokens" + (f", {st.kv_cache} KV cache" if st.kv_cache != "auto" else "")
+            )
         )
         cols = ["", "bits/w", "weights GiB", "prefill tok/s", "decode tok/s", "ms/token", "TTFT ms", "GB/s"]
         for c in [*cols, "peak GiB", "graphs"]:
             t.add_column(c, justify="left" if c == "" else "right")
-        for m, r in self.results.items():
+        for r in self.results.values():
             peak = "-" if r.peak_bytes is None else f"{r.peak_bytes / GiB:.2f}"
             t.add_row(
-                m,
+                r.label,
                 f"{r.bits_per_weight:.2f}",
                 f"{r.weight_bytes / GiB:.2f}",
                 f"{r.prefill_tok_s:.1f}",
@@ -158,7 +172,7 @@ class BenchReport:
         ratios = self.ratios()
         if ratios:
             t.add_row(
-                "spqr/fp16",
+                f"spqr/{self.results['fp16'].label}",
                 "",
                 f"{ratios['weight_bytes']:.2f}x",
                 f"{ratios['prefill_tok_s']:.2f}x",
@@ -170,7 +184,7 @@ class BenchReport:
                 "",
             )
         for m, why in self.skipped.items():
-            t.add_row(m, f"skipped: {why}")
+            t.add_row("spqr" if m == "spqr" else "dense", Text(f"skipped: {why}"))
         return t
 
 
@@ -277,6 +291,7 @@ def bench_model(
         kv_cache_bytes=resident_bytes(model)[1],
         graphs=step.graphed,
         source=source,
+        dtype=TORCH_KV_DTYPES.get(model.embed_tokens.weight.dtype, str(model.embed_tokens.weight.dtype)),
     )
 
 

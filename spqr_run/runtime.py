@@ -61,7 +61,7 @@ def load_runtime(
     `memory` is the budget in bytes for weights + workspace + KV cache (default: the device's free memory
     plus what the weights took); on CUDA it also caps this process's allocations. `ctx` asks for a context
     (a ConfigError names the shortfall when it does not fit); without it the context is the longest that fits,
-    at most the model's and `DEFAULT_CONTEXT`. `kv_cache` "int8" stores the cache in 8 bits (`kv_cache`).
+    at most the model's and `DEFAULT_CONTEXT`; a `ctx` above the model's limit is a ConfigError. `kv_cache` "int8" stores the cache in 8 bits (`kv_cache`).
     """
     dev = resolve_device(device)
     if ctx is not None and ctx < 16:
@@ -70,6 +70,11 @@ def load_runtime(
         apply_budget(dev, memory)
     source = open_model(path)
     cfg = source.config
+    if ctx is not None and ctx > cfg.max_position_embeddings:  # refused before the weights load, not clamped
+        raise ConfigError(
+            f"invalid --ctx {ctx}: {cfg.name or Path(path).name} handles at most "
+            f"{cfg.max_position_embeddings} tokens (its max_position_embeddings)"
+        )
     model = build_decoder(source, device=dev, dtype=default_dtype(dev), progress=progress)
     plan = plan_context(
         model,

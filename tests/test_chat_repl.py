@@ -26,7 +26,11 @@ pytestmark = [
     ),
 ]
 
-STATS = r"(\d+) tokens, ttft [\d.]+ s, prefill [\d.]+ tok/s, decode [\d.]+ tok/s( \(([a-z ]+)\))?"
+# the prompt part: a prefill rate, or how much of the prompt the KV cache already held (later turns)
+STATS = (
+    r"(\d+) tokens, ttft [\d.]+ s, (?:prefill [\d.]+ tok/s|prompt \d+ of \d+ tokens cached), "
+    r"decode [\d.]+ tok/s( \(([a-z ]+)\))?"
+)
 PROMPT = ">>>"
 # prompt_toolkit turns bracketed paste off when the prompt returns: what follows is the program's output
 INPUT_DONE = r"\x1b\[\?2004l"
@@ -40,7 +44,7 @@ def plain(text: str) -> str:
     return ANSI.sub("", text)
 
 
-def spawn(home: Path, *args: str):
+def spawn(home: Path, *args: str, dimensions: tuple[int, int] = (40, 160)):
     env = {
         **os.environ,
         "HOME": str(home),
@@ -54,7 +58,7 @@ def spawn(home: Path, *args: str):
     env.pop("SPQR_RUN_CHAT_HISTORY", None)
     argv = ["-m", "spqr_run.cli.chat", str(MODEL), "--device", "cpu", *args]
     child = pexpect.spawn(
-        sys.executable, argv, cwd=str(REPO), env=env, encoding="utf-8", timeout=TIMEOUT, dimensions=(40, 160)
+        sys.executable, argv, cwd=str(REPO), env=env, encoding="utf-8", timeout=TIMEOUT, dimensions=dimensions
     )
     child.expect("max context")
     child.expect(PROMPT)
@@ -95,8 +99,10 @@ def test_chat_save_ctrl_c_and_load_in_a_new_session(tmp_path: Path) -> None:
 
     # two turns: the second answer depends on the first
     ask(child, "I have a cat named Whiskers.")
-    reply, _ = ask(child, "What is my cat's name?")
+    reply, stats = ask(child, "What is my cat's name?")
     assert "Whiskers" in reply  # the question itself does not contain it
+    # the first turn came from the KV cache: no prefill rate over tokens that were not computed
+    assert "tokens cached" in stats.group(0) and "prefill" not in stats.group(0)
     assert f"saved 4 messages to {saved}" in command(child, f"/save {saved}", "saved .* messages to .*json")
 
     # Ctrl-C in the middle of a long reply stops it, keeps it, and the next question works
@@ -151,4 +157,58 @@ def test_conversation_longer_than_the_context(tmp_path: Path) -> None:
     # the REPL keeps working
     ask(child, "Hello!")
     child.send("/exit\r")
+    finish(child)
+
+
+class _Screen:
+    """A VT100 screen (pyte) fed with everything the child writes: what the user actually sees."""
+
+    def __init__(self, rows: int, cols: int) -> None:
+        pyte = pytest.importorskip("pyte")
+        self.screen = pyte.Screen(cols, rows)
+        self.stream = pyte.Stream(self.screen)
+
+    def write(self, data: str) -> None:
+        self.stream.feed(data)
+
+    def flush(self) -> None:
+        pass
+
+    def rows(self) -> list[str]:
+        return [row.rstrip() for row in self.screen.display]
+
+
+def test_ctrl_c_mid_reply_draws_each_line_once(tmp_path: Path) -> None:
+    """Ctrl-C while a wrapped reply streams in the rich view: the reply's first line is on the screen once.
+
+    The terminal echoes Ctrl-C as "^C" behind the renderer's back; after a full-width line it wraps and the
+    live area's redraw started one line too low, leaving its first line twice on the screen."""
+    rows, cols = 60, 50  # narrow: the reply wraps after a few words
+    question = "Tell me a long story about a dragon."  # one screen row with the prompt
+    child = spawn(tmp_path, "--temperature", "0", "--max-tokens", "300", dimensions=(rows, cols))
+    screen = _Screen(rows, cols)
+    screen.write(child.before + child.after)  # the banner and the first prompt
+    child.logfile_read = screen
+
+    def reply_rows() -> list[str]:
+        shown = screen.rows()
+        asked = max(i for i, row in enumerate(shown) if row.startswith(">>> " + question[:20]))
+        return shown[asked + 1 :]
+
+    child.send(question + "\r")
+    child.expect(INPUT_DONE)
+    # wait (bounded by the pexpect timeout) until the reply fills two screen rows: it has wrapped
+    while sum(1 for row in reply_rows() if row.strip()) < 2:
+        child.expect(WORD)
+    child.sendintr()
+    child.expect(STATS)
+    assert child.match.group(3) == "stopped"
+    child.expect(PROMPT)
+    shown = reply_rows()
+    end = next(i for i, row in enumerate(shown) if re.match(r"\d+ tokens, ttft", row))  # the stats line
+    reply = [row for row in shown[:end] if row.strip()]
+    assert len(reply) >= 2, shown
+    assert screen.rows().count(reply[0]) == 1, "\n".join(shown[: end + 2])
+    assert len(set(reply)) == len(reply), "\n".join(shown[: end + 2])  # no line drawn twice
+    child.sendeof()
     finish(child)

@@ -21,6 +21,7 @@ class ModelFacts:
     bits_note: str  # where bits/param comes from ("" when the file reports it)
     device: str
     weights_bytes: int
+    workspace_bytes: int  # prefill activations, logits, dequant tile and allocator margin (the planner's)
     kv_cache_bytes: int
     budget_bytes: int
     max_context: int
@@ -46,6 +47,7 @@ def model_facts(runtime: Runtime) -> ModelFacts:
         bits_note=note,
         device=str(runtime.device),
         weights_bytes=weights,
+        workspace_bytes=runtime.plan.workspace.total + runtime.plan.margin,
         kv_cache_bytes=kv,
         budget_bytes=runtime.plan.budget,
         max_context=runtime.max_context,
@@ -93,9 +95,9 @@ def describe(facts: ModelFacts) -> list[tuple[str, str]]:
         ("device", facts.device),
         (
             "memory plan",
-            f"weights {human_bytes(facts.weights_bytes)} + KV cache {human_bytes(facts.kv_cache_bytes)} "
-            f"({facts.kv_dtype}) "
-            f"= {human_bytes(facts.weights_bytes + facts.kv_cache_bytes)} "
+            f"weights {human_bytes(facts.weights_bytes)} + workspace {human_bytes(facts.workspace_bytes)} "
+            f"+ KV cache {human_bytes(facts.kv_cache_bytes)} ({facts.kv_dtype}) "
+            f"= {human_bytes(facts.weights_bytes + facts.workspace_bytes + facts.kv_cache_bytes)} "
             f"(budget {human_bytes(facts.budget_bytes)})",
         ),
         (

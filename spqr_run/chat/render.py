@@ -31,13 +31,33 @@ def end_line(finish_reason: str, stats: GenerationStats | None, show_stats: bool
 
 
 def stats_line(finish_reason: str, stats: GenerationStats) -> str:
-    """'12 tokens, ttft 0.31 s, prefill 250.0 tok/s, decode 21.4 tok/s' (+ why it stopped early)."""
+    """'12 tokens, ttft 0.31 s, prefill 250.0 tok/s, decode 21.4 tok/s' (+ why it stopped early).
+
+    When part of the prompt came from the KV cache (the earlier turns of the conversation), a prefill rate
+    would count tokens that were not computed: the line says 'prompt 230 of 240 tokens cached' instead.
+    """
     note = FINISH_NOTES.get(finish_reason)
+    if stats.cached_tokens:
+        prompt = f"prompt {stats.cached_tokens} of {stats.prompt_tokens} tokens cached"
+    else:
+        prompt = f"prefill {stats.prefill_tok_s:.1f} tok/s"
     text = (
-        f"{stats.completion_tokens} tokens, ttft {stats.ttft_s:.2f} s, prefill {stats.prefill_tok_s:.1f} tok/s, "
+        f"{stats.completion_tokens} tokens, ttft {stats.ttft_s:.2f} s, {prompt}, "
         f"decode {stats.decode_tok_s:.1f} tok/s"
     )
     return f"{text} ({note})" if note else text
+
+
+# C0/C1 control characters other than newline and tab, which a terminal would act on (ESC starts cursor
+# movement and colour sequences): model output shows them as visible escapes ("\x1b", "\x9b", ...)
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0))}
+_CONTROLS[0x0D] = None  # a bare carriage return: dropped (CRLF line ends stay line ends)
+
+
+def printable(text: str) -> str:
+    """`text` with terminal control characters made visible (newlines and tabs kept): model output must be
+    shown as text, never run as cursor or colour commands."""
+    return text.translate(_CONTROLS)
 
 
 class PlainOutput:
@@ -121,19 +141,22 @@ class RichOutput:
         self._last = 0.0
         self._live: Live | None = None
 
+    # Text objects throughout: file names, model metadata and messages are printed literally, never as markup
     def line(self, text: str = "", *, style: str = "") -> None:
-        self.console.print(Text(text, style=style), soft_wrap=True)
+        self.console.print(Text(printable(text), style=style), soft_wrap=True)
 
     def notice(self, text: str) -> None:
         self.line(text, style="yellow")
 
     def error(self, text: str) -> None:
-        self.console.print(Text.assemble(("error: ", "bold red"), text), soft_wrap=True)
+        self.console.print(Text.assemble(("error: ", "bold red"), printable(text)), soft_wrap=True)
 
     def table(self, rows: list[tuple[str, str]]) -> None:
         width = max(len(k) for k, _ in rows)
         for key, value in rows:
-            self.console.print(Text.assemble((f"{key + ':':<{width + 1}} ", "bold"), value), soft_wrap=True)
+            self.console.print(
+                Text.assemble((f"{key + ':':<{width + 1}} ", "bold"), printable(value)), soft_wrap=True
+            )
 
     def reply_start(self) -> None:
         self._text, self._done, self._printed, self._blocks, self._last = "", 0, 0, 0, 0.0
@@ -141,7 +164,7 @@ class RichOutput:
         self._live.start()
 
     def reply_text(self, piece: str) -> None:
-        self._text += piece
+        self._text += printable(piece)  # rendered as Markdown, never as rich markup or terminal escapes
         now = time.monotonic()
         if now - self._last >= self.MIN_INTERVAL_S:
             self._last = now

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from types import FrameType
+
+try:
+    import termios
+except ImportError:  # not on POSIX: no terminal modes to change
+    termios = None  # type: ignore[assignment]
 
 from spqr_run.chat.commands import Command, apply_setting, help_text, is_command, parse_command
 from spqr_run.chat.conversation import Conversation
@@ -18,6 +25,37 @@ from spqr_run.errors import SpqrError
 
 Output = PlainOutput | RichOutput
 SHOWN_SETTINGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens", "seed")
+
+
+@contextmanager
+def terminal_echo_off(fd: int | None = None) -> Iterator[None]:
+    """Turn the terminal's echo off for the block (standard input by default; nothing when it is no terminal).
+
+    While a reply streams, the terminal itself would echo what is typed, Ctrl-C as "^C", at the cursor. The
+    rich view redraws its live area by moving the cursor up as many lines as it drew; its lines are padded
+    to the full width, so a "^C" echoed after the last one wraps onto a new line, the redraw then starts
+    one line too low and the live area's first line is left on the screen twice. With echo off the
+    keystrokes still arrive (Ctrl-C still sends SIGINT, typed-ahead text waits for the next prompt) but
+    nothing is drawn behind the renderer's back.
+    """
+    saved = None
+    if termios is not None:
+        try:
+            fd = sys.stdin.fileno() if fd is None else fd
+            if os.isatty(fd):
+                saved = termios.tcgetattr(fd)
+                quiet = list(saved)
+                quiet[3] &= ~(termios.ECHO | termios.ECHONL)  # lflag
+                termios.tcsetattr(fd, termios.TCSANOW, quiet)  # TCSANOW: keep what was typed ahead
+        except (OSError, ValueError, AttributeError, termios.error):  # no usable standard input
+            saved = None
+    if saved is None:
+        yield
+        return
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 class StopFlag:
@@ -36,11 +74,13 @@ class StopFlag:
 
     @contextmanager
     def installed(self) -> Iterator[StopFlag]:
-        """Catch SIGINT only for the duration of the block (the prompt handles Ctrl-C itself)."""
+        """Catch SIGINT only for the duration of the block (the prompt handles Ctrl-C itself), with the
+        terminal's echo off so that "^C" is not drawn into the streaming reply (`terminal_echo_off`)."""
         self.stop = False
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         try:
-            yield self
+            with terminal_echo_off():
+                yield self
         finally:
             signal.signal(signal.SIGINT, previous)
 

@@ -15,7 +15,17 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from spqr_run.cli.common import add_memory_flags, add_model_flags, memory_budget, run_cli
+from spqr_run.cli.common import (
+    SAMPLING_FLAGS,
+    ArgumentParser,
+    add_memory_flags,
+    add_model_flags,
+    add_sampling_flags,
+    check_dependencies,
+    int_arg,
+    memory_budget,
+    run_cli,
+)
 from spqr_run.errors import ConfigError
 from spqr_run.sampling import SamplingParams
 
@@ -44,7 +54,7 @@ DEFAULT_MAX_TOKENS = 512
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="spqr-chat",
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -53,13 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p, model_required=False)
     add_memory_flags(p)
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: the model's)")
-    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens; 0 = off")
+    add_sampling_flags(p)
     p.add_argument(
-        "--max-tokens", type=int, default=None, help=f"reply length limit (default {DEFAULT_MAX_TOKENS})"
+        "--max-tokens",
+        type=int_arg(1),
+        default=None,
+        help=f"reply length limit in tokens (default {DEFAULT_MAX_TOKENS})",
     )
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (reproducible replies)")
     p.add_argument("--no-stats", action="store_true", help="no stats line after each reply")
     p.add_argument(
         "--plain", action="store_true", help="plain text output (no colours, no Markdown rendering)"
@@ -72,13 +82,7 @@ def sampling_params(args: argparse.Namespace, defaults: dict) -> SamplingParams:
     known = set(SamplingParams.field_names())
     values = {k: v for k, v in defaults.items() if k in known}
     values.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
-    flags = {
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "max_tokens": args.max_tokens,
-        "seed": args.seed,
-    }
+    flags = {name: getattr(args, name) for name in (*SAMPLING_FLAGS, "max_tokens")}
     values.update({k: v for k, v in flags.items() if v is not None})
     try:
         return SamplingParams(**values)  # a bad flag value raises ConfigError naming the parameter
@@ -89,7 +93,7 @@ def sampling_params(args: argparse.Namespace, defaults: dict) -> SamplingParams:
 def _progress(console: Console) -> Progress:
     return Progress(
         SpinnerColumn(),
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),  # descriptions hold file names: printed literally
         BarColumn(),
         TaskProgressColumn(),
         TimeElapsedColumn(),
@@ -100,6 +104,7 @@ def _progress(console: Console) -> Progress:
 
 def _main() -> int:
     args = build_parser().parse_args()
+    check_dependencies()  # a broken install fails now, before anything is downloaded or loaded
     # imported here so that --help is instant
     from spqr_run.chat.input import make_reader
     from spqr_run.chat.render import PlainOutput, RichOutput

@@ -1,16 +1,52 @@
-"""What every command shares: one-line errors with exit status 2, and the --device/--ctx flags."""
+"""What every command shares: one-line errors with exit status 2, checked numeric flags, the --device/--ctx
+flags, the dependency check, and consoles that print text we did not write literally.
+
+Text from outside the program (paths, model names and metadata, chat templates, model output, logs) is never
+given to rich as markup: it goes in `rich.text.Text` objects or through `rich.markup.escape`, so `[bold]` in a
+file name stays `[bold]` and `[/]` cannot raise a MarkupError.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import math
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from rich.console import Console
+from rich.text import Text
 
-from spqr_run.errors import SpqrError
+from spqr_run.errors import ConfigError, SpqrError
 
 stderr = Console(stderr=True, highlight=False)
+
+MIN_CONTEXT = 16  # the smallest --ctx any command accepts (tokens)
+
+# (import name, distribution) of the core dependencies the chat, generate and serve paths import; each is in
+# pyproject.toml's `dependencies`, so `pip install -e .` brings it.
+CORE_MODULES = (
+    ("torch", "torch"),
+    ("numpy", "numpy"),
+    ("gguf", "gguf"),
+    ("tokenizers", "tokenizers"),
+    ("sentencepiece", "sentencepiece"),
+    ("safetensors", "safetensors"),
+    ("jinja2", "jinja2"),
+    ("rich", "rich"),
+    ("prompt_toolkit", "prompt_toolkit"),
+)
+SERVER_MODULES = (("fastapi", "fastapi"), ("uvicorn", "uvicorn"))
+
+
+class MissingDependencyError(SpqrError):
+    """A core dependency of spqr-run cannot be imported (a broken or partial install)."""
+
+
+def print_error(message: str, console: Console | None = None) -> None:
+    """Print 'error: MESSAGE' on one line; MESSAGE is printed literally (never parsed as rich markup)."""
+    (console or stderr).print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
 
 
 def run_cli(main: Callable[[], int | None]) -> None:
@@ -18,12 +54,154 @@ def run_cli(main: Callable[[], int | None]) -> None:
     try:
         code = main()
     except SpqrError as e:
-        stderr.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+        print_error(str(e))
         sys.exit(2)
     except KeyboardInterrupt:
         stderr.print("interrupted")
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def check_dependencies(modules: tuple[tuple[str, str], ...] = CORE_MODULES) -> None:
+    """Import each of `modules` ((import name, distribution) pairs); MissingDependencyError names the first
+    that fails and how to install it. Commands call this before downloading or loading anything."""
+    for module, dist in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise MissingDependencyError(
+                f"the Python package '{dist}' that spqr-run needs cannot be imported ({e}); install the "
+                f"project's dependencies into this Python ({sys.executable}): `pip install {dist}`, or "
+                "reinstall the checkout with `pip install -e .`"
+            ) from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: 'error: argument --ctx: ...' on standard error, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print_error(f"{message} (see {self.prog} --help)")
+        sys.exit(2)
+
+
+def int_arg(low: int | None = None, high: int | None = None, *, unit: str = "") -> Callable[[str], int]:
+    """An argparse `type` for an integer in [low, high] (either bound optional); errors name the range."""
+    suffix = f" {unit}" if unit else ""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            if high is None:
+                why = f"must be at least {low}{suffix}"
+            elif low is None:
+                why = f"must be at most {high}{suffix}"
+            else:
+                why = f"must be in [{low}, {high}]{suffix}"
+            raise argparse.ArgumentTypeError(f"invalid value {value}: {why}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def float_arg(
+    low: float | None = None, high: float | None = None, *, low_open: bool = False
+) -> Callable[[str], float]:
+    """An argparse `type` for a finite number in [low, high] ((low, high] with `low_open`)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        bad_low = low is not None and (value <= low if low_open else value < low)
+        bad_high = high is not None and value > high
+        if not math.isfinite(value) or bad_low or bad_high:
+            left = "(" if low_open else "["
+            lo = "-inf" if low is None else f"{low:g}"
+            hi = "inf" if high is None else f"{high:g}"
+            raise argparse.ArgumentTypeError(f"invalid value {text}: must be in {left}{lo}, {hi}]")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def sampling_arg(field: str, kind: type) -> Callable[[str], float | int]:
+    """An argparse `type` for a `SamplingParams` field, checked by SamplingParams itself (one range each)."""
+    from spqr_run.sampling import SamplingParams
+
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        try:
+            SamplingParams(**{field: value})
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e).replace(f"invalid {field}=", "invalid value ")) from None
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """--temperature, --top-p, --top-k, --min-p, --repeat-penalty, --seed (default: the model's settings)."""
+    parser.add_argument(
+        "--temperature",
+        type=sampling_arg("temperature", float),
+        default=None,
+        help="0 = greedy (default: the model's)",
+    )
+    parser.add_argument(
+        "--top-p",
+        type=sampling_arg("top_p", float),
+        default=None,
+        help="nucleus sampling mass in (0, 1] (default: the model's)",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=sampling_arg("top_k", int),
+        default=None,
+        help="keep the k most likely tokens; 0 = off (default: the model's)",
+    )
+    parser.add_argument(
+        "--min-p",
+        type=sampling_arg("min_p", float),
+        default=None,
+        help="drop tokens less likely than MIN_P x the most likely one, in [0, 1]; 0 = off (default: the model's)",
+    )
+    parser.add_argument(
+        "--repeat-penalty",
+        type=sampling_arg("repetition_penalty", float),
+        default=None,
+        dest="repetition_penalty",
+        help="divide the logits of tokens already in the prompt or reply by this, in [0.01, 10]; 1 = off "
+        "(default: the model's)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int_arg(0, 2**64 - 1),
+        default=None,
+        help="random seed for sampling (reproducible replies)",
+    )
+
+
+SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+
+
+def wide_console(*, stderr_: bool = False) -> Console:
+    """A console for tables: the terminal's width on a terminal; elsewhere (a pipe, a file) wide enough that
+    a table is sized to its content instead of being cut to 80 columns."""
+    console = Console(stderr=stderr_, highlight=False)
+    if not console.is_terminal:
+        console = Console(stderr=stderr_, highlight=False, width=1000)
+    return console
 
 
 def add_model_flags(parser: argparse.ArgumentParser, *, model_required: bool = True) -> None:
@@ -40,10 +218,10 @@ def add_memory_flags(parser: argparse.ArgumentParser, *, per_sequence: bool = Fa
     each = " per sequence" if per_sequence else ""
     parser.add_argument(
         "--ctx",
-        type=int,
+        type=int_arg(MIN_CONTEXT, unit="tokens"),
         default=None,
-        help=f"context{each} in tokens (default: the longest that fits the memory, at most the model's and "
-        "4096; a larger one that does not fit is refused)",
+        help=f"context{each} in tokens (default: the longest that fits the memory, at most the model's limit "
+        "and 4096); a context above the model's limit, or one that does not fit the memory, is refused",
     )
     parser.add_argument(
         "--gpu-memory",

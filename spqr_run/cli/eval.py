@@ -6,31 +6,41 @@ import argparse
 import json
 from pathlib import Path
 
-from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
-from spqr_run.cli.common import add_kv_cache_flag, add_model_flags, run_cli
-from spqr_run.devices import default_dtype, resolve_device
+from spqr_run.cli.common import (
+    ArgumentParser,
+    add_kv_cache_flag,
+    add_model_flags,
+    check_dependencies,
+    int_arg,
+    run_cli,
+    wide_console,
+)
 from spqr_run.errors import ConfigError
-from spqr_run.eval import perplexity
-from spqr_run.loading import build_decoder, open_model
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="spqr-eval",
         description="Perplexity over non-overlapping windows of the first N tokens of a text file "
         "(tokenized without special tokens).",
-        epilog="example: spqr-eval models/smollm2.spqr --text ../shared/data/wiki-test.txt --max-tokens 20000",
+        epilog="example (the demo model that spqr-chat prepares, on any text file you have):\n"
+        "  spqr-eval models/SmolLM2-135M-Instruct.spqr --text README.md --max-tokens 20000",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_flags(p)
     p.add_argument("--text", required=True, help="a UTF-8 text file to score")
     p.add_argument(
-        "--max-tokens", type=int, default=None, help="score only the first N tokens (default: all)"
+        "--max-tokens", type=int_arg(2), default=None, help="score only the first N tokens (default: all)"
     )
     p.add_argument(
-        "--seqlen", type=int, default=None, help="window length (default 2048, or the context if smaller)"
+        "--seqlen",
+        type=int_arg(2),
+        default=None,
+        help="window length in tokens (default 2048, or the model's context if smaller)",
     )
     add_kv_cache_flag(p)  # int8: score through the 8-bit cache, to measure what it costs
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -43,7 +53,12 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(stderr=args.json)
+    check_dependencies()
+    from spqr_run.devices import default_dtype, resolve_device
+    from spqr_run.eval import perplexity
+    from spqr_run.loading import build_decoder, open_model
+
+    console = wide_console(stderr_=args.json)
     text_path = Path(args.text)
     try:
         text = text_path.read_text(encoding="utf-8")
@@ -51,8 +66,6 @@ def _main(argv: list[str] | None) -> int:
         raise ConfigError(f"--text {text_path}: file not found") from None
     except UnicodeDecodeError:
         raise ConfigError(f"--text {text_path}: not UTF-8 text") from None
-    if args.max_tokens is not None and args.max_tokens < 2:
-        raise ConfigError(f"invalid --max-tokens {args.max_tokens}: must be >= 2")
     device = resolve_device(args.device)
     source = open_model(args.model)
     seqlen = args.seqlen or min(2048, source.config.max_position_embeddings)
@@ -79,11 +92,11 @@ def _main(argv: list[str] | None) -> int:
             kv_cache=None if args.kv_cache == "auto" else args.kv_cache,  # auto: no cache, the same numbers
             progress=lambda i, n: bar.update(task, completed=i, total=n),
         )
-    table = Table(title=f"perplexity of {Path(args.model).name}")
+    table = Table(title=Text(f"perplexity of {Path(args.model).name}"))  # a file name: literal, not markup
     for col in ("text", "tokens scored", "windows x seqlen", "ppl", "seconds"):
         table.add_column(col)
     table.add_row(
-        text_path.name,
+        Text(text_path.name),
         str(result.scored_tokens),
         f"{result.windows} x {seqlen}",
         f"{result.ppl:.4f}",

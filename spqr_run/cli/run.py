@@ -7,13 +7,21 @@ import sys
 
 from rich.console import Console
 
-from spqr_run.cli.common import add_memory_flags, add_model_flags, memory_budget, run_cli
-from spqr_run.runtime import load_runtime
-from spqr_run.sampling import SamplingParams
+from spqr_run.cli.common import (
+    SAMPLING_FLAGS,
+    ArgumentParser,
+    add_memory_flags,
+    add_model_flags,
+    add_sampling_flags,
+    check_dependencies,
+    int_arg,
+    memory_budget,
+    run_cli,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spqr-run", description="One-shot commands of spqr-run.")
+    p = ArgumentParser(prog="spqr-run", description="One-shot commands of spqr-run.")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser(
         "generate",
@@ -25,11 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="the prompt text ('-' reads standard input)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--system", default=None, help="system prompt (with --chat)")
-    g.add_argument("--max-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's)")
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-tokens", type=int_arg(1), default=128, help="length limit in tokens (default: 128)")
+    add_sampling_flags(g)
     add_memory_flags(g)
     g.add_argument("--stats", action="store_true", help="print timings to standard error")
     return p
@@ -40,6 +45,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    check_dependencies()
+    from spqr_run.runtime import load_runtime
+    from spqr_run.sampling import SamplingParams
+
     err = Console(stderr=True, highlight=False)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     with err.status("loading model"):
@@ -47,7 +56,7 @@ def _generate(args: argparse.Namespace) -> int:
             args.model, device=args.device, ctx=args.ctx, memory=memory_budget(args), kv_cache=args.kv_cache
         )
     settings = {"max_tokens": args.max_tokens, **rt.source.generation_defaults}
-    for name in ("temperature", "top_p", "top_k", "seed"):
+    for name in SAMPLING_FLAGS:
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
     params = SamplingParams(**{k: v for k, v in settings.items() if k in SamplingParams.field_names()})

@@ -8,8 +8,20 @@ import os
 import sys
 from pathlib import Path
 
-from spqr_run.cli.common import add_memory_flags, add_model_flags, memory_budget, run_cli, stderr
-from spqr_run.errors import ConfigError, ModelFormatError
+from spqr_run.cli.common import (
+    CORE_MODULES,
+    SERVER_MODULES,
+    ArgumentParser,
+    add_memory_flags,
+    add_model_flags,
+    check_dependencies,
+    float_arg,
+    int_arg,
+    memory_budget,
+    print_error,
+    run_cli,
+)
+from spqr_run.errors import ModelFormatError
 
 DESCRIPTION = """\
 Serve a model over HTTP with OpenAI's API, so any OpenAI client can use it:
@@ -28,52 +40,53 @@ wait in a queue and get 429 when it is full. Greedy output (temperature 0) is th
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="spqr-serve", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_model_flags(p)
     p.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, local only)"
     )
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    p.add_argument(
+        "--port", type=int_arg(0, 65535), default=8000, help="TCP port; 0 = any free port (default: 8000)"
+    )
     p.add_argument(
         "--api-key",
         default=os.environ.get("SPQR_API_KEY"),
         help="require 'Authorization: Bearer KEY' on the API routes (default: $SPQR_API_KEY, else no key)",
     )
     p.add_argument(
-        "--parallel", type=int, default=4, help="sequences generated at once (KV-cache rows, default: 4)"
+        "--parallel",
+        type=int_arg(1),
+        default=4,
+        help="sequences generated at once (KV-cache rows, default: 4)",
     )
     add_memory_flags(p, per_sequence=True)
     p.add_argument(
         "--model-name", default=None, help="the model id clients send and see (default: file name stem)"
     )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="how much the server logs to standard error: debug, info (one line per request), warning "
+        "or error (default: info)",
+    )
     # hidden: tuning and test hooks
-    p.add_argument("--max-queue", type=int, default=64, help=argparse.SUPPRESS)
+    p.add_argument("--max-queue", type=int_arg(0), default=64, help=argparse.SUPPRESS)
     p.add_argument("--no-prefix-reuse", action="store_true", help=argparse.SUPPRESS)  # benchmarks compare
-    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help=argparse.SUPPRESS)
-    p.add_argument("--load-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--max-body-bytes", type=int_arg(1024), default=4 * 1024 * 1024, help=argparse.SUPPRESS)
+    p.add_argument("--load-delay", type=float_arg(0), default=0.0, help=argparse.SUPPRESS)
     return p
 
 
 def _serve(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)  # numeric flags are checked here, before anything loads
+    check_dependencies((*CORE_MODULES, *SERVER_MODULES))
     import uvicorn
 
     from spqr_run.server.app import ServerConfig, create_app
 
-    args = build_parser().parse_args(argv)
-    for name, value, low in (
-        ("--parallel", args.parallel, 1),
-        ("--max-queue", args.max_queue, 0),
-        ("--max-body-bytes", args.max_body_bytes, 1024),
-    ):
-        if value < low:
-            raise ConfigError(f"invalid {name} {value}: must be at least {low}")
-    if not 0 <= args.port <= 65535:
-        raise ConfigError(f"invalid --port {args.port}: must be in [0, 65535]")
-    if args.ctx is not None and args.ctx < 16:
-        raise ConfigError(f"invalid --ctx {args.ctx}: must be at least 16 tokens")
     path = Path(args.model).expanduser()
     if not path.exists():
         raise ModelFormatError(f"{path}: no such file or folder")
@@ -108,7 +121,7 @@ def _serve(argv: list[str] | None) -> int:
     )
     server.run()
     if failure:
-        stderr.print(f"[bold red]error:[/] {failure[0]}", markup=True, soft_wrap=True)
+        print_error(failure[0])
         return 2
     return 0 if server.started else 1
 

@@ -59,7 +59,8 @@ def _import_gguf():
         import gguf
     except ImportError:
         raise ModelFormatError(
-            "loading GGUF files needs the 'gguf' package: pip install 'spqr-run[gguf]'"
+            "loading GGUF files needs the 'gguf' package (a dependency of spqr-run) in this Python: "
+            "pip install gguf, or reinstall the checkout with pip install -e ."
         ) from None
     return gguf
 
