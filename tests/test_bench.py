@@ -50,6 +50,7 @@ def test_spqr_bench_cli_json_subprocess():
     assert ratios["decode_tok_s"] == pytest.approx(out["spqr"]["decode_tok_s"] / out["fp16"]["decode_tok_s"])
     assert set(ratios) >= {"decode_tok_s", "prefill_tok_s", "ttft", "weight_bytes"}
     assert out["settings"]["layers"] == 1 and out["skipped"] == {}
+    assert out["fp16"]["dtype"] == "fp32"  # the key is the GPU name; the CPU baseline runs in fp32
 
 
 def test_run_bench_tiny_report_and_table():
@@ -61,7 +62,7 @@ def test_run_bench_tiny_report_and_table():
     console = Console(width=200, record=True)
     console.print(report.table())
     text = console.export_text()
-    assert "spqr/fp16" in text and "decode tok/s" in text
+    assert "spqr/fp32" in text and "decode tok/s" in text  # the CPU baseline runs in fp32
 
 
 def test_run_bench_with_int8_kv_cache():
@@ -101,3 +102,25 @@ def test_bench_cuda_graphs_and_peak_memory():
     report = run_bench(device=torch.device("cuda"), settings=st, synthetic=TINY)
     f = report.results["fp16"]
     assert f.graphs and f.peak_bytes is not None and f.peak_bytes > f.weight_bytes
+
+
+def test_piped_table_is_sized_to_its_content_and_labels_the_real_dtype(monkeypatch, capsys):
+    """Piped (not a terminal): the whole table, not one cut to 80 columns; the CPU baseline is called fp32."""
+    import spqr_run.cli.bench as cli_bench
+
+    report = run_bench(
+        device=torch.device("cpu"),
+        settings=BenchSettings(prompt_len=4, new_tokens=2, warmup=0),
+        synthetic=TINY,
+    )
+    monkeypatch.setattr(cli_bench, "run_bench", lambda **_: report)
+    with pytest.raises(SystemExit) as e:
+        cli_bench.main(["--synthetic", "llama-7b", "--device", "cpu"])
+    assert e.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if "bits/w" in line)
+    for column in ("weights GiB", "prefill tok/s", "decode tok/s", "ms/token", "TTFT ms", "GB/s", "peak GiB"):
+        assert column in header, header  # one header line: no column squeezed or wrapped
+    assert max(len(line) for line in lines) > 80
+    rows = {line.split()[1] for line in lines if line.startswith("│")}
+    assert {"spqr", "fp32", "spqr/fp32"} <= rows and "fp16" not in rows, rows

@@ -6,8 +6,9 @@ import io
 
 import pytest
 from rich.console import Console
+from rich.text import Text
 
-from spqr_run.chat.render import PlainOutput, RichOutput, complete_blocks_end
+from spqr_run.chat.render import PlainOutput, RichOutput, complete_blocks_end, printable, stats_line
 from spqr_run.generation import GenerationStats
 
 REPLY = """Here is the code:
@@ -79,3 +80,36 @@ def test_plain_output_is_the_raw_text() -> None:
     stream(PlainOutput(buf), REPLY)
     assert buf.getvalue().startswith(REPLY + "\n")
     assert "tokens, ttft 0.10 s" in buf.getvalue()
+
+
+def test_stats_line_shows_cached_prompt_tokens_not_a_prefill_rate() -> None:
+    fresh = GenerationStats(prompt_tokens=40, completion_tokens=5, ttft_s=0.2, prefill_s=0.2, decode_s=0.4)
+    assert stats_line("stop", fresh) == "5 tokens, ttft 0.20 s, prefill 200.0 tok/s, decode 10.0 tok/s"
+    cached = GenerationStats(
+        prompt_tokens=240, cached_tokens=230, completion_tokens=5, ttft_s=0.05, prefill_s=0.05, decode_s=0.4
+    )
+    line = stats_line("cancelled", cached)
+    assert line == "5 tokens, ttft 0.05 s, prompt 230 of 240 tokens cached, decode 10.0 tok/s (stopped)"
+
+
+OUTSIDE_TEXT = "[bold]not bold[/] [/] [gguf] \x1b[2J\x1b[31mred?\x9b"
+
+
+def test_rich_output_prints_outside_text_literally() -> None:
+    """Model output, metadata and messages: rich markup shows as typed, escape sequences as visible text."""
+    buf = io.StringIO()
+    out = RichOutput(Console(file=buf, width=200, force_terminal=True, color_system="truecolor"))
+    out.table([("model", OUTSIDE_TEXT)])
+    out.line(OUTSIDE_TEXT)
+    out.notice(OUTSIDE_TEXT)
+    out.error(OUTSIDE_TEXT)
+    stream(out, "Reply with " + OUTSIDE_TEXT)
+    raw = buf.getvalue()
+    assert "\x1b[2J" not in raw and "\x1b[31m" not in raw and "\x9b" not in raw  # nothing the terminal runs
+    visible = Text.from_ansi(raw).plain
+    literal = "[bold]not bold[/] [/] [gguf] \\x1b[2J\\x1b[31mred?\\x9b"
+    assert visible.count(literal) == 5, visible  # table, line, notice, error, and the Markdown reply
+
+
+def test_printable_keeps_newlines_and_tabs() -> None:
+    assert printable("a\tb\nc\r\nd\x07") == "a\tb\nc\nd\\x07"

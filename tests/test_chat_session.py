@@ -169,3 +169,41 @@ def iter_reader(lines: list[str]):
                 raise EOFError from None
 
     return Reader()
+
+
+def test_terminal_echo_is_off_while_a_reply_streams() -> None:
+    """Ctrl-C's "^C" echo would be drawn under the live reply: echo is off inside `installed()`, restored after."""
+    termios = pytest.importorskip("termios")
+    from spqr_run.chat.repl import terminal_echo_off
+
+    leader, follower = os.openpty()
+    try:
+        before = termios.tcgetattr(follower)
+        assert before[3] & termios.ECHO
+        with terminal_echo_off(follower):
+            during = termios.tcgetattr(follower)
+            assert not during[3] & termios.ECHO and during[3] & termios.ISIG  # Ctrl-C still signals
+        assert termios.tcgetattr(follower) == before
+        read_end, write_end = os.pipe()
+        with terminal_echo_off(read_end):  # not a terminal: nothing to do, no error
+            pass
+        os.close(read_end)
+        os.close(write_end)
+    finally:
+        os.close(leader)
+        os.close(follower)
+
+
+def test_stop_flag_turns_echo_off_on_a_terminal_stdin(monkeypatch) -> None:
+    termios = pytest.importorskip("termios")
+    leader, follower = os.openpty()
+    try:
+        stdin = os.fdopen(os.dup(follower), "r")
+        monkeypatch.setattr("sys.stdin", stdin)
+        with StopFlag().installed():
+            assert not termios.tcgetattr(follower)[3] & termios.ECHO
+        assert termios.tcgetattr(follower)[3] & termios.ECHO
+        stdin.close()
+    finally:
+        os.close(leader)
+        os.close(follower)
