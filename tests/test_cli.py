@@ -238,3 +238,38 @@ def test_ctx_above_the_model_limit_is_refused():
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "invalid --ctx 99999999" in errors[0] and "at most 8192 tokens" in errors[0], errors[0]
+
+
+def test_log_arguments_are_printed_literally():
+    import io
+    import logging
+
+    from spqr_run.cli.common import LiteralLogArgs
+
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.addFilter(LiteralLogArgs())
+    logger = logging.getLogger("spqr_run.test_literal_logs")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("model %s loaded: %d slots", "\x1b[2Jevil[/]\rname", 4)
+    finally:
+        logger.removeHandler(handler)
+    assert buf.getvalue() == "model \\x1b[2Jevil[/]name loaded: 4 slots\n"
+
+
+@pytest.mark.slow
+def test_server_log_prints_a_model_name_literally(tmp_path):
+    """The server's own log line names the model: control characters in --model-name are not sent raw."""
+    from test_server_support import needs_model, start_server
+
+    if needs_model.args[0]:
+        pytest.skip(needs_model.kwargs["reason"])
+    server = start_server("--model-name", "\x1b[31mevil", "--log-level", "info", "--ctx", "256", tmp=tmp_path)
+    try:
+        server.wait_ready(timeout=240)
+    finally:
+        server.stop()
+    log = server.log.read_text(errors="replace")
+    assert "model \\x1b[31mevil loaded" in log and "\x1b[31mevil" not in log, log[-2000:]

@@ -17,7 +17,10 @@ from rich.live import Live
 from rich.markdown import Markdown
 from rich.text import Text
 
+from spqr_run.cli.common import printable
 from spqr_run.generation import GenerationStats
+
+__all__ = ["PlainOutput", "RichOutput", "complete_blocks_end", "end_line", "printable", "stats_line"]
 
 FINISH_NOTES = {"length": "stopped at the token limit", "cancelled": "stopped"}
 
@@ -46,18 +49,6 @@ def stats_line(finish_reason: str, stats: GenerationStats) -> str:
         f"decode {stats.decode_tok_s:.1f} tok/s"
     )
     return f"{text} ({note})" if note else text
-
-
-# C0/C1 control characters other than newline and tab, which a terminal would act on (ESC starts cursor
-# movement and colour sequences): model output shows them as visible escapes ("\x1b", "\x9b", ...)
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0))}
-_CONTROLS[0x0D] = None  # a bare carriage return: dropped (CRLF line ends stay line ends)
-
-
-def printable(text: str) -> str:
-    """`text` with terminal control characters made visible (newlines and tabs kept): model output must be
-    shown as text, never run as cursor or colour commands."""
-    return text.translate(_CONTROLS)
 
 
 class PlainOutput:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import math
 import sys
 from collections.abc import Callable
@@ -38,6 +39,30 @@ CORE_MODULES = (
     ("prompt_toolkit", "prompt_toolkit"),
 )
 SERVER_MODULES = (("fastapi", "fastapi"), ("uvicorn", "uvicorn"))
+
+
+# C0/C1 control characters other than newline and tab, which a terminal would act on (ESC starts cursor
+# movement and colour sequences): shown as visible escapes ("\x1b", "\x9b", ...)
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0))}
+_CONTROLS[0x0D] = None  # a bare carriage return: dropped (CRLF line ends stay line ends)
+
+
+def printable(text: str) -> str:
+    """`text` with terminal control characters made visible (newlines and tabs kept): model output, file
+    metadata and request data are shown as text, never run as cursor or colour commands."""
+    return text.translate(_CONTROLS)
+
+
+class LiteralLogArgs(logging.Filter):
+    """A logging filter that makes control characters in a record's string arguments (model names, request
+    paths, error messages) visible, so a log line cannot move the cursor or recolour the terminal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(printable(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: printable(v) if isinstance(v, str) else v for k, v in record.args.items()}
+        return True
 
 
 class MissingDependencyError(SpqrError):

@@ -12,6 +12,7 @@ from spqr_run.cli.common import (
     CORE_MODULES,
     SERVER_MODULES,
     ArgumentParser,
+    LiteralLogArgs,
     add_memory_flags,
     add_model_flags,
     check_dependencies,
@@ -119,11 +120,21 @@ def _serve(argv: list[str] | None) -> int:
             app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5
         )
     )
+    literal_logs()  # after uvicorn.Config, which installs uvicorn's own handlers
     server.run()
     if failure:
         print_error(failure[0])
         return 2
     return 0 if server.started else 1
+
+
+def literal_logs() -> None:
+    """Log lines print their arguments (model names, paths, request data) literally: control characters in
+    them are shown as escapes on every handler of the root and uvicorn loggers (`LiteralLogArgs`)."""
+    names = ("", "uvicorn", "uvicorn.error", "uvicorn.access", "spqr_run")
+    for handler in {h for name in names for h in logging.getLogger(name).handlers}:
+        if not any(isinstance(f, LiteralLogArgs) for f in handler.filters):
+            handler.addFilter(LiteralLogArgs())
 
 
 def main(argv: list[str] | None = None) -> None:
