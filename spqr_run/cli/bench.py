@@ -15,6 +15,7 @@ from spqr_run.cli.common import (
     check_dependencies,
     float_arg,
     int_arg,
+    printable,
     run_cli,
     wide_console,
 )
@@ -78,7 +79,7 @@ def _bench(args: argparse.Namespace) -> int:
         settings=settings,
         synthetic=args.synthetic,
         model_path=args.model,
-        log=lambda msg: err.print(Text(msg)),  # messages hold paths and exception text: literal
+        log=lambda msg: err.print(Text(printable(msg))),  # messages hold paths and exception text: literal
     )
     if args.json:
         print(json.dumps(report.to_json()), flush=True)

@@ -71,7 +71,7 @@ class MissingDependencyError(SpqrError):
 
 def print_error(message: str, console: Console | None = None) -> None:
     """Print 'error: MESSAGE' on one line; MESSAGE is printed literally (never parsed as rich markup)."""
-    (console or stderr).print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
+    (console or stderr).print(Text.assemble(("error:", "bold red"), " ", printable(message)), soft_wrap=True)
 
 
 def run_cli(main: Callable[[], int | None]) -> None:
