@@ -2,8 +2,9 @@
 flags, the dependency check, and consoles that print text we did not write literally.
 
 Text from outside the program (paths, model names and metadata, chat templates, model output, logs) is never
-given to rich as markup: it goes in `rich.text.Text` objects or through `rich.markup.escape`, so `[bold]` in a
-file name stays `[bold]` and `[/]` cannot raise a MarkupError.
+given to rich as markup: it goes in `rich.text.Text` objects (or a column with markup off), so `[bold]` in a
+file name stays `[bold]` and `[/]` cannot raise a MarkupError; control characters are made visible
+(`printable`), so it cannot move the cursor or recolour the terminal either.
 """
 
 from __future__ import annotations
@@ -206,8 +207,8 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
         type=sampling_arg("repetition_penalty", float),
         default=None,
         dest="repetition_penalty",
-        help="divide the logits of tokens already in the prompt or reply by this, in [0.01, 10]; 1 = off "
-        "(default: the model's)",
+        help="penalize tokens already in the prompt or reply (HF-style: positive logits divided by it, "
+        "negative ones multiplied), in [0.01, 10]; 1 = off (default: the model's)",
     )
     parser.add_argument(
         "--seed",

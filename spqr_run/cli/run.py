@@ -19,6 +19,8 @@ from spqr_run.cli.common import (
     run_cli,
 )
 
+DEFAULT_MAX_TOKENS = 128
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="spqr-run", description="One-shot commands of spqr-run.")
@@ -33,7 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="the prompt text ('-' reads standard input)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--system", default=None, help="system prompt (with --chat)")
-    g.add_argument("--max-tokens", type=int_arg(1), default=128, help="length limit in tokens (default: 128)")
+    g.add_argument(
+        "--max-tokens",
+        type=int_arg(1),
+        default=None,
+        help=f"length limit in tokens (default: {DEFAULT_MAX_TOKENS})",
+    )
     add_sampling_flags(g)
     add_memory_flags(g)
     g.add_argument("--stats", action="store_true", help="print timings to standard error")
@@ -55,8 +62,8 @@ def _generate(args: argparse.Namespace) -> int:
         rt = load_runtime(
             args.model, device=args.device, ctx=args.ctx, memory=memory_budget(args), kv_cache=args.kv_cache
         )
-    settings = {"max_tokens": args.max_tokens, **rt.source.generation_defaults}
-    for name in SAMPLING_FLAGS:
+    settings = {"max_tokens": DEFAULT_MAX_TOKENS, **rt.source.generation_defaults}
+    for name in (*SAMPLING_FLAGS, "max_tokens"):  # a flag given overrides the model's default
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
     params = SamplingParams(**{k: v for k, v in settings.items() if k in SamplingParams.field_names()})

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
-        help="how much the server logs to standard error: debug, info (one line per request), warning "
+        help="how much the server logs: debug, info (startup, and one access line per request), warning "
         "or error (default: info)",
     )
     # hidden: tuning and test hooks
