@@ -24,10 +24,10 @@ import json
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import llguidance
-import llguidance.torch as llg_torch
 import torch
 from torch import Tensor
 
@@ -115,7 +115,7 @@ class Constraint:
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, description: str) -> None:
         self.matcher, self.vocab_size, self.description = matcher, vocab_size, description
-        self.words = llg_torch.allocate_token_bitmask(1, vocab_size)  # (1, ceil(V / 32)) int32
+        self.words = torch.full((-(-vocab_size // 32),), -1, dtype=torch.int32)  # (ceil(V / 32),) bits
         self.ready = False  # `words` holds the mask for the next token
 
     def copy(self) -> Constraint:
@@ -124,7 +124,7 @@ class Constraint:
 
     def fill(self) -> None:
         """Compute the next-token mask into `words` (drops the GIL inside llguidance)."""
-        llg_torch.fill_next_token_bitmask(self.matcher, self.words, 0)
+        self.matcher.unsafe_compute_mask_ptr(self.words.data_ptr(), self.words.numel() * 4)
         self.ready = True
 
     def compute_mask(self) -> Tensor:
@@ -132,7 +132,7 @@ class Constraint:
         if not self.ready:
             self.fill()
         self.ready = False
-        return unpack_bitmask(self.words[0], self.vocab_size)
+        return unpack_bitmask(self.words, self.vocab_size)
 
     def accept(self, token: int) -> None:
         """Advance past `token`; ConfigError if the grammar does not allow it (the mask was not applied)."""
@@ -258,3 +258,20 @@ def _first_line(message: str) -> str:
         line.strip() for line in message.splitlines() if line.strip() and set(line.strip()) != {"^"}
     )
     return (text[:400] + "...") if len(text) > 400 else (text or "unknown error")
+
+
+def read_schema(source: str) -> tuple[dict[str, Any], str]:
+    """The schema a command-line argument names, and a name for messages: "json" is any JSON object, else
+    `source` is the path of a JSON schema file. ConfigError names the file when it is missing or not JSON."""
+    if source.strip().lower() == "json":
+        return {"type": "object"}, "JSON object format"
+    path = Path(source).expanduser()
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the JSON schema ({e.strerror or e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not a JSON file ({e})") from None
+    if not isinstance(schema, dict):
+        raise ConfigError(f"{path}: a JSON schema must be a JSON object, not {type(schema).__name__}")
+    return schema, f"JSON schema {path}"

@@ -297,3 +297,63 @@ def test_bad_schema_is_400(server: Server, fmt: dict, named: str) -> None:
     error = r.json()["error"]
     assert named in error["message"] or named == error["param"]
     assert error["param"] is not None and error["param"].startswith("response_format")
+
+
+# ---- spqr-run generate --json-schema and /format in spqr-chat ---------------------------------------------
+def test_format_command_arguments(tmp_path) -> None:
+    from spqr_run.chat.commands import CommandError, parse_command, parse_format
+
+    assert parse_command("/format off").name == "format" and parse_format("off") is None
+    assert parse_format("json") == ({"type": "object"}, "JSON object format")
+    path = tmp_path / "city.json"
+    path.write_text(json.dumps(CITY))
+    assert parse_format(str(path))[0] == CITY
+    with pytest.raises(CommandError, match="nope.json: cannot read"):
+        parse_format(str(tmp_path / "nope.json"))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(CommandError, match="bad.json: not a JSON file"):
+        parse_format(str(tmp_path / "bad.json"))
+
+
+@pytest.mark.slow
+def test_format_in_a_chat_session_and_the_cli(gguf_path, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from spqr_run.chat.commands import parse_format
+    from spqr_run.chat.session import ChatSession
+    from spqr_run.runtime import load_runtime
+
+    path = tmp_path / "city.json"
+    path.write_text(json.dumps(CITY))
+    session = ChatSession(load_runtime(str(gguf_path), ctx=512), SamplingParams(max_tokens=60, temperature=0))
+    assert "city.json" in session.set_format(parse_format(str(path)))
+
+    class Sink:
+        def notice(self, text: str) -> None: ...
+        def reply_start(self) -> None: ...
+        def reply_text(self, piece: str) -> None: ...
+        def reply_end(self, finish_reason: str, stats) -> None: ...
+
+    for question in ("Name a big city.", "And another one?"):
+        reply = session.send(question, Sink(), lambda: False)
+        assert reply.finish_reason == "stop"
+        jsonschema.validate(json.loads(reply.text), CITY)
+    assert session.set_format(None) == "replies are free text"
+    (tmp_path / "bad.json").write_text(json.dumps({"type": "array", "uniqueItems": True}))
+    with pytest.raises(GrammarError, match="uniqueItems"):
+        session.set_format(parse_format(str(tmp_path / "bad.json")))
+
+    cmd = [sys.executable, "-m", "spqr_run.cli.run", "generate", str(gguf_path), "--chat", "--ctx", "512"]
+    out = subprocess.run(
+        [*cmd, "--prompt", "Name a big city.", "--temperature", "0", "--json-schema", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    jsonschema.validate(json.loads(out.stdout), CITY)
+    bad = subprocess.run(
+        [*cmd, "--prompt", "x", "--json-schema", str(tmp_path / "bad.json")], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "uniqueItems" in bad.stderr and "Traceback" not in bad.stderr

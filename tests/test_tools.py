@@ -277,6 +277,13 @@ def test_named_function_is_forced(client: openai.OpenAI) -> None:
     c = r.choices[0]
     assert c.finish_reason == "tool_calls" and [t.function.name for t in c.message.tool_calls] == ["get_time"]
     _check_calls(c.message.tool_calls)
+    # the README's next turn: the client's own message object goes back with the tool's result
+    call = c.message.tool_calls[0]
+    turn = [*USER, c.message, {"role": "tool", "tool_call_id": call.id, "content": '{"time": "12:00"}'}]
+    r = client.chat.completions.create(
+        model=MODEL_NAME, messages=turn, tools=TOOLS, temperature=0, max_tokens=20
+    )
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
 @needs_model
