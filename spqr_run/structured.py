@@ -140,11 +140,6 @@ class Constraint:
         if not self.matcher.consume_token(token):
             raise ConfigError(f"token {token} breaks the {self.description}: {self.matcher.get_error()}")
 
-    @property
-    def done(self) -> bool:
-        """The grammar is complete and allows nothing more (only an end-of-sequence token)."""
-        return self.matcher.is_stopped()
-
 
 _SHIFTS = torch.arange(32, dtype=torch.int32)  # (32,)
 

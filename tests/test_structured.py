@@ -67,6 +67,36 @@ def test_token_bytes_rebuild_the_text(tokenizer, text: str) -> None:
     assert table[2] == b"<|im_end|>"
 
 
+@pytest.mark.parametrize("source", ["hf_folder", "gguf_llama"])
+def test_token_bytes_sentencepiece(source: str, tmp_path, gguf_path) -> None:
+    """SentencePiece vocabularies (both backends): "▁" is a space, `<0xNN>` pieces are single bytes."""
+    spm = pytest.importorskip("sentencepiece")
+    from test_tokenizer import llama_gguf_meta
+
+    from spqr_run.tokenizer import Tokenizer
+
+    wiki = (gguf_path.parent / "wiki-test.txt").read_text(encoding="utf-8")[:200_000]
+    (tmp_path / "corpus.txt").write_text(wiki, encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "tokenizer"), vocab_size=600,
+        model_type="bpe", byte_fallback=True, character_coverage=0.999, add_dummy_prefix=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        control_symbols=["<|im_end|>"], minloglevel=2,
+    )  # fmt: skip
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    tok = (
+        Tokenizer.from_hf_folder(tmp_path)
+        if source == "hf_folder"
+        else Tokenizer.from_gguf_metadata(llama_gguf_meta(sp))
+    )
+    table, special = token_bytes(tok)
+    assert sp.piece_to_id("<|im_end|>") in special
+    for text in ["héllo wörld", "😊 おはよう", "a  b\n c"]:
+        joined = b"".join(table[i] for i in tok.encode(text, add_bos=False, special=False))
+        assert joined in (text.encode(), b" " + text.encode()), (text, joined)
+    assert table[sp.piece_to_id("<0xF0>")] == b"\xf0"
+
+
 def test_bitmask_unpacking_and_masking() -> None:
     words = torch.tensor([0b1011, -(2**31)], dtype=torch.int32)  # bits 0, 1, 3 and 63
     allowed = unpack_bitmask(words, 64)
