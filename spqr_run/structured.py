@@ -3,8 +3,9 @@ applied to the logits before sampling, so the text a sequence generates always m
 
 The grammar engine is llguidance (PyPI `llguidance`, Microsoft's guidance-ai; Rust, no Python dependencies).
 It was picked over xgrammar by measurement on SmolLM2's 49,152-token vocabulary (`benchmarks/structured_mask.py`):
-xgrammar computes a mask faster (~0.01 ms against ~0.06 ms a token, both far below a decode step), but it
-compiles a schema 5-25x slower and silently ignores keywords it cannot enforce (`uniqueItems`, `not`,
+xgrammar computes a mask faster (~0.01 ms against ~0.05-0.17 ms of CPU a token, both far below SmolLM2's
+~85 ms decode step on one core), but it compiles a schema ~10x slower (14 ms against 1.5 ms for a five-field schema),
+and it silently ignores keywords it cannot enforce (`uniqueItems`, `not`,
 `contains`, `if`/`then`), so its output may not validate; llguidance refuses them with a message naming the
 keyword, which a server turns into a 400. xgrammar also pulls in transformers and triton.
 
@@ -116,27 +117,28 @@ class Constraint:
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, description: str) -> None:
         self.matcher, self.vocab_size, self.description = matcher, vocab_size, description
         self.words = torch.full((-(-vocab_size // 32),), -1, dtype=torch.int32)  # (ceil(V / 32),) bits
-        self.ready = False  # `words` holds the mask for the next token
+        self.allowed: Tensor | None = None  # (V,) bool: the next token's mask, once `fill` ran
 
     def copy(self) -> Constraint:
         """An independent copy in the same state (one per sampled choice)."""
         return Constraint(self.matcher.deep_copy(), self.vocab_size, self.description)
 
     def fill(self) -> None:
-        """Compute the next-token mask into `words` (drops the GIL inside llguidance)."""
+        """Compute the next-token mask (llguidance and torch both release the GIL meanwhile)."""
         self.matcher.unsafe_compute_mask_ptr(self.words.data_ptr(), self.words.numel() * 4)
-        self.ready = True
+        self.allowed = unpack_bitmask(self.words, self.vocab_size)
 
     def compute_mask(self) -> Tensor:
         """Allowed next tokens, (V,) bool on the CPU: the mask computed by `fill` (or now when none is)."""
-        if not self.ready:
+        if self.allowed is None:
             self.fill()
-        self.ready = False
-        return unpack_bitmask(self.words, self.vocab_size)
+        allowed, self.allowed = self.allowed, None
+        assert allowed is not None
+        return allowed
 
     def accept(self, token: int) -> None:
         """Advance past `token`; ConfigError if the grammar does not allow it (the mask was not applied)."""
-        self.ready = False
+        self.allowed = None
         if not self.matcher.consume_token(token):
             raise ConfigError(f"token {token} breaks the {self.description}: {self.matcher.get_error()}")
 
@@ -153,6 +155,8 @@ def unpack_bitmask(words: Tensor, vocab_size: int) -> Tensor:
 def apply_mask(logits: Tensor, allowed: Tensor) -> Tensor:
     """`logits` (V',) with the tokens not `allowed` (V,) set to -inf; ids from V up (padding rows of the
     output layer beyond the tokenizer's vocabulary) are never allowed."""
+    if logits.shape[-1] == len(allowed):
+        return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
     out = torch.full_like(logits, float("-inf"))
     n = min(len(allowed), logits.shape[-1])
     keep = allowed[:n].to(logits.device)
@@ -243,8 +247,8 @@ def _fill_all(constraints: list[Constraint]) -> None:
     for c in constraints:
         try:
             c.fill()
-        except Exception:  # noqa: BLE001 - left not ready: compute_mask retries and fails that sequence only
-            c.ready = False
+        except Exception:  # noqa: BLE001 - left unset: compute_mask retries and fails that sequence only
+            c.allowed = None
 
 
 def _first_line(message: str) -> str:
