@@ -128,6 +128,23 @@ def test_schema_mask_walk(tokenizer, engine: GrammarEngine) -> None:
     assert set(final.nonzero().flatten().tolist()) <= set(tokenizer.eos_ids) and final.any()
 
 
+def test_mask_batch_fills_masks_in_a_worker(tokenizer, engine: GrammarEngine) -> None:
+    """What the engine overlaps with the model step gives the same masks as computing them in place."""
+    from spqr_run.structured import MaskBatch
+
+    a, b = engine.compile_json_schema(PERSON), engine.compile_json_object()
+    expected = [a.copy().compute_mask(), b.copy().compute_mask()]
+    batch = MaskBatch()
+    try:
+        batch.start([a, b])
+        batch.wait()
+        assert a.allowed is not None and b.allowed is not None
+        assert torch.equal(a.compute_mask(), expected[0]) and torch.equal(b.compute_mask(), expected[1])
+        assert a.allowed is None  # handed over once; the next token needs a new one
+    finally:
+        batch.close()
+
+
 def test_a_token_outside_the_grammar_is_refused(tokenizer, engine: GrammarEngine) -> None:
     c = engine.compile_json_object()
     with pytest.raises(Exception, match="breaks the JSON object format"):
