@@ -20,6 +20,7 @@ from torch import Tensor
 from spqr_run.errors import ConfigError
 from spqr_run.models.decoder import Decoder
 from spqr_run.sampling import Sampler, SamplingParams
+from spqr_run.structured import Constraint, apply_mask
 from spqr_run.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -74,9 +75,15 @@ class SequenceState:
     """The model-independent half of generating one sequence."""
 
     def __init__(
-        self, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams, eos_ids: Sequence[int]
+        self,
+        tokenizer: Tokenizer,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        eos_ids: Sequence[int],
+        constraint: Constraint | None = None,
     ) -> None:
         self.tokenizer, self.params = tokenizer, params
+        self.constraint = constraint  # structured output: only tokens its grammar allows are sampled
         self.sampler = Sampler(params, tokenizer.vocab_size, list(prompt_ids))
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids=prompt_ids)
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
@@ -91,8 +98,12 @@ class SequenceState:
         return self.finish_reason is not None
 
     def sample(self, logits: Tensor) -> tuple[int, TokenLogprob | None]:
-        """Pick the next token from raw logits (V,) and, if asked for, its logprob and the top alternatives."""
-        token = self.sampler.sample(logits)
+        """Pick the next token from raw logits (V,) and, if asked for, its logprob and the top alternatives
+        (of the raw distribution: a constraint changes which token is picked, not the reported logprobs)."""
+        if self.constraint is not None:
+            token = self.sampler.sample(apply_mask(logits, self.constraint.compute_mask()))
+        else:
+            token = self.sampler.sample(logits)
         info = None
         if self.params.logprobs is not None:
             lp = torch.log_softmax(logits.float(), dim=-1)
@@ -109,6 +120,8 @@ class SequenceState:
     def accept(self, token: int, logprob: TokenLogprob | None = None) -> GenerationChunk:
         """Record a sampled token; returns the text it released (maybe "") and whether the sequence ended."""
         self.sampler.accept(token)
+        if self.constraint is not None:
+            self.constraint.accept(token)
         self.token_ids.append(token)
         logprobs = [logprob] if logprob is not None else None
         if token in self.stop_ids:
@@ -219,11 +232,13 @@ class Generator:
         params: SamplingParams,
         *,
         should_stop: Callable[[], bool] | None = None,
+        constraint: Constraint | None = None,
     ) -> Iterator[GenerationChunk]:
         """Generate from `prompt_ids`; the last chunk carries finish_reason and stats.
 
         `should_stop` is polled between tokens (Ctrl-C in the REPL, a disconnected client); when it returns
         True the sequence ends with finish_reason "cancelled" and what was generated so far is kept.
+        `constraint` (structured output, `spqr_run.structured`) restricts the tokens to its grammar.
         """
         if not prompt_ids:
             raise ConfigError("the prompt is empty (no tokens)")
@@ -233,7 +248,7 @@ class Generator:
             )
         t0 = time.perf_counter()
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
-        state = SequenceState(self.tokenizer, prompt_ids, params, self.eos_ids)
+        state = SequenceState(self.tokenizer, prompt_ids, params, self.eos_ids, constraint)
         logits, stats.cached_tokens = self.prefill(prompt_ids)
         t1 = time.perf_counter()
         stats.prefill_s = t1 - t0
@@ -264,10 +279,12 @@ class Generator:
             self._cached.append(token)
             pos += 1
 
-    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> GenerationResult:
+    def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, constraint: Constraint | None = None
+    ) -> GenerationResult:
         text, ids, logprobs = [], [], []
         last = None
-        for chunk in self.stream(prompt_ids, params):
+        for chunk in self.stream(prompt_ids, params, constraint=constraint):
             text.append(chunk.text)
             ids += chunk.token_ids
             logprobs += chunk.logprobs or []

@@ -8,6 +8,7 @@ from typing import Any
 
 from spqr_run.errors import ConfigError, SpqrError
 from spqr_run.sampling import SamplingParams
+from spqr_run.structured import read_schema
 
 
 class CommandError(SpqrError):
@@ -39,6 +40,12 @@ COMMANDS: dict[str, CommandSpec] = {
             "change a setting: "
             + ", ".join(["temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens", "seed"]),
             "required",
+        ),
+        CommandSpec(
+            "format",
+            "/format [json | FILE | off]",
+            "constrain replies to JSON: any object, or valid under the JSON schema in FILE (no argument: show)",
+            "optional",
         ),
         CommandSpec("show", "/show", "model, bits/param, memory plan and settings", "none"),
         CommandSpec("retry", "/retry", "regenerate the last reply", "none"),
@@ -139,3 +146,14 @@ def help_text() -> str:
         "  Ctrl-C stops a reply; Ctrl-D (or /exit) quits. Up/Down browse the input history.",
     ]
     return "\n".join(lines)
+
+
+def parse_format(arg: str) -> tuple[dict[str, Any], str] | None:
+    """'/format ARG' -> (JSON schema, its name) or None for "off"; a missing or non-JSON file raises
+    CommandError naming it. An empty ARG is the caller's (show the current format)."""
+    if arg.strip().lower() in ("off", "none", "text"):
+        return None
+    try:
+        return read_schema(arg.strip())
+    except ConfigError as e:
+        raise CommandError(str(e)) from None

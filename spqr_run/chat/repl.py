@@ -15,7 +15,7 @@ try:
 except ImportError:  # not on POSIX: no terminal modes to change
     termios = None  # type: ignore[assignment]
 
-from spqr_run.chat.commands import Command, apply_setting, help_text, is_command, parse_command
+from spqr_run.chat.commands import Command, apply_setting, help_text, is_command, parse_command, parse_format
 from spqr_run.chat.conversation import Conversation
 from spqr_run.chat.info import describe, model_facts
 from spqr_run.chat.input import InputReader
@@ -132,6 +132,13 @@ class Repl:
         elif cmd.name == "set":
             s.params, message = apply_setting(s.params, cmd.arg)
             out.line(message, style="dim")
+        elif cmd.name == "format":
+            if not cmd.arg:
+                out.line(
+                    f"replies follow the {s.format[1]}" if s.format else "replies are free text", style="dim"
+                )
+            else:
+                out.line(s.set_format(parse_format(cmd.arg)), style="dim")
         elif cmd.name == "show":
             self._show()
         elif cmd.name == "retry":

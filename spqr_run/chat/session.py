@@ -13,6 +13,7 @@ from spqr_run.chat.conversation import Conversation, ConversationError
 from spqr_run.generation import GenerationStats
 from spqr_run.runtime import Runtime
 from spqr_run.sampling import SamplingParams
+from spqr_run.structured import Constraint, GrammarEngine
 
 
 class ReplySink(Protocol):
@@ -50,6 +51,8 @@ class ChatSession:
         self.last_finish: str | None = None
         self.total_completion_tokens = 0
         self.replies = 0
+        self.format: tuple[Constraint, str] | None = None  # /format: replies follow this grammar
+        self._grammars: GrammarEngine | None = None
 
     # ---- prompt -----------------------------------------------------------------------------------
     def prompt_ids(self, conversation: Conversation | None = None) -> list[int]:
@@ -64,6 +67,17 @@ class ChatSession:
     @property
     def prompt_budget(self) -> int:
         return self.runtime.max_context - reply_reserve(self.params, self.runtime.max_context)
+
+    def set_format(self, schema: tuple[dict, str] | None) -> str:
+        """/format: constrain the replies to `schema` (a JSON schema and its name), or None for free text.
+        Returns a one-line confirmation; GrammarError (one line) when the schema cannot be compiled."""
+        if schema is None:
+            self.format = None
+            return "replies are free text"
+        if self._grammars is None:
+            self._grammars = GrammarEngine(self.runtime.tokenizer)
+        self.format = (self._grammars.compile_json_schema(schema[0], what=schema[1]), schema[1])
+        return f"replies follow the {schema[1]}"
 
     # ---- replies ----------------------------------------------------------------------------------
     def send(self, text: str, sink: ReplySink, should_stop: Callable[[], bool]) -> Reply:
@@ -95,7 +109,8 @@ class ChatSession:
         finish, stats = "cancelled", None
         sink.reply_start()
         try:
-            for chunk in self.generator.stream(ids, self.params, should_stop=should_stop):
+            fmt = {"constraint": self.format[0].copy()} if self.format is not None else {}
+            for chunk in self.generator.stream(ids, self.params, should_stop=should_stop, **fmt):
                 if chunk.text:
                     pieces.append(chunk.text)
                     sink.reply_text(chunk.text)

@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"length limit in tokens (default: {DEFAULT_MAX_TOKENS})",
     )
     add_sampling_flags(g)
+    g.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        default=None,
+        help="constrain the output to JSON valid under the JSON schema in FILE ('json': any JSON object)",
+    )
     add_memory_flags(g)
     g.add_argument("--stats", action="store_true", help="print timings to standard error")
     return p
@@ -55,9 +61,11 @@ def _generate(args: argparse.Namespace) -> int:
     check_dependencies()
     from spqr_run.runtime import load_runtime
     from spqr_run.sampling import SamplingParams
+    from spqr_run.structured import GrammarEngine, read_schema
 
     err = Console(stderr=True, highlight=False)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    schema = read_schema(args.json_schema) if args.json_schema else None  # a bad file fails before loading
     with err.status("loading model"):
         rt = load_runtime(
             args.model, device=args.device, ctx=args.ctx, memory=memory_budget(args), kv_cache=args.kv_cache
@@ -76,8 +84,11 @@ def _generate(args: argparse.Namespace) -> int:
         )
     else:
         ids = rt.tokenizer.encode(prompt)
+    constraint = None
+    if schema is not None:
+        constraint = GrammarEngine(rt.tokenizer).compile_json_schema(schema[0], what=schema[1])
     last = None
-    for chunk in rt.generator().stream(ids, params):
+    for chunk in rt.generator().stream(ids, params, constraint=constraint):
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
         last = chunk

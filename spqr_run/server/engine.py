@@ -42,6 +42,7 @@ from spqr_run.models.decoder import Decoder
 from spqr_run.sampling import SamplingParams
 from spqr_run.server.metrics import Metrics
 from spqr_run.server.protocol import APIError
+from spqr_run.structured import Constraint, MaskBatch
 from spqr_run.tokenizer import Tokenizer
 
 log = logging.getLogger("spqr_run.server")
@@ -58,6 +59,7 @@ class Job:
     sink: Sink
     prompt_logprobs: int | None = None  # k: score every prompt token after the first, with its top k
     score_only: bool = False  # generate nothing: prefill (and score) the prompt, finish with "length"
+    constraint: Constraint | None = None  # structured output: the grammar the generated tokens must follow
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: bool = False  # set by the client side; read by the engine between steps
     state: SequenceState | None = None  # set when the whole prompt is in the cache
@@ -102,6 +104,7 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="spqr-engine", daemon=True)
+        self._masks = MaskBatch()  # grammar masks of the next tokens, computed while the model step runs
         metrics.slots = slots
 
     # ---- client side (any thread) -------------------------------------------------------------------
@@ -113,6 +116,7 @@ class Engine:
             self._stopping = True
             self._cond.notify_all()
         self._thread.join(timeout=10)
+        self._masks.close()
 
     def submit(self, jobs: Sequence[Job]) -> None:
         """Queue `jobs` (all or none); 429 when the slots and the queue cannot hold them."""
@@ -239,7 +243,7 @@ class Engine:
             return
         self._row_prompt[job.slot] = ids[: len(ids) // self.prefill_chunk * self.prefill_chunk]
         self.metrics.tokens(prompt=len(ids), cached=job.reused)
-        job.state = SequenceState(self.tokenizer, ids, job.params, self.eos_ids)
+        job.state = SequenceState(self.tokenizer, ids, job.params, self.eos_ids, job.constraint)
         job.pos = len(ids)
         if job.score_only:
             chunk = job.state.finish("length")
@@ -276,7 +280,12 @@ class Engine:
         )  # (B, 1)
         need = max(j.pos for j in jobs) + 1
         kv_len = min(self.max_context, -(-need // self.kv_bucket) * self.kv_bucket)
-        logits = self.model(tokens, positions, rows=torch.tensor(rows, device=self.device), kv_len=kv_len)
+        # constrained rows: their masks depend only on the tokens fed now, so they are computed meanwhile
+        self._masks.start([j.constraint for j in jobs if j.constraint is not None])
+        try:
+            logits = self.model(tokens, positions, rows=torch.tensor(rows, device=self.device), kv_len=kv_len)
+        finally:
+            self._masks.wait()
         for i, job in enumerate(jobs):  # logits (B, 1, V)
             job.pos += 1
             self._guarded([job], self._take, job, logits[i, 0])  # a sampling failure fails only its job

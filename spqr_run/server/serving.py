@@ -23,6 +23,9 @@ from spqr_run.sampling import SamplingParams
 from spqr_run.server import protocol as P
 from spqr_run.server.engine import Engine, Job
 from spqr_run.server.protocol import APIError
+from spqr_run.server.serving_structured import message_dict
+from spqr_run.structured import Constraint, GrammarEngines
+from spqr_run.tools import ToolSupport
 
 MIN_TEMPERATURE = 1e-5  # below: greedy
 
@@ -51,6 +54,8 @@ class OpenAIServing:
         self.runtime, self.engine, self.model_name = runtime, engine, model_name
         self.tokenizer = runtime.tokenizer
         self.max_context = engine.max_context
+        self.grammars = GrammarEngines(self.tokenizer)  # structured outputs, built on first use
+        self.tool_support = ToolSupport.detect(runtime.chat_template.source, self.tokenizer.vocab_strings())
 
     # ---- request -> prompts and parameters ----------------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -95,12 +100,13 @@ class OpenAIServing:
             out.append((ids, text))
         return out
 
-    def chat_prompt(self, messages: list[P.ChatMessage]) -> list[int]:
-        dicts = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages
-        ]
+    def chat_prompt(
+        self, messages: list[P.ChatMessage], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """Prompt ids of `messages`; `tools` (OpenAI tool definitions) are written in as the model expects."""
+        dicts, extra = self.tool_support.messages([message_dict(m) for m in messages], tools)
         try:
-            text = self.runtime.chat_template.render(dicts, add_generation_prompt=True)
+            text = self.runtime.chat_template.render(dicts, add_generation_prompt=True, **extra)
         except SpqrError as e:
             raise APIError(400, str(e), param="messages") from None
         return self.tokenizer.encode(text)
@@ -153,12 +159,20 @@ class OpenAIServing:
         *,
         prompt_logprobs: int | None = None,
         score_only: bool = False,
+        constraints: list[Constraint | None] | None = None,
     ) -> RequestRun:
         """Queue the sequences of one request now (a full queue raises 429 before any response starts).
 
-        `prompt_logprobs` k scores the prompt tokens too (echo + logprobs); `score_only` generates nothing."""
+        `prompt_logprobs` k scores the prompt tokens too (echo + logprobs); `score_only` generates nothing;
+        `constraints` (one per prompt) restrict each prompt's samples to a grammar (structured output)."""
         return RequestRun(
-            self.engine, prompts, params, n, prompt_logprobs=prompt_logprobs, score_only=score_only
+            self.engine,
+            prompts,
+            params,
+            n,
+            prompt_logprobs=prompt_logprobs,
+            score_only=score_only,
+            constraints=constraints,
         )
 
     async def collect(self, run: RequestRun) -> list[ChoiceResult]:
@@ -186,6 +200,7 @@ class RequestRun:
         *,
         prompt_logprobs: int | None = None,
         score_only: bool = False,
+        constraints: list[Constraint | None] | None = None,
     ) -> None:
         self.engine = engine
         self.loop = asyncio.get_running_loop()
@@ -195,7 +210,10 @@ class RequestRun:
             for j in range(n):
                 seeded = prm if prm.seed is None or j == 0 else prm.updated(seed=_nth_seed(prm.seed, j))
                 sink = self._sink(p * n + j)
-                self.jobs.append(Job(ids, seeded, sink, prompt_logprobs, score_only))
+                job = Job(ids, seeded, sink, prompt_logprobs, score_only)
+                if constraints and constraints[p] is not None:  # each sample follows its own copy
+                    job.constraint = constraints[p] if j == 0 else constraints[p].copy()
+                self.jobs.append(job)
         self.choices = len(self.jobs)
         engine.submit(self.jobs)
 

@@ -9,6 +9,7 @@ from spqr_run.generation import TokenLogprob
 from spqr_run.server import protocol as P
 from spqr_run.server.protocol import APIError
 from spqr_run.server.serving import ChoiceResult, OpenAIServing, RequestRun, sse, until_disconnected
+from spqr_run.server.serving_structured import ChatPlan, chat_plan, tool_call_deltas, tool_calls
 
 log = logging.getLogger("spqr_run.server")
 
@@ -35,7 +36,8 @@ async def create_chat_completion(
     serving.check_model(req.model)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-    ids = serving.chat_prompt(req.messages)
+    plan = await chat_plan(serving, req)  # response_format, tools, tool_choice
+    ids = serving.chat_prompt(req.messages, plan.prompt_tools)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = serving.budget(len(ids), requested, "messages")
     params = serving.sampling_params(
@@ -43,18 +45,20 @@ async def create_chat_completion(
     )
     rid, created = P.new_id("chatcmpl"), P.now()
     usage = P.Usage(prompt_tokens=len(ids))
-    run = serving.start([ids], [params], req.n)
+    run = serving.start([ids], [params], req.n, constraints=[plan.constraint])
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _stream(serving, req, run, rid, created, usage if include_usage else None)
+        return _stream(serving, req, run, rid, created, usage if include_usage else None, plan)
     results: list[ChoiceResult] | None = await until_disconnected(serving.collect(run), is_disconnected)
     if results is None:
         return None
     choices = []
     for index, r in enumerate(results):
-        message = P.AssistantMessage(content="".join(r.text))
+        content, calls = plan.parse("".join(r.text))
+        message = P.AssistantMessage(content=content, tool_calls=tool_calls(calls) if calls else None)
+        finish = "tool_calls" if calls and r.finish_reason == "stop" else r.finish_reason
         lp = _logprobs(r.logprobs) if req.logprobs else None
-        choices.append(P.ChatChoice(index=index, message=message, logprobs=lp, finish_reason=r.finish_reason))
+        choices.append(P.ChatChoice(index=index, message=message, logprobs=lp, finish_reason=finish))
         usage.completion_tokens += r.completion_tokens
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
     return P.ChatCompletionResponse(
@@ -69,6 +73,7 @@ async def _stream(
     rid: str,
     created: int,
     usage: P.Usage | None,
+    plan: ChatPlan,
 ) -> AsyncIterator[str]:
     def chunk(choices: list[P.ChatChunkChoice], **extra: object) -> str:
         body = P.ChatCompletionChunk(
@@ -76,6 +81,7 @@ async def _stream(
         )
         return sse(body.model_dump(exclude_none=True))
 
+    tool_streams = [plan.stream() for _ in range(run.choices)]  # None without tools
     try:
         for index in range(run.choices):
             yield chunk([P.ChatChunkChoice(index=index, delta=P.ChatDelta(role="assistant", content=""))])
@@ -83,12 +89,21 @@ async def _stream(
             if usage is not None:
                 usage.completion_tokens += len(c.token_ids)
             lp = _logprobs(c.logprobs) if req.logprobs and c.logprobs else None
-            if c.text or lp is not None:
-                yield chunk([P.ChatChunkChoice(index=index, delta=P.ChatDelta(content=c.text), logprobs=lp)])
+            ts = tool_streams[index]
+            text = c.text if ts is None else ts.push(c.text)  # text that may be a tool call is held back
+            if text or lp is not None:
+                yield chunk([P.ChatChunkChoice(index=index, delta=P.ChatDelta(content=text), logprobs=lp)])
             if c.finish_reason is not None:
-                yield chunk(
-                    [P.ChatChunkChoice(index=index, delta=P.ChatDelta(), finish_reason=c.finish_reason)]
-                )
+                finish = c.finish_reason
+                if ts is not None:
+                    rest, calls = ts.finish()
+                    if rest:
+                        yield chunk([P.ChatChunkChoice(index=index, delta=P.ChatDelta(content=rest))])
+                    if calls:
+                        delta = P.ChatDelta(tool_calls=tool_call_deltas(calls))
+                        yield chunk([P.ChatChunkChoice(index=index, delta=delta)])
+                        finish = "tool_calls" if finish == "stop" else finish
+                yield chunk([P.ChatChunkChoice(index=index, delta=P.ChatDelta(), finish_reason=finish)])
         if usage is not None:
             usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
             yield chunk([], usage=usage)

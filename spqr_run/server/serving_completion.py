@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from spqr_run.generation import TokenLogprob
 from spqr_run.server import protocol as P
 from spqr_run.server.serving import ChoiceResult, OpenAIServing, RequestRun, sse, until_disconnected
+from spqr_run.server.serving_structured import response_format_constraint
 
 log = logging.getLogger("spqr_run.server")
 
@@ -52,6 +53,10 @@ async def create_completion(
     params = [serving.sampling_params(req, max_tokens=max(b, 1), logprobs=req.logprobs) for b in budgets]
     ids_list = [ids for ids, _ in prompts]
     rid, created, n = P.new_id("cmpl"), P.now(), req.n
+    constraint = await response_format_constraint(serving, req.response_format)
+    constraints = [
+        constraint if i == 0 or constraint is None else constraint.copy() for i in range(len(ids_list))
+    ]
     usage = P.Usage(prompt_tokens=sum(len(ids) for ids in ids_list))
     score = req.echo and req.logprobs is not None
     run = serving.start(
@@ -60,6 +65,7 @@ async def create_completion(
         n,
         prompt_logprobs=req.logprobs if score else None,
         score_only=req.max_tokens == 0,
+        constraints=constraints,
     )
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
