@@ -51,6 +51,7 @@ class OpenAIServing:
         self.runtime, self.engine, self.model_name = runtime, engine, model_name
         self.tokenizer = runtime.tokenizer
         self.max_context = engine.max_context
+        self.tokenizer.token_string(0)  # builds the logprobs token table now, not in the first request
 
     # ---- request -> prompts and parameters ----------------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -99,11 +100,10 @@ class OpenAIServing:
         dicts = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages
         ]
-        try:
-            text = self.runtime.chat_template.render(dicts, add_generation_prompt=True)
+        try:  # message content is text: only the template's own markup becomes special tokens
+            return self.runtime.chat_template.encode(dicts, self.tokenizer, add_generation_prompt=True)
         except SpqrError as e:
             raise APIError(400, str(e), param="messages") from None
-        return self.tokenizer.encode(text)
 
     def sampling_params(
         self, req: P.SamplingFields, *, max_tokens: int, logprobs: int | None
@@ -112,12 +112,14 @@ class OpenAIServing:
         self.check_ids(list(bias), "logit_bias")
         # a temperature this small is greedy in effect, and logits / 1e-300 overflow to inf
         temperature = 0.0 if req.temperature < MIN_TEMPERATURE else req.temperature
+        # top_p 0 (OpenAI accepts it): the nucleus is the most likely token alone
+        top_k, top_p = (1, 1.0) if req.top_p == 0 else (req.top_k, req.top_p)
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
                 temperature=temperature,
-                top_k=req.top_k,
-                top_p=req.top_p,
+                top_k=top_k,
+                top_p=top_p,
                 min_p=req.min_p,
                 repetition_penalty=req.repetition_penalty,
                 presence_penalty=req.presence_penalty,

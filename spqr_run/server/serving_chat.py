@@ -9,19 +9,25 @@ from spqr_run.generation import TokenLogprob
 from spqr_run.server import protocol as P
 from spqr_run.server.protocol import APIError
 from spqr_run.server.serving import ChoiceResult, OpenAIServing, RequestRun, sse, until_disconnected
+from spqr_run.tokenizer import Tokenizer
 
 log = logging.getLogger("spqr_run.server")
 
 
-def _top(token: str, logprob: float) -> P.TopLogprob:
-    return P.TopLogprob(token=token, logprob=logprob, bytes=list(token.encode("utf-8")))
+def _top(tok: Tokenizer, token_id: int, logprob: float) -> P.TopLogprob:
+    """`token`: distinct per token ("bytes:\\xf0\\x9f" for part of a character, see `Tokenizer.token_string`);
+    `bytes`: the token's own UTF-8 bytes, so a choice's joined bytes are its content; null for a special token
+    (an end of turn), which adds nothing to the content."""
+    raw = None if tok.is_special(token_id) else list(tok.token_bytes(token_id))
+    return P.TopLogprob(token=tok.token_string(token_id), logprob=logprob, bytes=raw)
 
 
-def _logprobs(tokens: list[TokenLogprob]) -> P.ChatLogprobs:
+def _logprobs(tok: Tokenizer, tokens: list[TokenLogprob]) -> P.ChatLogprobs:
     return P.ChatLogprobs(
         content=[
             P.ChatTokenLogprob(
-                **_top(t.text, t.logprob).model_dump(), top_logprobs=[_top(text, lp) for _, text, lp in t.top]
+                **_top(tok, t.token_id, t.logprob).model_dump(),
+                top_logprobs=[_top(tok, i, lp) for i, _, lp in t.top],
             )
             for t in tokens
         ]
@@ -53,7 +59,7 @@ async def create_chat_completion(
     choices = []
     for index, r in enumerate(results):
         message = P.AssistantMessage(content="".join(r.text))
-        lp = _logprobs(r.logprobs) if req.logprobs else None
+        lp = _logprobs(serving.tokenizer, r.logprobs) if req.logprobs else None
         choices.append(P.ChatChoice(index=index, message=message, logprobs=lp, finish_reason=r.finish_reason))
         usage.completion_tokens += r.completion_tokens
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
@@ -82,7 +88,7 @@ async def _stream(
         async for index, c in run:
             if usage is not None:
                 usage.completion_tokens += len(c.token_ids)
-            lp = _logprobs(c.logprobs) if req.logprobs and c.logprobs else None
+            lp = _logprobs(serving.tokenizer, c.logprobs) if req.logprobs and c.logprobs else None
             if c.text or lp is not None:
                 yield chunk([P.ChatChunkChoice(index=index, delta=P.ChatDelta(content=c.text), logprobs=lp)])
             if c.finish_reason is not None:
