@@ -243,7 +243,7 @@ class _Literals:
     by a template that changed a defused string (e.g. `| upper`) is dropped. Special-token strings of one
     character cannot be defused and stay as they are."""
 
-    SENTINEL = "\ufdd0"  # a Unicode noncharacter: never in real text, and the tokenizers leave it alone
+    SENTINEL = "\u29eb"  # "⧫": rare, printable (a list printed with its repr keeps it), caseless, not a space
 
     def __init__(self, specials: Collection[str]) -> None:
         s = self.SENTINEL

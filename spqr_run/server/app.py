@@ -40,6 +40,7 @@ ROUTES = (
     "/v1/chat/completions",
     "/tokenize",
     "/detokenize",
+    "/tokenizer_info",
 )
 
 
@@ -325,6 +326,19 @@ def create_app(config: ServerConfig, *, on_load_failed: Callable[[str], None] | 
         s.check_model(body.model)
         s.check_ids(body.tokens, "tokens")
         return P.DetokenizeResponse(prompt=s.tokenizer.decode(body.tokens))
+
+    @api.get("/tokenizer_info", response_model=P.TokenizerInfoResponse)
+    def tokenizer_info(s: Ready) -> P.TokenizerInfoResponse:
+        tok = s.tokenizer
+        pad = None if tok.pad_id is None else tok.decode([tok.pad_id])
+        return P.TokenizerInfoResponse(
+            bos_token=tok.bos_token,
+            eos_token=tok.eos_token,
+            pad_token=pad,
+            add_bos_token=tok.add_bos,
+            model_max_length=s.max_context,
+            chat_template=s.runtime.chat_template.source,
+        )
 
     app.include_router(api)
     return app

@@ -282,5 +282,17 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
+class TokenizerInfoResponse(BaseModel):
+    """GET /tokenizer_info (vLLM's route; lm-evaluation-harness tokenizes through /tokenize when it exists)."""
+
+    tokenizer_class: str = "spqr_run.Tokenizer"
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    add_bos_token: bool
+    model_max_length: int
+    chat_template: str | None = None
+
+
 class HealthResponse(BaseModel):
     status: str
