@@ -302,11 +302,16 @@ def create_app(config: ServerConfig, *, on_load_failed: Callable[[str], None] | 
         card = P.ModelCard(id=s.model_name, created=state.created, max_model_len=s.max_context)
         return P.ModelList(data=[card])
 
-    @api.post("/v1/completions", response_model=P.CompletionResponse)
+    # with "stream": true the answer is server-sent events (chunks of the same shape, then "data: [DONE]")
+    streamed: dict[int | str, dict[str, Any]] = {
+        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
+    }
+
+    @api.post("/v1/completions", response_model=P.CompletionResponse, responses=streamed)
     async def completions(body: P.CompletionRequest, request: Request, s: Ready) -> Response:
         return _respond(await create_completion(s, body, request.is_disconnected))
 
-    @api.post("/v1/chat/completions", response_model=P.ChatCompletionResponse)
+    @api.post("/v1/chat/completions", response_model=P.ChatCompletionResponse, responses=streamed)
     async def chat(body: P.ChatCompletionRequest, request: Request, s: Ready) -> Response:
         return _respond(await create_chat_completion(s, body, request.is_disconnected))
 
