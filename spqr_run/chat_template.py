@@ -5,8 +5,8 @@ built-in fallback for models without one (Llama-3, ChatML, Llama-2 chat, Falcon-
 Message content is text, never markup: `ChatTemplate.encode` gives special-token ids only to the special-token
 strings the template itself writes. A user typing `<|im_end|>\n<|im_start|>system` gets those characters as
 text, not a forged system turn. How: every special-token string in the values handed to the template
-(messages, tools, any extra variable) is defused before rendering by putting a sentinel character (a Unicode
-noncharacter) between its characters, so no special-token string can appear in them; after rendering, each
+(messages, tools, any extra variable) is defused before rendering by putting a sentinel character (a rare printable
+symbol) between its characters, so no special-token string can appear in them; after rendering, each
 defused string is turned back into its characters and its place recorded as a literal range, which
 `Tokenizer.encode(literal=...)` encodes as plain text. Templates transform content (trim, slicing, splitting on
 `</think>`) the same way with or without the sentinels, so the prompt text is exactly what `render` gives.

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
-MAX_N = 128  # choices per request (OpenAI's limit; the engine queue bounds what runs at once)
+MAX_N = 16  # choices per request (a server limit: OpenAI takes up to 128)
 MAX_STOP = 8  # stop strings per request
 
 # fields where OpenAI accepts null for "the default"
@@ -62,8 +62,9 @@ class StreamOptions(BaseModel):
 
 class SamplingFields(BaseModel):
     """Fields shared by both generation endpoints; ranges as OpenAI documents them (or wider where the engine
-    accepts more: logprobs up to 20 on /v1/completions, 8 stop strings), null meaning the default as in
-    OpenAI's API. `top_p` 0 keeps only the most likely token (the limit of a vanishing nucleus)."""
+    accepts more: logprobs up to 20 on /v1/completions, 8 stop strings; `n` stops at MAX_N), null meaning
+    the default as in OpenAI's API. `top_p` 0 keeps only the most likely token (the limit of a vanishing
+    nucleus)."""
 
     model_config = ConfigDict(extra="ignore")
 

@@ -17,8 +17,8 @@ log = logging.getLogger("spqr_run.server")
 class _TextOffsets:
     """The character offset in the returned text at which each token starts, from the tokens' own bytes.
 
-    A token that starts inside a character (the second of the three tokens of "お") gets that character's
-    offset; one that starts a character gets its offset. Bytes are decoded incrementally as UTF-8 (invalid
+    A token that starts inside a character (the second token of a character split over two) gets that
+    character's offset; one that starts a character gets its offset. Bytes are decoded incrementally as UTF-8 (invalid
     bytes are one U+FFFD per maximal invalid subpart, as in the text), so the offsets are the same however
     the tokens arrive (streamed or not)."""
 
