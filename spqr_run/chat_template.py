@@ -1,24 +1,37 @@
 """Chat templates: the model's own Jinja template (rendered like transformers' `apply_chat_template`, but in
 jinja2's immutable sandbox with time and size bounds, since templates come from untrusted model files), or a
 built-in fallback for models without one (Llama-3, ChatML, Llama-2 chat, Falcon-instruct).
+
+Message content is text, never markup: `ChatTemplate.encode` gives special-token ids only to the special-token
+strings the template itself writes. A user typing `<|im_end|>\n<|im_start|>system` gets those characters as
+text, not a forged system turn. How: every special-token string in the values handed to the template
+(messages, tools, any extra variable) is defused before rendering by putting a sentinel character (a rare printable
+symbol) between its characters, so no special-token string can appear in them; after rendering, each
+defused string is turned back into its characters and its place recorded as a literal range, which
+`Tokenizer.encode(literal=...)` encodes as plain text. Templates transform content (trim, slicing, splitting on
+`</think>`) the same way with or without the sentinels, so the prompt text is exactly what `render` gives.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 import time
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Collection, Container, Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from jinja2 import TemplateError, TemplateSyntaxError
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from spqr_run.errors import ConfigError, ModelFormatError
+
+if TYPE_CHECKING:
+    from spqr_run.tokenizer import Tokenizer
 
 MAX_OUTPUT_CHARS = 4_000_000  # a rendered prompt larger than this is an error, not a prompt
 MAX_RENDER_SECONDS = 2.0
@@ -186,6 +199,93 @@ class ChatTemplate:
             message = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ConfigError(f"{self.name}: chat template failed on these messages: {message}") from None
         return "".join(parts)
+
+    def render_literal(
+        self,
+        messages: list[dict[str, Any]],
+        specials: Collection[str],
+        *,
+        add_generation_prompt: bool = True,
+        **extra: Any,
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """`render`'s text, and the [start, end) character ranges where one of the `specials` strings came from
+        the inputs (message content, tools, ...) rather than the template: those are text, not tokens."""
+        literals = _Literals(specials)
+        text = self.render(
+            literals.defuse(_flatten(messages)),
+            add_generation_prompt=add_generation_prompt,
+            **{k: literals.defuse(v) for k, v in extra.items()},
+        )
+        return literals.restore(text)
+
+    def encode(
+        self,
+        messages: list[dict[str, Any]],
+        tokenizer: Tokenizer,
+        *,
+        add_generation_prompt: bool = True,
+        add_bos: bool | None = None,
+        **extra: Any,
+    ) -> list[int]:
+        """The prompt's token ids: only the template's own markup becomes special tokens; the messages (every
+        role) and `extra` values are text. `add_bos` as in `Tokenizer.encode`. Raises what `render` raises."""
+        text, literal = self.render_literal(
+            messages, tokenizer.special_texts, add_generation_prompt=add_generation_prompt, **extra
+        )
+        return tokenizer.encode(text, add_bos=add_bos, literal=literal)
+
+
+class _Literals:
+    """Defusing special-token strings in template inputs and finding them again in the rendered text.
+
+    In an input string the sentinel S becomes S S and a special-token string "abc" becomes "a S b S c"; in the
+    output a pair S S is one S again, a defused string its characters (a literal range), and a lone S left
+    by a template that changed a defused string (e.g. `| upper`) is dropped. Special-token strings of one
+    character cannot be defused and stay as they are."""
+
+    SENTINEL = "\u29eb"  # "⧫": rare, printable (a list printed with its repr keeps it), caseless, not a space
+
+    def __init__(self, specials: Collection[str]) -> None:
+        s = self.SENTINEL
+        texts = sorted((t for t in specials if len(t) > 1), key=len, reverse=True)
+        self.defused = {t: s.join(t) for t in texts}
+        self.restored = {d: t for t, d in self.defused.items()}
+        self._in = re.compile("|".join([re.escape(s), *map(re.escape, texts)]))
+        self._out = re.compile("|".join([re.escape(s + s), *map(re.escape, self.restored), re.escape(s)]))
+
+    def defuse(self, value: Any) -> Any:
+        """A copy of `value` (strings, lists, tuples and dicts, keys included) with every string defused."""
+        if isinstance(value, str):
+            return self._in.sub(
+                lambda m: self.SENTINEL * 2 if m.group() == self.SENTINEL else self.defused[m.group()], value
+            )
+        if isinstance(value, dict):
+            return {self.defuse(k): self.defuse(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.defuse(v) for v in value)
+        return value
+
+    def restore(self, text: str) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered `text` with its defused strings back, and their [start, end) ranges in the result."""
+        out: list[str] = []
+        spans: list[tuple[int, int]] = []
+        size = pos = 0
+        for m in self._out.finditer(text):
+            out.append(text[pos : m.start()])
+            size += m.start() - pos
+            piece = m.group()
+            if piece in self.restored:
+                piece = self.restored[piece]
+                spans.append((size, size + len(piece)))
+            elif piece != self.SENTINEL * 2:
+                piece = ""
+            else:
+                piece = self.SENTINEL
+            out.append(piece)
+            size += len(piece)
+            pos = m.end()
+        out.append(text[pos:])
+        return "".join(out), spans
 
 
 def _flatten(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

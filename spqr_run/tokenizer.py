@@ -34,6 +34,22 @@ END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<|endoftext
 # GGUF `tokenizer.ggml.token_type` values (llama.cpp `llama_token_type`).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 _SPIECE_SPACE = "\u2581"  # "▁"
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback piece
+
+
+def _gpt2_byte_of() -> dict[str, int]:
+    """The inverse of GPT-2's `bytes_to_unicode` (Radford et al. 2019, `encoder.py`): byte-level BPE vocabularies
+    spell byte b as itself when it is printable Latin-1 ('!'..'~', '¡'..'¬', '®'..'ÿ'), else as chr(256 + n)
+    for the n-th remaining byte in order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
+
+
+_GPT2_BYTE_OF = _gpt2_byte_of()
+_GPT2_LATIN1 = {
+    ord(ch): b for ch, b in _GPT2_BYTE_OF.items()
+}  # str.translate: symbol -> the byte's code point
 
 # Pre-tokenizer split regexes (llama.cpp `llama-vocab.cpp`, by `tokenizer.ggml.pre`).
 _LLAMA3_SPLIT = (
@@ -161,14 +177,16 @@ class _HFBackend:
         self._plain: tokenizers.Tokenizer | None = None  # copy that leaves special strings as text
         added = tok.get_added_tokens_decoder()
         self.special_ids = frozenset(i for i, t in added.items() if t.special)
+        self._added_ids = frozenset(added)
+        self.special_texts = {t.content: i for i, t in added.items() if t.special}
         self._starts = {
             True: tuple(t.content for t in added.values()),  # every added token is cut out
             False: tuple(t.content for t in added.values() if not t.special),
         }
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, special: bool) -> list[int]:
-        if self.dummy_prefix and text and not text.startswith(self._starts[special]):
+    def encode(self, text: str, special: bool, at_start: bool = True) -> list[int]:
+        if self.dummy_prefix and at_start and text and not text.startswith(self._starts[special]):
             text = " " + text
         if special:
             return self.tok.encode(text, add_special_tokens=False).ids
@@ -182,6 +200,44 @@ class _HFBackend:
 
     def piece(self, token_id: int) -> str | None:
         return self.tok.id_to_token(token_id)
+
+    @functools.cached_property
+    def _piece_kind(self) -> str:
+        """How pieces spell bytes, from the decoder: "byte_level" (GPT-2 symbols), "sentencepiece" ("▁" for
+        a space, `<0xNN>` byte pieces) or "other" (a token's bytes are then those of its decoded text)."""
+        decoder = json.loads(self.tok.to_str()).get("decoder") or {}
+        steps = (decoder.get("decoders") or []) if decoder.get("type") == "Sequence" else [decoder]
+        types = {step.get("type") for step in steps if isinstance(step, dict)}
+        if "ByteLevel" in types:
+            return "byte_level"
+        if types & {"ByteFallback", "Metaspace"} or any(
+            step.get("type") == "Replace" and step.get("pattern", {}).get("String") == _SPIECE_SPACE
+            for step in steps
+        ):
+            return "sentencepiece"
+        return "other"
+
+    def is_byte_piece(self, token_id: int) -> bool:
+        piece = self.tok.id_to_token(token_id)
+        return (
+            self._piece_kind == "sentencepiece" and piece is not None and bool(_BYTE_PIECE.fullmatch(piece))
+        )
+
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self.tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self._added_ids:
+            return piece.encode()
+        if self._piece_kind == "byte_level":
+            try:
+                return piece.translate(_GPT2_LATIN1).encode("latin-1")
+            except UnicodeEncodeError:  # not spelled in the byte alphabet
+                return piece.encode()
+        if self._piece_kind == "sentencepiece":
+            byte = _BYTE_PIECE.fullmatch(piece)
+            return bytes([int(byte.group(1), 16)]) if byte else piece.replace(_SPIECE_SPACE, " ").encode()
+        return self.tok.decode([token_id], skip_special_tokens=False).encode()
 
     def piece_to_id(self, piece: str) -> int | None:
         return self.tok.token_to_id(piece)
@@ -218,19 +274,35 @@ class _SPBackend:
             self._mid = spm.SentencePieceProcessor(model_proto=_set_proto_no_dummy_prefix(self.proto))
         return self._mid.encode(text)
 
-    def encode(self, text: str, special: bool) -> list[int]:
+    def encode(self, text: str, special: bool, at_start: bool = True) -> list[int]:
         if not special or self._split is None:
-            return self._encode_text(text, True)
+            return self._encode_text(text, at_start)
         ids: list[int] = []
         pos = 0
         for m in self._split.finditer(text):
             if m.start() > pos:
-                ids += self._encode_text(text[pos : m.start()], pos == 0)
+                ids += self._encode_text(text[pos : m.start()], at_start and pos == 0)
             ids.append(self._by_text[m.group()])
             pos = m.end()
         if pos < len(text):
-            ids += self._encode_text(text[pos:], pos == 0)
+            ids += self._encode_text(text[pos:], at_start and pos == 0)
         return ids
+
+    @property
+    def special_texts(self) -> dict[str, int]:
+        return self._by_text
+
+    def is_byte_piece(self, token_id: int) -> bool:
+        return token_id < len(self.pieces) and self.sp.is_byte(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if token_id in self.special_ids:
+            return (self.added.get(token_id) or self.pieces[token_id]).encode()
+        if token_id >= len(self.pieces):
+            return b""
+        if self.sp.is_byte(token_id):
+            return bytes([int(self.pieces[token_id][3:5], 16)])  # "<0xNN>"
+        return self.pieces[token_id].replace(_SPIECE_SPACE, " ").encode()
 
     def decode(self, ids: Sequence[int], skip_special: bool) -> str:
         out = bytearray()
@@ -497,15 +569,26 @@ class Tokenizer:
     def eos_token(self) -> str | None:
         return None if self.eos_id is None else self._backend.piece(self.eos_id)
 
-    def encode(self, text: str, *, add_bos: bool | None = None, special: bool = True) -> list[int]:
+    def encode(
+        self,
+        text: str,
+        *,
+        add_bos: bool | None = None,
+        special: bool = True,
+        literal: Sequence[tuple[int, int]] = (),
+    ) -> list[int]:
         """Token ids of `text`.
 
         `add_bos=None` follows the tokenizer's default (never doubling a BOS already in the text);
-        `special=True` turns special-token strings into their ids, `False` keeps them as plain text.
+        `special=True` turns special-token strings into their ids, `False` keeps them as plain text;
+        `literal`: character ranges [start, end) of `text` where special-token strings stay plain text even
+        with `special=True` (chat message content inside a rendered template: see `chat_template.encode_chat`).
         """
         if not isinstance(text, str):
             raise ConfigError(f"tokenizer: text to encode must be a string, not {type(text).__name__}")
-        ids = self._backend.encode(text, special)
+        ids = (
+            self._encode_markup(text, literal) if special and literal else self._backend.encode(text, special)
+        )
         use_bos = self.add_bos if add_bos is None else add_bos
         if use_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids.insert(0, self.bos_id)
@@ -521,8 +604,69 @@ class Tokenizer:
             )
         return self._backend.decode(ids, skip_special)
 
+    def _encode_markup(self, text: str, literal: Sequence[tuple[int, int]]) -> list[int]:
+        """`text` with special-token strings as their ids, except those overlapping a `literal` range: the
+        text between the kept ones is encoded as plain text, as the backend does between special tokens."""
+        ids: list[int] = []
+        pos = 0
+        for m in self._special_re.finditer(text) if self._special_re else ():
+            if any(start < m.end() and m.start() < end for start, end in literal):
+                continue
+            if m.start() > pos:
+                ids += self._backend.encode(text[pos : m.start()], False, at_start=pos == 0)
+            ids.append(self._backend.special_texts[m.group()])
+            pos = m.end()
+        if pos < len(text) or not text:
+            ids += self._backend.encode(text[pos:], False, at_start=pos == 0)
+        return ids
+
+    @functools.cached_property
+    def _special_re(self) -> re.Pattern[str] | None:
+        """Every special-token string, longest first (so the leftmost-longest one matches, as tokenizers' and
+        our SentencePiece splitting do)."""
+        texts = sorted(self._backend.special_texts, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, texts))) if texts else None
+
+    @property
+    def special_texts(self) -> frozenset[str]:
+        """The strings that `encode(special=True)` turns into special tokens (`<|im_start|>`, `<s>`, ...)."""
+        return frozenset(self._backend.special_texts)
+
     def is_special(self, token_id: int) -> bool:
         return token_id in self._backend.special_ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes token `token_id` stands for in UTF-8 text: for a token holding part of a character, that
+        part (joining the bytes of a sequence's tokens rebuilds its text); a SentencePiece "▁" is a space
+        (kept at the start too); a special token gives its own string. b"" for an id without a piece."""
+        return self._backend.token_bytes(token_id)
+
+    def token_string(self, token_id: int) -> str:
+        """A display string of one token, distinct for distinct tokens (logprobs keys and `token` fields):
+        its text when its bytes are valid UTF-8 (and no other token has it); else `bytes:` and each byte as
+        `\\xNN` (OpenAI's form for parts of characters, e.g. "bytes:\\xf0\\x9f"; a byte piece `<0x41>` beside the
+        piece "A" is "bytes:\\x41"); else `token_id:N`. Ordinary and special tokens take their text first."""
+        return self._token_strings[token_id]
+
+    @functools.cached_property
+    def _token_strings(self) -> list[str]:
+        strings = [""] * self.vocab_size
+        taken: set[str] = set()
+        # ordinary and special tokens choose first, so "A" is the piece "A", not the byte piece <0x41>
+        order = sorted(range(self.vocab_size), key=self._backend.is_byte_piece)
+        for i in order:
+            raw = self.token_bytes(i)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = ""
+            if not text and raw or text.startswith(("bytes:", "token_id:")) or text in taken:
+                text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+                if text in taken:
+                    text = f"token_id:{i}"
+            strings[i] = text
+            taken.add(strings[i])
+        return strings
 
     def token_text(self, token_id: int) -> str:
         """One token as display text, keeping a SentencePiece leading space (for logprobs)."""

@@ -25,6 +25,9 @@ class FakeTemplate:
             " <assistant>" if add_generation_prompt else ""
         )
 
+    def encode(self, messages: list[dict[str, str]], tokenizer: FakeTokenizer) -> list[int]:
+        return tokenizer.encode(self.render(messages))
+
 
 class FakeTokenizer:
     def encode(self, text: str) -> list[int]:

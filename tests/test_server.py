@@ -197,7 +197,7 @@ def test_chat_logprobs(client: openai.OpenAI) -> None:
     "body, param",
     [
         ({"temperature": 5}, "temperature"),
-        ({"top_p": 0}, "top_p"),
+        ({"top_p": -0.5}, "top_p"),
         ({"n": 0}, "n"),
         ({"max_tokens": -1}, "max_tokens"),
         ({"stop": ""}, "stop"),

@@ -47,7 +47,7 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def wait_ready(self, timeout: float = 90.0) -> None:
+    def wait_ready(self, timeout: float = 180.0) -> None:
         """Poll /health until 200; fail with the server log when it dies or takes too long."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

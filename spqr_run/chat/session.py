@@ -57,8 +57,8 @@ class ChatSession:
     # ---- prompt -----------------------------------------------------------------------------------
     def prompt_ids(self, conversation: Conversation | None = None) -> list[int]:
         conv = conversation or self.conversation
-        text = self.runtime.chat_template.render(conv.for_template(), add_generation_prompt=True)
-        return self.runtime.tokenizer.encode(text)
+        # message content is text: only the template's own markup becomes special tokens
+        return self.runtime.chat_template.encode(conv.for_template(), self.runtime.tokenizer)
 
     def context_tokens(self) -> int:
         """Tokens the current conversation takes (with the generation prompt)."""

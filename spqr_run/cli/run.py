@@ -79,9 +79,7 @@ def _generate(args: argparse.Namespace) -> int:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": prompt}
         ]
-        ids = rt.tokenizer.encode(
-            rt.chat_template.render(messages, add_generation_prompt=True), add_bos=False
-        )
+        ids = rt.chat_template.encode(messages, rt.tokenizer, add_bos=False)  # content stays text
     else:
         ids = rt.tokenizer.encode(prompt)
     constraint = None

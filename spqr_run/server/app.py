@@ -40,6 +40,7 @@ ROUTES = (
     "/v1/chat/completions",
     "/tokenize",
     "/detokenize",
+    "/tokenizer_info",
 )
 
 
@@ -301,11 +302,16 @@ def create_app(config: ServerConfig, *, on_load_failed: Callable[[str], None] | 
         card = P.ModelCard(id=s.model_name, created=state.created, max_model_len=s.max_context)
         return P.ModelList(data=[card])
 
-    @api.post("/v1/completions", response_model=P.CompletionResponse)
+    # with "stream": true the answer is server-sent events (chunks of the same shape, then "data: [DONE]")
+    streamed: dict[int | str, dict[str, Any]] = {
+        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
+    }
+
+    @api.post("/v1/completions", response_model=P.CompletionResponse, responses=streamed)
     async def completions(body: P.CompletionRequest, request: Request, s: Ready) -> Response:
         return _respond(await create_completion(s, body, request.is_disconnected))
 
-    @api.post("/v1/chat/completions", response_model=P.ChatCompletionResponse)
+    @api.post("/v1/chat/completions", response_model=P.ChatCompletionResponse, responses=streamed)
     async def chat(body: P.ChatCompletionRequest, request: Request, s: Ready) -> Response:
         return _respond(await create_chat_completion(s, body, request.is_disconnected))
 
@@ -325,6 +331,19 @@ def create_app(config: ServerConfig, *, on_load_failed: Callable[[str], None] | 
         s.check_model(body.model)
         s.check_ids(body.tokens, "tokens")
         return P.DetokenizeResponse(prompt=s.tokenizer.decode(body.tokens))
+
+    @api.get("/tokenizer_info", response_model=P.TokenizerInfoResponse)
+    def tokenizer_info(s: Ready) -> P.TokenizerInfoResponse:
+        tok = s.tokenizer
+        pad = None if tok.pad_id is None else tok.decode([tok.pad_id])
+        return P.TokenizerInfoResponse(
+            bos_token=tok.bos_token,
+            eos_token=tok.eos_token,
+            pad_token=pad,
+            add_bos_token=tok.add_bos,
+            model_max_length=s.max_context,
+            chat_template=s.runtime.chat_template.source,
+        )
 
     app.include_router(api)
     return app

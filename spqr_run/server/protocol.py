@@ -10,10 +10,16 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
-MAX_N = 16  # choices per request
+MAX_N = 16  # choices per request (a server limit: OpenAI takes up to 128)
 MAX_STOP = 8  # stop strings per request
+
+# fields where OpenAI accepts null for "the default"
+NULL_IS_DEFAULT = (
+    "temperature", "top_p", "top_k", "min_p", "n", "stream", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "echo", "logprobs",
+)  # fmt: skip
 
 TokenId = Annotated[StrictInt, Field(ge=0, lt=2**31)]
 
@@ -55,27 +61,38 @@ class StreamOptions(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    """Fields shared by both generation endpoints; ranges as OpenAI documents them (or the engine accepts)."""
+    """Fields shared by both generation endpoints; ranges as OpenAI documents them (or wider where the engine
+    accepts more: logprobs up to 20 on /v1/completions, 8 stop strings; `n` stops at MAX_N), null meaning
+    the default as in OpenAI's API. `top_p` 0 keeps only the most likely token (the limit of a vanishing
+    nucleus)."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: StrictStr | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    top_k: int = Field(default=0, ge=0)
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
-    n: int = Field(default=1, ge=1, le=MAX_N)
+    temperature: float | None = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(default=1.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int | None = Field(default=0, ge=0)
+    min_p: float | None = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    n: int | None = Field(default=1, ge=1, le=MAX_N)
     stop: StrictStr | list[StrictStr] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    presence_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     # the engine accepts (0, 10]; a tiny divisor sends positive logits to inf, so the API stops at 0.01
-    repetition_penalty: float = Field(default=1.0, ge=0.01, le=10.0, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(default=1.0, ge=0.01, le=10.0, allow_inf_nan=False)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
     user: str | None = None
+
+    @model_validator(mode="after")
+    def _nulls_are_defaults(self) -> SamplingFields:
+        fields = type(self).model_fields
+        for name in NULL_IS_DEFAULT:
+            if name in fields and getattr(self, name) is None:
+                setattr(self, name, fields[name].default)
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -167,7 +184,7 @@ class CompletionRequest(SamplingFields):
     prompt: StrictStr | list[StrictStr] | list[TokenId] | list[list[TokenId]]
     max_tokens: int | None = Field(default=16, ge=0)  # 0: score the prompt only (with echo + logprobs)
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: bool = False
+    echo: bool | None = False
     suffix: str | None = None
     response_format: ResponseFormat | None = None  # structured output of the generated text
 
@@ -197,7 +214,7 @@ class ChatCompletionRequest(SamplingFields):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     tools: list[ToolDefinition] | None = None
@@ -338,6 +355,18 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+class TokenizerInfoResponse(BaseModel):
+    """GET /tokenizer_info (vLLM's route; lm-evaluation-harness tokenizes through /tokenize when it exists)."""
+
+    tokenizer_class: str = "spqr_run.Tokenizer"
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    add_bos_token: bool
+    model_max_length: int
+    chat_template: str | None = None
 
 
 class HealthResponse(BaseModel):

@@ -56,6 +56,7 @@ class OpenAIServing:
         self.max_context = engine.max_context
         self.grammars = GrammarEngines(self.tokenizer)  # structured outputs, built on first use
         self.tool_support = ToolSupport.detect(runtime.chat_template.source, self.tokenizer.vocab_strings())
+        self.tokenizer.token_string(0)  # builds the logprobs token table now, not in the first request
 
     # ---- request -> prompts and parameters ----------------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -103,13 +104,15 @@ class OpenAIServing:
     def chat_prompt(
         self, messages: list[P.ChatMessage], tools: list[dict[str, Any]] | None = None
     ) -> list[int]:
-        """Prompt ids of `messages`; `tools` (OpenAI tool definitions) are written in as the model expects."""
+        """Prompt ids of `messages`; `tools` (OpenAI tool definitions) are written in as the model expects.
+        Message content is text: only the template's own markup becomes special tokens."""
         dicts, extra = self.tool_support.messages([message_dict(m) for m in messages], tools)
         try:
-            text = self.runtime.chat_template.render(dicts, add_generation_prompt=True, **extra)
+            return self.runtime.chat_template.encode(
+                dicts, self.tokenizer, add_generation_prompt=True, **extra
+            )
         except SpqrError as e:
             raise APIError(400, str(e), param="messages") from None
-        return self.tokenizer.encode(text)
 
     def sampling_params(
         self, req: P.SamplingFields, *, max_tokens: int, logprobs: int | None
@@ -118,12 +121,14 @@ class OpenAIServing:
         self.check_ids(list(bias), "logit_bias")
         # a temperature this small is greedy in effect, and logits / 1e-300 overflow to inf
         temperature = 0.0 if req.temperature < MIN_TEMPERATURE else req.temperature
+        # top_p 0 (OpenAI accepts it): the nucleus is the most likely token alone
+        top_k, top_p = (1, 1.0) if req.top_p == 0 else (req.top_k, req.top_p)
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
                 temperature=temperature,
-                top_k=req.top_k,
-                top_p=req.top_p,
+                top_k=top_k,
+                top_p=top_p,
                 min_p=req.min_p,
                 repetition_penalty=req.repetition_penalty,
                 presence_penalty=req.presence_penalty,

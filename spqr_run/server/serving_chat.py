@@ -10,19 +10,25 @@ from spqr_run.server import protocol as P
 from spqr_run.server.protocol import APIError
 from spqr_run.server.serving import ChoiceResult, OpenAIServing, RequestRun, sse, until_disconnected
 from spqr_run.server.serving_structured import ChatPlan, chat_plan, tool_call_deltas, tool_calls
+from spqr_run.tokenizer import Tokenizer
 
 log = logging.getLogger("spqr_run.server")
 
 
-def _top(token: str, logprob: float) -> P.TopLogprob:
-    return P.TopLogprob(token=token, logprob=logprob, bytes=list(token.encode("utf-8")))
+def _top(tok: Tokenizer, token_id: int, logprob: float) -> P.TopLogprob:
+    """`token`: distinct per token ("bytes:\\xf0\\x9f" for part of a character, see `Tokenizer.token_string`);
+    `bytes`: the token's own UTF-8 bytes, so a choice's joined bytes are its content; null for a special token
+    (an end of turn), which adds nothing to the content."""
+    raw = None if tok.is_special(token_id) else list(tok.token_bytes(token_id))
+    return P.TopLogprob(token=tok.token_string(token_id), logprob=logprob, bytes=raw)
 
 
-def _logprobs(tokens: list[TokenLogprob]) -> P.ChatLogprobs:
+def _logprobs(tok: Tokenizer, tokens: list[TokenLogprob]) -> P.ChatLogprobs:
     return P.ChatLogprobs(
         content=[
             P.ChatTokenLogprob(
-                **_top(t.text, t.logprob).model_dump(), top_logprobs=[_top(text, lp) for _, text, lp in t.top]
+                **_top(tok, t.token_id, t.logprob).model_dump(),
+                top_logprobs=[_top(tok, i, lp) for i, _, lp in t.top],
             )
             for t in tokens
         ]
@@ -57,7 +63,7 @@ async def create_chat_completion(
         content, calls = plan.parse("".join(r.text))
         message = P.AssistantMessage(content=content, tool_calls=tool_calls(calls) if calls else None)
         finish = "tool_calls" if calls and r.finish_reason == "stop" else r.finish_reason
-        lp = _logprobs(r.logprobs) if req.logprobs else None
+        lp = _logprobs(serving.tokenizer, r.logprobs) if req.logprobs else None
         choices.append(P.ChatChoice(index=index, message=message, logprobs=lp, finish_reason=finish))
         usage.completion_tokens += r.completion_tokens
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
@@ -88,7 +94,7 @@ async def _stream(
         async for index, c in run:
             if usage is not None:
                 usage.completion_tokens += len(c.token_ids)
-            lp = _logprobs(c.logprobs) if req.logprobs and c.logprobs else None
+            lp = _logprobs(serving.tokenizer, c.logprobs) if req.logprobs and c.logprobs else None
             ts = tool_streams[index]
             text = c.text if ts is None else ts.push(c.text)  # text that may be a tool call is held back
             if text or lp is not None:

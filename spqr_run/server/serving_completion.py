@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -9,37 +10,86 @@ from spqr_run.generation import TokenLogprob
 from spqr_run.server import protocol as P
 from spqr_run.server.serving import ChoiceResult, OpenAIServing, RequestRun, sse, until_disconnected
 from spqr_run.server.serving_structured import response_format_constraint
+from spqr_run.tokenizer import Tokenizer
 
 log = logging.getLogger("spqr_run.server")
 
 
-def _logprobs(
-    tokens: list[TokenLogprob],
-    *,
-    prompt: tuple[list[int], list[TokenLogprob]] | None,
-    serving: OpenAIServing,
-    offset: int,
-) -> P.CompletionLogprobs:
-    """OpenAI's legacy logprobs object. With `prompt` (echo: its ids and the scores of all but the first),
-    the prompt's tokens come first, the first one with null logprobs as OpenAI gives it."""
-    out = P.CompletionLogprobs()
+class _TextOffsets:
+    """The character offset in the returned text at which each token starts, from the tokens' own bytes.
 
-    def add(text: str, logprob: float | None, top: dict[str, float] | None) -> None:
-        nonlocal offset
-        out.tokens.append(text)
-        out.token_logprobs.append(logprob)
-        out.top_logprobs.append(top)
-        out.text_offset.append(offset)
-        offset += len(text)
+    A token that starts inside a character (the second token of a character split over two) gets that
+    character's offset; one that starts a character gets its offset. Bytes are decoded incrementally as UTF-8 (invalid
+    bytes are one U+FFFD per maximal invalid subpart, as in the text), so the offsets are the same however
+    the tokens arrive (streamed or not)."""
 
-    if prompt is not None:
-        ids, scored = prompt
-        add(serving.tokenizer.token_text(ids[0]), None, None)
-        for t in scored:
-            add(t.text, t.logprob, {text: lp for _, text, lp in t.top})
-    for t in tokens:
-        add(t.text, t.logprob, {text: lp for _, text, lp in t.top})
-    return out
+    def __init__(self, start: int = 0) -> None:
+        self.chars = start
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def feed(self, raw: bytes) -> int:
+        """The offset of the token whose bytes are `raw` (after the ones fed before)."""
+        offset = self.chars
+        pending = self._decoder.getstate()[0]
+        if pending and raw:  # a character is incomplete: does this token continue it or replace it?
+            try:
+                codecs.getincrementaldecoder("utf-8")("strict").decode(pending + raw[:1])
+            except UnicodeDecodeError:
+                offset += len(pending.decode("utf-8", "replace"))
+        self.chars += len(self._decoder.decode(raw))
+        return offset
+
+
+class _ChoiceLogprobs:
+    """OpenAI's legacy logprobs object of one choice, built token by token and handed out in order.
+
+    Tokens are `Tokenizer.token_string`s (distinct per token, so `top_logprobs` has exactly k keys and the
+    best value of each); `text_offset` indexes the choice's returned text (the echoed prompt first). A token
+    is handed out once the text at its offset has been (`take(emitted)`), or at the end, with offsets past
+    the end of the text (a stop string cut off) set to its length: streamed and whole answers agree."""
+
+    def __init__(self, tok: Tokenizer, *, echo: tuple[list[int], str, list[TokenLogprob]] | None) -> None:
+        self.tok = tok
+        self.offsets = _TextOffsets()
+        self.pending: list[tuple[str, float | None, dict[str, float] | None, int]] = []
+        self.shift = 0  # characters the prompt's bytes have before the echoed text (a SentencePiece "▁")
+        if echo is not None:  # the prompt's first token has no logprob: nothing predicts it
+            ids, text, scored = echo
+            raw = [tok.token_bytes(i) for i in ids]
+            decoded = b"".join(raw).decode("utf-8", "replace")
+            self.shift = 1 if decoded != text and decoded[:1] == " " and decoded[1:] == text else 0
+            self._add(ids[0], raw[0], None, None)
+            for t, b in zip(scored, raw[1:], strict=False):
+                self._add(t.token_id, b, t.logprob, t.top)
+            self.offsets = _TextOffsets(len(text))  # generated text follows the echoed prompt as sent
+            self.shift = 0
+
+    def _add(
+        self, token_id: int, raw: bytes, logprob: float | None, top: list[tuple[int, str, float]] | None
+    ) -> None:
+        string = self.tok.token_string
+        alternatives = None if top is None else {string(i): lp for i, _, lp in top}
+        offset = max(self.offsets.feed(raw) - self.shift, 0)
+        self.pending.append((string(token_id), logprob, alternatives, offset))
+
+    def add(self, tokens: list[TokenLogprob]) -> None:
+        """Generated tokens; a special one (an end of turn) is not in the text and adds no characters."""
+        for t in tokens:
+            raw = b"" if self.tok.is_special(t.token_id) else self.tok.token_bytes(t.token_id)
+            self._add(t.token_id, raw, t.logprob, t.top)
+
+    def take(self, emitted: int, final: bool) -> P.CompletionLogprobs:
+        """The pending tokens whose offset is in the first `emitted` characters of the text (all when
+        `final`, `emitted` being then the text's length)."""
+        n = len(self.pending) if final else sum(1 for *_, offset in self.pending if offset < emitted)
+        out = P.CompletionLogprobs()
+        for token, logprob, top, offset in self.pending[:n]:
+            out.tokens.append(token)
+            out.token_logprobs.append(logprob)
+            out.top_logprobs.append(top)
+            out.text_offset.append(min(offset, emitted))
+        del self.pending[:n]
+        return out
 
 
 async def create_completion(
@@ -77,15 +127,15 @@ async def create_completion(
     for index, r in enumerate(results):
         ids, prompt_text = prompts[index // n]
         prefix = prompt_text if req.echo else ""
+        text = prefix + "".join(r.text)
         lp = None
         if req.logprobs is not None:
-            echoed = (ids, r.prompt_logprobs or []) if req.echo else None
-            lp = _logprobs(r.logprobs, prompt=echoed, serving=serving, offset=0)
-        choices.append(
-            P.CompletionChoice(
-                index=index, text=prefix + "".join(r.text), logprobs=lp, finish_reason=r.finish_reason
+            tracker = _ChoiceLogprobs(
+                serving.tokenizer, echo=(ids, prompt_text, r.prompt_logprobs or []) if req.echo else None
             )
-        )
+            tracker.add(r.logprobs)
+            lp = tracker.take(len(text), final=True)
+        choices.append(P.CompletionChoice(index=index, text=text, logprobs=lp, finish_reason=r.finish_reason))
         usage.completion_tokens += r.completion_tokens
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
     return P.CompletionResponse(
@@ -106,26 +156,28 @@ async def _stream(
         body = P.CompletionResponse(id=rid, created=created, model=serving.model_name, choices=choices)
         return sse(body.model_dump(exclude_none=True))
 
-    offsets = [0] * run.choices
-    echoed = [not req.echo] * run.choices
+    emitted = [0] * run.choices  # characters of each choice's text sent so far
+    trackers: list[_ChoiceLogprobs | None] = [None] * run.choices
     try:
         async for index, c in run:
-            if not echoed[index]:  # the prompt first, with its scores when they were asked for
-                echoed[index] = True
+            tracker = trackers[index]
+            if tracker is None:  # the first chunk: the prompt first when echoed, with its scores if asked for
                 ids, text = prompts[index // req.n]
-                lp = None
-                if req.logprobs is not None:
-                    lp = _logprobs([], prompt=(ids, c.prompt_logprobs or []), serving=serving, offset=0)
-                offsets[index] = len(text)
-                yield chunk([P.CompletionChoice(index=index, text=text, logprobs=lp)])
+                echo = (ids, text, c.prompt_logprobs or []) if req.echo else None
+                tracker = trackers[index] = _ChoiceLogprobs(serving.tokenizer, echo=echo)
+                if req.echo:
+                    emitted[index] = len(text)
+                    lp = tracker.take(emitted[index], False) if req.logprobs is not None else None
+                    yield chunk([P.CompletionChoice(index=index, text=text, logprobs=lp)])
             if usage is not None:
                 usage.completion_tokens += len(c.token_ids)
-            if not c.text and c.finish_reason is None and req.logprobs is None:
-                continue
+            emitted[index] += len(c.text)
             lp = None
             if req.logprobs is not None:
-                lp = _logprobs(c.logprobs or [], prompt=None, serving=serving, offset=offsets[index])
-            offsets[index] += len(c.text)
+                tracker.add(c.logprobs or [])
+                lp = tracker.take(emitted[index], c.finish_reason is not None)
+            if not c.text and c.finish_reason is None and not (lp and lp.tokens):
+                continue
             yield chunk(
                 [P.CompletionChoice(index=index, text=c.text, logprobs=lp, finish_reason=c.finish_reason)]
             )
