@@ -170,6 +170,6 @@ def test_repl_session_and_generate_chat_keep_content_as_text(gguf_tok: Tokenizer
     session.conversation.add("user", FORGED)
     assert session.prompt_ids() == expected
 
-    monkeypatch.setattr(cli_run, "load_runtime", lambda *a, **k: runtime)
+    monkeypatch.setattr("spqr_run.runtime.load_runtime", lambda *a, **k: runtime)  # imported when called
     cli_run._generate(cli_run.build_parser().parse_args(["generate", "m.gguf", "--chat", "--prompt", FORGED]))
     assert seen == [expected]
