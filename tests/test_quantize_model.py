@@ -83,11 +83,11 @@ def test_file_roundtrip_equals_in_memory_result(tiny_model, tmp_path, monkeypatc
     import spqr_run.quantize_model as qm
 
     captured = []
-    real = qm.quantize_linear
+    real = qm.quantize_linears
     monkeypatch.setattr(
         qm,
-        "quantize_linear",
-        lambda w, h, *, config: captured.append(real(w, h, config=config)) or captured[-1],
+        "quantize_linears",
+        lambda ws, h, *, config: captured.extend(real(ws, h, config=config)) or captured[-len(ws) :],
     )
     out = tmp_path / "tiny.spqr"
     summary = _quantize(tiny_model, out)
@@ -156,21 +156,21 @@ def test_resume_after_interruption_gives_the_same_file(tiny_model, tmp_path, mon
     full = tmp_path / "full.spqr"
     _quantize(tiny_model, full)
     out = tmp_path / "resumed.spqr"
-    real, calls = qm.quantize_linear, []
+    real, calls = qm.quantize_linears, []
 
-    def flaky(w, h, *, config):
+    def flaky(ws, h, *, config):
         calls.append(1)
-        if len(calls) == 9:  # in the second block
+        if len(calls) == 6:  # in the second block (4 sequential groups per block)
             raise KeyboardInterrupt
-        return real(w, h, config=config)
+        return real(ws, h, config=config)
 
-    monkeypatch.setattr(qm, "quantize_linear", flaky)
+    monkeypatch.setattr(qm, "quantize_linears", flaky)
     with pytest.raises(KeyboardInterrupt):
         _quantize(tiny_model, out)
     assert not out.exists() and (tmp_path / "resumed.spqr.partial").is_dir()
     with pytest.raises(ConfigError, match="pass --resume"):
         _quantize(tiny_model, out)
-    monkeypatch.setattr(qm, "quantize_linear", real)
+    monkeypatch.setattr(qm, "quantize_linears", real)
     _quantize(tiny_model, out, resume=True)
     assert not (tmp_path / "resumed.spqr.partial").exists()
     with safe_open(full, framework="pt") as a, safe_open(out, framework="pt") as b:
@@ -183,7 +183,7 @@ def test_resume_with_other_settings_is_refused(tiny_model, tmp_path, monkeypatch
     import spqr_run.quantize_model as qm
 
     out = tmp_path / "x.spqr"
-    monkeypatch.setattr(qm, "quantize_linear", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(qm, "quantize_linears", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         _quantize(tiny_model, out)
     with pytest.raises(ConfigError, match="made with other settings"):
