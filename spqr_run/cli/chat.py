@@ -13,6 +13,7 @@ from rich.progress import (
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 
 from spqr_run.cli.common import add_memory_flags, add_model_flags, memory_budget, run_cli
@@ -93,6 +94,8 @@ def _progress(console: Console) -> Progress:
         BarColumn(),
         TaskProgressColumn(),
         TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
         console=console,
         transient=False,
     )
