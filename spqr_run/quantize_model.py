@@ -17,7 +17,8 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,7 @@ def load_block(source: ModelSource, i: int, device: torch.device) -> Block:
 
 
 RUN_BATCH = 8  # calibration sequences per block forward
+REUSE_MAX_BYTES = 4 << 30  # activation copies kept between one block's Hessian passes (collect_hessian)
 
 
 @torch.inference_mode()
@@ -125,37 +127,98 @@ class _StopForward(Exception):
 
 
 @torch.inference_mode()
-def collect_hessian(block: Block, name: str, rotary: Rotary, inps: Tensor, device: torch.device) -> Tensor:
+def collect_hessian(
+    block: Block,
+    name: str,
+    rotary: Rotary,
+    inps: Tensor,
+    device: torch.device,
+    reuse: _PassCache | None = None,
+) -> Tensor:
     """H = 2/N sum_x x x^T (in, in) fp32 over every calibration token of the input of linear `name`.
 
     Each batch's forward stops at that linear (nothing after it is needed), so collecting the Hessian of
     q/k/v costs a norm, not a block. The linears of a sequential group read the same input (q/k/v the
-    attention norm's output, gate/up the MLP norm's), so one Hessian serves the whole group.
+    attention norm's output, gate/up the MLP's input), so one Hessian serves the whole group.
+
+    With `reuse` (one per block, groups collected in order), later passes start from what earlier ones
+    recorded instead of from the block input: once q/k/v are final, attention is replayed from o_proj's
+    recorded inputs (o_proj applied, nothing else), and down_proj's pass runs the MLP on its recorded
+    inputs. The numbers are the same; the cost is two (N, T, hidden) fp32 activation copies on the CPU,
+    so `quantize_block` reuses only when they take at most `REUSE_MAX_BYTES` together.
     """
     linear = block.get_submodule(name)
     total = torch.zeros(linear.in_features, linear.in_features, device=device)
     count = 0
+    record = reuse.recorder(name) if reuse is not None else None
 
     def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
         nonlocal count
         x = args[0].reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
         total.addmm_(x.T, x)
         count += x.shape[0]
+        if record is not None:
+            record.append(args[0].to("cpu", torch.float32))  # fp32 as computed: replays are exact
         raise _StopForward
 
     handle = linear.register_forward_pre_hook(hook)
     n, t, _ = inps.shape
     positions = torch.arange(t, device=device)
     try:
-        for s in range(0, n, RUN_BATCH):
-            x = inps[s : s + RUN_BATCH].to(device, torch.float32)  # (b, T, hidden)
+        for b, s in enumerate(range(0, n, RUN_BATCH)):
             try:
-                block(x, rotary, positions.expand(x.shape[0], t), None, None, None, None)
+                if reuse is not None and name == "mlp.down_proj" and reuse.mlp_inputs:
+                    block.mlp(reuse.mlp_inputs[b].to(device, torch.float32))
+                    continue
+                x = inps[s : s + RUN_BATCH].to(device, torch.float32)  # (b, T, hidden)
+                with reuse.attention(block, b, name) if reuse is not None else nullcontext():
+                    block(x, rotary, positions.expand(x.shape[0], t), None, None, None, None)
             except _StopForward:
                 pass
     finally:
         handle.remove()
     return total.mul_(2.0 / count)
+
+
+class _PassCache:
+    """What one block's Hessian passes recorded for the later ones (see `collect_hessian`): o_proj's
+    inputs (attention output before o_proj, q/k/v final) and the MLP's inputs (o_proj final), per batch."""
+
+    def __init__(self) -> None:
+        self.o_inputs: list[Tensor] = []
+        self.mlp_inputs: list[Tensor] = []
+
+    def recorder(self, name: str) -> list[Tensor] | None:
+        if name == "attn.o_proj":
+            return self.o_inputs
+        if name in ("mlp.gate_proj", "mlp.up_proj"):
+            return self.mlp_inputs
+        return None
+
+    @contextmanager
+    def attention(self, block: Block, batch: int, name: str) -> Iterator[None]:
+        """While collecting `name` (after o_proj's pass): block.attn replaced by o_proj(recorded input)."""
+        if name in ("attn.q_proj", "attn.o_proj") or not self.o_inputs:
+            yield
+            return
+        attn = block.attn
+        replay = _AttentionReplay(attn.o_proj, self.o_inputs[batch])
+        block.attn = replay  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            block.attn = attn
+
+
+class _AttentionReplay(nn.Module):
+    """Stands in for a block's attention: o_proj of a recorded input (B, T, q_dim)."""
+
+    def __init__(self, o_proj: nn.Module, y: Tensor) -> None:
+        super().__init__()
+        self.o_proj, self.y = o_proj, y
+
+    def forward(self, x: Tensor, *_args: Any) -> Tensor:
+        return self.o_proj(self.y.to(x.device, x.dtype))
 
 
 def _fingerprint(**kwargs: Any) -> str:
@@ -281,8 +344,12 @@ def quantize_block(
     """Quantize one block's linears in sequential groups, replacing each weight by its reconstruction."""
     packed: dict[str, QuantizedLinear] = {}
     reports: list[LayerReport] = []
+    n, t, hidden = inps.shape
+    reuse = _PassCache() if 2 * n * t * hidden * 4 <= REUSE_MAX_BYTES else None
     for group in sequential_groups(cfg):
-        hessian = collect_hessian(block, group[0], rotary, inps, device) if qcfg.method != "rtn" else None
+        hessian = None
+        if qcfg.method != "rtn":
+            hessian = collect_hessian(block, group[0], rotary, inps, device, reuse)
         linears = [block.get_submodule(name) for name in group]
         results = quantize_linears([lin.weight.data for lin in linears], hessian, config=qcfg)
         for name, linear, result in zip(group, linears, results, strict=True):
@@ -303,6 +370,7 @@ def quantize_block(
             if on_linear:
                 on_linear(name)
         del hessian
+    del reuse
     return packed, reports
 
 

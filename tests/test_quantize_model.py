@@ -386,11 +386,40 @@ def test_one_hessian_per_group_equals_each_linears_own(tiny_model):
     qm.run_block(block, rotary, inps, dev)
     for h in handles:
         h.remove()
+    reuse = qm._PassCache()  # later passes replayed from what earlier ones recorded: the same numbers
     for group in qm.sequential_groups(cfg):
         got = qm.collect_hessian(block, group[0], rotary, inps, dev)
+        replayed = qm.collect_hessian(block, group[0], rotary, inps, dev, reuse)
         for name in group:
             want = (sums[name] * (2.0 / counts[name])).float()
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(replayed, want, rtol=1e-4, atol=1e-5)
+    assert reuse.o_inputs and reuse.mlp_inputs
+
+
+def test_default_model_preparation_resumes_without_sampling_again(tiny_model, tmp_path, monkeypatch):
+    """spqr-chat's first run interrupted while quantizing: the next run continues it with the calibration
+    it sampled (sampling is not run again) and prepares the same file as an uninterrupted run."""
+    import spqr_run.calibration as calibration
+    import spqr_run.default_model as dm
+
+    monkeypatch.setattr(dm, "DEFAULT_CALIBRATION", (3, 20))
+    samples = []
+    real_sample = calibration.sample_from_model
+    monkeypatch.setattr(
+        calibration, "sample_from_model", lambda *a, **k: samples.append(1) or real_sample(*a, **k)
+    )
+    full = dm.finish_default_model(tiny_model, models_dir=tmp_path / "once")
+    assert len(samples) == 1
+    interrupt = _Interrupt(monkeypatch, 6)
+    with pytest.raises(KeyboardInterrupt):
+        dm.finish_default_model(tiny_model, models_dir=tmp_path / "twice")
+    assert len(samples) == 2
+    monkeypatch.setattr("spqr_run.quantize_model.quantize_linears", interrupt.real)
+    path = dm.finish_default_model(tiny_model, models_dir=tmp_path / "twice")
+    assert len(samples) == 2
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # the partial run is gone
+    _same_files(full, path)
 
 
 def test_calibration_too_short(tiny_model):
