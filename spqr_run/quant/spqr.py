@@ -14,6 +14,11 @@ Algorithm (GPTQ, Frantar et al. 2022, with SpQR's additions, Dettmers et al. 202
   4. Each column is rounded to its grid; spqr marks outliers by ((w - q) / U[j, j])**2 > tau * s and
      stores them as fp16 deltas so they contribute (almost) no error; the error (w - q) / U[j, j] is
      propagated to later columns through U.
+
+Linears that read the same input (q/k/v, gate/up) share their Hessian: `quantize_linears` runs them as one
+row-stacked matrix (rows are independent given H), so steps 1-2 and every per-column operation happen once.
+On CPUs the per-column work goes through NumPy views of the same tensors (`_round_columns_numpy`, the same
+expressions as the torch loop that serves GPUs), because it is bound by per-operation overhead there.
 """
 
 from __future__ import annotations
