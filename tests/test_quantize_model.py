@@ -83,11 +83,11 @@ def test_file_roundtrip_equals_in_memory_result(tiny_model, tmp_path, monkeypatc
     import spqr_run.quantize_model as qm
 
     captured = []
-    real = qm.quantize_linear
+    real = qm.quantize_linears
     monkeypatch.setattr(
         qm,
-        "quantize_linear",
-        lambda w, h, *, config: captured.append(real(w, h, config=config)) or captured[-1],
+        "quantize_linears",
+        lambda ws, h, *, config: captured.extend(real(ws, h, config=config)) or captured[-len(ws) :],
     )
     out = tmp_path / "tiny.spqr"
     summary = _quantize(tiny_model, out)
@@ -156,21 +156,21 @@ def test_resume_after_interruption_gives_the_same_file(tiny_model, tmp_path, mon
     full = tmp_path / "full.spqr"
     _quantize(tiny_model, full)
     out = tmp_path / "resumed.spqr"
-    real, calls = qm.quantize_linear, []
+    real, calls = qm.quantize_linears, []
 
-    def flaky(w, h, *, config):
+    def flaky(ws, h, *, config):
         calls.append(1)
-        if len(calls) == 9:  # in the second block
+        if len(calls) == 6:  # in the second block (4 sequential groups per block)
             raise KeyboardInterrupt
-        return real(w, h, config=config)
+        return real(ws, h, config=config)
 
-    monkeypatch.setattr(qm, "quantize_linear", flaky)
+    monkeypatch.setattr(qm, "quantize_linears", flaky)
     with pytest.raises(KeyboardInterrupt):
         _quantize(tiny_model, out)
     assert not out.exists() and (tmp_path / "resumed.spqr.partial").is_dir()
     with pytest.raises(ConfigError, match="pass --resume"):
         _quantize(tiny_model, out)
-    monkeypatch.setattr(qm, "quantize_linear", real)
+    monkeypatch.setattr(qm, "quantize_linears", real)
     _quantize(tiny_model, out, resume=True)
     assert not (tmp_path / "resumed.spqr.partial").exists()
     with safe_open(full, framework="pt") as a, safe_open(out, framework="pt") as b:
@@ -183,11 +183,243 @@ def test_resume_with_other_settings_is_refused(tiny_model, tmp_path, monkeypatch
     import spqr_run.quantize_model as qm
 
     out = tmp_path / "x.spqr"
-    monkeypatch.setattr(qm, "quantize_linear", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(qm, "quantize_linears", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         _quantize(tiny_model, out)
     with pytest.raises(ConfigError, match="made with other settings"):
         _quantize(tiny_model, out, qcfg=QuantConfig(method="spqr", wbits=4), resume=True)
+
+
+def _same_files(a: Path, b: Path) -> None:
+    with safe_open(a, framework="pt") as fa, safe_open(b, framework="pt") as fb:
+        assert sorted(fa.keys()) == sorted(fb.keys())
+        for k in fa.keys():
+            assert torch.equal(fa.get_tensor(k), fb.get_tensor(k)), k
+
+
+class _Interrupt:
+    """quantize_linears that raises KeyboardInterrupt (Ctrl-C) on its `at`-th call (4 calls per block)."""
+
+    def __init__(self, monkeypatch, at: int) -> None:
+        import spqr_run.quantize_model as qm
+
+        self.real, self.calls, self.at = qm.quantize_linears, 0, at
+        monkeypatch.setattr(qm, "quantize_linears", self)
+
+    def __call__(self, ws, h, *, config):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return self.real(ws, h, config=config)
+
+
+class _Calibration:
+    """A calibration maker that counts its calls; `tokens` are what it returns."""
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        self.tokens, self.calls = tokens, 0
+
+    def __call__(self) -> torch.Tensor:
+        self.calls += 1
+        return self.tokens
+
+
+@pytest.mark.parametrize("at", [2, 6], ids=["in-block-0", "in-block-1"])
+def test_resume_checks_first_and_reuses_the_stored_calibration(tiny_model, tmp_path, monkeypatch, at):
+    """Ctrl-C, then: a rerun without resume fails before making any calibration, naming --resume; the
+    resumed run uses the calibration stored with the partial run (the maker is not called, and a maker
+    that would give other tokens changes nothing) and writes the same file as an uninterrupted run."""
+    import spqr_run.quantize_model as qm
+
+    source = open_model(tiny_model)
+    tokens = _calib(source)
+    full = tmp_path / "full.spqr"
+    _quantize(tiny_model, full)
+    out = tmp_path / "resumed.spqr"
+    first = _Calibration(tokens)
+    interrupt = _Interrupt(monkeypatch, at)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(
+            source, out, qcfg=QCFG, calib_tokens=first, calib_desc="calib.txt", device=torch.device("cpu")
+        )
+    assert first.calls == 1 and (tmp_path / "resumed.spqr.partial" / "calibration.safetensors").is_file()
+    monkeypatch.setattr(qm, "quantize_linears", interrupt.real)
+    other = _Calibration(torch.randint_like(tokens, 0, 250))  # would change the result if it were used
+    with pytest.raises(ConfigError, match="pass --resume"):
+        quantize_model(
+            source, out, qcfg=QCFG, calib_tokens=other, calib_desc="calib.txt", device=torch.device("cpu")
+        )
+    assert other.calls == 0
+    summary = quantize_model(
+        source,
+        out,
+        qcfg=QCFG,
+        calib_tokens=other,
+        calib_desc="calib.txt",
+        device=torch.device("cpu"),
+        resume=True,
+    )
+    assert other.calls == 0 and summary.calibration_seconds == 0
+    assert not (tmp_path / "resumed.spqr.partial").exists()
+    _same_files(full, out)
+
+
+def test_summary_time_includes_the_calibration(tiny_model, tmp_path, monkeypatch):
+    """The summary's time counts making the calibration (here a fake clock advanced by 100 s inside it)."""
+    import spqr_run.quantize_model as qm
+
+    clock = [1000.0]
+    real = qm.time.perf_counter
+
+    class FakeTime:
+        @staticmethod
+        def perf_counter() -> float:
+            return clock[0] + real()
+
+    monkeypatch.setattr(qm, "time", FakeTime)
+    source = open_model(tiny_model)
+    tokens = _calib(source)
+
+    def slow_calibration() -> torch.Tensor:
+        clock[0] += 100.0
+        return tokens
+
+    s = quantize_model(
+        source,
+        tmp_path / "t.spqr",
+        qcfg=QCFG,
+        calib_tokens=slow_calibration,
+        calib_desc="c",
+        device=torch.device("cpu"),
+    )
+    assert 100.0 <= s.calibration_seconds < 100.0 + s.quantization_seconds
+    assert s.seconds == pytest.approx(s.calibration_seconds + s.quantization_seconds)
+    assert s.seconds >= 100.0 and 0 < s.quantization_seconds < 100.0
+
+
+def test_cli_resume_never_samples_twice(tiny_model, tmp_path, monkeypatch, capsys):
+    """spqr-quantize with text sampled from the model: after Ctrl-C, the rerun stops at once with a message
+    naming --resume (no sampling), and --resume continues without sampling, giving the uninterrupted file."""
+    import spqr_run.cli.quantize as cli
+
+    samples = []
+    real_sample = cli.sample_from_model
+
+    def counting_sample(*a, **k):
+        samples.append(1)
+        return real_sample(*a, **k)
+
+    monkeypatch.setattr(cli, "sample_from_model", counting_sample)
+    common = ["--nsamples", "4", "--seqlen", "24", "--device", "cpu", "--preset", "3bit"]
+    full = tmp_path / "full.spqr"
+    assert cli._main([str(tiny_model), "-o", str(full), *common]) == 0
+    assert len(samples) == 1
+    out = tmp_path / "out.spqr"
+    interrupt = _Interrupt(monkeypatch, 6)
+    with pytest.raises(KeyboardInterrupt):
+        cli._main([str(tiny_model), "-o", str(out), *common])
+    assert len(samples) == 2
+    monkeypatch.setattr(cli, "open_model", lambda *a: pytest.fail("the model was loaded before the check"))
+    with pytest.raises(ConfigError, match="interrupted run: pass --resume"):
+        cli._main([str(tiny_model), "-o", str(out), *common])
+    assert len(samples) == 2
+    monkeypatch.undo()
+    monkeypatch.setattr(cli, "sample_from_model", counting_sample)
+    monkeypatch.setenv("COLUMNS", "200")  # the summary table on one line per row
+    capsys.readouterr()
+    assert cli._main([str(tiny_model), "-o", str(out), *common, "--resume"]) == 0
+    assert len(samples) == 2 and interrupt.calls == 6
+    assert "calibration reused from the interrupted run" in capsys.readouterr().out
+    _same_files(full, out)
+
+
+def test_cli_summary_shows_calibration_time(tiny_model, tmp_path, capsys, monkeypatch):
+    import spqr_run.cli.quantize as cli
+
+    monkeypatch.setenv("COLUMNS", "200")  # the summary table on one line per row
+    out = tmp_path / "o.spqr"
+    assert (
+        cli._main([str(tiny_model), "-o", str(out), "--nsamples", "2", "--seqlen", "16", "--device", "cpu"])
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "calibration" in text and "quantization" in text
+    row = next(line for line in text.splitlines() if "time" in line and "calibration" in line)
+    assert "reused" not in row
+
+
+def test_progress_bars_show_an_eta():
+    from rich.console import Console
+    from rich.progress import TimeRemainingColumn
+
+    from spqr_run.cli.chat import _progress
+    from spqr_run.cli.quantize import progress_columns
+
+    assert any(isinstance(c, TimeRemainingColumn) for c in progress_columns())
+    assert any(isinstance(c, TimeRemainingColumn) for c in _progress(Console()).columns)
+
+
+def test_one_hessian_per_group_equals_each_linears_own(tiny_model):
+    """collect_hessian stops the forward at the group's first linear; its H equals what a full forward
+    gives at the input of every linear of the group (they all read the same input)."""
+    import spqr_run.quantize_model as qm
+    from spqr_run.models.decoder import Rotary
+
+    source = open_model(tiny_model)
+    cfg = source.config
+    dev = torch.device("cpu")
+    rotary = Rotary(cfg)
+    inps = source.weights["embed_tokens.weight"][_calib(source)].float()
+    block = qm.load_block(source, 0, dev)
+    sums, counts = {}, {}
+
+    def hook(name):
+        def fn(_m, args, _o):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x.T @ x
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return fn
+
+    names = [n for g in qm.sequential_groups(cfg) for n in g]
+    handles = [block.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    qm.run_block(block, rotary, inps, dev)
+    for h in handles:
+        h.remove()
+    reuse = qm._PassCache()  # later passes replayed from what earlier ones recorded: the same numbers
+    for group in qm.sequential_groups(cfg):
+        got = qm.collect_hessian(block, group[0], rotary, inps, dev)
+        replayed = qm.collect_hessian(block, group[0], rotary, inps, dev, reuse)
+        for name in group:
+            want = (sums[name] * (2.0 / counts[name])).float()
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(replayed, want, rtol=1e-4, atol=1e-5)
+    assert reuse.o_inputs and reuse.mlp_inputs
+
+
+def test_default_model_preparation_resumes_without_sampling_again(tiny_model, tmp_path, monkeypatch):
+    """spqr-chat's first run interrupted while quantizing: the next run continues it with the calibration
+    it sampled (sampling is not run again) and prepares the same file as an uninterrupted run."""
+    import spqr_run.calibration as calibration
+    import spqr_run.default_model as dm
+
+    monkeypatch.setattr(dm, "DEFAULT_CALIBRATION", (3, 20))
+    samples = []
+    real_sample = calibration.sample_from_model
+    monkeypatch.setattr(
+        calibration, "sample_from_model", lambda *a, **k: samples.append(1) or real_sample(*a, **k)
+    )
+    full = dm.finish_default_model(tiny_model, models_dir=tmp_path / "once")
+    assert len(samples) == 1
+    interrupt = _Interrupt(monkeypatch, 6)
+    with pytest.raises(KeyboardInterrupt):
+        dm.finish_default_model(tiny_model, models_dir=tmp_path / "twice")
+    assert len(samples) == 2
+    monkeypatch.setattr("spqr_run.quantize_model.quantize_linears", interrupt.real)
+    path = dm.finish_default_model(tiny_model, models_dir=tmp_path / "twice")
+    assert len(samples) == 2
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # the partial run is gone
+    _same_files(full, path)
 
 
 def test_calibration_too_short(tiny_model):

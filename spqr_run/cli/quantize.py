@@ -12,11 +12,13 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
+from torch import Tensor
 
 from spqr_run.calibration import sample_from_model, windows_from_text
 from spqr_run.cli.common import run_cli
@@ -24,7 +26,19 @@ from spqr_run.devices import resolve_device
 from spqr_run.errors import ConfigError
 from spqr_run.loading import open_model
 from spqr_run.quant import QuantConfig
-from spqr_run.quantize_model import PRESETS, QuantizeSummary, quantize_model
+from spqr_run.quantize_model import PRESETS, QuantizeSummary, check_interrupted, quantize_model
+
+
+def progress_columns() -> tuple[ProgressColumn, ...]:
+    """Bar columns of every long step: what, bar, done/total, elapsed, and the estimated time left."""
+    return (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,45 +128,48 @@ def _main(argv: list[str] | None) -> int:
     if args.nsamples < 1 or args.seqlen < 16:
         raise ConfigError("--nsamples must be >= 1 and --seqlen >= 16")
     qcfg = quant_config_from_args(args)
+    check_interrupted(out, args.resume)  # before loading or sampling anything
     device = resolve_device(args.device)
     source = open_model(args.source)
     if source.kind == "spqr":
         raise ConfigError(f"{args.source}: already a .spqr file; quantize the original model instead")
     seqlen = min(args.seqlen, source.config.max_position_embeddings)
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console) as bar:
+    with Progress(*progress_columns(), console=console) as bar:
         if args.calib:
-            calib = windows_from_text(
-                Path(args.calib), source, nsamples=args.nsamples, seqlen=seqlen, seed=args.seed
-            )
             desc = f"{Path(args.calib).name}: {args.nsamples} x {seqlen} tokens (seed {args.seed})"
+
+            def calibration() -> Tensor:
+                return windows_from_text(
+                    Path(args.calib), source, nsamples=args.nsamples, seqlen=seqlen, seed=args.seed
+                )
         else:
-            task = bar.add_task(
-                "sampling calibration text from the model", total=args.nsamples * (seqlen - 1)
-            )
-            calib = sample_from_model(
-                source, nsamples=args.nsamples, seqlen=seqlen, device=device, seed=args.seed,
-                progress=lambda i, n: bar.update(task, completed=i),
-            )  # fmt: skip
             desc = f"sampled from the model: {args.nsamples} x {seqlen} tokens (seed {args.seed})"
-        blocks = bar.add_task("quantizing blocks", total=source.config.num_layers)
+
+            def calibration() -> Tensor:
+                task = bar.add_task(
+                    "sampling calibration text from the model", total=args.nsamples * (seqlen - 1)
+                )
+                return sample_from_model(
+                    source, nsamples=args.nsamples, seqlen=seqlen, device=device, seed=args.seed,
+                    progress=lambda i, n: bar.update(task, completed=i),
+                )  # fmt: skip
+
+        blocks = bar.add_task("quantizing blocks", total=source.config.num_layers, visible=False)
         linears_per_block = len(source.config.linear_shapes())
-        layer_task = bar.add_task("  linears", total=linears_per_block)
+        layer_task = bar.add_task("  linears", total=linears_per_block, visible=False)
+
+        started: list[int] = []
 
         def on_block_start(i: int, n: int) -> None:
+            if not started:  # start the clock (and the ETA) when quantizing starts, after calibration
+                started.append(i)
+                bar.reset(blocks, completed=i, visible=True)
             bar.update(blocks, completed=i, description=f"quantizing block {i + 1}/{n}")
-            bar.reset(layer_task, total=linears_per_block)
+            bar.reset(layer_task, total=linears_per_block, visible=True)
 
         summary = quantize_model(
-            source, out, qcfg=qcfg, calib_tokens=calib, calib_desc=desc, device=device, resume=args.resume,
-            fingerprint_extra={"calib_ids": int(calib.sum())},
-            on_block_start=on_block_start,
+            source, out, qcfg=qcfg, calib_tokens=calibration, calib_desc=desc, device=device,
+            resume=args.resume, on_block_start=on_block_start,
             on_linear=lambda name: bar.update(layer_task, advance=1, description=f"  {name}"),
         )  # fmt: skip
         bar.update(blocks, completed=source.config.num_layers)
@@ -196,7 +213,10 @@ def print_summary(console: Console, s: QuantizeSummary, qcfg: QuantConfig) -> No
     t.add_row("quantized parameters", f"{s.quantized_params:,} of {s.total_params:,}")
     t.add_row("mean relative error", f"{mean_err:.4f}")
     t.add_row("calibration", s.calibration)
-    t.add_row("time", f"{s.seconds:.1f} s")
+    calib = (
+        "reused from the interrupted run" if s.calibration_seconds == 0 else f"{s.calibration_seconds:.1f} s"
+    )
+    t.add_row("time", f"{s.seconds:.1f} s (calibration {calib}, quantization {s.quantization_seconds:.1f} s)")
     console.print(t)
 
 

@@ -81,19 +81,23 @@ def dequantize_codes(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
 
 
 def quantize_row_groups(values: Tensor, groupsize: int, bits: int) -> tuple[Tensor, Tensor, Tensor]:
-    """SpQR's second-order step: quantize per-row statistics (out,) in groups of `groupsize` rows.
+    """SpQR's second-order step: quantize per-row statistics (..., out) in groups of `groupsize` rows.
 
     Each group of consecutive rows (the last one may be partial) gets its own min-max grid of `bits` bits
-    stored as fp16 (scale, zero). Returns codes (out,) fp32, stats (groups, 2) fp16 and the dequantized
-    values (out,) fp32, computed with `dequantize_codes` exactly as a reader will.
+    stored as fp16 (scale, zero). Returns codes (..., out) fp32, stats (..., groups, 2) fp16 and the
+    dequantized values (..., out) fp32, computed with `dequantize_codes` exactly as a reader will. Leading
+    dimensions are independent (the quantizer does a group's scales and zeros in one call).
     """
-    out = values.shape[0]
+    out = values.shape[-1]
     groups = -(-out // groupsize)
     pad = groups * groupsize - out
-    padded = torch.cat([values, values[-1:].expand(pad)]) if pad else values  # replicate: same min/max
+    if pad:  # replicate the last row: same min/max
+        values = torch.cat([values, values[..., -1:].expand(*values.shape[:-1], pad)], dim=-1)
     maxq = max_code(bits)
-    scale16, zero16 = fit_minmax_fp16(padded.reshape(groups, groupsize), maxq)  # (groups,) fp16
-    scale_rows = scale16.repeat_interleave(groupsize)[:out]  # (out,)
-    zero_rows = zero16.repeat_interleave(groupsize)[:out]  # (out,)
-    codes = quantize_codes(values, scale_rows.float(), zero_rows.float(), maxq)
-    return codes, torch.stack([scale16, zero16], dim=-1), dequantize_codes(codes, scale_rows, zero_rows)
+    scale16, zero16 = fit_minmax_fp16(values.reshape(*values.shape[:-1], groups, groupsize), maxq)
+    scale_rows = scale16.float().repeat_interleave(groupsize, dim=-1)  # (..., groups * groupsize)
+    zero_rows = zero16.float().repeat_interleave(groupsize, dim=-1)
+    codes = quantize_codes(values, scale_rows, zero_rows, maxq)
+    deq = dequantize_codes(codes, scale_rows, zero_rows)
+    stats = torch.stack([scale16, zero16], dim=-1)  # (..., groups, 2)
+    return codes[..., :out], stats, deq[..., :out]

@@ -14,16 +14,23 @@ Algorithm (GPTQ, Frantar et al. 2022, with SpQR's additions, Dettmers et al. 202
   4. Each column is rounded to its grid; spqr marks outliers by ((w - q) / U[j, j])**2 > tau * s and
      stores them as fp16 deltas so they contribute (almost) no error; the error (w - q) / U[j, j] is
      propagated to later columns through U.
+
+Linears that read the same input (q/k/v, gate/up) share their Hessian: `quantize_linears` runs them as one
+row-stacked matrix (rows are independent given H), so steps 1-2 and every per-column operation happen once.
+On CPUs the per-column work goes through NumPy views of the same tensors (`_round_columns_numpy`, the same
+expressions as the torch loop that serves GPUs), because it is bound by per-operation overhead there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -68,25 +75,61 @@ class _GroupStats:
 
 def quantize_linear(weight: Tensor, hessian: Tensor | None, *, config: QuantConfig) -> QuantizationResult:
     """Quantize weight (out, in) with Hessian H = 2/N X X^T (in, in); `hessian` may be None only for rtn."""
+    return quantize_linears([weight], hessian, config=config)[0]
+
+
+def quantize_linears(
+    weights: Sequence[Tensor], hessian: Tensor | None, *, config: QuantConfig
+) -> list[QuantizationResult]:
+    """Quantize several linears that read the same input, so share one Hessian H (in, in): q/k/v, gate/up.
+
+    Each result is `quantize_linear(weight, hessian)` for that weight alone: GPTQ treats rows
+    independently given H, and the outlier threshold tau * s is still computed per linear. The weights are
+    stacked into one (sum out, in) matrix for the column loop, so the permutation, the inverse Cholesky
+    factor and every per-column and per-group operation are done once for all of them (that loop is
+    bound by per-operation overhead on CPUs). Only the order of float additions in the error feedback
+    matmuls may differ from a separate run. Stacking needs every weight but the last to have a multiple of
+    `stat_groupsize` rows (second-order groups must not straddle two linears); otherwise, and for rtn,
+    the weights are quantized one by one. Each result's `seconds` is the shared time split by rows.
+    """
+    if not weights:
+        raise ConfigError("quantize_linears needs at least one weight")
     start = time.perf_counter()
-    w = _checked_weight(weight, config)
-    h = _checked_hessian(hessian, w, config)
+    ws = [_checked_weight(w, config) for w in weights]
+    n = ws[0].shape[1]
+    h = _checked_hessian(hessian, ws[0], config)
+    if any(w.shape[1] != n for w in ws):
+        raise ConfigError("weights sharing a Hessian must have the same number of input features")
     if config.method == "rtn":
-        unpacked, recon = quantize_rtn(w, config)
-        h_perm = h
+        if len(ws) > 1:
+            return [quantize_linear(w, hessian, config=config) for w in weights]
+        unpacked, recon = quantize_rtn(ws[0], config)
+        parts, h_perm = [(unpacked, recon)], h
     else:
-        unpacked, recon = _gptq(w, h, config)
-        perm = unpacked.perm
-        w = w if perm is None else w[:, perm]
+        row_multiple = config.stat_groupsize if config.method == "spqr" else 1
+        if any(w.shape[0] % row_multiple for w in ws[:-1]):
+            return [quantize_linear(w, hessian, config=config) for w in weights]
+        with torch.no_grad():
+            parts = _gptq(ws, h, config)
+        perm = parts[0][0].perm
+        ws = ws if perm is None else [w[:, perm] for w in ws]
         h_perm = h if perm is None else h[perm][:, perm]
-    quantized = QuantizedLinear.pack(unpacked)
-    return QuantizationResult(
-        quantized=quantized,
-        reconstruction=recon,
-        outlier_fraction=quantized.outlier_fraction,
-        relative_error=relative_error(w, recon, h_perm),
-        seconds=time.perf_counter() - start,
-    )
+    total_rows = sum(w.shape[0] for w in ws)
+    seconds = time.perf_counter() - start
+    results = []
+    for w, (unpacked, recon) in zip(ws, parts, strict=True):
+        quantized = QuantizedLinear.pack(unpacked)
+        results.append(
+            QuantizationResult(
+                quantized=quantized,
+                reconstruction=recon,
+                outlier_fraction=quantized.outlier_fraction,
+                relative_error=relative_error(w, recon, h_perm),
+                seconds=seconds * w.shape[0] / total_rows,
+            )
+        )
+    extra = (time.perf_counter() - start - seconds) / len(results)  # packing and error, about even
+    return [dataclasses.replace(r, seconds=r.seconds + extra) for r in results]
 
 
 def relative_error(weight: Tensor, recon: Tensor, hessian: Tensor | None) -> float:
@@ -100,74 +143,162 @@ def relative_error(weight: Tensor, recon: Tensor, hessian: Tensor | None) -> flo
     return math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
 
 
-def _gptq(weight: Tensor, hessian: Tensor, config: QuantConfig) -> tuple[UnpackedLinear, Tensor]:
-    out, n = weight.shape
-    w = weight.clone()  # (out, in), updated in place by the error feedback
+def _gptq(weights: list[Tensor], hessian: Tensor, config: QuantConfig) -> list[tuple[UnpackedLinear, Tensor]]:
+    """The GPTQ / SpQR loop over the row-stacked weights [(out_i, in)] -> per weight (unpacked, recon)."""
+    outs = [w.shape[0] for w in weights]
+    n = hessian.shape[0]
     h = hessian.clone()  # (in, in)
     dead = h.diagonal() == 0
     perm = torch.argsort(h.diagonal(), descending=True, stable=True) if config.act_order else None
     h[dead, dead] = 1
-    w[:, dead] = 0
     if perm is not None:
-        w, h = w[:, perm], h[perm][:, perm]
+        h = h[perm][:, perm]
     h.diagonal().add_(config.percdamp * h.diagonal().mean())
     u = _inverse_cholesky_upper(h)  # (in, in) fp32
     u_diag = u.diagonal()  # (in,)
-    threshold = config.outlier_threshold * outlier_scale(w, u_diag) if config.has_outliers else math.inf
+    dev = u.device
+    # Work on W^T, the weights side by side (in, sum out): a column of W is a contiguous row, so the
+    # rank-1 updates stream memory. Dead columns zeroed, columns permuted.
+    wt = torch.cat([w.T for w in weights], dim=1)  # (in, sum out)
+    wt[dead] = 0
+    if perm is not None:
+        wt = wt[perm]
+    out = wt.shape[1]
+    threshold = None
+    if config.has_outliers:  # tau * s per linear (s from its own permuted, dead-zeroed weight), per row
+        s = [outlier_scale(part.T.contiguous(), u_diag) for part in wt.split(outs, dim=1)]
+        threshold = torch.cat(
+            [torch.full((o,), config.outlier_threshold * si) for o, si in zip(outs, s, strict=True)]
+        )
+        threshold = threshold.to(dev)  # (sum out,) fp32, as the scalar was compared in fp32
 
-    maxq = max_code(config.wbits)
     gs = config.groupsize
     block = -(-config.blocksize // gs) * gs  # whole groups per block: stats see fully updated weights
-    track_outliers = threshold < math.inf
-    dev = w.device
-    # Work on W^T so that a column of W is a contiguous row: the rank-1 updates then stream memory.
-    wt = w.T.contiguous()  # (in, out)
-    codes = torch.empty(n, out, device=dev)  # (in, out) fp32 integer codes
-    recon = torch.empty(n, out, device=dev)  # (in, out) fp32
-    # Outliers as dense masks and fp16 deltas, compacted once at the end: no host sync in the loop.
-    is_outlier = torch.zeros(n, out, dtype=torch.bool, device=dev) if track_outliers else None
-    deltas = torch.zeros(n, out, dtype=torch.half, device=dev) if track_outliers else None
+    st = _LoopState(
+        wt=wt,
+        u=u,
+        u_diag=u_diag,
+        codes=torch.empty(n, out, device=dev),  # (in, out) fp32 integer codes
+        recon=torch.empty(n, out, device=dev),  # (in, out) fp32
+        err=torch.empty(block, out, device=dev),  # (block, out) scaled errors of the current block
+        # Outliers as dense masks and fp16 deltas, compacted once at the end: no host sync in the loop.
+        is_outlier=torch.zeros(n, out, dtype=torch.bool, device=dev) if threshold is not None else None,
+        deltas=torch.zeros(n, out, dtype=torch.half, device=dev) if threshold is not None else None,
+        maxq=max_code(config.wbits),
+        threshold=threshold,
+    )
+    round_columns = _round_columns_numpy if dev.type == "cpu" else _round_columns_torch
+    err = st.err
     groups: list[_GroupStats] = []
     for b0 in range(0, n, block):
         b1 = min(b0 + block, n)
-        err = torch.empty(b1 - b0, out, device=dev)  # (block, out) scaled errors
         # Three-level lazy updates: rank-1 inside a sub-block of <= SUB_BLOCK columns, one rank-(s1-s0)
         # matmul for the rest of the block after each sub-block, one matmul for the rest of W per block.
         # Everything but that last matmul works on a few (out,)..(block, out) tensors: one CPU thread.
         with _one_cpu_thread(dev):
             for s0, s1 in _sub_blocks(b0, b1, gs):
-                for j in range(s0, s1):
-                    if j % gs == 0:
-                        g1 = min(j + gs, n)
-                        groups.append(_fit_group(wt[j:g1].T, u_diag[j:g1], threshold, config))
-                        scale, zero = groups[-1].scale, groups[-1].zero
-                        safe_scale = scale.clamp_min(EPS)
-                    col = wt[j]  # (out,) column j of W
-                    q = torch.round(col / safe_scale + zero).clamp_(0, maxq)  # == grid.quantize_codes
-                    deq = dequantize_codes(q, scale, zero)  # (out,)
-                    if track_outliers:
-                        diff = col - deq
-                        mask = (diff / u_diag[j]).square() > threshold
-                        delta = diff.half()
-                        deq = torch.where(mask, deq + delta.float(), deq)  # same expression as the reader's
-                        is_outlier[j], deltas[j] = mask, delta
-                    codes[j], recon[j] = q, deq
-                    e = err[j - b0]
-                    torch.sub(col, deq, out=e).div_(u_diag[j])
-                    if j + 1 < s1:
-                        wt[j + 1 : s1].addr_(u[j, j + 1 : s1], e, alpha=-1)
+                if s0 % gs == 0:  # a group starts: fit its stats on the weights updated so far
+                    g1 = min(s0 + gs, n)
+                    groups.append(_fit_group(wt[s0:g1].T, u_diag[s0:g1], threshold, config))
+                round_columns(st, groups[-1], s0, s1, b0)
                 if s1 < b1:
                     wt[s1:b1].addmm_(u[s0:s1, s1:b1].T, err[s0 - b0 : s1 - b0], alpha=-1)
         if b1 < n:
-            wt[b1:].addmm_(u[b0:b1, b1:].T, err, alpha=-1)
+            wt[b1:].addmm_(u[b0:b1, b1:].T, err[: b1 - b0], alpha=-1)
 
-    outliers = None
-    if track_outliers:
-        cols, rows = is_outlier.nonzero(as_tuple=True)  # column-major order, as the loop visits them
-        outliers = (rows, cols, deltas[cols, rows])
-    codes, recon = codes.T, recon.T.contiguous()  # (out, in)
-    unpacked = _unpacked(config, weight.shape, codes, groups, outliers, perm)
-    return unpacked, recon
+    parts = []
+    r0 = 0
+    for o in outs:
+        rows = slice(r0, r0 + o)
+        outliers = None
+        if st.is_outlier is not None:
+            cols, r = st.is_outlier[:, rows].nonzero(as_tuple=True)  # column-major, as the loop visits them
+            outliers = (r, cols, st.deltas[:, rows][cols, r])
+        codes, recon = st.codes[:, rows].T, st.recon[:, rows].T.contiguous()  # (o, in)
+        parts.append((_unpacked(config, (o, n), codes, groups, rows, outliers, perm), recon))
+        r0 += o
+    return parts
+
+
+@dataclass
+class _LoopState:
+    """The GPTQ loop's working tensors, all on one device, column j of W stored as row j."""
+
+    wt: Tensor  # (in, out) fp32 weights, updated in place by the error feedback
+    u: Tensor  # (in, in) fp32 upper Cholesky factor of H^-1
+    u_diag: Tensor  # (in,)
+    codes: Tensor  # (in, out) fp32 integer codes
+    recon: Tensor  # (in, out) fp32 reconstruction (outliers included)
+    err: Tensor  # (block, out) fp32 scaled errors (w - q) / U[j, j] of the current block
+    is_outlier: Tensor | None  # (in, out) bool, or None when outliers are off
+    deltas: Tensor | None  # (in, out) fp16 outlier deltas
+    maxq: int
+    threshold: Tensor | None  # (out,) fp32 outlier threshold per row, None when outliers are off
+
+
+def _round_columns_torch(st: _LoopState, g: _GroupStats, s0: int, s1: int, b0: int) -> None:
+    """Round columns [s0, s1) one by one, each after the errors of the earlier ones reached it (any device).
+
+    Per column: codes = clamp(round(w / scale + zero)), deq = scale * (code - zero) (`dequantize_codes`);
+    an outlier ((w - deq) / U[j, j])**2 > threshold keeps deq + fp16(w - deq), the reader's expression;
+    the scaled error e = (w - deq) / U[j, j] goes to err and, rank-1, to the sub-block's later columns.
+    """
+    wt, u, u_diag, err = st.wt, st.u, st.u_diag, st.err
+    safe_scale = g.scale.clamp_min(EPS)
+    for j in range(s0, s1):
+        col = wt[j]  # (out,) column j of W
+        q = torch.round(col / safe_scale + g.zero).clamp_(0, st.maxq)  # == grid.quantize_codes
+        deq = dequantize_codes(q, g.scale, g.zero)  # (out,)
+        if st.threshold is not None:
+            diff = col - deq
+            mask = (diff / u_diag[j]).square() > st.threshold
+            delta = diff.half()
+            deq = torch.where(mask, deq + delta.float(), deq)  # same expression as the reader's
+            st.is_outlier[j], st.deltas[j] = mask, delta
+        st.codes[j], st.recon[j] = q, deq
+        e = err[j - b0]
+        torch.sub(col, deq, out=e).div_(u_diag[j])
+        if j + 1 < s1:
+            wt[j + 1 : s1].addr_(u[j, j + 1 : s1], e, alpha=-1)
+
+
+def _round_columns_numpy(st: _LoopState, g: _GroupStats, s0: int, s1: int, b0: int) -> None:
+    """`_round_columns_torch` on CPU tensors through NumPy views of the same memory, same expressions.
+
+    The per-column work touches vectors of a few KB, where a NumPy call costs about a microsecond and a
+    torch call several: this is the quantizer's hot loop on CPUs (about 4x faster, same numbers up to the
+    rounding of the rank-1 update, which may or may not be fused).
+    """
+    wt, u, err, codes, recon = st.wt.numpy(), st.u.numpy(), st.err.numpy(), st.codes.numpy(), st.recon.numpy()
+    u_diag = st.u_diag.numpy()
+    scale, zero = g.scale.numpy(), g.zero.numpy()
+    safe_scale = np.maximum(scale, np.float32(EPS))  # torch's clamp_min(EPS) in fp32
+    maxq = np.float32(st.maxq)
+    outliers = st.threshold is not None
+    if outliers:
+        threshold, is_outlier, deltas = st.threshold.numpy(), st.is_outlier.numpy(), st.deltas.numpy()
+    for j in range(s0, s1):
+        col = wt[j]  # (out,) column j of W
+        q = col / safe_scale
+        q += zero
+        np.rint(q, out=q)  # round half to even, as torch.round
+        np.clip(q, 0, maxq, out=q)
+        deq = q - zero
+        deq *= scale  # scale * (code - zero), `dequantize_codes`
+        if outliers:
+            diff = col - deq
+            t = diff / u_diag[j]
+            mask = np.greater(t * t, threshold, out=is_outlier[j])
+            delta = diff.astype(np.float16)
+            deltas[j] = delta
+            np.add(deq, delta.astype(np.float32), out=deq, where=mask)
+        codes[j] = q
+        recon[j] = deq
+        e = err[j - b0]
+        np.subtract(col, deq, out=e)
+        e /= u_diag[j]
+        if j + 1 < s1:
+            wt[j + 1 : s1] -= np.outer(u[j, j + 1 : s1], e)
 
 
 @contextmanager
@@ -199,47 +330,55 @@ def _sub_blocks(b0: int, b1: int, gs: int) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
-def _fit_group(group: Tensor, u_diag: Tensor, threshold: float, config: QuantConfig) -> _GroupStats:
-    """First-order stats of a column group (out, g) at the moment the GPTQ loop reaches it."""
+def _fit_group(group: Tensor, u_diag: Tensor, threshold: Tensor | None, config: QuantConfig) -> _GroupStats:
+    """First-order stats of a column group (out, g) at the moment the GPTQ loop reaches it; `threshold`
+    is the outlier threshold per row (out,), None without outliers."""
     maxq = max_code(config.wbits)
     if config.method == "gptq":
         scale16, zero16 = fit_minmax_fp16(group, maxq)  # (out,) fp16
         return _GroupStats(scale16.float(), zero16.float(), (scale16, zero16))
-    if threshold < math.inf and not config.simplified_outliers:
-        group = fit_without_likely_outliers(group, u_diag, maxq, threshold)
+    if threshold is not None and not config.simplified_outliers:
+        group = fit_without_likely_outliers(group, u_diag, maxq, threshold.unsqueeze(1))
     scale, zero = fit_minmax(group, maxq)  # (out,) fp32
-    scale_codes, scale_stats, scale_deq = quantize_row_groups(scale, config.stat_groupsize, config.stat_bits)
-    zero_codes, zero_stats, zero_deq = quantize_row_groups(zero, config.stat_groupsize, config.stat_bits)
-    second = torch.cat([scale_stats, zero_stats], dim=-1)  # (row_groups, 4) fp16
-    return _GroupStats(scale_deq, zero_deq, (scale_codes, zero_codes, second))
+    # scales and zeros together: (2, out) codes and dequantized values, (2, row_groups, 2) fp16 stats
+    codes, stats, deq = quantize_row_groups(
+        torch.stack([scale, zero]), config.stat_groupsize, config.stat_bits
+    )
+    second = torch.cat([stats[0], stats[1]], dim=-1)  # (row_groups, 4) fp16: scale's, then zero's
+    return _GroupStats(deq[0], deq[1], (codes[0], codes[1], second))
 
 
 def _unpacked(
     config: QuantConfig,
-    shape: torch.Size,
+    shape: tuple[int, int],
     codes: Tensor,
     groups: list[_GroupStats],
+    rows: slice,
     outliers: tuple[Tensor, Tensor, Tensor] | None,  # rows, columns, fp16 deltas
     perm: Tensor | None,
 ) -> UnpackedLinear:
+    """One linear's `UnpackedLinear`: its codes (out, in), and rows `rows` of the stacked group stats."""
     out, n = shape
     meta = LinearMeta.from_config(config, out, n)
     stored = [torch.stack([g.stored[k] for g in groups], dim=1) for k in range(len(groups[0].stored))]
     if config.method == "gptq":
-        return UnpackedLinear(meta=meta, codes=codes.long(), perm=perm, scales=stored[0], zeros=stored[1])
+        return UnpackedLinear(
+            meta=meta, codes=codes.long(), perm=perm, scales=stored[0][rows], zeros=stored[1][rows]
+        )
     dev = codes.device
     if outliers is None:
         empty = torch.zeros(0, dtype=torch.long, device=dev)
         outliers = (empty, empty.clone(), torch.zeros(0, dtype=torch.half, device=dev))
-    rows, cols, values = outliers
+    outlier_rows, cols, values = outliers
+    sg = config.stat_groupsize  # rows.start is a multiple of it (see quantize_linears)
     return UnpackedLinear(
         meta=meta,
         codes=codes.long(),
         perm=perm,
-        scale_codes=stored[0].long(),  # (out, groups)
-        zero_codes=stored[1].long(),  # (out, groups)
-        second=stored[2],  # (row_groups, groups, 4) fp16
-        outlier_rows=rows,
+        scale_codes=stored[0][rows].long(),  # (out, groups)
+        zero_codes=stored[1][rows].long(),  # (out, groups)
+        second=stored[2][rows.start // sg : -(-rows.stop // sg)],  # (row_groups, groups, 4) fp16
+        outlier_rows=outlier_rows,
         outlier_cols=cols,
         outlier_values=values,
     )
@@ -250,17 +389,33 @@ def _inverse_cholesky_upper(h: Tensor) -> Tensor:
 
     Computed without forming H^-1: with J the index reversal, J H J = L L^T gives H^-1 = (J L^-T J)(J L^-1 J),
     and J L^-1 J is upper triangular with a positive diagonal, so it is U (the factor is unique). One
-    Cholesky and one triangular solve: much faster than `cholesky_inverse` + a second Cholesky on CPUs.
+    Cholesky and one triangular inverse: much faster than `cholesky_inverse` + a second Cholesky on CPUs.
     """
-    n = h.shape[0]
     for dtype in (torch.float32, torch.float64):
         chol, info = torch.linalg.cholesky_ex(h.to(dtype).flip(0, 1))
         if int(info) == 0:
-            eye = torch.eye(n, dtype=dtype, device=h.device)
-            u = torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
+            u = _lower_triangular_inverse(chol).flip(0, 1)
             if bool(torch.isfinite(u).all()):
                 return u.float()
     raise ConfigError("the Hessian is not positive definite even in float64; increase percdamp")
+
+
+def _lower_triangular_inverse(lower: Tensor) -> Tensor:
+    """L^-1 of a lower-triangular L (n, n) by halves: [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]].
+
+    The standard blocked triangular inversion (as LAPACK's trtri): about n^3 / 2 flops in matrix products
+    where a triangular solve against the identity spends n^3 (the solve is kept for blocks <= 256).
+    """
+    n = lower.shape[0]
+    if n <= 256:
+        eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
+        return torch.linalg.solve_triangular(lower, eye, upper=False)
+    k = n // 2
+    inv = torch.zeros_like(lower)
+    a_inv, c_inv = _lower_triangular_inverse(lower[:k, :k]), _lower_triangular_inverse(lower[k:, k:])
+    inv[:k, :k], inv[k:, k:] = a_inv, c_inv
+    torch.matmul(c_inv, lower[k:, :k] @ a_inv, out=inv[k:, :k]).neg_()
+    return inv
 
 
 def _checked_weight(weight: Tensor, config: QuantConfig) -> Tensor:
