@@ -9,7 +9,7 @@ from rich.console import Console
 
 from spqr_run.cli.common import add_memory_flags, add_model_flags, memory_budget, run_cli
 from spqr_run.runtime import load_runtime
-from spqr_run.sampling import SamplingParams
+from spqr_run.sampling import resolve_sampling
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,11 +46,8 @@ def _generate(args: argparse.Namespace) -> int:
         rt = load_runtime(
             args.model, device=args.device, ctx=args.ctx, memory=memory_budget(args), kv_cache=args.kv_cache
         )
-    settings = {"max_tokens": args.max_tokens, **rt.source.generation_defaults}
-    for name in ("temperature", "top_p", "top_k", "seed"):
-        if getattr(args, name) is not None:
-            settings[name] = getattr(args, name)
-    params = SamplingParams(**{k: v for k, v in settings.items() if k in SamplingParams.field_names()})
+    flags = {name: getattr(args, name) for name in ("max_tokens", "temperature", "top_p", "top_k", "seed")}
+    params = resolve_sampling(flags, rt.source.generation_defaults)  # flags > the model's > global defaults
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": prompt}
