@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -184,7 +185,9 @@ def demo_answers(runtime, defaults: dict) -> list[tuple[str, int, str, str]]:
 
 def check_answers(answers: list[tuple[str, int, str, str]]) -> None:
     expected = dict(QUESTIONS)
-    wrong = [(q, s, t) for q, s, t, _ in answers if not any(w in t.lower() for w in expected[q])]
+    wrong = [
+        (q, s, t) for q, s, t, _ in answers if not re.search(rf"\b({'|'.join(expected[q])})\b", t.lower())
+    ]
     assert not wrong, f"wrong answers at the default settings: {wrong}"
     unstopped = [(q, s, t) for q, s, t, reason in answers if reason != "stop"]
     assert not unstopped, f"replies that did not end at <|im_end|>: {unstopped}"
