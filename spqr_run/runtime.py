@@ -75,7 +75,9 @@ def load_runtime(
             f"invalid --ctx {ctx}: {cfg.name or Path(path).name} handles at most "
             f"{cfg.max_position_embeddings} tokens (its max_position_embeddings)"
         )
-    model = build_decoder(source, device=dev, dtype=default_dtype(dev), progress=progress)
+    model = build_decoder(
+        source, device=dev, dtype=default_dtype(dev), progress=progress, keep_packed=False
+    )  # on a CPU: fp16 weights (`loading.held_dtype`), the packed form freed once decoded
     plan = plan_context(
         model,
         budget=memory if memory is not None else default_budget(dev) + resident_bytes(model)[0],
@@ -114,7 +116,7 @@ def plan_context(
     weights, _ = resident_bytes(model)
     if kv_cache not in KV_CACHE_KINDS:
         raise ConfigError(f"invalid --kv-cache {kv_cache!r}: use one of {', '.join(KV_CACHE_KINDS)}")
-    kv_dtype = kv_dtype_of(kv_cache, model.embed_tokens.weight.dtype)
+    kv_dtype = kv_dtype_of(kv_cache, model.dtype)
     common = dict(
         weight_bytes=weights,
         budget_bytes=budget,

@@ -170,3 +170,12 @@ def test_default_model_is_quantized_once_to_spqr(tmp_path, monkeypatch, gguf_pat
     assert 4.6 < source.info["avg_bits"] < 4.75
     assert sorted(p.name for p in models.iterdir()) == [path.name]
     assert dm.finish_default_model(gguf_path, models_dir=models) == path  # cached: no second run
+    # the card's sampling settings travel in the file (issue 14, defect 3) ...
+    assert source.generation_defaults == dm.DEFAULT_MODEL_GENERATION
+    # ... and on a CPU the runtime holds fp16 weights, not fp32 copies (defect 8: 575 MiB before)
+    from spqr_run.engine.planner import resident_bytes
+    from spqr_run.runtime import load_runtime
+
+    runtime = load_runtime(path, device="cpu", ctx=128)
+    weights = resident_bytes(runtime.model)[0]
+    assert weights < 2.1 * source.config.num_parameters() < 300 * 2**20

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from spqr_run.engine.planner import resident_bytes
 from spqr_run.runtime import Runtime
 
@@ -28,6 +31,7 @@ class ModelFacts:
     context_fit: int  # tokens of KV cache the budget had room for
     max_positions: int  # the model's own limit
     kv_dtype: str  # how the KV cache stores keys and values: fp32, fp16, bf16, int8
+    weights_held: str = ""  # how the weights sit in memory, e.g. "fp16 (decoded once from the packed .spqr)"
 
 
 def model_facts(runtime: Runtime) -> ModelFacts:
@@ -54,7 +58,29 @@ def model_facts(runtime: Runtime) -> ModelFacts:
         context_fit=runtime.plan.context_fit,
         max_positions=cfg.max_position_embeddings,
         kv_dtype=runtime.plan.kv_dtype,
+        weights_held=weights_held(runtime.model),
     )
+
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def weights_held(model: nn.Module) -> str:
+    """How a built model holds its weights, in words: the dtype of its matrices, whether quantized linears
+    run from a decoded copy (the CPU path) or packed, and the dtype it computes in."""
+    from spqr_run.models.spqr_linear import SpQRLinear
+
+    emb = model.embed_tokens.weight.dtype  # type: ignore[union-attr]
+    compute = DTYPE_NAMES.get(model.dtype, str(model.dtype))  # type: ignore[arg-type]
+    quantized = [m for m in model.modules() if isinstance(m, SpQRLinear)]
+    name = DTYPE_NAMES.get(emb, str(emb))
+    if not quantized:
+        return f"{name}, computed in {compute}"
+    if all(m.dense_weight is not None for m in quantized):
+        dense = DTYPE_NAMES.get(quantized[0].dense_weight.dtype, "?")
+        packed = "packed form freed" if all(m.packed_released for m in quantized) else "packed form kept"
+        return f"{dense}, quantized layers decoded once at load ({packed}), computed in {compute}"
+    return f"packed SpQR, dequantized on the fly; embeddings {name}, computed in {compute}"
 
 
 def _weight_file_bytes(path: Path) -> int:
@@ -93,6 +119,7 @@ def describe(facts: ModelFacts) -> list[tuple[str, str]]:
         ("parameters", human_count(facts.parameters)),
         ("bits/param", bits),
         ("device", facts.device),
+        *([("weights held as", facts.weights_held)] if facts.weights_held else []),
         (
             "memory plan",
             f"weights {human_bytes(facts.weights_bytes)} + workspace {human_bytes(facts.workspace_bytes)} "

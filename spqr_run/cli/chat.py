@@ -27,8 +27,7 @@ from spqr_run.cli.common import (
     memory_budget,
     run_cli,
 )
-from spqr_run.errors import ConfigError
-from spqr_run.sampling import SamplingParams
+from spqr_run.sampling import SamplingParams, resolve_sampling
 
 DESCRIPTION = """\
 Chat with a model in the terminal. MODEL is a .spqr file, a Hugging Face folder, a .gguf file, or the bare
@@ -79,16 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def sampling_params(args: argparse.Namespace, defaults: dict) -> SamplingParams:
-    """SamplingParams from the model's generation defaults, overridden by the flags."""
-    known = set(SamplingParams.field_names())
-    values = {k: v for k, v in defaults.items() if k in known}
-    values.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
-    flags = {name: getattr(args, name) for name in (*SAMPLING_FLAGS, "max_tokens")}
-    values.update({k: v for k, v in flags.items() if v is not None})
-    try:
-        return SamplingParams(**values)  # a bad flag value raises ConfigError naming the parameter
-    except TypeError as e:
-        raise ConfigError(f"bad generation defaults: {e}") from None
+    """The flags over the model's generation defaults over the global ones (`sampling.resolve_sampling`)."""
+    flags = {name: getattr(args, name) for name in SAMPLING_FLAGS}
+    max_tokens = args.max_tokens if args.max_tokens is not None else DEFAULT_MAX_TOKENS
+    return resolve_sampling(flags, defaults, max_tokens=max_tokens)  # a bad value: ConfigError naming it
 
 
 def _progress(console: Console) -> Progress:

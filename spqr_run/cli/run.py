@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
 def _generate(args: argparse.Namespace) -> int:
     check_dependencies()
     from spqr_run.runtime import load_runtime
-    from spqr_run.sampling import SamplingParams
+    from spqr_run.sampling import resolve_sampling
     from spqr_run.structured import GrammarEngine, read_schema
 
     err = Console(stderr=True, highlight=False)
@@ -70,11 +70,9 @@ def _generate(args: argparse.Namespace) -> int:
         rt = load_runtime(
             args.model, device=args.device, ctx=args.ctx, memory=memory_budget(args), kv_cache=args.kv_cache
         )
-    settings = {"max_tokens": DEFAULT_MAX_TOKENS, **rt.source.generation_defaults}
-    for name in (*SAMPLING_FLAGS, "max_tokens"):  # a flag given overrides the model's default
-        if getattr(args, name) is not None:
-            settings[name] = getattr(args, name)
-    params = SamplingParams(**{k: v for k, v in settings.items() if k in SamplingParams.field_names()})
+    flags = {name: getattr(args, name) for name in SAMPLING_FLAGS}  # flags > the model's > global defaults
+    max_tokens = args.max_tokens if args.max_tokens is not None else DEFAULT_MAX_TOKENS
+    params = resolve_sampling(flags, rt.source.generation_defaults, max_tokens=max_tokens)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": prompt}

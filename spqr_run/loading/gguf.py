@@ -119,6 +119,25 @@ def config_from_metadata(meta: dict[str, Any], path: Path) -> ModelConfig:
     )
 
 
+# GGUF `general.sampling.*` metadata (the model's recommended sampler settings, where the converter stored
+# them) -> the SamplingParams field it sets.
+SAMPLING_KEYS = {
+    "general.sampling.temp": "temperature",
+    "general.sampling.top_p": "top_p",
+    "general.sampling.top_k": "top_k",
+    "general.sampling.min_p": "min_p",
+    "general.sampling.penalty_repeat": "repetition_penalty",
+}
+
+
+def generation_defaults_from_metadata(meta: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The recommended sampling settings in a GGUF file's `general.sampling.*` metadata ({} when absent)."""
+    from spqr_run.sampling import clean_model_defaults
+
+    raw = {field: meta[key] for key, field in SAMPLING_KEYS.items() if key in meta}
+    return clean_model_defaults(raw, source=f"{path} metadata") if raw else {}
+
+
 def unpermute_rope_rows(w: Tensor, n_heads: int) -> Tensor:
     """Undo llama.cpp's q/k row permutation: per head, rows (pairs, 2) -> (2, pairs). w: (H*hd, ...)."""
     rest = w.shape[1:]

@@ -178,15 +178,14 @@ def load_hf_config(folder: Path) -> ModelConfig:
 
 
 def load_generation_defaults(folder: Path) -> dict[str, Any]:
-    """Sampling defaults from generation_config.json (temperature, top_p, top_k, repetition_penalty)."""
+    """The model's recommended sampling settings from generation_config.json (temperature, top_p, top_k,
+    min_p, repetition_penalty; `do_sample: false` means greedy), validated by `clean_model_defaults`."""
+    from spqr_run.sampling import clean_model_defaults
+
     path = folder / "generation_config.json"
     if not path.exists():
         return {}
     gen = read_json(path)
-    out: dict[str, Any] = {}
     if gen.get("do_sample") is False:
-        out["temperature"] = 0.0
-    for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
-        if isinstance(gen.get(key), (int, float)) and key not in out:
-            out[key] = gen[key]
-    return out
+        gen = {**gen, "temperature": 0.0}  # transformers ignores the sampling fields then: greedy
+    return clean_model_defaults(gen, source=str(path))

@@ -143,6 +143,7 @@ def open_spqr(path: Path):
     from spqr_run.loading import ModelSource
     from spqr_run.models.spqr_linear import SpQRLinear
     from spqr_run.quant import LinearMeta, QuantConfig, QuantizedLinear
+    from spqr_run.sampling import clean_model_defaults
     from spqr_run.tokenizer import Tokenizer
 
     header = read_header(path)
@@ -194,7 +195,10 @@ def open_spqr(path: Path):
     info = {"quant_config": qcfg, "file_bytes": path.stat().st_size, **summary}
     if isinstance(summary.get("avg_bits"), (int, float)):
         info["bits_per_param"] = summary["avg_bits"]  # of the quantized linears, every stored byte counted
+    raw_defaults = header.get("generation_defaults")
     gen_defaults = (
-        header.get("generation_defaults") if isinstance(header.get("generation_defaults"), dict) else {}
+        clean_model_defaults(raw_defaults, source=f"{src} generation_defaults")
+        if isinstance(raw_defaults, dict)
+        else {}
     )
     return ModelSource(path, "spqr", cfg, weights, tokenizer, gen_defaults, linear_factory, info)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from spqr_run.config import ModelConfig, rope_inv_freq
 from spqr_run.models.kv_cache import KVCache
-from spqr_run.models.linear import make_linear
+from spqr_run.models.linear import held_linear, make_linear
 
 
 class RMSNorm(nn.Module):
@@ -160,7 +160,7 @@ class Decoder(nn.Module):
         cfg = self.config
         if max_seq_len > cfg.max_position_embeddings:
             max_seq_len = cfg.max_position_embeddings
-        dtype = dtype or self.embed_tokens.weight.dtype
+        dtype = dtype or self.dtype
         device = self.embed_tokens.weight.device
         if kind is None:
             kind = self.caches[0].kind if self.caches is not None else "auto"
@@ -175,6 +175,12 @@ class Decoder(nn.Module):
             KVCache(rows, max_seq_len, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device, kind=kind)
             for _ in range(cfg.num_layers)
         )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in (activations, KV cache): its norms'. Weight matrices may be held
+        narrower (fp16 on a CPU, see `loading.build_decoder`)."""
+        return self.norm.weight.dtype
 
     @property
     def max_seq_len(self) -> int:
@@ -206,7 +212,7 @@ class Decoder(nn.Module):
             s = self.max_seq_len if kv_len is None else kv_len
             key_pos = torch.arange(s, device=tokens.device)  # (S,)
             mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
-        x = self.embed_tokens(tokens)  # (B, T, hidden)
+        x = self.embed_tokens(tokens).to(self.dtype)  # (B, T, hidden)
         for i, layer in enumerate(self.layers):
             cache = self.caches[i] if cached else None
             x = layer(x, self.rotary, positions, mask, cache, rows, kv_len)
@@ -214,5 +220,5 @@ class Decoder(nn.Module):
             x = x[:, -1:]
         x = self.norm(x)
         if self.lm_head is None:
-            return F.linear(x, self.embed_tokens.weight).float()
+            return held_linear(x, self.embed_tokens.weight).float()
         return self.lm_head(x).float()

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spqr_run.models.linear import held_linear
 from spqr_run.ops import spqr_matmul
 from spqr_run.quant.quantized import QuantizedLinear
 from spqr_run.quant.spqr_matmul import spqr_matmul_reference
@@ -34,14 +34,26 @@ class SpQRLinear(nn.Module):
         self.register_buffer("dense_weight", None, persistent=False)  # set by materialize()
 
     def quantized(self) -> QuantizedLinear:
-        """The packed weight as a `QuantizedLinear` viewing this module's (possibly moved) buffers."""
+        """The packed weight as a `QuantizedLinear` viewing this module's (possibly moved) buffers.
+
+        Raises RuntimeError when `materialize(keep_packed=False)` released them."""
+        if self.packed_released:
+            raise RuntimeError("this layer's packed weight was released after decoding it (the CPU path)")
         return QuantizedLinear(meta=self.meta, **{name: getattr(self, name) for name in self._packed_names})
 
-    def materialize(self, dtype: torch.dtype = torch.float32) -> None:
-        """Keep a dense copy of the weight (original column order) and use it in `forward`.
+    @property
+    def packed_released(self) -> bool:
+        """True after `materialize(keep_packed=False)`."""
+        return any(getattr(self, name) is None for name in self._packed_names)
 
-        The CPU path: dequantizing on every call costs more than the matmul itself, so on CPUs the weight is
-        decoded once at load (the same numbers as the reference, at the memory cost of a dense model).
+    def materialize(self, dtype: torch.dtype = torch.float16, *, keep_packed: bool = True) -> None:
+        """Keep a dense copy of the weight (original column order) in `dtype` and use it in `forward`.
+
+        The CPU path: dequantizing on every call costs more than the matmul itself (20-40x for one row of SmolLM2-135M), so on
+        CPUs the weight is decoded once at load. fp16 holds the decoded weights to 2^-11 relative (their
+        statistics are fp16 already) at half the memory of fp32; `forward` computes in the input's dtype
+        (`held_linear`). `keep_packed=False` frees the packed tensors afterwards (a runtime that only runs the
+        layer needs just the dense copy; `quantized()` and moving the layer to another device then fail).
         """
         q = self.quantized()
         w = q.dequantize()  # (out, in) fp32, permuted columns
@@ -50,12 +62,14 @@ class SpQRLinear(nn.Module):
             dense[:, q.perm_indices()] = w
             w = dense
         self.register_buffer("dense_weight", w.to(dtype), persistent=False)
+        if not keep_packed:  # forward reads only the dense copy now; state_dict() then holds just the bias
+            for name in self._packed_names:
+                setattr(self, name, None)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., in) -> (..., out) in x's dtype (fp32 products and accumulation)."""
         if self.dense_weight is not None:
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            return F.linear(x, self.dense_weight.to(x.dtype), bias)
+            return held_linear(x, self.dense_weight, self.bias)
         if x.is_cuda:
             return spqr_matmul(x, self.quantized(), self.bias)  # CUDA kernels, by batch size
         return spqr_matmul_reference(x, self.quantized(), bias=self.bias)  # (..., out)
@@ -65,7 +79,8 @@ class SpQRLinear(nn.Module):
         super()._apply(fn, recurse)
         for name, old in before.items():
             new = getattr(self, name)
-            if new.dtype != old.dtype:  # a module-wide dtype cast: keep the packed bits, follow the device
+            # a module-wide dtype cast: keep the packed bits, follow the device
+            if old is not None and new.dtype != old.dtype:
                 setattr(self, name, old.to(device=new.device))
         return self
 

@@ -70,10 +70,11 @@ class SamplingFields(BaseModel):
 
     model: StrictStr | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float | None = Field(default=1.0, ge=0.0, le=1.0, allow_inf_nan=False)
-    top_k: int | None = Field(default=0, ge=0)
-    min_p: float | None = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    # None (not sent, or null): the model's recommended value, else the global default (`sampling.resolve_sampling`)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
     n: int | None = Field(default=1, ge=1, le=MAX_N)
     stop: StrictStr | list[StrictStr] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
@@ -82,7 +83,7 @@ class SamplingFields(BaseModel):
     presence_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     # the engine accepts (0, 10]; a tiny divisor sends positive logits to inf, so the API stops at 0.01
-    repetition_penalty: float | None = Field(default=1.0, ge=0.01, le=10.0, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(default=None, ge=0.01, le=10.0, allow_inf_nan=False)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
     user: str | None = None
 

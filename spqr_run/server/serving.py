@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from spqr_run.errors import SpqrError
 from spqr_run.generation import GenerationChunk, TokenLogprob
 from spqr_run.runtime import Runtime
-from spqr_run.sampling import SamplingParams
+from spqr_run.sampling import SamplingParams, resolve_sampling
 from spqr_run.server import protocol as P
 from spqr_run.server.engine import Engine, Job
 from spqr_run.server.protocol import APIError
@@ -120,17 +120,23 @@ class OpenAIServing:
         bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
         self.check_ids(list(bias), "logit_bias")
         # a temperature this small is greedy in effect, and logits / 1e-300 overflow to inf
-        temperature = 0.0 if req.temperature < MIN_TEMPERATURE else req.temperature
+        temperature = req.temperature
+        if temperature is not None and temperature < MIN_TEMPERATURE:
+            temperature = 0.0
         # top_p 0 (OpenAI accepts it): the nucleus is the most likely token alone
         top_k, top_p = (1, 1.0) if req.top_p == 0 else (req.top_k, req.top_p)
-        try:
-            return SamplingParams(
+        requested = {
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "min_p": req.min_p,
+            "repetition_penalty": req.repetition_penalty,
+        }
+        try:  # the request's fields > the model's generation defaults > the global defaults
+            return resolve_sampling(
+                requested,
+                self.runtime.source.generation_defaults,
                 max_tokens=max_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                min_p=req.min_p,
-                repetition_penalty=req.repetition_penalty,
                 presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty,
                 logit_bias=bias,

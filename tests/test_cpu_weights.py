@@ -1,0 +1,102 @@
+"""What a `.spqr` model holds on a CPU (issue 14, defect 8): weight matrices in fp16 (quantized linears decoded
+once to fp16, their packed form freed by the runtime), compute in fp32, and the same outputs as the old fp32
+copies within tolerance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spqr_run.engine.planner import resident_bytes
+from spqr_run.loading import build_decoder, open_model
+from spqr_run.models import linear
+from spqr_run.models.linear import held_linear
+from spqr_run.models.spqr_linear import SpQRLinear
+from spqr_run.quant import QuantConfig
+from tests import test_quantize_model
+
+tiny_hf = test_quantize_model.tiny_model  # the module-scoped fixture: a tiny LLaMA HF folder
+
+
+@pytest.fixture(scope="module")
+def tiny_spqr(tiny_hf: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("spqr") / "tiny.spqr"
+    qcfg = QuantConfig(method="spqr", wbits=4, outlier_threshold=0.2)
+    test_quantize_model._quantize(tiny_hf, out, qcfg=qcfg)
+    return out
+
+
+def _old_layout(path: Path):
+    """The model as loaded before: every weight in fp32, packed form kept."""
+    return build_decoder(open_model(path), weight_dtype=torch.float32)
+
+
+def test_held_linear_multi_row_is_the_fp32_product() -> None:
+    torch.manual_seed(0)
+    w = (torch.randn(48, 32) * 0.1).half()
+    x, b = torch.randn(2, 5, 32), torch.randn(48).half()
+    ref = F.linear(x, w.float(), b.float())
+    assert torch.allclose(held_linear(x, w, b), ref, rtol=1e-6, atol=1e-6)
+    x1 = torch.randn(1, 1, 32)  # one row: the half-precision matrix-vector product, rounded once to fp16
+    one = held_linear(x1, w, b)
+    assert one.dtype == torch.float32
+    assert (one - F.linear(x1, w.float(), b.float())).abs().max() <= 2e-3 * F.linear(
+        x1, w.float()
+    ).abs().max()
+
+
+def test_held_linear_chunks_do_not_change_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    w, x = torch.randn(50, 16).half(), torch.randn(7, 16)
+    whole = held_linear(x, w)
+    monkeypatch.setattr(linear, "UPCAST_CHUNK", 16 * 8)  # 8 output rows per fp32 chunk
+    assert torch.allclose(held_linear(x, w), whole, rtol=1e-6, atol=1e-6)
+
+
+def test_cpu_spqr_holds_fp16_weights_below_the_old_memory(tiny_spqr: Path) -> None:
+    old = _old_layout(tiny_spqr)
+    new = build_decoder(open_model(tiny_spqr), keep_packed=False)  # what the runtime does on a CPU
+    assert new.dtype == torch.float32 and new.embed_tokens.weight.dtype == torch.float16
+    spqr = [m for m in new.modules() if isinstance(m, SpQRLinear)]
+    assert spqr and all(m.dense_weight.dtype == torch.float16 and m.packed_released for m in spqr)
+    assert all(p.dtype == torch.float32 for n, p in new.named_parameters() if "norm" in n)
+    old_bytes, new_bytes = resident_bytes(old)[0], resident_bytes(new)[0]
+    params = new.config.num_parameters()
+    assert old_bytes > 4 * params  # fp32 copies plus the packed form
+    assert new_bytes < 2.1 * params  # fp16 matrices, fp32 norms, nothing else
+    with pytest.raises(RuntimeError, match="released"):
+        spqr[0].quantized()
+
+
+def test_cpu_spqr_outputs_match_the_fp32_layout(tiny_spqr: Path) -> None:
+    old = _old_layout(tiny_spqr)
+    new = build_decoder(open_model(tiny_spqr), keep_packed=False)
+    tokens = torch.randint(0, old.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a, b = old(tokens, use_cache=False), new(tokens, use_cache=False)  # prefill: fp32 products
+        assert (a - b).abs().max() <= 1e-3 * a.abs().max()
+        # decode, one token at a time through the KV cache: the half-precision matrix-vector path
+        for model in (old, new):
+            model.setup_caches(1, 32)
+        steps = [
+            (old(tokens[:, i : i + 1], torch.tensor([[i]])), new(tokens[:, i : i + 1], torch.tensor([[i]])))
+            for i in range(tokens.shape[1])
+        ]
+    worst = max(((x - y).abs().max() / x.abs().max()).item() for x, y in steps)
+    assert worst <= 1e-2
+    assert all(int(x.argmax()) == int(y.argmax()) for x, y in steps)
+
+
+def test_banner_says_what_the_cpu_path_holds(tiny_spqr: Path) -> None:
+    from spqr_run.chat.info import describe, model_facts
+    from spqr_run.runtime import load_runtime
+
+    runtime = load_runtime(tiny_spqr, device="cpu", ctx=32)
+    rows = dict(describe(model_facts(runtime)))
+    assert rows["weights held as"] == (
+        "fp16, quantized layers decoded once at load (packed form freed), computed in fp32"
+    )
+    assert resident_bytes(runtime.model)[0] < 2.1 * runtime.source.config.num_parameters()
