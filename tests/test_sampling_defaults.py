@@ -134,8 +134,11 @@ def test_server_request_over_model_over_global() -> None:
     from spqr_run.server import protocol as P
     from spqr_run.server.serving import OpenAIServing
 
+    tokenizer = SimpleNamespace(vocab_size=100, vocab_strings=lambda: [], token_string=lambda i: "")
     runtime = SimpleNamespace(
-        tokenizer=SimpleNamespace(vocab_size=100), source=SimpleNamespace(generation_defaults=MODEL)
+        tokenizer=tokenizer,
+        chat_template=SimpleNamespace(source=""),
+        source=SimpleNamespace(generation_defaults=MODEL),
     )
     serving = OpenAIServing(runtime, SimpleNamespace(max_context=64), "m")  # type: ignore[arg-type]
     req = P.ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], top_p=0.5)
