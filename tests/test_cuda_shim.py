@@ -8,6 +8,8 @@ default), like tests/test_kernels.py.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,10 +19,11 @@ pytestmark = pytest.mark.skipif(SHIM_MISSING is not None, reason=f"CUDA shim una
 SELFTEST = "shim_selftest.cu"
 
 
-def line_of(text: str) -> int:
-    """Line number in shim_selftest.cu of the first line containing `text`."""
+def line_of(text: str, after: str = "") -> int:
+    """Line number in shim_selftest.cu of the first line containing `text` (below the first containing `after`)."""
     lines = (shim_module.HERE / SELFTEST).read_text().splitlines()
-    return next(i + 1 for i, line in enumerate(lines) if text in line)
+    start = next(i for i, line in enumerate(lines) if after in line)
+    return next(i + 1 for i, line in enumerate(lines) if i >= start and text in line)
 
 
 def run(name: str, inp: torch.Tensor | None = None, n_out: int = 64, order: str = "forward", seed: int = 0):
@@ -38,6 +41,9 @@ def fault(name: str, inp: torch.Tensor | None = None) -> str:
     return str(info.value)
 
 
+racy = pytest.mark.skipif(SHIM_BUILD == "tsan", reason="a deliberate race: the tsan build reports it (below)")
+
+
 @pytest.mark.parametrize("order,seed", [("forward", 0), ("reverse", 0), ("random", 7)])
 def test_block_reduction_with_barrier_is_exact_in_every_order(order, seed):
     x = torch.randn(1024)
@@ -45,6 +51,7 @@ def test_block_reduction_with_barrier_is_exact_in_every_order(order, seed):
     torch.testing.assert_close(out, x.view(4, 256).sum(1), rtol=1e-5, atol=1e-4)
 
 
+@racy
 def test_a_missing_barrier_reads_poisoned_shared_memory():
     """Without __syncthreads thread 0 reads warp sums not written yet: NaN (poison) in forward order."""
     out = run("block_sum_no_barrier", torch.ones(1024), 4)
@@ -73,6 +80,7 @@ def test_shuffle_and_vote_lane_arithmetic():
     assert out[7].tolist() == [3] * 32  # any (lane 31) + 2 * all
 
 
+@racy  # the ticket counter is a deliberate race (the shim's fibers never run at the same time)
 @pytest.mark.parametrize(
     "order,expected",
     [("forward", list(range(64))), ("reverse", list(range(63, -1, -1)))],
@@ -81,6 +89,7 @@ def test_thread_order(order, expected):
     assert run("start_order", order=order).long().tolist() == expected
 
 
+@racy
 def test_random_order_is_seeded():
     a = run("start_order", order="random", seed=5).long().tolist()
     assert a == run("start_order", order="random", seed=5).long().tolist()
@@ -138,12 +147,20 @@ def test_misaligned_vector_load():
     assert f"{SELFTEST}:{line_of('__ldg(reinterpret_cast<const float4*>(in + 1))')}" in msg
 
 
+no_faults_under_tsan = pytest.mark.skipif(
+    SHIM_BUILD == "tsan",
+    reason="ThreadSanitizer's signal interception: memory faults are the plain/asan builds' checks",
+)
+
+
+@no_faults_under_tsan
 def test_read_past_the_end_of_a_buffer():
     """Every buffer ends at a guard page: one element too far faults, and the message names the buffer."""
     msg = fault("read_past_end", torch.arange(32.0))
     assert "read past the end of 'in' (128 bytes), 0 bytes beyond it" in msg and "thread (31,0,0)" in msg
 
 
+@no_faults_under_tsan
 def test_write_into_an_input():
     assert "a write into the read-only input 'in'" in fault("write_into_input", torch.arange(32.0))
 
@@ -162,5 +179,26 @@ def test_unknown_build_and_order_are_one_line_errors():
 
 
 @pytest.mark.skipif(SHIM_BUILD != "tsan", reason="the race detector runs in the tsan build (.ci/kernel-shim)")
-def test_tsan_build_is_loaded():
+@pytest.mark.parametrize(
+    "kernel,racing_line",
+    [
+        ("block_sum_no_barrier", "if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = v;"),
+        ("shared_race", "if (threadIdx.x < 2) cell = static_cast<float>(threadIdx.x);"),
+    ],
+)
+def test_race_detector_reports_unordered_shared_memory(kernel, racing_line):
+    """Barriers are the only happens-before edges between a block's threads: ThreadSanitizer reports the read
+    of a warp sum without __syncthreads, and two threads writing one shared word, at their lines."""
     assert shim().build == "tsan"
+    code = (
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); import shim; "
+        "shim.load('tsan').selftest(sys.argv[2], torch.ones(1024), 64)"
+    )
+    env = shim_module.preload_env("tsan")
+    env["TSAN_OPTIONS"] = "halt_on_error=1:report_signal_unsafe=0"
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(shim_module.HERE), kernel], env=env, capture_output=True, text=True
+    )
+    assert res.returncode != 0
+    assert "ThreadSanitizer: data race" in res.stderr
+    assert f"{SELFTEST}:{line_of(racing_line, after=f'__global__ void {kernel}(')}" in res.stderr

@@ -51,7 +51,7 @@ COMMON_FLAGS = (
     "-Wno-unknown-pragmas",  # #pragma unroll is nvcc's
     "-Wno-class-memaccess",  # memcpy into __half2, as the kernels do
     "-ffp-contract=off",  # no fused multiply-add unless written (fmaf), like __fmul_rn/__fadd_rn on the GPU
-    "-fno-strict-aliasing", "-U_FORTIFY_SOURCE",  # siglongjmp out of a faulting fiber
+    "-fno-strict-aliasing",
 )  # fmt: skip
 BUILD_FLAGS = {
     "plain": ("-O2",),

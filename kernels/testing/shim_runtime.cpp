@@ -11,7 +11,6 @@
 // memory accesses between threads of a block are reported. Blocks are ordered one after another (the end of
 // block b happens before block b + 1: shared memory is reused between blocks). Under TSan this file itself is
 // compiled without instrumentation, so the scheduler's bookkeeping is invisible to the race detector.
-#include <csetjmp>
 #include <algorithm>
 #include <csignal>
 #include <cstdarg>
@@ -35,6 +34,7 @@
 #include "shim_runtime.h"
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define SHIM_ASAN 1
 #else
@@ -54,7 +54,7 @@
 #if defined(__x86_64__)
 extern "C" void cuda_shim_switch(void** save, void* next);
 asm(R"(
-  .text
+  .pushsection .text
   .globl cuda_shim_switch
   .hidden cuda_shim_switch
   .type cuda_shim_switch, @function
@@ -81,7 +81,7 @@ cuda_shim_switch:
   popq %rbp
   ret
   .size cuda_shim_switch, .-cuda_shim_switch
-  .section .note.GNU-stack,"",@progbits
+  .popsection
 )");
 #else
 #include <ucontext.h>
@@ -139,14 +139,14 @@ struct Grid {
   int arrived = 0;
   bool failed = false;
   std::string error;
-  sigjmp_buf fault_jmp;
   // Sanitizer bookkeeping: the scheduler's stack (for ASan) and fiber (for TSan), sync objects.
   const void* sched_stack_bottom = nullptr;
   size_t sched_stack_size = 0;
   void* sched_tsan = nullptr;
   char* barrier_sync = nullptr;  // one per block: never shared across blocks
   char warp_sync[32] = {};
-  char grid_sync = 0;
+  char to_threads = 0;  // host -> every thread (acquired when a thread starts)
+  char to_host = 0;     // every thread -> host (acquired at the end of each block); threads never acquire it
 };
 
 std::mutex g_launch_mutex;
@@ -197,6 +197,9 @@ void switch_to_fiber(Fiber& f) {
 // Fiber -> scheduler; returns when the scheduler switches back. `dying`: the fiber will never resume.
 void switch_to_scheduler(bool dying) {
   Fiber& f = *g->current;
+  // Everything this thread did happens before the host's next look at the launch (the end of the block);
+  // other threads of the block only synchronise with it through barriers.
+  tsan_release(&g->to_host);
 #if SHIM_TSAN
   __tsan_switch_to_fiber(g->sched_tsan, __tsan_switch_to_fiber_no_sync);
 #endif
@@ -258,6 +261,7 @@ void record(const std::string& msg) {
     g->failed = true;
     g->error = msg;
   }
+  tsan_release(&g->to_host);  // the host reads the message after the launch
 }
 
 std::string describe_wait(const Fiber& f) {
@@ -313,7 +317,7 @@ std::string describe_deadlock() {
 void thread_exit(Fiber& f) {
   f.state = State::Done;
   ++g->done;
-  tsan_release(&g->grid_sync);
+  tsan_release(&g->to_host);
   if (g->arrived > 0) {
     for (const Fiber& o : g->fibers) {
       if (o.state == State::Barrier) {
@@ -342,15 +346,18 @@ void thread_exit(Fiber& f) {
 #if SHIM_ASAN
   __sanitizer_finish_switch_fiber(nullptr, &g->sched_stack_bottom, &g->sched_stack_size);
 #endif
-  tsan_acquire(&g->grid_sync);
+  tsan_acquire(&g->to_threads);
   g->body.call(g->body.state);
   thread_exit(f);
   switch_to_scheduler(/*dying=*/true);
   std::abort();  // never resumed
 }
 
-void prepare_fiber(Fiber& f, char* slot) {
+__attribute__((no_sanitize("address", "thread"))) void prepare_fiber(Fiber& f, char* slot) {
   f.stack = slot + static_cast<size_t>(sysconf(_SC_PAGESIZE));  // guard page below
+#if SHIM_ASAN
+  __asan_unpoison_memory_region(f.stack, kStackBytes);  // the previous block's frames left redzones here
+#endif
   f.state = State::Runnable;
   f.started = false;
   f.asan_fake = nullptr;
@@ -474,10 +481,9 @@ void on_fault(int sig, siginfo_t* info, void*) {
   if (what.empty()) what = "not inside any buffer of the launch";
   record(format("%s: invalid memory access (%s) at address %p: %s", context_prefix().c_str(),
                 sig == SIGSEGV ? "SIGSEGV" : "SIGBUS", info->si_addr, what.c_str()));
-#if SHIM_ASAN
-  __sanitizer_start_switch_fiber(nullptr, g->sched_stack_bottom, g->sched_stack_size);
-#endif
-  siglongjmp(g->fault_jmp, 1);
+  // The thread never resumes: back to the scheduler from the handler (SA_NODEFER keeps SIGSEGV unblocked), which
+  // ends the launch. The handler's frame is left on the abandoned fiber's stack.
+  switch_to_scheduler(/*dying=*/true);
 }
 
 struct FaultHandlers {
@@ -491,7 +497,7 @@ struct FaultHandlers {
     sigaltstack(&ss, &old_alt);
     struct sigaction sa{};
     sa.sa_sigaction = &on_fault;
-    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
     sigemptyset(&sa.sa_mask);
     sigaction(SIGSEGV, &sa, &old_segv);
     sigaction(SIGBUS, &sa, &old_bus);
@@ -531,8 +537,22 @@ void run_block(std::mt19937_64& rng) {
     }
     if (!ran && !g->failed) record(format("%s: %s", context_prefix().c_str(), describe_deadlock().c_str()));
   }
-  tsan_acquire(&g->grid_sync);  // block b happens before block b + 1 (they share the shared memory)
+  tsan_acquire(&g->to_host);  // block b happens before block b + 1 (they share the shared memory)
+  tsan_release(&g->to_threads);
   release_fibers();
+}
+
+// Every block of the grid in order, until one fails.
+void run_all_blocks() {
+  std::mt19937_64 rng(g_config.seed);
+  const dim3 grid = g->grid;
+  const long long nblocks = static_cast<long long>(grid.x) * grid.y * grid.z;
+  for (long long k = 0; k < nblocks && !g->failed; ++k) {
+    const long long b = g_config.order == Order::Reverse ? nblocks - 1 - k : k;
+    g->bidx = make_uint3(static_cast<unsigned>(b % grid.x), static_cast<unsigned>((b / grid.x) % grid.y),
+                         static_cast<unsigned>(b / (static_cast<long long>(grid.x) * grid.y)));
+    run_block(rng);
+  }
 }
 
 }  // namespace
@@ -725,29 +745,18 @@ void run_grid(dim3 grid, dim3 block, size_t dynamic_smem, Body body, const char*
 #if SHIM_TSAN
   state.sched_tsan = __tsan_get_current_fiber();
 #endif
-  tsan_release(&state.grid_sync);  // the host's writes before the launch happen before every thread
+  tsan_release(&state.to_threads);  // the host's writes before the launch happen before every thread
 
-  std::mt19937_64 rng(g_config.seed);
-  const long long nblocks = static_cast<long long>(grid.x) * grid.y * grid.z;
   {
     FaultHandlers handlers;
-    if (sigsetjmp(state.fault_jmp, 1) == 0) {
-      for (long long k = 0; k < nblocks && !state.failed; ++k) {
-        const long long b = g_config.order == Order::Reverse ? nblocks - 1 - k : k;
-        state.bidx = make_uint3(static_cast<unsigned>(b % grid.x), static_cast<unsigned>((b / grid.x) % grid.y),
-                                static_cast<unsigned>(b / (static_cast<long long>(grid.x) * grid.y)));
-        run_block(rng);
-      }
-    } else {  // a fault: on_fault jumped here from the faulting fiber's stack
-#if SHIM_ASAN
-      __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
-#endif
-      state.current = nullptr;
-      release_fibers();
-    }
+    run_all_blocks();
   }
-  tsan_acquire(&state.grid_sync);  // every thread's writes happen before the host reads the results
+  tsan_acquire(&state.to_host);  // every thread's writes happen before the host reads the results
   delete[] state.barrier_sync;
+#if SHIM_ASAN
+  // The fibers' frames left redzones in the shadow memory; memory mapped here later must not inherit them.
+  __asan_unpoison_memory_region(state.stacks, state.stacks_bytes);
+#endif
   munmap(state.stacks, state.stacks_bytes);
   g_last_code = state.failed ? cudaErrorLaunchFailure : cudaSuccess;
   g_last_error = state.failed ? "cuda_shim: " + state.error : "";
