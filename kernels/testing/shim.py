@@ -312,7 +312,8 @@ class Shim:
 
 @functools.cache
 def load(build: str | None = None) -> Shim:
-    """The shim library for `build` (default: $SPQR_SHIM_BUILD or "plain"), built on first use.
+    """The shim library for `build` (default: $SPQR_SHIM_BUILD or "plain"), built on first use, from
+    $SPQR_SHIM_KERNEL_SOURCE instead of kernels/spqr_matmul.cu when set.
 
     Raises ShimUnavailable when it cannot be built here or, for a sanitized build, when the process was not
     started with its runtime preloaded (see `preload_env`)."""
@@ -323,7 +324,8 @@ def load(build: str | None = None) -> Shim:
         raise ShimUnavailable(
             f"the {build} shim needs LD_PRELOAD={sanitizer_runtime(build)} (use kernels/testing/shim.py preload_env)"
         )
-    return Shim(build_lib(build), build)
+    source = os.environ.get("SPQR_SHIM_KERNEL_SOURCE")  # a mutated copy (benchmarks/kernel_mutations.py)
+    return Shim(build_lib(build, kernel_source=Path(source) if source else None), build)
 
 
 build_lib = build  # `load` takes a parameter named build
