@@ -117,7 +117,7 @@ def run(name: str, build: str, timeout: int) -> tuple[str, float]:
     out = res.stdout + res.stderr
     if res.returncode == 0:
         return "missed", time.time() - t0
-    first = re.search(r"(?:FAILED|ERROR) (tests/\S+)", out)
+    first = re.search(r"(?:FAILED|ERROR) (tests/\S+?\[.*?\]|tests/\S+)", out)
     where = f" in {first.group(1).split('::')[-1]}" if first else ""
     return f"caught: {evidence(out)}{where}", time.time() - t0
 

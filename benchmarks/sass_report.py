@@ -4,7 +4,8 @@
     python benchmarks/sass_report.py --ptxas-check   # CI: fail on register spills or local memory (.ci/kernel-shim)
 
 Compiles kernels/spqr_matmul.cu with nvcc for sm_80, sm_86, sm_89 and sm_90 (`-Xptxas -v`), then, when
-`cuobjdump` is available (the toolkit's, or the `nvidia-cuda-cuobjdump` wheel under --tools), disassembles each
+`cuobjdump` and `nvdisasm` are available (the toolkit's, or the `nvidia-cuda-cuobjdump` and
+`nvidia-cuda-nvdisasm` wheels installed with `pip install --target build/tools/<name>`), disassembles each
 kernel and prints per kernel variant (wbits W, stat bits SB, row capacity BT) and architecture:
 
 - regs: registers per thread (ptxas); smem: static shared memory per block in bytes;
@@ -56,9 +57,10 @@ def find_nvcc() -> str | None:
     return None
 
 
-def find_cuobjdump(nvcc: str, tools: Path) -> str | None:
-    for c in [shutil.which("cuobjdump"), str(Path(nvcc).parent / "cuobjdump"),
-              *glob.glob(str(tools / "**" / "bin" / "cuobjdump"), recursive=True)]:  # fmt: skip
+def find_tool(name: str, nvcc: str, tools: Path) -> str | None:
+    """`name` (cuobjdump, nvdisasm) on PATH, next to nvcc, or from the pip wheels under `tools`."""
+    for c in [shutil.which(name), str(Path(nvcc).parent / name),
+              *glob.glob(str(tools / "**" / "bin" / name), recursive=True)]:  # fmt: skip
         if c and os.path.exists(c):
             return c
     return None
@@ -88,17 +90,20 @@ def demangled_variant(mangled: str) -> tuple[str, str]:
 
 
 def compile_ptxas(nvcc: str, out: Path) -> tuple[list[Kernel], Path]:
-    """nvcc -Xptxas -v for every arch: per-kernel resources, and the object file (for cuobjdump)."""
-    obj = out / "spqr_matmul.o"
-    gencode = [f for a in ARCHS for f in ("-gencode", f"arch=compute_{a},code=sm_{a}")]
-    cmd = [nvcc, "-std=c++20", "-O3", f"-I{ROOT / 'kernels'}", *gencode,
-           "-Xptxas", "-v,-warn-spills,-warn-lmem-usage", "-c", str(SOURCE), "-o", str(obj)]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        sys.exit(f"sass_report: nvcc failed:\n{res.stdout}{res.stderr}")
+    """nvcc -Xptxas -v for every arch: per-kernel resources, and the object file (for cuobjdump). Reuses
+    out/spqr_matmul.o and out/ptxas.log when they are newer than the source (--keep)."""
+    obj, log = out / "spqr_matmul.o", out / "ptxas.log"
+    if not (obj.exists() and log.exists() and obj.stat().st_mtime > SOURCE.stat().st_mtime):
+        gencode = [f for a in ARCHS for f in ("-gencode", f"arch=compute_{a},code=sm_{a}")]
+        cmd = [nvcc, "-std=c++20", "-O3", f"-I{ROOT / 'kernels'}", *gencode,
+               "-Xptxas", "-v,-warn-spills,-warn-lmem-usage", "-c", str(SOURCE), "-o", str(obj)]  # fmt: skip
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            sys.exit(f"sass_report: nvcc failed:\n{res.stdout}{res.stderr}")
+        log.write_text(res.stdout + res.stderr)
     kernels: list[Kernel] = []
     cur: Kernel | None = None
-    for line in (res.stdout + res.stderr).splitlines():
+    for line in log.read_text().splitlines():
         if m := re.search(r"Compiling entry function '(\w+)' for 'sm_(\d+)'", line):
             kind, variant = demangled_variant(m.group(1))
             cur = Kernel(m.group(2), m.group(1), kind, variant)
@@ -130,11 +135,13 @@ def blocks_per_sm(k: Kernel) -> int:
     return min(by_regs, by_smem, threads_sm // threads, blocks_sm)
 
 
-def sass_of(cuobjdump: str, obj: Path, arch: str) -> dict[str, list[str]]:
-    """Instructions of each kernel for one arch: {mangled name: ["/*0010*/ LDG.E.128 R4, ...", ...]}."""
-    res = subprocess.run(
-        [cuobjdump, "-sass", "-arch", f"sm_{arch}", str(obj)], capture_output=True, text=True
-    )
+def sass_of(cuobjdump: str, nvdisasm: str | None, obj: Path, arch: str) -> dict[str, list[tuple[int, str]]]:
+    """Instructions of each kernel for one arch: {mangled name: [(address, "LDG.E.128 R4, [R2.64]"), ...]}."""
+    env = dict(os.environ)
+    if nvdisasm:
+        env["NVDISASM_PATH"] = str(Path(nvdisasm).parent)  # cuobjdump -sass runs nvdisasm
+    cmd = [cuobjdump, "-sass", "-arch", f"sm_{arch}", str(obj)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         return {}
     out: dict[str, list[str]] = {}
@@ -148,21 +155,25 @@ def sass_of(cuobjdump: str, obj: Path, arch: str) -> dict[str, list[str]]:
 
 
 def hot_loop(insts: list[tuple[int, str]]) -> list[str]:
-    """The innermost loop: the shortest [target, branch] range closed by a backward BRA (the whole kernel if none)."""
-    best = None
+    """The hot loop: of the ranges [target, branch] closed by a backward BRA, the one with the most FFMA (the
+    decode-and-accumulate loop), the shortest on a tie (an enclosing loop without more math); the whole kernel
+    when there is no loop."""
+    loops = []
     for addr, text in insts:
         m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
-        if m:
-            target = int(m.group(1), 16)
-            if target < addr and (best is None or addr - target < best[1] - best[0]):
-                best = (target, addr)
-    if best is None:
-        return [t for _, t in insts]
-    return [t for a, t in insts if best[0] <= a <= best[1]]
+        if m and int(m.group(1), 16) < addr:
+            body = [t for a, t in insts if int(m.group(1), 16) <= a <= addr]
+            loops.append((-sum(t.split(" ")[0].startswith("FFMA") for t in re_ops(body)), len(body), body))
+    return min(loops, key=lambda x: (x[0], x[1]))[2] if loops else [t for _, t in insts]
+
+
+def re_ops(texts: list[str]) -> list[str]:
+    """Instructions without their predicate (@P0 / @!P1 ...)."""
+    return [re.sub(r"^@!?U?P\w+\s+", "", t) for t in texts]
 
 
 def loop_stats(loop: list[str]) -> tuple[int, str, str]:
-    ops = [re.sub(r"^@!?U?P\w+\s+", "", t) for t in loop]
+    ops = re_ops(loop)
     ops = [o for o in ops if not o.startswith("NOP")]
     widths = set()
     first_math = next((i for i, o in enumerate(ops) if o.split(".")[0].split(" ")[0] in FLOAT_MATH), len(ops))
@@ -182,13 +193,19 @@ def main() -> int:
     ap.add_argument(
         "--tools", type=Path, default=ROOT / "build" / "tools", help="where to look for cuobjdump"
     )
+
+    ap.add_argument(
+        "--keep", type=Path, help="keep (and reuse) the object file and ptxas log in this directory"
+    )
     args = ap.parse_args()
     nvcc = find_nvcc()
     if nvcc is None:
         print("sass_report: nvcc not found (PATH, $CUDA_HOME, /usr/local/cuda*): skipping", file=sys.stderr)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        kernels, obj = compile_ptxas(nvcc, Path(tmp))
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+        kernels, obj = compile_ptxas(nvcc, args.keep or Path(tmp))
         bad = [k for k in kernels if k.spill_stores or k.spill_loads or k.stack or k.lmem]
         if args.ptxas_check:
             for k in bad:
@@ -196,8 +213,9 @@ def main() -> int:
                       f"bytes spill stores, {k.spill_loads} bytes spill loads (local memory)", file=sys.stderr)  # fmt: skip
             print(f"ptxas check: {len(kernels)} kernels x archs, {len(bad)} with spills or local memory")
             return 1 if bad or not kernels else 0
-        cuobjdump = find_cuobjdump(nvcc, args.tools)
-        sass = {a: sass_of(cuobjdump, obj, a) for a in ARCHS} if cuobjdump else {}
+        cuobjdump = find_tool("cuobjdump", nvcc, args.tools)
+        nvdisasm = find_tool("nvdisasm", nvcc, args.tools)
+        sass = {a: sass_of(cuobjdump, nvdisasm, obj, a) for a in ARCHS} if cuobjdump else {}
         print("| kernel | variant | arch | regs | smem (B) | blocks/SM | loop insts/weight | gload width | "
               "loads first | spills |")  # fmt: skip
         print("|---|---|---|---|---|---|---|---|---|---|")
