@@ -97,6 +97,8 @@ def evidence(output: str) -> str:
         return "results differ between thread orders"
     if "assert torch.equal" in output or "AssertionError" in output:
         return "wrong result (assertion)"
+    if "Fatal Python error: Aborted" in output:
+        return "process aborted (sanitizer)"
     return "failed (see log)"
 
 
@@ -107,7 +109,8 @@ def run(name: str, build: str, timeout: int) -> tuple[str, float]:
     env["SPQR_SHIM_KERNEL_SOURCE"] = str(src)
     env["PYTHONPATH"] = str(ROOT) + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-k", "shim",
+    # --capture=sys: sanitizer reports go to fd 2 (and may end the process), so they reach this pipe
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--capture=sys", "-k", "shim",
            "tests/test_kernels.py", "tests/test_cuda_shim.py"]  # fmt: skip
     t0 = time.time()
     try:

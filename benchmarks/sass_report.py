@@ -157,14 +157,15 @@ def sass_of(cuobjdump: str, nvdisasm: str | None, obj: Path, arch: str) -> dict[
 def hot_loop(insts: list[tuple[int, str]]) -> list[str]:
     """The hot loop: of the ranges [target, branch] closed by a backward BRA, the one with the most FFMA (the
     decode-and-accumulate loop), the shortest on a tie (an enclosing loop without more math); the whole kernel
-    when there is no loop."""
+    when no loop has an FFMA (dequantize: its loops are the outlier search)."""
     loops = []
     for addr, text in insts:
         m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
         if m and int(m.group(1), 16) < addr:
             body = [t for a, t in insts if int(m.group(1), 16) <= a <= addr]
             loops.append((-sum(t.split(" ")[0].startswith("FFMA") for t in re_ops(body)), len(body), body))
-    return min(loops, key=lambda x: (x[0], x[1]))[2] if loops else [t for _, t in insts]
+    best = min(loops, key=lambda x: (x[0], x[1])) if loops else None
+    return best[2] if best and best[0] < 0 else [t for _, t in insts]  # no FFMA in any loop: the whole kernel
 
 
 def re_ops(texts: list[str]) -> list[str]:
