@@ -15,7 +15,12 @@
 //
 // Adding an intrinsic: an inline function in namespace-less scope below; anything that communicates between
 // threads must go through cuda_shim::collective() or cuda_shim::barrier() (shim_runtime.cpp) so it is a switch
-// point. Kernels v2 primitives (mma.sync, cp.async, ldmatrix) go behind named device functions the same way.
+// point. Kernels v2 primitives go behind named device functions the same way:
+//   - mma.sync / ldmatrix are warp collectives: each lane posts its fragment registers (or its row address for
+//     ldmatrix) and, when the mask is complete, the last lane computes every lane's result from the PTX ISA
+//     fragment layout. collective() moves 64 bits a lane today; widen its value to the largest fragment.
+//   - cp.async: do the copy at cp.async.wait_group / __pipeline_wait_prior time rather than at issue, so a
+//     missing wait reads the poisoned destination, as a missing barrier does.
 #pragma once
 
 #include <math.h>  // fmaf and friends, in the global namespace as in CUDA
