@@ -175,8 +175,9 @@ def build(build: str = "plain", *, kernel_source: Path | None = None, verbose: b
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time (parallel pytest processes)
         if lib.exists():
             return lib
+        for stale in BUILD_ROOT.glob("*.tmp*"):  # left by an interrupted build (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         includes = [f"-I{HERE / 'include'}", f"-I{KERNELS}", f"-I{include}"]
 
