@@ -2,12 +2,16 @@
 
     python benchmarks/kernels.py            # all models, batch 1, 4, 16, 512
     python benchmarks/kernels.py --quick    # LLaMA-7B shapes, fewer repetitions
+    python benchmarks/kernels.py --graph    # time CUDA-graph replays: the kernels, not Python's launch cost
 
 Method: random packed 3-bit SpQR layers (3.625 bits + 1% outliers, permuted) and fp16 weights of each shape;
 several weight sets of each are rotated so the ones in use always total more than 2x the L2 cache (50 MB on
 an H100), so no timing is flattered by a warm cache. Each measurement times a run of calls with CUDA events
 after a warm-up, repeated, and reports the median per call. GB/s counts the bytes the layer stores (packed
 tensors for SpQR, 2 bytes a weight for fp16); "% copy" compares with a measured device-to-device copy.
+With --graph, `calls` back-to-back calls (cycling through the weight sets) are captured in one CUDA graph and
+each replay is timed with CUDA events: one Python `spqr_matmul` call costs about 40 us of host time, more than a
+4096x4096 3-bit matvec takes on the GPU, so without a graph a batch-1 number measures the host.
 Prints a markdown table headed with the GPU name and the date.
 """
 
@@ -90,6 +94,32 @@ def time_calls(fns: list[Callable[[], object]], *, calls: int, repeats: int) -> 
     return statistics.median(times)
 
 
+def time_graph(fns: list[Callable[[], object]], *, calls: int, repeats: int) -> float:
+    """Median seconds per call of a CUDA graph holding `calls` back-to-back calls cycling through `fns`."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as graph capture requires
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3 / calls)
+    return statistics.median(times)
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth in bytes/s (read + write) of a 1 GiB buffer."""
     src = torch.empty(2**29, dtype=torch.float16, device="cuda")
@@ -103,13 +133,14 @@ def path_name(rows: int) -> str:
 
 
 def bench_shape(
-    out_features: int, in_features: int, rows: int, *, calls: int, repeats: int
+    out_features: int, in_features: int, rows: int, *, calls: int, repeats: int, graph: bool = False
 ) -> dict[str, float]:
+    timer = time_graph if graph else time_calls
     fp16_bytes = out_features * in_features * 2
     n_fp16 = max(2, math.ceil(ROTATE_BYTES / fp16_bytes))
     weights = [torch.randn(out_features, in_features, device="cuda").half() for _ in range(n_fp16)]
     x = torch.randn(rows, in_features, device="cuda").half()
-    t_fp16 = time_calls([lambda w=w: F.linear(x, w) for w in weights], calls=calls, repeats=repeats)
+    t_fp16 = timer([lambda w=w: F.linear(x, w) for w in weights], calls=calls, repeats=repeats)
     del weights
 
     first = random_spqr(out_features, in_features, outlier_fraction=0.01, seed=0)
@@ -117,7 +148,7 @@ def bench_shape(
     layers = [first] + [
         random_spqr(out_features, in_features, outlier_fraction=0.01, seed=s) for s in range(1, n_spqr)
     ]
-    t_spqr = time_calls([lambda q=q: spqr_matmul(x, q) for q in layers], calls=calls, repeats=repeats)
+    t_spqr = timer([lambda q=q: spqr_matmul(x, q) for q in layers], calls=calls, repeats=repeats)
     return {
         "fp16_s": t_fp16,
         "fp16_gbs": fp16_bytes / t_fp16 / 1e9,
@@ -132,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="LLaMA-7B shapes only, fewer repetitions")
     parser.add_argument("--models", nargs="*", choices=list(MODELS), help="models to run (default: all)")
     parser.add_argument("--batches", nargs="*", type=int, default=list(BATCHES))
+    parser.add_argument("--graph", action="store_true", help="time CUDA-graph replays of back-to-back calls")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print(
@@ -149,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"torch {torch.__version__}, CUDA {torch.version.cuda}; device-to-device copy {copy_bw / 1e9:.0f} GB/s; "
     )
-    print("3-bit SpQR, 3-bit stats, 16x16 tiles, 1% outliers, permuted; medians of CUDA-event timings.")
+    timing = "CUDA-graph replays of" if args.graph else "Python loops of"
+    print(f"3-bit SpQR, 3-bit stats, 16x16 tiles, 1% outliers, permuted; medians of CUDA-event timings of {timing} "
+          f"{calls} back-to-back calls.")  # fmt: skip
     print()
     print("| model | linear | out x in | batch | fp16 us | fp16 GB/s | SpQR path | bits | SpQR us | SpQR GB/s "
           "| % copy | speedup |")  # fmt: skip
@@ -157,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     for model in models:
         for name, out_features, in_features in MODELS[model]:
             for rows in args.batches:
-                r = bench_shape(out_features, in_features, rows, calls=calls, repeats=repeats)
+                r = bench_shape(
+                    out_features, in_features, rows, calls=calls, repeats=repeats, graph=args.graph
+                )
                 print(
                     f"| {model} | {name} | {out_features}x{in_features} | {rows} | {r['fp16_s'] * 1e6:.1f} "
                     f"| {r['fp16_gbs']:.0f} | {path_name(rows)} | {r['bits']:.3f} | {r['spqr_s'] * 1e6:.1f} "

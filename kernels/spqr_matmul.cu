@@ -519,7 +519,7 @@ template <int W, int SB>
 struct MatvecLaunch {
   static void run(const SpqrLayer& layer, const __half* x, SpqrBias bias, __half* y, cudaStream_t stream) {
     const int row_tiles = (layer.out_features + kTile - 1) / kTile;
-    spqr_matvec_kernel<W, SB><<<row_tiles, kMatvecWarps * 32, 0, stream>>>(layer, x, bias, y);
+    SPQR_LAUNCH(row_tiles, kMatvecWarps * 32, 0, stream, spqr_matvec_kernel<W, SB>)(layer, x, bias, y);
   }
 };
 
@@ -529,9 +529,11 @@ struct SmallBatchLaunch {
                   cudaStream_t stream) {
     const int row_tiles = (layer.out_features + kTile - 1) / kTile;
     if (rows <= 4) {
-      spqr_matmul_small_kernel<W, SB, 4><<<row_tiles, kSmallWarps * 32, 0, stream>>>(layer, x, rows, bias, y);
+      SPQR_LAUNCH(row_tiles, kSmallWarps * 32, 0, stream, spqr_matmul_small_kernel<W, SB, 4>)
+      (layer, x, rows, bias, y);
     } else {
-      spqr_matmul_small_kernel<W, SB, 16><<<row_tiles, kSmallWarps * 32, 0, stream>>>(layer, x, rows, bias, y);
+      SPQR_LAUNCH(row_tiles, kSmallWarps * 32, 0, stream, spqr_matmul_small_kernel<W, SB, 16>)
+      (layer, x, rows, bias, y);
     }
   }
 };
@@ -543,7 +545,7 @@ struct DequantizeLaunch {
     const int col_tiles = (layer.in_features + kTile - 1) / kTile;
     const dim3 grid((col_tiles + kDequantTilesX - 1) / kDequantTilesX, row_tiles);
     const dim3 block(kDequantTilesX, kTile);
-    spqr_dequantize_kernel<W, SB><<<grid, block, 0, stream>>>(layer, w);
+    SPQR_LAUNCH(grid, block, 0, stream, spqr_dequantize_kernel<W, SB>)(layer, w);
   }
 };
 

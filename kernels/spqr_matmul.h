@@ -12,6 +12,13 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+// Kernel launch: SPQR_LAUNCH(grid, block, smem, stream, kernel)(args...) is kernel<<<grid, block, smem, stream>>>(
+// args...) under nvcc. The CPU execution shim (kernels/testing/cuda_shim.h) defines its own, which runs the grid
+// on fibers; this macro is the only difference between the sources nvcc and the shim compile.
+#ifndef SPQR_LAUNCH
+#define SPQR_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
+
 // One packed SpQR linear (out_features x in_features). Every pointer is a device pointer.
 struct SpqrLayer {
   const int32_t* codes;            // (RT, CT, 8*wbits) uint32 bit patterns; 16-byte aligned

@@ -1,0 +1,152 @@
+"""Mutation check of the CUDA shim's test builds: inject one fault at a time into a copy of kernels/spqr_matmul.cu
+and record which shim build (plain, asan, tsan) catches it.
+
+    python benchmarks/kernel_mutations.py                       # every mutation, every build
+    python benchmarks/kernel_mutations.py --builds plain --only dropped_outlier
+
+Each mutant is compiled into its own cached shim library (build/cuda_shim/, keyed by the source's hash) and
+the build's case list of tests/test_kernels.py and tests/test_cuda_shim.py runs against it in a child pytest
+(SPQR_SHIM_KERNEL_SOURCE points the shim at the copy; sanitized builds get their runtime preloaded). A mutant
+is caught when that run fails; the report names the first failing test and the kind of evidence (a shim
+diagnostic, a sanitizer report, a result outside the per-element bound). Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "kernels" / "spqr_matmul.cu"
+sys.path.insert(0, str(ROOT / "kernels" / "testing"))
+import shim  # noqa: E402
+
+# name -> (what it does, exact text in spqr_matmul.cu, replacement)
+MUTATIONS = {
+    "removed_syncthreads": (
+        "matvec: no barrier between gathering x into shared memory and reading it",
+        "    gather_x_f32(xs, x, layer.perm, layer.in_features, seg0 * kTile, seg_tiles * kTile);\n"
+        "    __syncthreads();\n",
+        "    gather_x_f32(xs, x, layer.perm, layer.in_features, seg0 * kTile, seg_tiles * kTile);\n",
+    ),
+    "wrong_shuffle_offset": (
+        "matvec: the final butterfly starts at lane offset 1 instead of 2 (mixes the two half tiles)",
+        "for (int offset = 2; offset < 32; offset <<= 1) acc[i] += __shfl_xor_sync(kFullMask, acc[i], offset);",
+        "for (int offset = 1; offset < 32; offset <<= 1) acc[i] += __shfl_xor_sync(kFullMask, acc[i], offset);",
+    ),
+    "off_by_one_tail_read": (
+        "gather of x: `c <= in_features` reads one element past the end of x / perm",
+        "    xs[j] = c < in_features ? x_at(x, perm, c) : 0.0f;",
+        "    xs[j] = c <= in_features ? x_at(x, perm, c) : 0.0f;",
+    ),
+    "dropped_outlier": (
+        "matvec: the last outlier of every row is skipped",
+        "      for (int p = __ldg(layer.outlier_row_ptr + row) + lane; p < p1; p += 32) {\n"
+        "        const int c = __ldg(layer.outlier_cols + p);\n"
+        "        const float xv = x_in_smem",
+        "      for (int p = __ldg(layer.outlier_row_ptr + row) + lane; p < p1 - 1; p += 32) {\n"
+        "        const int c = __ldg(layer.outlier_cols + p);\n"
+        "        const float xv = x_in_smem",
+    ),
+    "swapped_funnelshift": (
+        "bits_at: __funnelshift_r(w[i + 1], w[i], s) (codes straddling two words come out wrong)",
+        "__funnelshift_r(w[i], w[i + 1], s)",
+        "__funnelshift_r(w[i + 1], w[i], s)",
+    ),
+    "shuffle_in_divergent_code": (
+        "matvec: the outlier warp_sum moved into the per-lane loop (lanes with fewer outliers skip it)",
+        "        s = fmaf(__half2float(__ldg(layer.outlier_values + p)), xv, s);\n      }\n    }\n    s = warp_sum(s);",
+        "        s = fmaf(__half2float(__ldg(layer.outlier_values + p)), xv, s);\n        s = warp_sum(s);\n      }\n"
+        "    }",
+    ),
+}
+
+
+def mutant(name: str) -> Path:
+    """Writes the mutated copy under build/mutants/<name>/ and returns its path."""
+    _, old, new = MUTATIONS[name]
+    text = SOURCE.read_text()
+    if text.count(old) != 1:
+        raise SystemExit(
+            f"kernel_mutations: {name}: the text to mutate occurs {text.count(old)} times in {SOURCE}"
+        )
+    path = ROOT / "build" / "mutants" / name / "spqr_matmul.cu"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.replace(old, new))
+    return path
+
+
+def evidence(output: str) -> str:
+    """The kind of failure a run reported."""
+    if m := re.search(r"ThreadSanitizer: (data race|[\w ]+)", output):
+        return f"TSan {m.group(1)}"
+    if m := re.search(r"AddressSanitizer: ([\w-]+)", output):
+        return f"ASan {m.group(1)}"
+    if "runtime error:" in output:
+        return "UBSan runtime error"
+    if m := re.search(r"cuda_shim: .*?: (deadlock|collective mask mismatch|divergent __syncthreads|misaligned vector"
+                      r" load|invalid memory access \(\w+\)[^\n]*?(?:past the end of '\w+')?)", output):  # fmt: skip
+        return f"shim: {m.group(1)}"
+    if "outside the bound" in output:
+        return "result outside the per-element bound"
+    if "thread orders" in output and "different results" in output:
+        return "results differ between thread orders"
+    if "assert torch.equal" in output or "AssertionError" in output:
+        return "wrong result (assertion)"
+    if "Fatal Python error: Aborted" in output:
+        return "process aborted (sanitizer)"
+    return "failed (see log)"
+
+
+def run(name: str, build: str, timeout: int) -> tuple[str, float]:
+    src = mutant(name)
+    shim.build(build, kernel_source=src)
+    env = shim.preload_env(build)
+    env["SPQR_SHIM_KERNEL_SOURCE"] = str(src)
+    env["PYTHONPATH"] = str(ROOT) + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["OMP_NUM_THREADS"] = "1"
+    # --capture=sys: sanitizer reports go to fd 2 (and may end the process), so they reach this pipe
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--capture=sys", "-k", "shim",
+           "tests/test_kernels.py", "tests/test_cuda_shim.py"]  # fmt: skip
+    t0 = time.time()
+    try:
+        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.time() - t0
+    out = res.stdout + res.stderr
+    if res.returncode == 0:
+        return "missed", time.time() - t0
+    first = re.search(r"(?:FAILED|ERROR) (tests/\S+?\[.*?\]|tests/\S+)", out)
+    where = f" in {first.group(1).split('::')[-1]}" if first else ""
+    return f"caught: {evidence(out)}{where}", time.time() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--builds", nargs="+", default=list(shim.BUILDS), choices=shim.BUILDS)
+    ap.add_argument("--only", nargs="+", choices=list(MUTATIONS), help="these mutations only")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per mutant and build")
+    args = ap.parse_args()
+    names = args.only or list(MUTATIONS)
+    print("| mutation | " + " | ".join(args.builds) + " |")
+    print("|---|" + "---|" * len(args.builds))
+    missed_everywhere = []
+    for name in names:
+        cells = []
+        for b in args.builds:
+            verdict, seconds = run(name, b, args.timeout)
+            cells.append(f"{verdict} ({seconds:.0f} s)")
+        if all(c.startswith("missed") for c in cells):
+            missed_everywhere.append(name)
+        print(f"| {name}: {MUTATIONS[name][0]} | " + " | ".join(cells) + " |", flush=True)
+    if missed_everywhere:
+        print(f"\nnot caught by any build: {', '.join(missed_everywhere)}", file=sys.stderr)
+    return 1 if missed_everywhere else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
