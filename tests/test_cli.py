@@ -273,3 +273,28 @@ def test_server_log_prints_a_model_name_literally(tmp_path):
         server.stop()
     log = server.log.read_text(errors="replace")
     assert "model \\x1b[31mevil loaded" in log and "\x1b[31mevil" not in log, log[-2000:]
+
+
+def test_quantize_summary_prints_paths_and_layer_names_literally() -> None:
+    """spqr-quantize's summary shows the output path, layer names and calibration text as written: a `[/]`
+    used to raise MarkupError after the whole quantization, `[bold]` vanished."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from spqr_run.cli.quantize import print_summary
+    from spqr_run.quant import QuantConfig
+    from spqr_run.quantize_model import LayerReport, QuantizeSummary
+
+    layer = LayerReport("blocks.0.[bold]q_proj", 16, 16, 4.6, 0.0, 0.01, 0.1)
+    summary = QuantizeSummary(
+        path="/tmp/a[/]b/[bold]x.spqr", method="spqr", avg_bits=4.6, file_bits_per_param=5.0,
+        outlier_fraction=0.0, quantized_params=256, total_params=300, file_bytes=200,
+        calibration="text [red]calib[/].txt", seconds=1.0, layers=[layer],
+    )  # fmt: skip
+    out = StringIO()
+    print_summary(Console(file=out, width=200), summary, QuantConfig())
+    text = out.getvalue()
+    assert "/tmp/a[/]b/[bold]x.spqr" in text
+    assert "blocks.0.[bold]q_proj" in text
+    assert "text [red]calib[/].txt" in text

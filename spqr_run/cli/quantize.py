@@ -18,6 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 from torch import Tensor
 
 from spqr_run.calibration import sample_from_model, windows_from_text
@@ -32,7 +33,7 @@ from spqr_run.quantize_model import PRESETS, QuantizeSummary, check_interrupted,
 def progress_columns() -> tuple[ProgressColumn, ...]:
     """Bar columns of every long step: what, bar, done/total, elapsed, and the estimated time left."""
     return (
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),  # layer names come from the file: literal
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -186,7 +187,7 @@ def print_summary(console: Console, s: QuantizeSummary, qcfg: QuantConfig) -> No
         table.add_column(col, justify="right" if col != "layer" else "left")
     for r in worst:
         table.add_row(
-            r.name,
+            Text(r.name),
             f"{r.out_features}x{r.in_features}",
             f"{r.avg_bits:.3f}",
             f"{r.outlier_fraction:.3%}",
@@ -196,7 +197,7 @@ def print_summary(console: Console, s: QuantizeSummary, qcfg: QuantConfig) -> No
     console.print(table)
     mean_err = sum(r.relative_error for r in s.layers) / len(s.layers)
     tau = "inf" if math.isinf(qcfg.outlier_threshold) else f"{qcfg.outlier_threshold:g}"
-    t = Table(title=f"wrote {s.path}", show_header=False)
+    t = Table(title=Text(f"wrote {s.path}"), show_header=False)  # paths are printed literally
     t.add_column(style="bold")
     t.add_column()
     t.add_row(
@@ -212,7 +213,7 @@ def print_summary(console: Console, s: QuantizeSummary, qcfg: QuantConfig) -> No
     t.add_row("outlier fraction", f"{s.outlier_fraction:.3%}")
     t.add_row("quantized parameters", f"{s.quantized_params:,} of {s.total_params:,}")
     t.add_row("mean relative error", f"{mean_err:.4f}")
-    t.add_row("calibration", s.calibration)
+    t.add_row("calibration", Text(s.calibration))
     calib = (
         "reused from the interrupted run" if s.calibration_seconds == 0 else f"{s.calibration_seconds:.1f} s"
     )
