@@ -56,11 +56,13 @@ __global__ void shuffles(const float* in, float* out) {
 int g_ticket = 0;
 __global__ void start_order(const float*, float* out) { out[g_ticket++] = static_cast<float>(threadIdx.x); }
 
-// Reads shared memory nobody wrote: the shim poisons it with NaN.
+// Reads shared memory nobody wrote: the shim poisons it with NaN. A template, like the SpQR kernels: every
+// instantiation has its own array, each must be found and poisoned.
+template <int N>
 __global__ void read_unwritten_shared(const float* in, float* out) {
-  __shared__ float scratch[64];
+  __shared__ float scratch[64 * N];
   if (in[0] < -1.0f) scratch[0] = 0.0f;  // never true: keeps g++ from folding the never-written array to zeros
-  out[threadIdx.x] = scratch[threadIdx.x];
+  out[threadIdx.x] = scratch[N * threadIdx.x + N - 1];
 }
 
 // Faults the shim must diagnose.
@@ -273,7 +275,9 @@ extern "C" int cuda_shim_selftest_launch(const char* name, const float* in, size
       {"block_sum_no_barrier", block_sum_no_barrier, 4, 256},
       {"shuffles", shuffles, 1, 32},
       {"start_order", start_order, 1, 64},
-      {"read_unwritten_shared", read_unwritten_shared, 1, 64},
+      {"read_unwritten_shared", read_unwritten_shared<1>, 1, 64},
+      {"read_unwritten_shared_2", read_unwritten_shared<2>, 1, 64},
+      {"read_unwritten_shared_3", read_unwritten_shared<3>, 1, 64},
       {"barrier_in_divergent_code", barrier_in_divergent_code, 1, 64},
       {"barrier_after_exit", barrier_after_exit, 1, 64},
       {"two_different_barriers", two_different_barriers, 1, 64},
