@@ -26,9 +26,9 @@ SOURCE = ROOT / "kernels" / "spqr_matmul.cu"
 sys.path.insert(0, str(ROOT / "kernels" / "testing"))
 import shim  # noqa: E402
 
-# name -> (what it does, exact text in spqr_matmul.cu, replacement). Data, not code: a mutation whose text is not
-# in the current source (the kernels changed) is reported "n/a" and skipped; add or update entries when the
-# kernels change. The v1 entries apply to the kernels before issue #11, the v2 entries to the tensor-core kernels.
+# name -> (what it does, exact text in spqr_matmul.cu or a compiled regex (re.sub replacement), replacement).
+# Data, not code: a mutation whose text is not in the current source exactly once (the kernels changed) is
+# reported "n/a" and skipped; add or update entries when the kernels change. The v1 entries apply to the kernels before issue #11, the v2 entries to the tensor-core kernels.
 MUTATIONS = {
     # ---- v1 kernels (per-block gather of x[perm], FFMA decode) ----
     "removed_syncthreads": (
@@ -70,19 +70,18 @@ MUTATIONS = {
     # ---- v2 kernels (tiles layout, cp.async pipeline, ldmatrix + mma.sync) ----
     "v2_missing_cp_async_wait": (
         "small: the main loop reads a stage without cp.async.wait_group (the copy has not landed)",
-        "    cp_async_wait<kStages - 2>();\n    __syncthreads();\n",
-        "    __syncthreads();\n",
+        re.compile(r"cp_async_wait<kStages - 2>\(\);"),
+        "",
     ),
     "v2_missing_barrier_after_wait": (
         "small: no __syncthreads after the wait (other threads' cp.async of the stage are not visible yet)",
-        "    cp_async_wait<kStages - 2>();\n    __syncthreads();\n",
-        "    cp_async_wait<kStages - 2>();\n",
+        re.compile(r"(cp_async_wait<kStages - 2>\(\);)\s*\n\s*__syncthreads\(\);"),
+        r"\1",
     ),
     "v2_missing_commit": (
         "small: the main loop does not commit its cp.async group (the wait counts the wrong groups)",
-        "    if (i + kStages - 1 < items) issue((i + kStages - 1) % kStages, kb0 + i + kStages - 1);\n"
-        "    cp_async_commit();\n",
-        "    if (i + kStages - 1 < items) issue((i + kStages - 1) % kStages, kb0 + i + kStages - 1);\n",
+        re.compile(r"(issue\([^;]*kStages - 1\);)\s*\n\s*cp_async_commit\(\);"),
+        r"\1",
     ),
     "v2_swapped_ldmatrix_halves": (
         "small: ldmatrix row addresses swap the tile and the k half (B fragments of the wrong columns)",
@@ -112,22 +111,26 @@ MUTATIONS = {
 }
 
 
+def occurrences(old: str | re.Pattern, text: str) -> int:
+    return len(old.findall(text)) if isinstance(old, re.Pattern) else text.count(old)
+
+
 def applies(name: str, text: str) -> bool:
     """Whether the mutation's text occurs exactly once in the source."""
-    return text.count(MUTATIONS[name][1]) == 1
+    return occurrences(MUTATIONS[name][1], text) == 1
 
 
 def mutant(name: str) -> Path:
     """Writes the mutated copy under build/mutants/<name>/ and returns its path."""
     _, old, new = MUTATIONS[name]
     text = SOURCE.read_text()
-    if text.count(old) != 1:
+    if occurrences(old, text) != 1:
         raise SystemExit(
-            f"kernel_mutations: {name}: the text to mutate occurs {text.count(old)} times in {SOURCE}"
+            f"kernel_mutations: {name}: the text to mutate occurs {occurrences(old, text)} times in {SOURCE}"
         )
     path = ROOT / "build" / "mutants" / name / "spqr_matmul.cu"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text.replace(old, new))
+    path.write_text(old.sub(new, text) if isinstance(old, re.Pattern) else text.replace(old, new))
     return path
 
 
