@@ -13,7 +13,7 @@
 // without the calling lane, a shuffle reading a lane outside its mask, a misaligned __ldg; for the PTX
 // primitives of kernels/spqr_ptx.cuh: mma / ldmatrix with less than the full warp (a partial mask, or in
 // divergent code), a misaligned ldmatrix row or cp.async source / destination, an ldmatrix or cp.async
-// destination outside shared memory. Plain loads and stores through vector pointers are checked for alignment
+// destination outside shared memory (ldmatrix reads, cp.async writes shared memory). Plain loads and stores through vector pointers are checked for alignment
 // by UndefinedBehaviorSanitizer in the asan build.
 //
 // Adding an intrinsic: an inline function in namespace-less scope below; anything that communicates between
