@@ -12,8 +12,8 @@
 // a warp collective whose mask names a lane that is elsewhere or exited (a shuffle in divergent code), a mask
 // without the calling lane, a shuffle reading a lane outside its mask, a misaligned __ldg; for the PTX
 // primitives of kernels/spqr_ptx.cuh: mma / ldmatrix with less than the full warp (a partial mask, or in
-// divergent code), a misaligned ldmatrix row or cp.async source / destination, an ldmatrix or cp.async
-// destination outside shared memory (ldmatrix reads, cp.async writes shared memory). Plain loads and stores through vector pointers are checked for alignment
+// divergent code), a misaligned ldmatrix row or cp.async source / destination, an ldmatrix row or a cp.async
+// destination outside shared memory. Plain loads and stores through vector pointers are checked for alignment
 // by UndefinedBehaviorSanitizer in the asan build.
 //
 // Adding an intrinsic: an inline function in namespace-less scope below; anything that communicates between
