@@ -219,12 +219,17 @@ def compile_ptxas(nvcc: str, source: Path, out: Path) -> tuple[list[Kernel], Pat
     return kernels, obj
 
 
-def block_threads(k: Kernel, src: KernelSource | None, consts: dict[str, int]) -> int | None:
+def block_threads(k: Kernel, src: KernelSource | None, consts: dict[str, int], text: str) -> int | None:
+    """Threads per block of the kernel's launch; a block given as a `dim3 NAME(x, y, z)` variable of the source
+    counts x * y * z."""
     if src is None or src.block is None:
         return None
     names = dict(consts)
     names.update(zip(src.params, k.args, strict=False))
-    return eval_int(src.block, names)
+    block = src.block
+    if re.fullmatch(r"\w+", block) and (m := re.search(rf"\bdim3\s+{block}\s*\(([^;]*)\)\s*;", text)):
+        block = " * ".join(f"({d})" for d in m.group(1).split(","))
+    return eval_int(block, names)
 
 
 def occupancy(k: Kernel, threads: int | None) -> tuple[int, float] | None:
@@ -427,7 +432,7 @@ def main() -> int:
             params = src.params if src else []
             args_text = ", ".join(f"{p}={v}" for p, v in zip(params, k.args, strict=False)) if params else ", ".join(
                 map(str, k.args))  # fmt: skip
-            occ = occupancy(k, block_threads(k, src, consts))
+            occ = occupancy(k, block_threads(k, src, consts, text))
             occ_cells = [str(occ[0]), f"{occ[1]:.0%}"] if occ else ["?", "?"]
             spills = f"{k.spill_stores}/{k.spill_loads} B" if k.spills() else "none"
             insts = sass.get(k.arch, {}).get(k.mangled)
