@@ -366,6 +366,11 @@ def weights_per_iter(k: Kernel, params: list[str], st: LoopStats) -> tuple[float
     return None, "-"
 
 
+def target_of(k: Kernel, params: list[str], rule: str) -> float | None:
+    """Issue #11's instructions-per-weight target of a tensor-core kernel (template parameter W = 3 or 4)."""
+    return TARGETS.get(dict(zip(params, k.args, strict=False)).get("W")) if rule == "mma" else None
+
+
 # ---- main -----------------------------------------------------------------------------------------------------
 def checkout(rev: str, into: Path) -> Path:
     """kernels/ of git revision `rev` under `into`; returns the path of its spqr_matmul.cu."""
@@ -441,8 +446,7 @@ def main() -> int:
                 st = loop_stats(*hot_loop(insts))
                 w, rule = weights_per_iter(k, params, st)
                 per_weight = st.insts / w if w else None
-                wbits = dict(zip(params, k.args, strict=False)).get("W")
-                target = TARGETS.get(wbits) if rule == "mma" else None
+                target = target_of(k, params, rule)
                 verdict = "-" if target is None else ("ok" if per_weight <= target else "MISS")
                 if verdict == "MISS":
                     misses.append(f"{k.name}<{args_text}> sm_{k.arch}: {per_weight:.2f} > {target}")
