@@ -143,7 +143,9 @@ def evidence(output: str) -> str:
     if "runtime error:" in output:
         return "UBSan runtime error"
     if m := re.search(r"cuda_shim: .*?: (deadlock|collective mask mismatch|divergent __syncthreads|misaligned vector"
-                      r" load|invalid memory access \(\w+\)[^\n]*?(?:past the end of '\w+')?)", output):  # fmt: skip
+                      r" load|misaligned cp_async_\d+|ldmatrix_\w+: row address [^\n]*?(?:aligned|variable)|"
+                      r"cp_async_\d+: destination [^\n]*?variable|a \.sync\.aligned warp instruction needs all 32 lanes|"
+                      r"invalid memory access \(\w+\)[^\n]*?(?:past the end of '\w+')?)", output):  # fmt: skip
         return f"shim: {m.group(1)}"
     if "outside the bound" in output:
         return "result outside the per-element bound"
