@@ -179,9 +179,15 @@ def pack(
 
     # second: 16 fp16 per record, half 2n in the low 16 bits of word n (endian-independent)
     sec = F.pad(second.half(), (0, 0, 0, kb * GROUPS_PER_BLOCK - groups))  # (RT, KB*4, 4)
-    h = sec.reshape(rt, kb, 8, 2).view(torch.int16).long() & 0xFFFF  # (RT, KB, 8 words, 2 halves)
-    tiles[..., s0 + 4 * stat_bits :] = to_int32_bits(h[..., 0] | (h[..., 1] << 16))
+    tiles[..., s0 + 4 * stat_bits :] = halves_to_words(sec.reshape(rt, kb, 16))
     return tiles
+
+
+def halves_to_words(h: Tensor) -> Tensor:
+    """fp16 (..., 2n) -> int32 (..., n): half 2i in the low 16 bits of word i (any host byte order)."""
+    b = h.half().contiguous().view(torch.int16).long() & 0xFFFF
+    b = b.reshape(*h.shape[:-1], h.shape[-1] // 2, 2)  # (..., n, 2)
+    return to_int32_bits(b[..., 0] | (b[..., 1] << 16))
 
 
 def unpack(
