@@ -39,6 +39,9 @@ unsigned 16 bits, sorted by row then column; CSR row pointers over the RT*16 pad
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -89,13 +92,37 @@ def _plane_order(block: Tensor, b: int) -> Tensor:
     return x.reshape(rt, kb, 32 * b, 32 // b)
 
 
-def _plane_unorder(fields: Tensor, b: int) -> Tensor:
-    """Inverse of `_plane_order`: (RT, KB, 32*b, 32/b) -> (RT, KB, 16, 64)."""
-    rt, kb = fields.shape[:2]
-    tpw = 4 // b
-    x = fields.reshape(rt, kb, 8, 4, b, 2, tpw, 2, 2)  # (RT, KB, g, t, jw, c, jr, ch, rh)
-    x = x.permute(0, 1, 8, 2, 4, 6, 7, 3, 5)  # (RT, KB, rh, g, jw, jr, ch, t, c)
-    return x.reshape(rt, kb, ROWS, COLS)
+@functools.cache
+def _plane_gather_index(b: int, device: torch.device) -> Tensor:
+    """For each record position 64*row + col, its index among a b-bit plane's fields (word-major, each word's
+    fields in bit order): the inverse of `_plane_order`, as an int64 (1024,) index."""
+    pos = torch.arange(ROWS * COLS).reshape(1, 1, ROWS, COLS)
+    return _plane_order(pos, b).reshape(-1).argsort().to(device)
+
+
+def _plane_fields(words: Tensor, b: int) -> Tensor:
+    """b-bit plane words int32 (..., n) -> their fields uint8 (..., n * 32/b) in bit order (field f = bits
+    [b*f, b*f + b)). Works on bytes (a field never crosses one): four times less traffic than int32 shifts."""
+    mask = (1 << b) - 1
+    if sys.byteorder == "little":
+        by = words.contiguous().view(torch.uint8)  # (..., 4n): byte k of word w at 4w + k
+    else:  # pragma: no cover - big-endian hosts
+        by = torch.stack([(words >> (8 * k)) & 0xFF for k in range(4)], dim=-1).flatten(-2).to(torch.uint8)
+    shifts = torch.arange(0, 8, b, dtype=torch.uint8, device=words.device)  # (8/b,)
+    return ((by.unsqueeze(-1) >> shifts) & mask).flatten(-2)  # (..., 4n * 8/b)
+
+
+def unpack_code_blocks(tiles: Tensor, wbits: int) -> Tensor:
+    """The codes of records (RT, KB, R) as uint8 (RT, KB, 16, 64): record row, stored column within the
+    k-block. One gather per plane (no loop over records)."""
+    rt, kb = tiles.shape[:2]
+    block = None
+    for b, low_bit, w0 in code_planes(wbits):
+        fields = _plane_fields(tiles[..., w0 : w0 + 32 * b], b).reshape(rt * kb, ROWS * COLS)
+        idx = _plane_gather_index(b, tiles.device).expand(rt * kb, ROWS * COLS)
+        plane = torch.gather(fields, 1, idx)  # (RT*KB, 1024) in record position order
+        block = plane if block is None else block.bitwise_or_(plane << low_bit)
+    return block.reshape(rt, kb, ROWS, COLS)
 
 
 def _field_shifts(b: int, device: torch.device) -> Tensor:
@@ -210,13 +237,7 @@ def unpack(
             f"tiles {tuple(tiles.shape)} do not fit a {out}x{in_} linear (wbits {wbits}, stat_bits {stat_bits})"
         )
     groups = -(-in_ // GROUP)
-    dev = tiles.device
-    block = torch.zeros(rt, kb, ROWS, COLS, dtype=torch.uint8, device=dev)
-    for b, low_bit, w0 in code_planes(wbits):
-        words = tiles[..., w0 : w0 + 32 * b]  # (RT, KB, 32b) int32
-        shifts = _field_shifts(b, dev).to(torch.int32)
-        fields = (words.unsqueeze(-1) >> shifts).bitwise_and_((1 << b) - 1)  # (RT, KB, 32b, 32/b)
-        block |= _plane_unorder(fields.to(torch.uint8), b) << low_bit
+    block = unpack_code_blocks(tiles, wbits)  # (RT, KB, 16, 64)
     codes = block.transpose(1, 2).reshape(rt * ROWS, kb * COLS)[:out, :in_]
 
     s0 = 32 * wbits
