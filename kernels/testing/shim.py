@@ -45,7 +45,7 @@ SOURCES = (
     (HERE / "shim_api.cpp", False),
 )
 HEADERS = (HERE / "cuda_shim.h", HERE / "shim_runtime.h", HERE / "include" / "cuda_runtime.h",
-           KERNELS / "spqr_matmul.h")  # fmt: skip
+           KERNELS / "spqr_matmul.h", KERNELS / "spqr_ptx.cuh")  # fmt: skip
 COMMON_FLAGS = (
     "-std=c++20", "-fPIC", "-g", "-Wall", "-Wextra", "-Werror",
     "-Wno-unknown-pragmas",  # #pragma unroll is nvcc's
