@@ -84,7 +84,7 @@ constexpr int kXPitch = 72;    // halves per staged x row: 64 + 8 of padding (ld
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr uint32_t kMagic = 0x64006400u;  // fp16 1024.0 in both halves
 
-constexpr int record_words(int w, int sb) { return 32 * w + 4 * sb + 8; }
+__host__ __device__ constexpr int record_words(int w, int sb) { return 32 * w + 4 * sb + 8; }
 
 __device__ __forceinline__ uint32_t h2_bits(__half2 h) {
   uint32_t u;
