@@ -140,8 +140,16 @@ torch::Tensor matmul_small(const torch::Tensor& x, const torch::Tensor& tiles, c
     workspace = torch::empty({static_cast<int64_t>(plan.workspace_floats)}, x.options().dtype(torch::kFloat));
     counters = counters_for(x.device(), stream, plan.counters);
   }
+  // The kernel reads 16-byte rows of x: pad rows to a multiple of 8 halves with zeros (or realign) when needed.
+  torch::Tensor xk = x;
+  int64_t ldx = in_features;
+  if (in_features % 8 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) {
+    ldx = (in_features + 7) / 8 * 8;
+    xk = torch::constant_pad_nd(x, {0, ldx - in_features}, 0);
+  }
   torch::Tensor y = torch::empty({rows, out_features}, x.options());
-  C10_CUDA_CHECK(spqr_matmul_small(layer, reinterpret_cast<const __half*>(x.data_ptr()), static_cast<int>(rows), b,
+  C10_CUDA_CHECK(spqr_matmul_small(layer, reinterpret_cast<const __half*>(xk.data_ptr()), static_cast<int>(ldx),
+                                   static_cast<int>(rows), b,
                                    reinterpret_cast<__half*>(y.data_ptr()), plan,
                                    plan.splits > 1 ? workspace.data_ptr<float>() : nullptr,
                                    plan.splits > 1 ? counters.data_ptr<int32_t>() : nullptr, stream));

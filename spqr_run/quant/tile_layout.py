@@ -21,7 +21,12 @@ One record (word offsets; wbits = 3, stat_bits = 3: R = 116 words = 464 bytes)::
 Lane L (g = L >> 2, t = L & 3) owns, in each 16 x 16 tile, the PTX ISA A fragment a0 = (row g, cols 2t,
 2t+1), a1 = (row g+8, same cols), a2 = (row g, cols 2t+8, 2t+9), a3 = (row g+8, cols 2t+8, 2t+9). In a code
 word of a plane with b bits per code (P = 16/b pairs per word), pair p has its .x (lower column) code at bits
-[b*p, b*p+b) and its .y code at bits [16+b*p, 16+b*p+b); tile j's a0..a3 are pairs p = 4*(j mod (P/4)) + k.
+[b*p, b*p+b) and its .y code at bits [16+b*p, 16+b*p+b); tile j's a0..a3 are pairs p = 4*(j mod (P/4)) + k in the 4- and 2-bit planes, and
+p = 8*(j mod 2) + 4*(k >> 1) + 2*(1 - (j >> 1)) + (k mod 2) in the 1-bit plane of wbits = 3 (`pair_position`):
+there the high bit of low-plane pair p_l = 2q + o of low word w sits at bit 4q + 2*(1 - w) + o, so one select
+(LOP3, mask 0x33333333) of low word w shifted right by 2*o with the high word shifted right by o - 2*w (left
+when negative) gives a word whose nibble q holds the whole 3-bit code of pair 2q + o in its bits 0-2 (the
+decoder in kernels/spqr_matmul.cu).
 One lane's word for wbits = 4, tile j (x/y = codes of columns c, c+1)::
 
     bit 31          24          16 15           8           0
@@ -73,6 +78,29 @@ def code_planes(wbits: int) -> list[tuple[int, int, int]]:
     1-bit plane of bit 2 (words 64..95), so no code straddles a word.
     """
     return {4: [(4, 0, 0)], 2: [(2, 0, 0)], 3: [(2, 0, 0), (1, 2, 64)]}[wbits]
+
+
+def pair_position(b: int, j: int, k: int) -> int:
+    """Pair index p (bits [b*p, b*p + b) of each half) of tile j's fragment register a{k} in its b-bit plane word.
+
+    4- and 2-bit planes: 4*(j mod (P/4)) + k (P = 16/b). 1-bit plane (bit 2 of 3-bit codes): 8*(j mod 2) +
+    4*(k >> 1) + 2*(1 - (j >> 1)) + (k mod 2), the position that lines the high bit up with its low-plane pair
+    (module docstring).
+    """
+    if b == 1:
+        return 8 * (j % 2) + 4 * (k >> 1) + 2 * (1 - (j >> 1)) + (k % 2)
+    return 4 * (j % (16 // b // 4)) + k
+
+
+def _high_plane_index(device: torch.device) -> Tensor:
+    """Field permutation of the 1-bit plane: new field c*16 + pair_position(1, j, k) takes old field
+    c*16 + 4*j + k (the order `_plane_order` produces)."""
+    src = torch.empty(32, dtype=torch.long)
+    for c in range(2):
+        for j in range(4):
+            for k in range(4):
+                src[16 * c + pair_position(1, j, k)] = 16 * c + 4 * j + k
+    return src.to(device)
 
 
 def _plane_order(block: Tensor, b: int) -> Tensor:
@@ -165,6 +193,8 @@ def pack(
     block = c.reshape(rt, ROWS, kb, COLS).transpose(1, 2)  # (RT, KB, 16, 64) view
     for b, low_bit, w0 in code_planes(wbits):
         fields = _plane_order(block, b)  # (RT, KB, 32b, 32/b) uint8
+        if b == 1:
+            fields = fields[..., _high_plane_index(dev)]
         mask = (1 << b) - 1
         words = torch.zeros(rt, kb, 32 * b, dtype=torch.int64, device=dev)
         for f, shift in enumerate(_field_shifts(b, dev).tolist()):  # at most 32 fields, each vectorized
@@ -210,6 +240,8 @@ def unpack(
         words = tiles[..., w0 : w0 + 32 * b]  # (RT, KB, 32b) int32
         shifts = _field_shifts(b, dev).to(torch.int32)
         fields = (words.unsqueeze(-1) >> shifts).bitwise_and_((1 << b) - 1)  # (RT, KB, 32b, 32/b)
+        if b == 1:
+            fields = fields[..., torch.argsort(_high_plane_index(dev))]
         block |= _plane_unorder(fields.to(torch.uint8), b) << low_bit
     codes = block.transpose(1, 2).reshape(rt * ROWS, kb * COLS)[:out, :in_]
 
