@@ -9,8 +9,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <ATen/cuda/CUDAContext.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <map>
@@ -132,7 +130,8 @@ torch::Tensor matmul_small(const torch::Tensor& x, const torch::Tensor& tiles, c
       make_layer(x.device(), tiles, outliers, outlier_row_ptr, wbits, stat_bits, out_features, in_features);
   const SpqrBias b = make_bias(bias, x.device(), out_features);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int num_sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, x.device().index()));
   const SpqrSmallPlan plan = spqr_matmul_small_plan(
       layer, num_sms, blocks_per_sm(x.device().index(), layer.wbits, layer.stat_bits, static_cast<int>(rows)));
   torch::Tensor workspace, counters;
