@@ -27,6 +27,7 @@ import importlib.util
 import itertools
 import math
 import os
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -591,6 +592,7 @@ def test_kernel_benchmark_dry_run(capsys):
     """benchmarks/kernels.py runs end to end without a GPU (--dry-run: tiny shapes, CPU reference)."""
     spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernels.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     assert module.main(["--dry-run", "--models", "LLaMA-7B", "--batches", "1", "17"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| LLaMA-7B")]
