@@ -252,10 +252,17 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int items = kb1 - kb0;  // >= 1: splits <= kblocks
   const uint32_t* tiles = reinterpret_cast<const uint32_t*>(layer.tiles);
 
+  // A warp past the last row tile (the last group of a layer whose RT is not a multiple of 4) streams and
+  // decodes the last row tile again and discards the result: no divergent branch around the warp collectives.
+  const uint32_t* rec_src = tiles + static_cast<size_t>(active ? rt : row_tiles - 1) * kblocks * R;
   auto issue = [&](int stage, int kb) {
-    if (active) {
-      const uint32_t* src = tiles + (static_cast<size_t>(rt) * kblocks + kb) * R;
-      for (int c = lane; c < R / 4; c += 32) cp_async_16(&rec_s[stage][warp][4 * c], src + 4 * c);
+    {
+      const uint32_t* src = rec_src + static_cast<size_t>(kb) * R;
+#pragma unroll
+      for (int c0 = 0; c0 < R / 4; c0 += 32) {
+        const int c = c0 + lane;
+        if (c0 + 32 <= R / 4 || c < R / 4) cp_async_16(&rec_s[stage][warp][4 * c], src + 4 * c);
+      }
     }
     const int tid = threadIdx.x;
     if (tid < NB * 8) {
@@ -314,27 +321,31 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
   }
 
-  // Main loop: wait for stage i, refill the stage freed by iteration i-1, decode + mma stage i.
-  for (int i = 0; i < items; ++i) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    if (i + kStages - 1 < items) issue((i + kStages - 1) % kStages, kb0 + i + kStages - 1);
-    cp_async_commit();
-    if (active) {
-      const int stage = i % kStages;
-      uint32_t a[4][4];
-      decode_record<W, SB>(rec_s[stage][warp], lane, a);
-      const int m = lane >> 3;  // ldmatrix: lane gives row (lane & 7) of matrix m = (tile +m/2, k half m%2)
+  // Main loop: wait for stage i, refill the stage freed by iteration i-1, decode + mma stage i. Unrolled by the
+  // stage count so every shared-memory address is a constant offset.
+  const int m = lane >> 3;  // ldmatrix: lane gives row (lane & 7) of matrix m = (tile + m/2, k half m%2)
+  for (int i0 = 0; i0 < items; i0 += kStages) {
 #pragma unroll
-      for (int n = 0; n < NT; ++n) {
+    for (int stage = 0; stage < kStages; ++stage) {
+      const int i = i0 + stage;
+      if (i < items) {
+        cp_async_wait<kStages - 2>();
+        __syncthreads();
+        if (i + kStages - 1 < items) issue((stage + kStages - 1) % kStages, kb0 + i + kStages - 1);
+        cp_async_commit();
+        uint32_t a[4][4];
+        decode_record<W, SB>(rec_s[stage][warp], lane, a);
 #pragma unroll
-        for (int jp = 0; jp < 2; ++jp) {
-          uint32_t bq[4];
-          ldmatrix_x4(bq, &x_s[stage][8 * n + (lane & 7)][16 * (2 * jp + (m >> 1)) + 8 * (m & 1)]);
+        for (int n = 0; n < NT; ++n) {
 #pragma unroll
-          for (int jj = 0; jj < 2; ++jj) {
-            const uint32_t bf[2] = {bq[2 * jj], bq[2 * jj + 1]};
-            mma_m16n8k16_f16f32(acc[n], a[2 * jp + jj], bf, acc[n]);
+          for (int jp = 0; jp < 2; ++jp) {
+            uint32_t bq[4];
+            ldmatrix_x4(bq, &x_s[stage][8 * n + (lane & 7)][16 * (2 * jp + (m >> 1)) + 8 * (m & 1)]);
+#pragma unroll
+            for (int jj = 0; jj < 2; ++jj) {
+              const uint32_t bf[2] = {bq[2 * jj], bq[2 * jj + 1]};
+              mma_m16n8k16_f16f32(acc[n], a[2 * jp + jj], bf, acc[n]);
+            }
           }
         }
       }
