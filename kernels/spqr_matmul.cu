@@ -51,18 +51,18 @@
 // plus the outlier delta (one more fp16 rounding).
 //
 // SASS, nvcc 13.0 -O3, hot loop = the unrolled main loop (4 records = 128 weights per thread), thread
-// instructions per weight / registers / resident blocks per SM (x 4 warps):
+// instructions per weight / registers / resident blocks per SM (x 4 warps); no spills, no local memory:
 //                     sm_80              sm_86, sm_89       sm_90
-//   W3 SB3, 1-8 rows  4.80 / 56 / 9      4.80 / 69 / 6      5.52 / 43 / 10
-//   W3 SB3, 9-16 rows 5.38 / 69 / 7      5.39 / 69 / 4      5.91 / 54 / 9
-//   W4 SB3, 1-8 rows  4.41 / 56 / 9      4.41 / 69 / 5      4.87 / 44 / 10
-//   W2 SB3, 1-8 rows  4.45 / 48 / 10     4.45 / 69 / 7      5.15 / 43 / 10
-// Per record and thread (W3 SB3, sm_80, 154 instructions for 32 weights): 32 HFMA2 (16 exact code pairs + 16
-// scale/zero fmas), 25 LOP3 + 12 SHF (4 selects, 16 mask|magic, shifts, stat fields), 8 SHFL + 4 I2F + 12
-// FADD/FMUL + 4 HADD2.F32 + 2 F2FP (stats), 4 HMMA + 2 LDSM, 11 LDS, ~35 of pipeline control (cp.async issue,
+//   W3 SB3, 1-8 rows  4.63 / 56 / 9      4.63 / 69 / 6      5.03 / 46 / 10
+//   W3 SB3, 9-16 rows 5.34 / 71 / 7      5.35 / 73 / 4      5.84 / 56 / 9
+//   W4 SB3, 1-8 rows  4.37 / 56 / 9      4.37 / 69 / 5      4.86 / 48 / 10
+//   W2 SB3, 1-8 rows  4.35 / 56 / 9      4.35 / 69 / 7      4.72 / 44 / 10
+// Per record and thread (W3 SB3, sm_80, 148 instructions for 32 weights): 32 HFMA2 (16 exact code pairs + 16
+// scale/zero fmas), 25 LOP3 + 11 SHF (4 selects, 16 mask|magic, shifts, stat fields), 8 SHFL + 4 I2F + 10
+// FADD/FMUL + 4 HADD2.F32 + 2 F2FP (stats), 4 HMMA + 2 LDSM, 11 LDS, ~30 of pipeline control (cp.async issue,
 // barrier, address and loop arithmetic). The issue's targets (<= 2.5 for 3-bit, <= 2.0 for 4-bit: 80 / 64
-// instructions a record) are NOT met: the exact fp16 conversion costs 2 HFMA2 a pair (1.0 a weight) and the
-// per-record stats 1.0 a weight; see the report of issue #11 for what would close the gap.
+// instructions a record) are NOT met: the exact fp16 conversion costs 2 HFMA2 a pair (1.0 a weight; folding the
+// magic offset into the scale fma loses half a code step to fp16 rounding) and the per-record stats ~1.0.
 // Bytes in flight per SM (W3 SB3, 1-8 rows): 3 stages x 4 x 464 B x 9 blocks = 50 KB (sm_80/90), 33 KB (sm_86/89).
 // ===============================================================================================================
 
@@ -174,7 +174,7 @@ __device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, 
     const float zc = static_cast<float>((sw >> (SB * (2 + i))) & kStatMask);
     scale[i] = __fmul_rn(s_scale, __fsub_rn(sc, z_scale));
     const float zero = __fmul_rn(s_zero, __fsub_rn(zc, z_zero));
-    neg_sz[i] = -__fmul_rn(scale[i], zero);
+    neg_sz[i] = __fmul_rn(-scale[i], zero);  // = -(scale * zero) exactly, the sign a free operand modifier
   }
   const uint32_t my_scale = h2_bits(__floats2half2_rn(scale[0], scale[1]));    // (row g, row g+8)
   const uint32_t my_neg_sz = h2_bits(__floats2half2_rn(neg_sz[0], neg_sz[1]));  // (row g, row g+8)
@@ -270,6 +270,9 @@ __global__ void __launch_bounds__(kWarps * 32)
   // A warp past the last row tile (the last group of a layer whose RT is not a multiple of 4) streams and
   // decodes the last row tile again and discards the result: no divergent branch around the warp collectives.
   const uint32_t* rec_src = tiles + static_cast<size_t>(active ? rt : row_tiles - 1) * kblocks * R;
+  const int xb = threadIdx.x >> 3, xc = threadIdx.x & 7;  // the x chunk this thread copies: row xb, chunk xc
+  const bool copies_x = threadIdx.x < NB * 8 && xb < rows;
+  const __half* x_chunk = x + static_cast<size_t>(copies_x ? xb : 0) * ldx + 8 * xc;
   auto issue = [&](int stage, int kb) {
     {
       const uint32_t* src = rec_src + static_cast<size_t>(kb) * R;
@@ -279,17 +282,13 @@ __global__ void __launch_bounds__(kWarps * 32)
         if (c0 + 32 <= R / 4 || c < R / 4) cp_async_16(&rec_s[stage][warp][4 * c], src + 4 * c);
       }
     }
-    const int tid = threadIdx.x;
-    if (tid < NB * 8) {
-      const int b = tid >> 3, c = tid & 7;
-      if (b < rows) {
-        const int col0 = kb * kCols + 8 * c;
-        __half* dst = &x_s[stage][b][8 * c];
-        if (col0 < ldx) {  // columns in..ldx-1 of x are zero (the caller pads): padding codes meet x = 0
-          cp_async_16(dst, x + static_cast<size_t>(b) * ldx + col0);
-        } else {  // past the padded row in the last k-block
-          *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
-        }
+    if (copies_x) {
+      const int col0 = kb * kCols + 8 * xc;
+      __half* dst = &x_s[stage][xb][8 * xc];
+      if (col0 < ldx) {  // columns in..ldx-1 of x are zero (the caller pads): padding codes meet x = 0
+        cp_async_16(dst, x_chunk + kb * kCols);
+      } else {  // past the padded row in the last k-block
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
       }
     }
   };
