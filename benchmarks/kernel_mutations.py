@@ -8,7 +8,8 @@ Each mutant is compiled into its own cached shim library (build/cuda_shim/, keye
 the build's case list of tests/test_kernels.py and tests/test_cuda_shim.py runs against it in a child pytest
 (SPQR_SHIM_KERNEL_SOURCE points the shim at the copy; sanitized builds get their runtime preloaded). A mutant
 is caught when that run fails; the report names the first failing test and the kind of evidence (a shim
-diagnostic, a sanitizer report, a result outside the per-element bound). Prints a markdown table.
+diagnostic, a sanitizer report, a result outside the per-element bound). Prints a markdown table; a mutation whose text is not in the current source is listed as n/a (MUTATIONS is
+data: the v1 entries match the kernels before issue #11, the v2 entries the tensor-core kernels).
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ SOURCE = ROOT / "kernels" / "spqr_matmul.cu"
 sys.path.insert(0, str(ROOT / "kernels" / "testing"))
 import shim  # noqa: E402
 
-# name -> (what it does, exact text in spqr_matmul.cu, replacement)
+# name -> (what it does, exact text in spqr_matmul.cu or a compiled regex (re.sub replacement), replacement).
+# Data, not code: a mutation whose text is not in the current source exactly once (the kernels changed) is
+# reported "n/a" and skipped; add or update entries when the kernels change. The v1 entries apply to the kernels before issue #11, the v2 entries to the tensor-core kernels.
 MUTATIONS = {
+    # ---- v1 kernels (per-block gather of x[perm], FFMA decode) ----
     "removed_syncthreads": (
         "matvec: no barrier between gathering x into shared memory and reading it",
         "    gather_x_f32(xs, x, layer.perm, layer.in_features, seg0 * kTile, seg_tiles * kTile);\n"
@@ -63,20 +67,70 @@ MUTATIONS = {
         "        s = fmaf(__half2float(__ldg(layer.outlier_values + p)), xv, s);\n        s = warp_sum(s);\n      }\n"
         "    }",
     ),
+    # ---- v2 kernels (tiles layout, cp.async pipeline, ldmatrix + mma.sync) ----
+    "v2_missing_cp_async_wait": (
+        "small: the main loop reads a stage without cp.async.wait_group (the copy has not landed)",
+        re.compile(r"cp_async_wait<kStages - 2>\(\);"),
+        "",
+    ),
+    "v2_missing_barrier_after_wait": (
+        "small: no __syncthreads after the wait (other threads' cp.async of the stage are not visible yet)",
+        re.compile(r"(cp_async_wait<kStages - 2>\(\);)\s*\n\s*__syncthreads\(\);"),
+        r"\1",
+    ),
+    "v2_missing_commit": (
+        "small: the main loop does not commit its cp.async group (the wait counts the wrong groups)",
+        re.compile(r"(issue\([^;]*kStages - 1\);)\s*\n\s*cp_async_commit\(\);"),
+        r"\1",
+    ),
+    "v2_swapped_ldmatrix_halves": (
+        "small: ldmatrix row addresses swap the tile and the k half (B fragments of the wrong columns)",
+        "16 * (2 * jp + (m >> 1)) + 8 * (m & 1)]",
+        "16 * (2 * jp + (m & 1)) + 8 * (m >> 1)]",
+    ),
+    "v2_mma_in_divergent_code": (
+        "small: lane 31 skips the mma (a warp collective in divergent code)",
+        "            mma_m16n8k16_f16f32(acc[n], a[2 * jp + jj], bf, acc[n]);",
+        "            if (lane != 31) mma_m16n8k16_f16f32(acc[n], a[2 * jp + jj], bf, acc[n]);",
+    ),
+    "v2_swapped_row_scales": (
+        "decode: rows g and g+8 use each other's scale",
+        "(k & 1) ? s_hi : s_lo, (k & 1) ? c_hi : c_lo",
+        "(k & 1) ? s_lo : s_hi, (k & 1) ? c_lo : c_hi",
+    ),
+    "v2_split_overlap": (
+        "small: split-K ranges overlap by one record (kb1 one too far: double counts, reads past the end)",
+        "  const int kb1 = static_cast<int>((static_cast<long long>(split + 1) * kblocks) / splits);",
+        "  const int kb1 = static_cast<int>((static_cast<long long>(split + 1) * kblocks) / splits) + 1;",
+    ),
+    "v2_dropped_outlier": (
+        "small: the last outlier of every row is skipped",
+        "p < p_end; p += 2 * splits) {",
+        "p < p_end - 1; p += 2 * splits) {",
+    ),
 }
+
+
+def occurrences(old: str | re.Pattern, text: str) -> int:
+    return len(old.findall(text)) if isinstance(old, re.Pattern) else text.count(old)
+
+
+def applies(name: str, text: str) -> bool:
+    """Whether the mutation's text occurs exactly once in the source."""
+    return occurrences(MUTATIONS[name][1], text) == 1
 
 
 def mutant(name: str) -> Path:
     """Writes the mutated copy under build/mutants/<name>/ and returns its path."""
     _, old, new = MUTATIONS[name]
     text = SOURCE.read_text()
-    if text.count(old) != 1:
+    if occurrences(old, text) != 1:
         raise SystemExit(
-            f"kernel_mutations: {name}: the text to mutate occurs {text.count(old)} times in {SOURCE}"
+            f"kernel_mutations: {name}: the text to mutate occurs {occurrences(old, text)} times in {SOURCE}"
         )
     path = ROOT / "build" / "mutants" / name / "spqr_matmul.cu"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text.replace(old, new))
+    path.write_text(old.sub(new, text) if isinstance(old, re.Pattern) else text.replace(old, new))
     return path
 
 
@@ -89,7 +143,9 @@ def evidence(output: str) -> str:
     if "runtime error:" in output:
         return "UBSan runtime error"
     if m := re.search(r"cuda_shim: .*?: (deadlock|collective mask mismatch|divergent __syncthreads|misaligned vector"
-                      r" load|invalid memory access \(\w+\)[^\n]*?(?:past the end of '\w+')?)", output):  # fmt: skip
+                      r" load|misaligned cp_async_\d+|ldmatrix_\w+: row address [^\n]*?(?:aligned|variable)|"
+                      r"cp_async_\d+: destination [^\n]*?variable|a \.sync\.aligned warp instruction needs all 32 lanes|"
+                      r"invalid memory access \(\w+\)[^\n]*?(?:past the end of '\w+')?)", output):  # fmt: skip
         return f"shim: {m.group(1)}"
     if "outside the bound" in output:
         return "result outside the per-element bound"
@@ -132,10 +188,17 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=900, help="seconds per mutant and build")
     args = ap.parse_args()
     names = args.only or list(MUTATIONS)
+    text = SOURCE.read_text()
     print("| mutation | " + " | ".join(args.builds) + " |")
     print("|---|" + "---|" * len(args.builds))
     missed_everywhere = []
+    applied = 0
     for name in names:
+        if not applies(name, text):
+            print(f"| {name}: {MUTATIONS[name][0]} | " + " | ".join(["n/a (text not in the source)"] * len(args.builds))
+                  + " |", flush=True)  # fmt: skip
+            continue
+        applied += 1
         cells = []
         for b in args.builds:
             verdict, seconds = run(name, b, args.timeout)
@@ -145,7 +208,9 @@ def main() -> int:
         print(f"| {name}: {MUTATIONS[name][0]} | " + " | ".join(cells) + " |", flush=True)
     if missed_everywhere:
         print(f"\nnot caught by any build: {', '.join(missed_everywhere)}", file=sys.stderr)
-    return 1 if missed_everywhere else 0
+    if not applied:
+        print("\nno mutation applies to the current source: update MUTATIONS", file=sys.stderr)
+    return 1 if missed_everywhere or not applied else 0
 
 
 if __name__ == "__main__":

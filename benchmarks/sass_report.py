@@ -1,36 +1,61 @@
 """Static performance report of the CUDA kernels: ptxas resource use and the SASS of each kernel's hot loop.
 
     python benchmarks/sass_report.py                 # table (markdown) for BENCHMARKS.md
+    python benchmarks/sass_report.py --check         # also fail (exit 1) when a kernel misses its target
+    python benchmarks/sass_report.py --rev HEAD~3    # the kernels of another git revision ("before" column)
     python benchmarks/sass_report.py --ptxas-check   # CI: fail on register spills or local memory (.ci/kernel-shim)
 
 Compiles kernels/spqr_matmul.cu with nvcc for sm_80, sm_86, sm_89 and sm_90 (`-Xptxas -v`), then, when
 `cuobjdump` and `nvdisasm` are available (the toolkit's, or the `nvidia-cuda-cuobjdump` and
 `nvidia-cuda-nvdisasm` wheels installed with `pip install --target build/tools/<name>`), disassembles each
-kernel and prints per kernel variant (wbits W, stat bits SB, row capacity BT) and architecture:
+kernel. Nothing here knows the kernels by name: every `__global__` kernel of the object is reported, its
+template parameter names are read from the source (`template <int W, int SB, int NT> __global__ ... name(`),
+its block size from the source's `SPQR_LAUNCH(grid, block, ...)` of that kernel (or its `__launch_bounds__`),
+with `constexpr int` constants of the source substituted. Columns, per kernel instantiation and architecture:
 
-- regs: registers per thread (ptxas); smem: static shared memory per block in bytes;
-- blocks/SM: resident blocks per SM at the launch configuration, the minimum of the register, shared-memory,
-  thread and block limits of that architecture (the occupancy calculator's formula, register allocation
-  granularity 256 per warp; shared memory with the 1 KiB per-block reservation);
-- loop insts/weight: SASS instructions of the innermost backward-branch loop (the hot loop) divided by the weights
-  one thread decodes per iteration (matvec: 2 tiles x 128 codes; small batch: 64; dequantize: 16, no loop: the
-  whole kernel);
-- gload width: widths in bits of the global loads (LDG) in that loop;
-- loads first: "yes" when every global load of the loop body is issued before its first floating-point math
-  instruction (so the loads of one iteration are in flight together instead of load-use-load-use).
+- regs: registers per thread (ptxas); smem: static shared memory per block in bytes; spills: ptxas spill bytes
+  (stores/loads) or local memory;
+- blocks/SM and occ: resident blocks per SM at the launch's block size, the minimum of the register,
+  shared-memory, thread and block limits of that architecture (the occupancy calculator's formula: registers
+  allocated per warp in units of 256, 1 KiB of shared memory reserved per block), and the resulting share of the
+  SM's warp slots;
+- hot loop: of the address ranges [target, branch] closed by a backward BRA, the one with the most HMMA, then
+  the most FFMA, the shortest on a tie (so the innermost such loop); if no loop has either, the one with the
+  most HFMA2 (shortest on a tie); the whole kernel when no loop has any of them ("no loop"). Its instructions are counted without NOPs (issue slots of one warp per iteration);
+- weights/iter: the weights one thread handles per iteration of that loop:
+    mma kernels (the loop has HMMA): each HMMA.16816 multiplies one 16x16 weight tile (the A operand) = 8 weights
+      a thread; a tile feeds NT HMMAs when the kernel has NT n-tiles of 8 activation rows (template parameter
+      NT, or ceil(BT / 8) for a row capacity BT, else 1): weights = 8 x HMMA / NT;
+    dequantize kernels (name contains "dequantize", no HMMA): the fp16 weights the region stores: bytes of its
+      STG of 32 bits and wider / 2 (16-bit stores are outlier patches, not counted);
+    the v1 kernels (before issue #11, no tensor cores): their fixed decode width (matvec: 2 tiles x 128 codes =
+      256; small batch: 64 codes);
+- insts/weight = loop instructions / weights/iter; target (issue #11: 3-bit <= 2.5, 4-bit <= 2.0, for the
+  tensor-core kernels, i.e. those with HMMA in the hot loop; W = template parameter W); "ok" / "MISS";
+- HMMA, LOP3, HFMA2, I2F, SHFL: counts of those instructions in the loop;
+- gload: widths in bits of the global loads (LDG, LDGSTS) in the loop; loads first: "yes" when every global load
+  of the loop body is issued before its first math instruction (HMMA, HFMA2, FFMA...);
+- issue order: the loop as runs of G (global load: LDG / LDGSTS), S (shared load: LDS / LDSM), M (math), W
+  (wait: BAR / DEPBAR / LDGDEPBAR), X (shuffle), in issue order, e.g. `W2 G1 S8 M40 S2 M16`.
+
+`--check` exits 1 when a kernel with a target misses it, when any kernel spills or uses local memory, or when
+the SASS cannot be read (no cuobjdump): it cannot check what it cannot see.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import math
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,9 +69,10 @@ SM_LIMITS = {
     "89": (65536, 100 * 1024, 1536, 24),
     "90": (65536, 228 * 1024, 2048, 32),
 }
-THREADS = {"matvec": 256, "small": 256, "dequantize": 512}  # block sizes of the launchers
-WEIGHTS_PER_ITER = {"matvec": 256, "small": 64, "dequantize": 16}
-FLOAT_MATH = ("FFMA", "FADD", "FMUL", "HFMA2", "HADD2", "HMUL2", "F2F", "I2F", "F2I")
+TARGETS = {3: 2.5, 4: 2.0}  # issue #11: instructions per weight in the hot loop of the tensor-core kernels
+V1_WEIGHTS_PER_ITER = {"spqr_matvec_kernel": 256, "spqr_matmul_small_kernel": 64}  # the kernels before #11
+MATH = ("HMMA", "HFMA2", "HADD2", "HMUL2", "FFMA", "FADD", "FMUL", "F2F", "I2F", "F2I", "IMMA", "DFMA")
+COUNTED = ("HMMA", "LOP3", "HFMA2", "I2F", "SHFL")
 
 
 def find_nvcc() -> str | None:
@@ -66,12 +92,62 @@ def find_tool(name: str, nvcc: str, tools: Path) -> str | None:
     return None
 
 
+# ---- the source: template parameter names and block sizes of each kernel --------------------------------------
+def source_constants(text: str) -> dict[str, int]:
+    """`constexpr int NAME = EXPR;` of the source, evaluated in order (those that do not evaluate are left out)."""
+    consts: dict[str, int] = {}
+    for name, expr in re.findall(r"constexpr\s+(?:int|unsigned|size_t)\s+(\w+)\s*=\s*([^;]+);", text):
+        if (v := eval_int(expr, consts)) is not None:
+            consts[name] = v
+    return consts
+
+
+def eval_int(expr: str, names: dict[str, int]) -> int | None:
+    """An integer expression of literals, names, + - * / % ( ); None when it has anything else."""
+    expr = expr.strip()
+    if not re.fullmatch(r"[\w\s+\-*/%()]+", expr):
+        return None
+    out = re.sub(
+        r"\b([A-Za-z_]\w*)\b", lambda m: str(names[m.group(1)]) if m.group(1) in names else "?", expr
+    )
+    if "?" in out:
+        return None
+    try:
+        return int(eval(out.replace("/", "//"), {"__builtins__": {}}))  # digits and operators only
+    except (SyntaxError, ZeroDivisionError, ValueError):
+        return None
+
+
+@dataclass
+class KernelSource:
+    params: list[str] = field(default_factory=list)  # template parameter names, in order
+    block: str | None = None  # block-size expression (may use the template parameters)
+
+
+def kernel_sources(text: str) -> dict[str, KernelSource]:
+    """{kernel name: its template parameter names and block-size expression} from the CUDA source."""
+    out: dict[str, KernelSource] = {}
+    decl = re.compile(
+        r"(?:template\s*<(?P<tpl>[^<>]*)>\s*)?__global__\s+void\s+(?:__launch_bounds__\((?P<lb>[^()]*(?:\([^()]*\))?"
+        r"[^()]*)\)\s*)?(?P<name>\w+)\s*\("
+    )
+    for m in decl.finditer(text):
+        params = [p.split()[-1] for p in (m.group("tpl") or "").split(",") if p.strip()]
+        out[m.group("name")] = KernelSource(params, m.group("lb"))
+    launch = re.compile(r"SPQR_LAUNCH\(\s*([^,]+?)\s*,\s*([^,]+?)\s*,\s*[^,]+?\s*,\s*[^,]+?\s*,\s*(\w+)")
+    for m in launch.finditer(text):
+        if m.group(3) in out:
+            out[m.group(3)].block = m.group(2)
+    return out
+
+
+# ---- ptxas --------------------------------------------------------------------------------------------------
 @dataclass
 class Kernel:
     arch: str
     mangled: str
-    kind: str
-    variant: str
+    name: str
+    args: list[int]
     regs: int = 0
     smem: int = 0
     stack: int = 0
@@ -79,24 +155,42 @@ class Kernel:
     spill_loads: int = 0
     lmem: bool = False
 
-
-def demangled_variant(mangled: str) -> tuple[str, str]:
-    """("matvec" | "small" | "dequantize", "W3 SB3" / "W3 SB3 BT16") from the mangled kernel name."""
-    m = re.search(r"spqr_(matvec|matmul_small|dequantize)_kernel((?:ILi\d+E)?(?:Li\d+E)*)", mangled)
-    kind = {"matvec": "matvec", "matmul_small": "small", "dequantize": "dequantize"}[m.group(1)]
-    nums = re.findall(r"Li(\d+)E", m.group(2))
-    names = ["W", "SB", "BT"]
-    return kind, " ".join(f"{n}{v}" for n, v in zip(names, nums, strict=False))
+    def spills(self) -> bool:
+        return bool(self.spill_stores or self.spill_loads or self.stack or self.lmem)
 
 
-def compile_ptxas(nvcc: str, out: Path) -> tuple[list[Kernel], Path]:
+def parse_mangled(mangled: str) -> tuple[str, list[int]]:
+    """("spqr_matmul_small_kernel", [3, 3, 1]) from _Z24spqr_matmul_small_kernelILi3ELi3ELi1EEv... or the same
+    inside namespaces (_ZN<len><ns>...<len><name>I...E...): the innermost name and its integer template
+    arguments."""
+    if not mangled.startswith("_Z"):
+        return mangled, []
+    i = 3 if mangled.startswith("_ZN") else 2
+    name = mangled
+    while i < len(mangled) and mangled[i].isdigit():
+        m = re.match(r"\d+", mangled[i:])
+        n = int(m.group(0))
+        name = mangled[i + m.end() : i + m.end() + n]
+        i += m.end() + n
+    args: list[int] = []
+    if m := re.match(r"I((?:Lin?\d+E)+)E", mangled[i:]):  # integer template arguments
+        args = [int(v.replace("n", "-")) for v in re.findall(r"Li(n?\d+)E", m.group(1))]
+    return name, args
+
+
+def dependencies(source: Path) -> list[Path]:
+    return [source, *source.parent.glob("*.h"), *source.parent.glob("*.cuh")]
+
+
+def compile_ptxas(nvcc: str, source: Path, out: Path) -> tuple[list[Kernel], Path]:
     """nvcc -Xptxas -v for every arch: per-kernel resources, and the object file (for cuobjdump). Reuses
-    out/spqr_matmul.o and out/ptxas.log when they are newer than the source (--keep)."""
+    out/spqr_matmul.o and out/ptxas.log when they are newer than the source and its headers (--keep)."""
     obj, log = out / "spqr_matmul.o", out / "ptxas.log"
-    if not (obj.exists() and log.exists() and obj.stat().st_mtime > SOURCE.stat().st_mtime):
+    newest = max(p.stat().st_mtime for p in dependencies(source))
+    if not (obj.exists() and log.exists() and obj.stat().st_mtime > newest):
         gencode = [f for a in ARCHS for f in ("-gencode", f"arch=compute_{a},code=sm_{a}")]
-        cmd = [nvcc, "-std=c++20", "-O3", f"-I{ROOT / 'kernels'}", *gencode,
-               "-Xptxas", "-v,-warn-spills,-warn-lmem-usage", "-c", str(SOURCE), "-o", str(obj)]  # fmt: skip
+        cmd = [nvcc, "-std=c++20", "-O3", f"-I{source.parent}", *gencode,
+               "-Xptxas", "-v,-warn-spills,-warn-lmem-usage", "-c", str(source), "-o", str(obj)]  # fmt: skip
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             sys.exit(f"sass_report: nvcc failed:\n{res.stdout}{res.stderr}")
@@ -105,8 +199,8 @@ def compile_ptxas(nvcc: str, out: Path) -> tuple[list[Kernel], Path]:
     cur: Kernel | None = None
     for line in log.read_text().splitlines():
         if m := re.search(r"Compiling entry function '(\w+)' for 'sm_(\d+)'", line):
-            kind, variant = demangled_variant(m.group(1))
-            cur = Kernel(m.group(2), m.group(1), kind, variant)
+            name, args = parse_mangled(m.group(1))
+            cur = Kernel(m.group(2), m.group(1), name, args)
             kernels.append(cur)
         elif cur and (
             m := re.search(
@@ -125,16 +219,33 @@ def compile_ptxas(nvcc: str, out: Path) -> tuple[list[Kernel], Path]:
     return kernels, obj
 
 
-def blocks_per_sm(k: Kernel) -> int:
+def block_threads(k: Kernel, src: KernelSource | None, consts: dict[str, int], text: str) -> int | None:
+    """Threads per block of the kernel's launch; a block given as a `dim3 NAME(x, y, z)` variable of the source
+    counts x * y * z."""
+    if src is None or src.block is None:
+        return None
+    names = dict(consts)
+    names.update(zip(src.params, k.args, strict=False))
+    block = src.block
+    if re.fullmatch(r"\w+", block) and (m := re.search(rf"\bdim3\s+{block}\s*\(([^;]*)\)\s*;", text)):
+        block = " * ".join(f"({d})" for d in m.group(1).split(","))
+    return eval_int(block, names)
+
+
+def occupancy(k: Kernel, threads: int | None) -> tuple[int, float] | None:
+    """(resident blocks per SM, share of the SM's warp slots) or None when the block size is unknown."""
+    if not threads:
+        return None
     regs_sm, smem_sm, threads_sm, blocks_sm = SM_LIMITS[k.arch]
-    threads = THREADS[k.kind]
-    warps = threads // 32
+    warps = -(-threads // 32)
     regs_per_warp = -(-k.regs * 32 // 256) * 256
     by_regs = regs_sm // (regs_per_warp * warps) if k.regs else blocks_sm
     by_smem = smem_sm // (k.smem + 1024) if k.smem else blocks_sm
-    return min(by_regs, by_smem, threads_sm // threads, blocks_sm)
+    blocks = min(by_regs, by_smem, threads_sm // (warps * 32), blocks_sm)
+    return blocks, blocks * warps * 32 / threads_sm
 
 
+# ---- SASS -----------------------------------------------------------------------------------------------------
 def sass_of(cuobjdump: str, nvdisasm: str | None, obj: Path, arch: str) -> dict[str, list[tuple[int, str]]]:
     """Instructions of each kernel for one arch: {mangled name: [(address, "LDG.E.128 R4, [R2.64]"), ...]}."""
     env = dict(os.environ)
@@ -144,7 +255,7 @@ def sass_of(cuobjdump: str, nvdisasm: str | None, obj: Path, arch: str) -> dict[
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         return {}
-    out: dict[str, list[str]] = {}
+    out: dict[str, list[tuple[int, str]]] = {}
     cur = None
     for line in res.stdout.splitlines():
         if m := re.search(r"Function : (\S+)", line):
@@ -154,47 +265,134 @@ def sass_of(cuobjdump: str, nvdisasm: str | None, obj: Path, arch: str) -> dict[
     return out
 
 
-def hot_loop(insts: list[tuple[int, str]]) -> list[str]:
-    """The hot loop: of the ranges [target, branch] closed by a backward BRA, the one with the most FFMA (the
-    decode-and-accumulate loop), the shortest on a tie (an enclosing loop without more math); the whole kernel
-    when no loop has an FFMA (dequantize: its loops are the outlier search)."""
+def opcode(text: str) -> str:
+    """ "LDG.E.128" -> "LDG" (predicate removed)."""
+    return re.sub(r"^@!?U?P\w+\s+", "", text).split(" ")[0].split(".")[0]
+
+
+def full_op(text: str) -> str:
+    return re.sub(r"^@!?U?P\w+\s+", "", text).split(" ")[0]
+
+
+def hot_loop(insts: list[tuple[int, str]]) -> tuple[list[str], bool]:
+    """(the hot loop's instructions, whether it is a loop): see the module docstring."""
     loops = []
     for addr, text in insts:
         m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
         if m and int(m.group(1), 16) < addr:
             body = [t for a, t in insts if int(m.group(1), 16) <= a <= addr]
-            loops.append((-sum(t.split(" ")[0].startswith("FFMA") for t in re_ops(body)), len(body), body))
-    best = min(loops, key=lambda x: (x[0], x[1])) if loops else None
-    return best[2] if best and best[0] < 0 else [t for _, t in insts]  # no FFMA in any loop: the whole kernel
+            ops = [opcode(t) for t in body]
+            loops.append(
+                ((ops.count("HMMA"), ops.count("FFMA"), -len(body)), (ops.count("HFMA2"), -len(body)), body)
+            )
+    for key in (0, 1):  # HMMA, then FFMA; else HFMA2 (an HFMA2 beside the FFMA loop does not make it hotter)
+        best = max(loops, key=lambda x: x[key]) if loops else None
+        if best and any(best[key][:-1]):
+            return best[2], True
+    return [t for _, t in insts], False
 
 
-def re_ops(texts: list[str]) -> list[str]:
-    """Instructions without their predicate (@P0 / @!P1 ...)."""
-    return [re.sub(r"^@!?U?P\w+\s+", "", t) for t in texts]
+def access_bits(text: str) -> int:
+    """Width in bits of a load or store (LDG.E.128 -> 128; no width suffix: 32)."""
+    m = re.search(r"\.(8|16|32|64|128)\b", full_op(text))
+    if m:
+        return int(m.group(1))
+    if re.search(r"\.(U8|S8)\b", full_op(text)):
+        return 8
+    if re.search(r"\.(U16|S16)\b", full_op(text)):
+        return 16
+    return 32
 
 
-def loop_stats(loop: list[str]) -> tuple[int, str, str]:
-    ops = re_ops(loop)
-    ops = [o for o in ops if not o.startswith("NOP")]
-    widths = set()
-    first_math = next((i for i, o in enumerate(ops) if o.split(".")[0].split(" ")[0] in FLOAT_MATH), len(ops))
-    last_load = -1
-    for i, o in enumerate(ops):
-        if o.startswith("LDG"):
-            m = re.match(r"LDG\S*?\.(\d+)\b", o)
-            widths.add(int(m.group(1)) if m else 32)
-            last_load = i
+def category(op: str) -> str:
+    if op in ("LDG", "LDGSTS"):
+        return "G"
+    if op in ("LDS", "LDSM"):
+        return "S"
+    if op in ("BAR", "DEPBAR", "LDGDEPBAR", "ARRIVES"):
+        return "W"
+    if op == "SHFL":
+        return "X"
+    if op in MATH:
+        return "M"
+    return ""
+
+
+@dataclass
+class LoopStats:
+    is_loop: bool
+    insts: int
+    counts: dict[str, int]
+    gload_widths: str
+    loads_first: str
+    order: str
+    wide_store_bytes: int
+
+
+def loop_stats(body: list[str], is_loop: bool) -> LoopStats:
+    texts = [t for t in body if opcode(t) != "NOP"]
+    ops = [opcode(t) for t in texts]
+    widths = sorted({access_bits(t) for t, o in zip(texts, ops, strict=True) if o in ("LDG", "LDGSTS")})
+    first_math = next((i for i, o in enumerate(ops) if o in MATH), len(ops))
+    last_load = max((i for i, o in enumerate(ops) if o in ("LDG", "LDGSTS")), default=-1)
     loads_first = "-" if last_load < 0 else ("yes" if last_load < first_math else "no")
-    return len(ops), "/".join(str(w) for w in sorted(widths)) or "-", loads_first
+    runs: list[list] = []
+    for o in ops:
+        c = category(o)
+        if not c:
+            continue
+        if runs and runs[-1][0] == c:
+            runs[-1][1] += 1
+        else:
+            runs.append([c, 1])
+    order = " ".join(f"{c}{n}" for c, n in runs[:14]) + (" ..." if len(runs) > 14 else "")
+    stores = sum(
+        access_bits(t) // 8 for t, o in zip(texts, ops, strict=True) if o == "STG" and access_bits(t) >= 32
+    )
+    return LoopStats(is_loop, len(ops), {c: ops.count(c) for c in COUNTED}, "/".join(map(str, widths)) or "-",
+                     loads_first, order or "-", stores)  # fmt: skip
+
+
+def weights_per_iter(k: Kernel, params: list[str], st: LoopStats) -> tuple[float | None, str]:
+    """(weights a thread handles per hot-loop iteration, the rule used): see the module docstring."""
+    named = dict(zip(params, k.args, strict=False))
+    if st.counts["HMMA"]:
+        nt = named.get("NT") or (math.ceil(named["BT"] / 8) if "BT" in named else 1)
+        return 8 * st.counts["HMMA"] / nt, "mma"
+    if "dequantize" in k.name:
+        return (st.wide_store_bytes / 2, "stores") if st.wide_store_bytes else (None, "-")
+    if k.name in V1_WEIGHTS_PER_ITER:
+        return V1_WEIGHTS_PER_ITER[k.name], "v1"
+    return None, "-"
+
+
+def target_of(k: Kernel, params: list[str], rule: str) -> float | None:
+    """Issue #11's instructions-per-weight target of a tensor-core kernel (template parameter W = 3 or 4)."""
+    return TARGETS.get(dict(zip(params, k.args, strict=False)).get("W")) if rule == "mma" else None
+
+
+# ---- main -----------------------------------------------------------------------------------------------------
+def checkout(rev: str, into: Path) -> Path:
+    """kernels/ of git revision `rev` under `into`; returns the path of its spqr_matmul.cu."""
+    res = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "kernels"], capture_output=True)
+    if res.returncode != 0:
+        sys.exit(f"sass_report: --rev {rev}: {res.stderr.decode(errors='replace').strip()}")
+    with tarfile.open(fileobj=BytesIO(res.stdout)) as tar:
+        tar.extractall(into, filter="data")
+    return into / "kernels" / "spqr_matmul.cu"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ptxas-check", action="store_true", help="only check: fail on spills or local memory")
+    ap.add_argument("--check", action="store_true", help="exit 1 when a kernel misses its target or spills")
+    ap.add_argument("--rev", help="report on the kernels of this git revision instead of the working tree")
+    ap.add_argument(
+        "--source", type=Path, default=SOURCE, help="the CUDA source (default kernels/spqr_matmul.cu)"
+    )
     ap.add_argument(
         "--tools", type=Path, default=ROOT / "build" / "tools", help="where to look for cuobjdump"
     )
-
     ap.add_argument(
         "--keep", type=Path, help="keep (and reuse) the object file and ptxas log in this directory"
     )
@@ -202,38 +400,80 @@ def main() -> int:
     nvcc = find_nvcc()
     if nvcc is None:
         print("sass_report: nvcc not found (PATH, $CUDA_HOME, /usr/local/cuda*): skipping", file=sys.stderr)
-        return 0
+        return 1 if args.check else 0
     with tempfile.TemporaryDirectory() as tmp:
+        source = checkout(args.rev, Path(tmp)) if args.rev else args.source
+        if not source.exists():
+            sys.exit(f"sass_report: no CUDA source at {source}")
         if args.keep:
             args.keep.mkdir(parents=True, exist_ok=True)
-        kernels, obj = compile_ptxas(nvcc, args.keep or Path(tmp))
-        bad = [k for k in kernels if k.spill_stores or k.spill_loads or k.stack or k.lmem]
+        kernels, obj = compile_ptxas(nvcc, source, args.keep or Path(tmp))
+        bad = [k for k in kernels if k.spills()]
         if args.ptxas_check:
             for k in bad:
-                print(f"ptxas: {k.kind} {k.variant} sm_{k.arch}: {k.stack} bytes stack frame, {k.spill_stores} "
-                      f"bytes spill stores, {k.spill_loads} bytes spill loads (local memory)", file=sys.stderr)  # fmt: skip
+                print(f"ptxas: {k.name}<{', '.join(map(str, k.args))}> sm_{k.arch}: {k.stack} bytes stack frame, "
+                      f"{k.spill_stores} bytes spill stores, {k.spill_loads} bytes spill loads (local memory)",
+                      file=sys.stderr)  # fmt: skip
             print(f"ptxas check: {len(kernels)} kernels x archs, {len(bad)} with spills or local memory")
             return 1 if bad or not kernels else 0
+        text = source.read_text()
+        sources, consts = kernel_sources(text), source_constants(text)
         cuobjdump = find_tool("cuobjdump", nvcc, args.tools)
         nvdisasm = find_tool("nvdisasm", nvcc, args.tools)
         sass = {a: sass_of(cuobjdump, nvdisasm, obj, a) for a in ARCHS} if cuobjdump else {}
-        print("| kernel | variant | arch | regs | smem (B) | blocks/SM | loop insts/weight | gload width | "
-              "loads first | spills |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        order = {"matvec": 0, "small": 1, "dequantize": 2}
-        for k in sorted(kernels, key=lambda k: (order[k.kind], k.variant, k.arch)):
+        print(
+            f"SASS report of {source.relative_to(source.parents[1])}"
+            + (f" at {args.rev}" if args.rev else "")
+        )
+        print()
+        print(
+            "| kernel | args | arch | regs | smem (B) | spills | blocks/SM | occ | loop insts | weights/iter "
+            "| insts/weight | target | HMMA | LOP3 | HFMA2 | I2F | SHFL | gload | loads first | issue order |"
+        )
+        print("|" + "---|" * 20)
+        misses = []
+        for k in sorted(kernels, key=lambda k: (k.name, k.args, k.arch)):
+            src = sources.get(k.name)
+            params = src.params if src else []
+            args_text = ", ".join(f"{p}={v}" for p, v in zip(params, k.args, strict=False)) if params else ", ".join(
+                map(str, k.args))  # fmt: skip
+            occ = occupancy(k, block_threads(k, src, consts, text))
+            occ_cells = [str(occ[0]), f"{occ[1]:.0%}"] if occ else ["?", "?"]
+            spills = f"{k.spill_stores}/{k.spill_loads} B" if k.spills() else "none"
             insts = sass.get(k.arch, {}).get(k.mangled)
+            target = None
             if insts:
-                n, widths, first = loop_stats(hot_loop(insts))
-                per_weight = f"{n / WEIGHTS_PER_ITER[k.kind]:.2f}"
+                st = loop_stats(*hot_loop(insts))
+                w, rule = weights_per_iter(k, params, st)
+                per_weight = st.insts / w if w else None
+                target = target_of(k, params, rule)
+                verdict = "-" if target is None else ("ok" if per_weight <= target else "MISS")
+                if verdict == "MISS":
+                    misses.append(f"{k.name}<{args_text}> sm_{k.arch}: {per_weight:.2f} > {target}")
+                cells = [f"{st.insts}" + ("" if st.is_loop else " (no loop)"),
+                         f"{w:g} ({rule})" if w else "?", f"{per_weight:.2f}" if per_weight else "?",
+                         "-" if target is None else f"<= {target} {verdict}",
+                         *(str(st.counts[c]) for c in COUNTED), st.gload_widths, st.loads_first, st.order]  # fmt: skip
             else:
-                per_weight, widths, first = "n/a", "n/a", "n/a"
-            spills = "none" if k not in bad else f"{k.spill_stores}/{k.spill_loads} B"
-            print(f"| {k.kind} | {k.variant} | sm_{k.arch} | {k.regs} | {k.smem} | {blocks_per_sm(k)} | {per_weight} "
-                  f"| {widths} | {first} | {spills} |")  # fmt: skip
+                cells = ["n/a"] * 12
+            print(f"| {k.name} | {args_text} | sm_{k.arch} | {k.regs} | {k.smem} | {spills} | "
+                  + " | ".join(occ_cells + cells) + " |")  # fmt: skip
         if not cuobjdump:
             print("\n(cuobjdump not found: SASS columns n/a; pip install --target build/tools/cuobjdump "
-                  "nvidia-cuda-cuobjdump)", file=sys.stderr)  # fmt: skip
+                  "nvidia-cuda-cuobjdump, and build/tools/nvdisasm nvidia-cuda-nvdisasm)", file=sys.stderr)  # fmt: skip
+        if args.check:
+            problems = misses + [f"{k.name}<{', '.join(map(str, k.args))}> sm_{k.arch}: spills" for k in bad]
+            if not cuobjdump:
+                problems.append("no SASS (cuobjdump not found): the targets cannot be checked")
+            if not kernels:
+                problems.append("no kernels compiled")
+            for p in problems:
+                print(f"sass_report: {p}", file=sys.stderr)
+            print(
+                f"sass_report --check: {len(kernels)} kernels x archs, {len(problems)} problems",
+                file=sys.stderr,
+            )
+            return 1 if problems else 0
     return 0
 
 

@@ -59,10 +59,11 @@ def test_a_missing_barrier_reads_poisoned_shared_memory():
 
 
 def test_shared_memory_is_poisoned_before_each_block():
-    assert run("read_unwritten_shared").isnan().all()
-    # every __shared__ array of every kernel instantiation was found: 9 (wbits, stat_bits) pairs, 32 KiB of x
-    # each in the matvec kernel and in both small-batch kernels
-    assert shim().shared_bytes() >= 27 * 32 * 1024
+    # every instantiation of a template kernel has its own __shared__ array: each one is found and poisoned
+    for name in ("read_unwritten_shared", "read_unwritten_shared_2", "read_unwritten_shared_3"):
+        assert run(name).isnan().all(), name
+    # ... and counted (with the other self-test kernels' arrays and the SpQR kernels')
+    assert shim().shared_bytes() >= (1 + 2 + 3) * 64 * 4 + 4 * 448 + 4 * 128
 
 
 def test_shuffle_and_vote_lane_arithmetic():
@@ -202,3 +203,202 @@ def test_race_detector_reports_unordered_shared_memory(kernel, racing_line):
     assert res.returncode != 0
     assert "ThreadSanitizer: data race" in res.stderr
     assert f"{SELFTEST}:{line_of(racing_line, after=f'__global__ void {kernel}(')}" in res.stderr
+
+
+def test_shuffle_source_lane_may_differ_between_lanes():
+    """shfl.sync takes each lane's own source lane (and bfly its own lane mask)."""
+    x = torch.arange(32.0) * 3 + 1
+    out = run("shuffle_per_lane_source", x, 64)
+    lanes = torch.arange(32)
+    assert out[:32].tolist() == x[(7 * lanes + 3) % 32].tolist()
+    assert out[32:].tolist() == x[lanes ^ (lanes & 7)].tolist()
+
+
+# ---- PTX primitives (kernels/spqr_ptx.cuh) against plain computations ------------------------------------------
+# The fragment layouts below are written from the PTX ISA documentation ("Matrix Fragments for
+# mma.m16n8k16 with floating point type", "ldmatrix"), element by element, independently of the shim's code.
+def as_f32(words: torch.Tensor) -> torch.Tensor:
+    """uint32 values (in an int64 tensor) -> float32 tensor with those bits."""
+    words = words.to(torch.int64) & 0xFFFFFFFF
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).view(torch.float32)
+
+
+def as_u32(f: torch.Tensor) -> torch.Tensor:
+    """float32 tensor -> its bits as uint32 values in an int64 tensor."""
+    return f.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+
+
+def half_bits(h: torch.Tensor) -> torch.Tensor:
+    return h.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+def mma_registers(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """(32, 10) register words of one warp for A (16, 16) fp16, B (16, 8) fp16, C (16, 8) fp32: the f16x2
+    registers a0..a3 (elements a0..a7), b0, b1 (elements b0..b3), then the f32 c0..c3."""
+    ab, bb, cb = half_bits(a), half_bits(b), as_u32(c)
+    regs = torch.zeros(32, 10, dtype=torch.int64)
+    for lane in range(32):
+        group, tig = lane // 4, lane % 4  # groupID, threadID_in_group
+        for i in range(8):  # element ai is in register i // 2, half i % 2
+            row = group if i in (0, 1, 4, 5) else group + 8
+            col = tig * 2 + (i & 1) + (8 if i >= 4 else 0)
+            regs[lane, i // 2] |= ab[row, col] << (16 * (i % 2))
+        for i in range(4):  # element bi
+            row = tig * 2 + (i & 1) + (8 if i >= 2 else 0)
+            regs[lane, 4 + i // 2] |= bb[row, group] << (16 * (i % 2))
+        for i in range(4):  # ci
+            regs[lane, 6 + i] = cb[group if i < 2 else group + 8, tig * 2 + (i & 1)]
+    return regs
+
+
+def mma_result(d: torch.Tensor) -> torch.Tensor:
+    """(32, 4) fp32 d0..d3 of one warp -> D (16, 8)."""
+    out = torch.full((16, 8), float("nan"))
+    for lane in range(32):
+        group, tig = lane // 4, lane % 4
+        for i in range(4):
+            out[group if i < 2 else group + 8, tig * 2 + (i & 1)] = d[lane, i]
+    return out
+
+
+def run_mma(mats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], order: str = "forward") -> list:
+    """One mma per warp of the ptx_mma kernel (two warps)."""
+    regs = torch.cat([mma_registers(*m) for m in mats])
+    out = run("ptx_mma", as_f32(regs.flatten()), 4 * 64, order=order, seed=3).view(64, 4)
+    return [mma_result(out[32 * w : 32 * w + 32]) for w in range(2)]
+
+
+def test_mma_m16n8k16_exact_on_small_integers():
+    """Small integers: every product and sum is exact, so D must equal A B + C bit for bit (any layout slip
+    moves an element)."""
+    g = torch.Generator().manual_seed(0)
+    mats = [
+        (
+            torch.randint(-8, 9, (16, 16), generator=g).half(),
+            torch.randint(-8, 9, (16, 8), generator=g).half(),
+            torch.randint(-100, 101, (16, 8), generator=g).float(),
+        )
+        for _ in range(2)
+    ]
+    for (a, b, c), d in zip(mats, run_mma(mats, order="random"), strict=True):
+        assert torch.equal(d, a.float() @ b.float() + c)
+
+
+def test_mma_m16n8k16_random_fp16_within_the_fp32_accumulation_bound():
+    g = torch.Generator().manual_seed(1)
+    mats = [
+        (
+            (torch.randn(16, 16, generator=g) * 4).half(),
+            torch.randn(16, 8, generator=g).half(),
+            torch.randn(16, 8, generator=g) * 10,
+        )
+        for _ in range(2)
+    ]
+    for (a, b, c), d in zip(mats, run_mma(mats), strict=True):
+        ref = a.double() @ b.double() + c.double()
+        # fp32 accumulation of 16 exact products and C: at most 17 roundings of 2^-24 of the running magnitude
+        bound = 17 * 2.0**-24 * (a.double().abs() @ b.double().abs() + c.double().abs())
+        assert ((d.double() - ref).abs() <= bound).all()
+        torch.testing.assert_close(d, a.float() @ b.float() + c, rtol=1e-5, atol=1e-4)  # torch fp32 matmul
+
+
+def test_ldmatrix_fragments_of_a_known_shared_matrix():
+    g = torch.Generator().manual_seed(2)
+    halves = torch.randint(0, 2**16, (32, 8), generator=g)  # 32 rows of 8 b16 in shared memory
+    words = halves[:, 0::2] | halves[:, 1::2] << 16
+    row_of_lane = torch.randperm(32, generator=g)  # lane i gives the address of shared row row_of_lane[i]
+    inp = torch.cat([as_f32(words.flatten()), row_of_lane.float()])
+    out = as_u32(run("ptx_ldmatrix", inp, 320))
+    x4, x2, x4t = out[:128].view(32, 4), out[128:192].view(32, 2), out[192:].view(32, 4)
+
+    def matrix(j: int) -> torch.Tensor:  # matrix j (8x8): row r at the address lane 8j + r gave
+        return halves[row_of_lane[8 * j : 8 * j + 8]]
+
+    for lane in range(32):
+        r, c = lane // 4, 2 * (lane % 4)  # thread i holds row i / 4, elements 2 (i % 4), +1
+        for j in range(4):
+            m = matrix(j)
+            assert x4[lane, j] == m[r, c] | m[r, c + 1] << 16
+            assert x4t[lane, j] == m.T[r, c] | m.T[r, c + 1] << 16
+            if j < 2:
+                assert x2[lane, j] == m[r, c] | m[r, c + 1] << 16
+
+
+def test_cp_async_lands_at_the_wait():
+    x = torch.randn(448)
+    assert torch.equal(as_u32(run("ptx_cp_async_wait", x, 448, order="random", seed=4)), as_u32(x))
+
+
+def test_cp_async_without_the_wait_reads_poison():
+    out = as_u32(run("ptx_cp_async_no_wait", torch.randn(448), 448))
+    assert (out == 0xFFFFFFFF).all()
+
+
+def test_cp_async_wait_group_1_leaves_the_newest_group_in_flight():
+    x = torch.randn(448)
+    out = as_u32(run("ptx_cp_async_two_groups", x, 448))
+    assert torch.equal(out[:256], as_u32(x[:256]))  # the first group (16-byte copies) has landed
+    assert (out[256:] == 0xFFFFFFFF).all()  # the second is still in flight: poisoned destination
+
+
+def test_lop3_all_256_luts_against_the_truth_table():
+    g = torch.Generator().manual_seed(5)
+    abc = torch.randint(0, 2**32, (32, 3), generator=g)
+    abc[0] = torch.tensor([0xF0, 0xCC, 0xAA])  # the defining inputs: lop3 gives the LUT itself
+    out = as_u32(run("ptx_lop3", as_f32(abc.flatten()), 256 * 32)).view(256, 32)
+    bit = torch.arange(32)
+    index = ((abc[:, 0:1] >> bit) & 1) * 4 + ((abc[:, 1:2] >> bit) & 1) * 2 + ((abc[:, 2:3] >> bit) & 1)
+    for lut in range(256):
+        expected = (((lut >> index) & 1) << bit).sum(1)
+        assert torch.equal(out[lut], expected), f"LUT 0x{lut:02x}"
+    assert (out[:, 0] & 0xFF).tolist() == list(range(256))
+
+
+def test_prmt_default_mode():
+    g = torch.Generator().manual_seed(6)
+    abs_ = torch.randint(0, 2**32, (32, 3), generator=g)
+    abs_[:8, 2] = torch.tensor([0x3210, 0x7654, 0x5410, 0x7632, 0x0000, 0x8888, 0xFB73, 0x1111_4321])
+    abs_[8:, 0] |= 0x80808080 * (torch.arange(24) % 2)  # sign bits for the replicate mode
+    out = as_u32(run("ptx_prmt", as_f32(abs_.flatten()), 32))
+    for lane in range(32):
+        a, b, sel = abs_[lane].tolist()
+        src = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+        expected = 0
+        for i in range(4):
+            nibble = (sel >> (4 * i)) & 0xF
+            byte = src[nibble & 7]
+            if nibble & 8:
+                byte = 0xFF if byte & 0x80 else 0
+            expected |= byte << (8 * i)
+        assert out[lane].item() == expected, f"lane {lane}: prmt(0x{a:08x}, 0x{b:08x}, 0x{sel:x})"
+
+
+def test_mma_in_divergent_code_is_diagnosed():
+    msg = fault("mma_in_divergent_code")
+    assert "collective mask mismatch" in msg and "mma_m16n8k16_f16f32(mask 0xffffffff)" in msg
+    assert f"{SELFTEST}:{line_of('if (threadIdx.x < 16) mma_m16n8k16_f16f32(d, a, b, c);')}" in msg
+
+
+def test_mma_at_two_places_is_diagnosed():
+    msg = fault("mma_at_two_places")
+    first = line_of("mma_m16n8k16_f16f32(d, a, b, c);", after="void mma_at_two_places(")
+    assert "collective mask mismatch" in msg
+    assert f"{SELFTEST}:{first}" in msg and f"{SELFTEST}:{first + 2}" in msg
+
+
+@pytest.mark.parametrize(
+    "kernel,message,line",
+    [
+        ("ldmatrix_misaligned", "ldmatrix_x4: row address", "ldmatrix_x4(r, &rows[4 * threadIdx.x + 1]);"),
+        ("ldmatrix_from_global", "is not inside a __shared__ variable", "ldmatrix_x2(r, in + 4"),
+        ("cp_async_misaligned", "misaligned cp_async_16", "cp_async_16(&buf[4 * threadIdx.x], &in[4"),
+        (
+            "cp_async_into_global",
+            "cp_async_4: destination",
+            "cp_async_4(&out[threadIdx.x], &in[threadIdx.x]);",
+        ),
+    ],
+)
+def test_primitive_faults_name_the_line(kernel, message, line):
+    msg = fault(kernel, torch.arange(256.0))
+    assert message in msg and f"{SELFTEST}:{line_of(line)}" in msg

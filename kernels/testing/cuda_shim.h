@@ -10,8 +10,11 @@
 // Diagnostics (with the kernel's file:line, via std::source_location default arguments): deadlock, a barrier
 // that some threads of the block never reach or reach after others exited, two barriers at different lines,
 // a warp collective whose mask names a lane that is elsewhere or exited (a shuffle in divergent code), a mask
-// without the calling lane, a shuffle reading a lane outside its mask, a misaligned __ldg. Plain loads and
-// stores through vector pointers are checked for alignment by UndefinedBehaviorSanitizer in the asan build.
+// without the calling lane, a shuffle reading a lane outside its mask, a misaligned __ldg; for the PTX
+// primitives of kernels/spqr_ptx.cuh: mma / ldmatrix with less than the full warp (a partial mask, or in
+// divergent code), a misaligned ldmatrix row or cp.async source / destination, an ldmatrix row or a cp.async
+// destination outside shared memory. Plain loads and stores through vector pointers are checked for alignment
+// by UndefinedBehaviorSanitizer in the asan build.
 //
 // Adding an intrinsic: an inline function in namespace-less scope below; anything that communicates between
 // threads must go through cuda_shim::collective() or cuda_shim::barrier() (shim_runtime.cpp) so it is a switch
