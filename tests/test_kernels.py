@@ -411,7 +411,7 @@ def test_bias(backend, bias_dtype, rows):
 
 @needs_shim
 @pytest.mark.parametrize("splits,rows", SPLIT_CASES)
-def test_split_k_counts_that_do_not_divide_the_k_blocks(splits, rows):
+def test_shim_split_k_counts_that_do_not_divide_the_k_blocks(splits, rows):
     """8 k-blocks split 2..8 ways (3, 5, 7 leave unequal ranges), 3 row-tile groups with a partial last one; the
     last block of each group sums the partials in split order (bit-identical under any thread order) and resets
     its ticket counter (the shim fails the call otherwise)."""
@@ -421,7 +421,7 @@ def test_split_k_counts_that_do_not_divide_the_k_blocks(splits, rows):
 
 @needs_shim
 @pytest.mark.parametrize("fraction", [0.0, 0.01, 0.03])
-def test_outliers_of_realistic_size(fraction):
+def test_shim_outliers_of_realistic_size(fraction):
     """Outliers 2-6x their group's range at 0%, 1% and 3% of the weights, through the small kernel (split-K as
     planned for an H100) and prefill."""
     if SHIM_BUILD != "plain":
@@ -597,3 +597,36 @@ def test_kernel_benchmark_dry_run(capsys):
     assert module.main(["--dry-run", "--models", "LLaMA-7B", "--batches", "1", "17"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| LLaMA-7B")]
     assert len(rows) == 2 and "small (mma)" in rows[0] and "dequant+cuBLAS" in rows[1]
+
+
+def _quantized_linear(q: Layer):
+    """The same layer as the project's `QuantizedLinear` (packed by its own `pack`)."""
+    from spqr_run.quant import QuantizedLinear, UnpackedLinear
+
+    u = UnpackedLinear(meta=q.meta, codes=q.codes, perm=q.perm_indices(), scale_codes=q.scale_codes,
+                       zero_codes=q.zero_codes, second=q.second, outlier_rows=q.o_rows, outlier_cols=q.o_cols,
+                       outlier_values=q.o_vals)  # fmt: skip
+    return QuantizedLinear.pack(u)
+
+
+@needs_shim
+def test_shim_runs_quantized_linear_and_fused_rows():
+    """The kernels read `QuantizedLinear` v2 as packed by the quantizer's path, and a `concat_rows` fusion
+    (q/k/v-style, one permutation) through `spqr_matmul_stored` equals the parts run one by one."""
+    if SHIM_BUILD != "plain":
+        pytest.skip("covered by the plain build")
+    from spqr_run.quant import QuantizedLinear
+
+    parts = [random_layer(out, 200, outlier_fraction=0.02, seed=3) for out in (32, 16, 40)]
+    for p in parts[1:]:
+        p.perm = parts[0].perm  # linears reading one input share the permutation
+    qs = [_quantized_linear(p) for p in parts]
+    assert torch.equal(qs[0].tiles, parts[0].tiles) and torch.equal(qs[0].outliers, parts[0].outliers)
+    fused = QuantizedLinear.concat_rows(qs)
+    x = torch.randn(3, 200).half()
+    xs = x[:, fused.perm_indices()]
+    y = shim().spqr_matmul_stored(xs, fused)
+    singles = torch.cat([shim().spqr_matmul(x, q) for q in qs], dim=-1)
+    w64 = torch.cat([kernel_weight16(p).double() + deltas(p).double() for p in parts])
+    check_against_emulation(y, xs, w64, None)
+    check_against_emulation(singles, xs, w64, None)
