@@ -7,10 +7,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from spqr_run.models.linear import held_linear
+from spqr_run.models.linear import UPCAST_CHUNK, held_linear
 from spqr_run.ops import spqr_matmul
 from spqr_run.quant.quantized import QuantizedLinear
 from spqr_run.quant.spqr_matmul import spqr_matmul_reference
+
+ROW_TILE = 16  # rows of one packed row tile (beta2 of the kernels' layout)
+
+
+def _device_of(q: QuantizedLinear) -> torch.device:
+    """The device of a packed linear's tensors."""
+    return next(iter(q.tensors().values())).device
 
 
 class SpQRLinear(nn.Module):
@@ -56,12 +63,19 @@ class SpQRLinear(nn.Module):
         layer needs just the dense copy; `quantized()` and moving the layer to another device then fail).
         """
         q = self.quantized()
-        w = q.dequantize()  # (out, in) fp32, permuted columns
-        if q.perm is not None:
-            dense = torch.empty_like(w)
-            dense[:, q.perm_indices()] = w
-            w = dense
-        self.register_buffer("dense_weight", w.to(dtype), persistent=False)
+        m = self.meta
+        perm = q.perm_indices()
+        dense = torch.empty(m.out_features, m.in_features, dtype=dtype, device=_device_of(q))
+        # decoded in row chunks (whole row tiles): a fused linear's fp32 copy is never made whole
+        step = max(ROW_TILE, UPCAST_CHUNK // max(m.in_features, 1) // ROW_TILE * ROW_TILE)
+        for r0 in range(0, m.out_features, step):
+            rows = slice(r0, min(r0 + step, m.out_features))
+            w = q.dequantize(rows)  # (rows, in) fp32, permuted columns
+            if perm is None:
+                dense[rows] = w
+            else:
+                dense[rows, perm] = w.to(dtype)
+        self.register_buffer("dense_weight", dense, persistent=False)
         if not keep_packed:  # forward reads only the dense copy now; state_dict() then holds just the bias
             for name in self._packed_names:
                 setattr(self, name, None)

@@ -1,0 +1,317 @@
+"""Fused q/k/v and gate/up SpQR linears (issue 11, item 3): the quantizer gives linears that read the same input
+one permutation, the loader fuses them into one linear (one gather, one matmul), and the fused decoder gives the
+unfused decoder's logits, on the packed path and on the CPU path (weights decoded once to fp16).
+
+Models are tiny random LLaMA / Falcon checkpoints written by transformers and quantized by the real quantizer
+(`quantize_model.quantize_block`, block by block on random calibration tokens)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import pytest
+import torch
+from torch import nn
+
+from spqr_run.engine.planner import estimate_workspace, resident_bytes
+from spqr_run.loading import ModelSource, build_decoder
+from spqr_run.loading.hf import HFWeights, load_hf_config
+from spqr_run.models import fused as fused_module
+from spqr_run.models.decoder import Rotary
+from spqr_run.models.fused import can_fuse, fuse_linears, fused_linear_shapes
+from spqr_run.models.spqr_linear import SpQRLinear
+from spqr_run.quant import QuantConfig, QuantizedLinear
+from spqr_run.quantize_model import load_block, quantize_block, run_block
+from tests.tiny_configs import TINY_FALCON, TINY_LLAMA
+
+transformers = pytest.importorskip("transformers")
+
+QCFG = QuantConfig(method="spqr", wbits=3, stat_bits=3, outlier_threshold=0.2)
+
+# name -> (transformers config class, kwargs); every shape a multiple of 16 rows so each group can fuse
+MODELS = {
+    "llama_gqa": ("LlamaConfig", dict(
+        vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128,
+    )),
+    "llama_bias": ("LlamaConfig", dict(
+        vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, attention_bias=True, mlp_bias=True, head_dim=32, max_position_embeddings=128,
+    )),
+    "falcon7b": ("FalconConfig", dict(
+        vocab_size=101, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
+        alibi=False, multi_query=True, parallel_attn=True, new_decoder_architecture=False, bias=False,
+    )),
+    "falcon40b_bias": ("FalconConfig", dict(
+        vocab_size=101, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
+        alibi=False, new_decoder_architecture=True, num_kv_heads=2, bias=True,
+    )),
+}  # fmt: skip
+
+
+def concat_rows_v1(parts: list[QuantizedLinear]) -> QuantizedLinear:
+    """Stand-in for `QuantizedLinear.concat_rows` (KA's) on the v1 spqr layout: row tiles, statistics and
+    outliers of the parts stacked, CSR pointers offset, the shared permutation kept."""
+    m0 = parts[0].meta
+    meta = dataclasses.replace(m0, out_features=sum(p.meta.out_features for p in parts))
+    ptrs, base = [], 0
+    for p in parts:
+        ptrs.append(p.outlier_row_ptr[:-1] + base)
+        base += int(p.outlier_row_ptr[-1])
+    ptrs.append(torch.tensor([base], dtype=parts[0].outlier_row_ptr.dtype))
+    return QuantizedLinear(
+        meta=meta,
+        codes=torch.cat([p.codes for p in parts]),
+        stats=torch.cat([p.stats for p in parts]),
+        second=torch.cat([p.second for p in parts]),
+        outlier_values=torch.cat([p.outlier_values for p in parts]),
+        outlier_cols=torch.cat([p.outlier_cols for p in parts]),
+        outlier_row_ptr=torch.cat(ptrs),
+        perm=parts[0].perm,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _concat_rows(monkeypatch):
+    """Until `QuantizedLinear.concat_rows` exists (branch h/ka), fuse with the v1 stand-in."""
+    if not hasattr(QuantizedLinear, "concat_rows"):
+        monkeypatch.setattr(QuantizedLinear, "concat_rows", staticmethod(concat_rows_v1), raising=False)
+
+
+def _hf_source(name: str, folder) -> tuple[ModelSource, nn.Module]:
+    cls, kwargs = MODELS[name]
+    cfg = getattr(transformers, cls)(**kwargs)
+    model = getattr(transformers, cls.replace("Config", "ForCausalLM"))(cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname or "ln" in pname:
+                p.copy_(1 + 0.1 * torch.randn_like(p)) if pname.endswith("weight") else p.normal_(0, 0.1)
+            else:
+                p.normal_(0, 0.08)
+    model.save_pretrained(folder, safe_serialization=True)
+    cfg = load_hf_config(folder)
+    return ModelSource(folder, "hf", cfg, HFWeights(folder, cfg), tokenizer=None), model  # type: ignore[arg-type]
+
+
+def quantize_source(source: ModelSource, *, n: int = 8, seqlen: int = 32) -> dict[str, QuantizedLinear]:
+    """Every linear of `source` quantized by the real quantizer (GPTQ/SpQR, sequential groups with shared
+    Hessians) on random calibration tokens: canonical linear name -> packed linear."""
+    cfg = source.config
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, cfg.vocab_size, (n, seqlen), generator=gen)
+    inps = source.weights["embed_tokens.weight"].float()[tokens]  # (N, T, hidden)
+    rotary, device = Rotary(cfg), torch.device("cpu")
+    packed: dict[str, QuantizedLinear] = {}
+    for i in range(cfg.num_layers):
+        block = load_block(source, i, device)
+        block_packed, _ = quantize_block(block, i, cfg, QCFG, rotary, inps, device)
+        packed.update(block_packed)
+        inps = run_block(block, rotary, inps, device)
+    return packed
+
+
+def quantized_source(source: ModelSource, packed: Mapping[str, QuantizedLinear]) -> ModelSource:
+    """`source` with its linears replaced by `packed` (as a `.spqr` file's source builds them)."""
+    weights = {k: v for k, v in source.weights.items() if k.rpartition(".")[0] not in packed}
+    biases = {k.rpartition(".")[0]: v for k, v in source.weights.items() if k.endswith(".bias")}
+
+    def factory(name: str) -> nn.Module | None:
+        return SpQRLinear(packed[name], biases.get(name)) if name in packed else None
+
+    return dataclasses.replace(source, kind="spqr", weights=weights, linear_factory=factory)
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def quantized(request, tmp_path_factory):
+    source, _ = _hf_source(request.param, tmp_path_factory.mktemp(request.param))
+    return request.param, source, quantize_source(source)
+
+
+def _unfused(monkeypatch) -> None:
+    monkeypatch.setattr(fused_module, "fuse_linears", lambda model: 0)
+
+
+def _build(source, monkeypatch, *, fuse: bool, packed_path: bool, **kw):
+    with monkeypatch.context() as m:
+        if not fuse:
+            _unfused(m)
+        model = build_decoder(source, dtype=torch.float32, **kw)
+    if packed_path:  # drop the CPU path's dense copies: forward runs the packed reference matmul
+        for mod in model.modules():
+            if isinstance(mod, SpQRLinear):
+                mod.dense_weight = None
+    return model
+
+
+# ---- the quantizer shares one permutation between linears that read the same input ------------------------
+def test_quantizer_gives_shared_inputs_one_permutation(quantized):
+    name, source, packed = quantized
+    cfg = source.config
+    groups = [("attn.q_proj", "attn.k_proj", "attn.v_proj")]
+    if cfg.mlp_type == "gated_silu":
+        groups.append(("mlp.gate_proj", "mlp.up_proj"))
+    if cfg.parallel_residual and cfg.shared_block_norm:  # Falcon-7B: the MLP reads attention's input too
+        groups = [groups[0] + ("mlp.up_proj",)]
+    for i in range(cfg.num_layers):
+        for group in groups:
+            perms = [packed[f"layers.{i}.{m}"].perm_indices() for m in group]
+            assert perms[0] is not None and not torch.equal(perms[0], torch.arange(cfg.hidden_size))
+            for m, p in zip(group[1:], perms[1:], strict=True):
+                assert torch.equal(p, perms[0]), (
+                    f"{name} layer {i}: {m} has another permutation than {group[0]}"
+                )
+        # and the linears reading other inputs get their own
+        o = packed[f"layers.{i}.attn.o_proj"].perm_indices()
+        assert o.shape != perms[0].shape or not torch.equal(o, perms[0])
+
+
+# ---- fusion -------------------------------------------------------------------------------------------------
+EXPECTED_FUSED = {
+    "llama_gqa": ("attn.qkv_proj", "mlp.gate_up_proj"),
+    "llama_bias": ("attn.qkv_proj", "mlp.gate_up_proj"),
+    "falcon7b": ("in_proj",),
+    "falcon40b_bias": ("attn.qkv_proj",),
+}
+
+MEMBERS = {
+    "in_proj": ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.up_proj"),
+    "attn.qkv_proj": ("attn.q_proj", "attn.k_proj", "attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def _spqr_calls(model) -> dict[str, int]:
+    """SpQRLinear forward calls per qualified name during one model call (installed hooks)."""
+    calls: dict[str, int] = {}
+    for qname, mod in model.named_modules():
+        if isinstance(mod, SpQRLinear):
+            mod.register_forward_hook(lambda *_a, _n=qname: calls.__setitem__(_n, calls.get(_n, 0) + 1))
+    return calls
+
+
+@pytest.mark.parametrize("packed_path", [True, False], ids=["packed", "cpu_dense"])
+def test_fused_decoder_gives_the_unfused_logits(quantized, monkeypatch, packed_path):
+    name, source, packed = quantized
+    qsource = quantized_source(source, packed)
+    cfg = source.config
+    ref = _build(qsource, monkeypatch, fuse=False, packed_path=packed_path)
+    model = _build(qsource, monkeypatch, fuse=True, packed_path=packed_path)
+    # the fused linears are there, their members gone
+    for block in model.layers:
+        for fname in EXPECTED_FUSED[name]:
+            assert isinstance(block.get_submodule(fname), SpQRLinear), f"{name}: {fname} not fused"
+        assert block.attn.q_proj is None and block.attn.k_proj is None and block.attn.v_proj is None
+    per_block = {n.split(".", 2)[2] for n in dict(model.named_modules()) if n.startswith("layers.0.")}
+    assert not {m for f in EXPECTED_FUSED[name] for m in MEMBERS[f]} & per_block
+    # one call per fused linear, i.e. one per distinct input
+    calls = _spqr_calls(model)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = ref(tokens, use_cache=False)
+        got = model(tokens, use_cache=False)
+    n_linears = len(cfg.linear_shapes()) - sum(len(MEMBERS[f]) - 1 for f in EXPECTED_FUSED[name])
+    assert len(calls) == cfg.num_layers * n_linears and set(calls.values()) == {1}
+    # same weights bit for bit, only BLAS summation order may differ: logits O(1) agree to ~1e-6
+    assert want.abs().max() > 0.1
+    err = (got - want).abs().max().item()
+    assert err <= 2e-5 * want.abs().max().item(), f"{name}: fused logits differ by {err}"
+    # decode steps through the KV cache (one row) agree as well
+    for m in (ref, model):
+        m.setup_caches(2, 32)
+    with torch.no_grad():
+        ref(tokens[:, :12], kv_len=12)
+        model(tokens[:, :12], kv_len=12)
+        pos = torch.full((2, 1), 12)
+        one_want = ref(tokens[:, 12:], pos, kv_len=13)
+        one_got = model(tokens[:, 12:], pos, kv_len=13)
+    assert (one_got - one_want).abs().max().item() <= 2e-5 * one_want.abs().max().item()
+    torch.testing.assert_close(one_got[:, 0], got[:, 12], rtol=1e-4, atol=1e-4)
+
+
+def test_fused_weights_are_the_members_rows(quantized, monkeypatch):
+    """The fused packed linear reconstructs exactly the members' rows stacked; its bias is theirs stacked;
+    no member's packed tensors survive (no second copy of the weights)."""
+    name, source, packed = quantized
+    qsource = quantized_source(source, packed)
+    model = _build(qsource, monkeypatch, fuse=True, packed_path=True)
+    ref = _build(qsource, monkeypatch, fuse=False, packed_path=True)
+    for fname in EXPECTED_FUSED[name]:
+        members = MEMBERS[fname]
+        for i in range(source.config.num_layers):
+            f = model.layers[i].get_submodule(fname)
+            parts = [ref.layers[i].get_submodule(m) for m in members]
+            want = torch.cat([p.quantized().dequantize() for p in parts])
+            assert torch.equal(f.quantized().dequantize(), want)
+            if parts[0].bias is None:
+                assert f.bias is None
+            else:
+                assert torch.equal(f.bias, torch.cat([p.bias for p in parts]))
+
+    # no second copy: the packed bytes are the members' bytes, less the permutations the members shared
+    def packed_bytes(m):
+        return sum(x.quantized().nbytes for x in m.modules() if isinstance(x, SpQRLinear))
+
+    hidden = source.config.hidden_size
+    shared_perms = sum(len(MEMBERS[f]) - 1 for f in EXPECTED_FUSED[name]) * source.config.num_layers
+    # (and one int32 CSR row pointer per junction of two members)
+    for fused_bytes, ref_bytes in (
+        (packed_bytes(model), packed_bytes(ref)),
+        (resident_bytes(model)[0], resident_bytes(ref)[0]),
+    ):
+        saved = ref_bytes - fused_bytes
+        assert shared_perms * hidden * 2 <= saved <= shared_perms * (hidden * 2 + 4), (saved, shared_perms)
+
+
+def test_cpu_path_fuses_and_frees_the_packed_form(quantized, monkeypatch):
+    """The runtime's CPU load (`keep_packed=False`): one fp16 dense matrix per fused linear, packed form freed,
+    and outputs within fp16 rounding of the packed reference."""
+    name, source, packed = quantized
+    qsource = quantized_source(source, packed)
+    model = build_decoder(qsource, dtype=torch.float32, keep_packed=False)
+    fused = [model.layers[0].get_submodule(f) for f in EXPECTED_FUSED[name]]
+    for f in fused:
+        assert f.packed_released and f.dense_weight.dtype == torch.float16
+        assert f.dense_weight.shape == (f.out_features, f.in_features)
+    ref = _build(qsource, monkeypatch, fuse=False, packed_path=True)
+    tokens = torch.randint(0, source.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want, got = ref(tokens, use_cache=False), model(tokens, use_cache=False)
+    assert (got - want).abs().max().item() <= 2e-3 * want.abs().max().item()
+
+
+def test_planner_sizes_the_prefill_buffer_for_the_fused_linears():
+    """The dequantized-weight workspace is the largest linear as run: the fused gate/up (LLaMA) or in_proj
+    (Falcon-7B), not the largest unfused one."""
+    for cfg in (TINY_LLAMA, TINY_FALCON):
+        shapes = fused_linear_shapes(cfg)
+        biggest = max(o * i for o, i in shapes.values())
+        assert estimate_workspace(cfg, quantized=True).dequant == biggest * 2
+    llama = fused_linear_shapes(TINY_LLAMA)
+    assert llama["mlp.gate_up_proj"] == (2 * TINY_LLAMA.intermediate_size, TINY_LLAMA.hidden_size)
+    assert "attn.q_proj" not in llama and "mlp.down_proj" in llama
+    falcon = fused_linear_shapes(TINY_FALCON)
+    assert falcon["in_proj"] == (
+        TINY_FALCON.q_dim + 2 * TINY_FALCON.kv_dim + TINY_FALCON.intermediate_size,
+        64,
+    )
+
+
+def test_linears_that_cannot_fuse_stay_apart(quantized, monkeypatch):
+    """Another permutation, or a member whose rows end inside a row tile, keeps a group unfused (still correct)."""
+    name, source, packed = quantized
+    if name != "llama_gqa":
+        pytest.skip("one model is enough")
+    changed = dict(packed)
+    q = packed["layers.0.attn.k_proj"]
+    perm = q.perm.clone()
+    perm[[0, 1]] = perm[[1, 0]]
+    changed["layers.0.attn.k_proj"] = dataclasses.replace(q, perm=perm)
+    model = _build(quantized_source(source, changed), monkeypatch, fuse=True, packed_path=True)
+    assert model.layers[0].attn.qkv_proj is None and model.layers[0].attn.q_proj is not None
+    assert model.layers[0].mlp.gate_up_proj is not None and model.layers[1].attn.qkv_proj is not None
+    odd = SpQRLinear(dataclasses.replace(packed["layers.0.attn.q_proj"]))
+    odd.meta = dataclasses.replace(odd.meta, out_features=60)
+    assert not can_fuse([odd, SpQRLinear(packed["layers.0.attn.k_proj"])])
+    assert fuse_linears(model) == 0  # idempotent: nothing left to fuse
