@@ -1,77 +1,112 @@
-// SpQR matmul kernels: batch-1 matvec, small-batch (2..16 rows) matmul and dequantization for prefill.
-// Pure CUDA C++ (no torch), portable to sm_80+. Launchers are declared in spqr_matmul.h; the reference they
-// must match is spqr_run/quant/spqr_matmul.py (`spqr_matmul_reference`), the layout docs/FORMAT.md.
+// SpQR v2 kernels: the small-batch tensor-core matmul (1..16 activation rows) and the one-launch dequantization
+// used by prefill (fp16 W, then cuBLAS). Pure CUDA C++ (no torch), sm_80+. Launchers: spqr_matmul.h. The
+// reference they must match: spqr_run/quant/spqr_matmul.py; the layout: spqr_run/quant/tile_layout.py.
 //
-// Packed layout, one row tile (16 output rows) = one contiguous run of memory:
+// ==== Design (issue #11; KERNELS_V2_SPEC.md) =====================================================================
 //
-//   codes:  | tile(rt,0) | tile(rt,1) | ... | tile(rt,CT-1) |      tile = 256 codes, 8*W words
-//            \__ 16 rows x 16 stored columns, row-major, W bits a code, little-endian bit stream __/
-//            \__ half 0: rows 0..7 (4*W words) __|__ half 1: rows 8..15 (4*W words) __/
-//   stats:  SB words a tile: 16 scale codes (rows 0..15) then 16 zero codes, SB bits each
-//   second: 4 fp16 a tile: s_scale, z_scale, s_zero, z_zero
+// Work split. A block is 4 warps = 4 consecutive row tiles (64 output rows) x one k-range of records; warp w owns
+// row tile 4*blockIdx.x + w and walks the records kb0..kb1-1 of that row tile (one contiguous run of memory).
+// Grid (ceil(RT/4), S): S splits the KB records of a row tile into near-equal k-ranges (sizes differ by at most
+// one record, so S need not divide KB). S is chosen on the host (spqr_matmul_small_plan) from the SM count and
+// the kernel's resident blocks per SM (both from the device): the smallest S minimising
+//   waves(S) * ceil(KB / S),   waves(S) = ceil(ceil(RT/4) * S / (SMs * blocks per SM)),
+// i.e. whole waves of equal-length blocks (LLaMA-7B 4096x4096 on 132 SMs x 8 blocks: S = 16, one wave).
 //
-// Reconstruction (fp32, grid.dequantize_codes):
-//   scale_r = s_scale * (scale_code_r - z_scale),  zero_r = s_zero * (zero_code_r - z_zero)
-//   w[r, j] = scale_r * (code[r, j] - zero_r)   (+ outlier delta)
+// Pipeline. kStages = 4 stages of shared memory, each = the 4 warps' records of one k-block (4 x R words) + the
+// 64 columns of x_stored for that k-block (rows x 64 fp16, rows padded to 72 halves so ldmatrix is free of bank
+// conflicts). Every byte moves by 16-byte cp.async (cp.async.cg: L2 only): lane c of warp w copies 16-byte chunk
+// c (c += 32) of its record, threads copy one 16-byte chunk of x each. kStages - 1 stages are in flight while one
+// is decoded. Bytes in flight per SM (3-bit weights, 3-bit stats, 464-byte records, 8 resident blocks):
+//   3 stages x 4 records x 464 B x 8 blocks = 44.5 KB of weights (+ x), above the ~20-30 KB an H200 needs
+//   (4.8 TB/s x ~600 ns latency / 132 SMs = 22 KB); with 4 resident blocks (sm_86) 22 KB.
+// x is read from L2 once per block (4 row tiles), not once per warp.
 //
-// Determinism: no atomics. Every sum runs in a fixed order (per-lane loops, xor-butterfly shuffles, then a
-// fixed-order sum over warps in shared memory), so repeated runs are bit-identical.
+// Dequantization in registers, per lane and record (lane L, g = L >> 2, t = L & 3; 32 weights = 4 tiles x the
+// A fragment a0..a3, each a half2 pair of one row):
+//   stats: lane decodes group t's 4 stat codes (one funnel shift of the stat bit string, 4 masks), computes in
+//   fp32 exactly the reference's scale = s_scale*(code - z_scale) and zero = s_zero*(code - z_zero) for rows g
+//   and g+8, rounds scale and -scale*zero to fp16 and packs them as half2 (row g, row g+8); the quad (lanes
+//   4g..4g+3) exchanges them with 2 shuffles per group (lane 4g+j holds group j).
+//   codes, per pair (two codes of one row): bits = (word >> shift) & mask (3-bit: the low-plane pair OR the
+//   high-plane bit moved to bit 2), h = bits | 0x64006400 (fp16 1024 + code, exact), v = h - 1024 (exact),
+//   a = fma(v, scale, -scale*zero) as one half2 HFMA2 with the row's scale broadcast. The exact subtraction
+//   cannot be folded into the fma: -scale*(1024 + zero) rounded to fp16 loses half a code step.
+// mma. Per tile and n-tile of 8 activation rows: one mma.m16n8k16 (fp16 in, fp32 accumulate) with B fragments
+// from ldmatrix.x4 (two tiles per ldmatrix). The accumulator runs over all records of the k-range.
+//
+// Outliers (the row tile's contiguous run of packed words): loaded at kernel start, while the first stages are
+// in flight; lane (r = L & 15, h = L >> 4) takes row r's entries p = start + split + S*(h + 2i); its fp32 sums
+// (value * x_stored[b, column], exact products) are combined by one shuffle and seed the mma accumulators. No
+// pointer chase after the dense part.
+//
+// Reduction (S > 1): each block writes its fp32 partial fragments to the workspace, fences, and takes an integer
+// ticket (atomicAdd on its row-tile group's counter); the block that draws the last ticket sums the S partials
+// in split order 0..S-1 (the order never depends on which block finishes last: bit-identical runs), adds the
+// bias in fp32, rounds once to fp16 and resets the counter to 0. S = 1 writes y directly.
+//
+// Numerics: w_kernel = fma16(code, fp16(scale), fp16(-scale*zero)): |w_kernel - w_ref| <= 2^-10 (|w_ref| +
+// |scale*zero|) (+ fp16 underflow); products and sums fp32. The dequantize kernel produces the same fp16 values
+// plus the outlier delta (one more fp16 rounding).
+//
+// SASS (benchmarks/sass_report.py; BENCHMARKS.md has the table): see the report for instructions per weight.
+// ===============================================================================================================
 
 #include "spqr_matmul.h"
 
 #include <cstring>
 
+#include "spqr_ptx.cuh"
+
+#if defined(SPQR_SHIM)
+// The CPU shim runs the blocks of a grid one after another and a block's threads as fibers that switch only at
+// barriers and collectives, so these are plain memory operations there.
+namespace {
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+  const unsigned old = *p;
+  *p = old + v;
+  return old;
+}
+inline void __threadfence() {}
+template <typename T>
+T __ldcg(const T* p) {
+  return *p;
+}
+}  // namespace
+#endif
+
 namespace {
 
-constexpr int kTile = 16;  // beta1 = beta2 = 16
+constexpr int kRows = 16;      // rows of a row tile (beta2)
+constexpr int kCols = 64;      // stored columns of a record (4 groups of beta1 = 16)
+constexpr int kWarps = 4;      // warps (= row tiles) per block
+constexpr int kStages = 4;     // cp.async pipeline depth
+constexpr int kXPitch = 72;    // halves per staged x row: 64 + 8 of padding (ldmatrix bank conflicts)
 constexpr unsigned kFullMask = 0xffffffffu;
+constexpr uint32_t kMagic = 0x64006400u;  // fp16 1024.0 in both halves
 
-// ---- bit helpers ----------------------------------------------------------------------------------------
+constexpr int record_words(int w, int sb) { return 32 * w + 4 * sb + 8; }
 
-// An integer v < 2^23 as a float, without I2F: or-ing v into the mantissa of 2^23 gives exactly 2^23 + v, and
-// subtracting 2^23 is exact. One LOP3 (fused with the mask) and one FADD.
-__device__ __forceinline__ float code_to_float(uint32_t v) {
-  return __uint_as_float(0x4B000000u | v) - 8388608.0f;
+__device__ __forceinline__ uint32_t h2_bits(__half2 h) {
+  uint32_t u;
+  memcpy(&u, &h, sizeof(u));
+  return u;
 }
-
-// BITS bits starting at bit `bit` of the little-endian stream w[0] | w[1] << 32 | ...
-// Called with compile-time `bit` inside fully unrolled loops, so w[] stays in registers (no local memory).
-template <int BITS, int N>
-__device__ __forceinline__ uint32_t bits_at(const uint32_t (&w)[N], int bit) {
-  const int i = bit >> 5;
-  const int s = bit & 31;
-  const uint32_t v = (s + BITS <= 32 || i + 1 >= N) ? (w[i] >> s) : __funnelshift_r(w[i], w[i + 1], s);
-  return v & ((1u << BITS) - 1u);
-}
-
-// The 32-bit window of the stat stream st[] that starts at code FIRST + part * STRIDE, for a runtime
-// part < PARTS (which rows of the tile this lane owns). Selecting between compile-time windows keeps st[] in
-// registers; a runtime register index would spill it to local memory.
-template <int SB, int FIRST, int STRIDE, int PARTS>
-__device__ __forceinline__ uint32_t stat_window(const uint32_t (&st)[SB + 1], int part) {
-  uint32_t out = 0;
-#pragma unroll
-  for (int p = 0; p < PARTS; ++p) {
-    const int bit = (FIRST + p * STRIDE) * SB;
-    const int i = bit >> 5;
-    const int s = bit & 31;
-    const uint32_t window = s == 0 ? st[i] : __funnelshift_r(st[i], st[i + 1], s);
-    out = p == part ? window : out;
-  }
-  return out;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
-  return v;
-}
-
-__device__ __forceinline__ float2 half2_bits_to_float2(uint32_t bits) {
+__device__ __forceinline__ __half2 bits_h2(uint32_t u) {
   __half2 h;
-  static_assert(sizeof(h) == sizeof(bits), "half2 is 32 bits");
-  memcpy(&h, &bits, sizeof(bits));
-  return __half22float2(h);
+  memcpy(&h, &u, sizeof(u));
+  return h;
+}
+
+// fma.rn.f16x2: a * b + c per half, one rounding. The shim (no host __hfma2) computes it in double, where the
+// product of two halves and the sum with a third are exact for the magnitudes here, then rounds once.
+__device__ __forceinline__ __half2 hfma2(__half2 a, __half2 b, __half2 c) {
+#if defined(SPQR_SHIM)
+  const float2 fa = __half22float2(a), fb = __half22float2(b), fc = __half22float2(c);
+  return __halves2half2(__double2half(static_cast<double>(fa.x) * fb.x + fc.x),
+                        __double2half(static_cast<double>(fa.y) * fb.y + fc.y));
+#else
+  return __hfma2(a, b, c);
+#endif
 }
 
 __device__ __forceinline__ float bias_at(const SpqrBias& bias, int row) {
@@ -80,472 +115,344 @@ __device__ __forceinline__ float bias_at(const SpqrBias& bias, int row) {
   return 0.0f;
 }
 
-// x value of stored column c (x[perm[c]]), straight from global memory.
-__device__ __forceinline__ float x_at(const __half* __restrict__ x, const uint16_t* __restrict__ perm, int c) {
-  return __half2float(__ldg(x + (perm != nullptr ? __ldg(perm + c) : c)));
+__device__ __forceinline__ float half_bits_to_float(uint32_t bits16) {
+  __half h;
+  const uint16_t b = static_cast<uint16_t>(bits16);
+  memcpy(&h, &b, sizeof(b));
+  return __half2float(h);
 }
 
-// ---- batch-1 matvec -------------------------------------------------------------------------------------
-//
-// Grid: one block per row tile (16 outputs). Block: kMatvecWarps warps. Thread/tile mapping:
-//
-//   lane  = 2 * t + h       t = 0..15: the warp's t-th tile of 16 consecutive column tiles
-//                           h = 0/1  : rows 8h .. 8h+7 of that tile (a "half tile": 128 codes = W x 16 bytes)
-//   warp w, step k          column tiles [16 * (w + kMatvecWarps * k), +16)
-//
-// so a warp streams 16 whole, consecutive tiles (16 * 32 * W bytes of contiguous codes) per step with W
-// 16-byte loads a lane, and each lane keeps 8 row accumulators. x, gathered by perm and converted to fp32,
-// sits in shared memory kMatvecSegTiles tiles at a time. Per (row, tile) the lane computes
-//   dot = sum_j code_j * x_j,  y_r += scale_r * (dot - zero_r * sum_j x_j)
-// which is scale * (code - zero) * x regrouped: 2 integer ops + 2 flops a weight, the rest per 16.
-// At the end lanes of equal h are reduced by an xor butterfly, warps by a fixed-order sum in shared memory.
-
-constexpr int kMatvecWarps = 8;
-constexpr int kMatvecSegTiles = 512;  // 8192 columns of fp32 x = 32 KiB of shared memory
-
+// The A fragments of one record for this lane: a[j][k] = tile j's aK as a half2 (KERNELS_V2_SPEC.md sections 1
+// and 2), dequantized with the fp16 arithmetic described at the top. `rec` points at the record (shared or
+// global memory, 16-byte aligned). Warp collective (quad shuffles of the stats).
 template <int W, int SB>
-struct HalfTile {
-  uint32_t w[4 * W];   // 128 codes: rows 8h..8h+7 of the tile
-  uint32_t st[SB + 1];  // the tile's 32 stat codes (+ a zero word for funnel shifts)
-  uint2 second;         // s_scale, z_scale | s_zero, z_zero
+__device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, int lane, uint32_t (&a)[4][4]) {
+  constexpr int kCodeWords = 32 * W;
+  const int t = lane & 3;
 
-  // Tile `tile` (index relative to the row tile's first tile) for half h.
-  __device__ __forceinline__ void load(const uint4* __restrict__ codes, const uint32_t* __restrict__ stats,
-                                       const uint2* __restrict__ seconds, int tile, int h) {
-    const uint4* c = codes + static_cast<size_t>(tile) * (2 * W) + h * W;
+  // ---- stats: group t, rows g and g+8 ----
+  const uint32_t* st = rec + kCodeWords;
+  const int sbit = 4 * SB * lane;
+  const uint32_t sw = __funnelshift_r(st[sbit >> 5], st[(sbit >> 5) + 1], sbit & 31);
+  constexpr uint32_t kStatMask = (1u << SB) - 1u;
+  const uint2 sec = *reinterpret_cast<const uint2*>(rec + kCodeWords + 4 * SB + 2 * t);
+  const float s_scale = half_bits_to_float(sec.x), z_scale = half_bits_to_float(sec.x >> 16);
+  const float s_zero = half_bits_to_float(sec.y), z_zero = half_bits_to_float(sec.y >> 16);
+  float scale[2], neg_sz[2];
 #pragma unroll
-    for (int k = 0; k < W; ++k) {
-      const uint4 v = __ldg(c + k);
-      w[4 * k + 0] = v.x;
-      w[4 * k + 1] = v.y;
-      w[4 * k + 2] = v.z;
-      w[4 * k + 3] = v.w;
-    }
-    const uint32_t* s = stats + static_cast<size_t>(tile) * SB;
-#pragma unroll
-    for (int k = 0; k < SB; ++k) st[k] = __ldg(s + k);
-    st[SB] = 0;
-    second = __ldg(seconds + tile);
+  for (int i = 0; i < 2; ++i) {
+    const float sc = static_cast<float>((sw >> (SB * i)) & kStatMask);
+    const float zc = static_cast<float>((sw >> (SB * (2 + i))) & kStatMask);
+    scale[i] = __fmul_rn(s_scale, __fsub_rn(sc, z_scale));
+    const float zero = __fmul_rn(s_zero, __fsub_rn(zc, z_zero));
+    neg_sz[i] = -__fmul_rn(scale[i], zero);
+  }
+  const uint32_t my_scale = h2_bits(__floats2half2_rn(scale[0], scale[1]));    // (row g, row g+8)
+  const uint32_t my_neg_sz = h2_bits(__floats2half2_rn(neg_sz[0], neg_sz[1]));  // (row g, row g+8)
+
+  // ---- codes ----
+  uint32_t cw[W == 3 ? 3 : W];
+  if constexpr (W == 4) {
+    const uint4 v = *reinterpret_cast<const uint4*>(rec + 4 * lane);
+    cw[0] = v.x, cw[1] = v.y, cw[2] = v.z, cw[3] = v.w;
+  } else {
+    const uint2 v = *reinterpret_cast<const uint2*>(rec + 2 * lane);
+    cw[0] = v.x, cw[1] = v.y;
+    if constexpr (W == 3) cw[2] = rec[64 + lane];
   }
 
-  // acc[i] += row (8h + i) of this tile dotted with xt[0..15] (the tile's 16 permuted x values).
-  __device__ __forceinline__ void accumulate(const float* __restrict__ xt, int h, float (&acc)[8]) const {
-    float xv[16];
+  const __half2 k1024 = bits_h2(kMagic);
+  const int quad = lane & ~3;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const __half2 s2 = bits_h2(__shfl_sync(kFullMask, my_scale, quad + j));
+    const __half2 c2 = bits_h2(__shfl_sync(kFullMask, my_neg_sz, quad + j));
+    const __half2 s_lo = __low2half2(s2), s_hi = __high2half2(s2);  // row g / row g+8 broadcast
+    const __half2 c_lo = __low2half2(c2), c_hi = __high2half2(c2);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const float4 v = reinterpret_cast<const float4*>(xt)[k];
-      xv[4 * k + 0] = v.x;
-      xv[4 * k + 1] = v.y;
-      xv[4 * k + 2] = v.z;
-      xv[4 * k + 3] = v.w;
-    }
-    float sum_x = 0.0f;
-#pragma unroll
-    for (int j = 0; j < 16; ++j) sum_x += xv[j];
-    const float2 sec_scale = half2_bits_to_float2(second.x);  // (s_scale, z_scale)
-    const float2 sec_zero = half2_bits_to_float2(second.y);   // (s_zero, z_zero)
-    const uint32_t scale_codes = stat_window<SB, 0, 8, 2>(st, h);  // 8 codes, SB bits each
-    const uint32_t zero_codes = stat_window<SB, 16, 8, 2>(st, h);
-    constexpr uint32_t kStatMask = (1u << SB) - 1u;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      float dot = 0.0f;
-#pragma unroll
-      for (int j = 0; j < 16; ++j) dot = fmaf(code_to_float(bits_at<W>(w, (16 * i + j) * W)), xv[j], dot);
-      const float scale = sec_scale.x * (code_to_float((scale_codes >> (i * SB)) & kStatMask) - sec_scale.y);
-      const float zero = sec_zero.x * (code_to_float((zero_codes >> (i * SB)) & kStatMask) - sec_zero.y);
-      acc[i] = fmaf(scale, fmaf(-zero, sum_x, dot), acc[i]);
-    }
-  }
-};
-
-// xs[j] = x[perm[col0 + j]] as fp32 for j < ncols; 0 past in_features (padded columns hold code 0 but a
-// nonzero dequantized value, which must meet x = 0).
-__device__ __forceinline__ void gather_x_f32(float* xs, const __half* __restrict__ x,
-                                             const uint16_t* __restrict__ perm, int in_features, int col0,
-                                             int ncols) {
-  for (int j = threadIdx.x; j < ncols; j += blockDim.x) {
-    const int c = col0 + j;
-    xs[j] = c < in_features ? x_at(x, perm, c) : 0.0f;
-  }
-}
-
-template <int W, int SB>
-__global__ void __launch_bounds__(kMatvecWarps * 32)
-    spqr_matvec_kernel(const SpqrLayer layer, const __half* __restrict__ x, const SpqrBias bias,
-                       __half* __restrict__ y) {
-  __shared__ __align__(16) float xs[kMatvecSegTiles * kTile];  // permuted x, one segment
-  __shared__ float partial[kMatvecWarps][kTile];                // per-warp row sums
-  __shared__ float outlier_sum[kTile];
-
-  const int rt = blockIdx.x;
-  const int col_tiles = (layer.in_features + kTile - 1) / kTile;
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int h = lane & 1;
-  const int lane_tile = lane >> 1;
-  const size_t first_tile = static_cast<size_t>(rt) * col_tiles;
-  const uint4* codes = reinterpret_cast<const uint4*>(layer.codes) + first_tile * (2 * W);
-  const uint32_t* stats = reinterpret_cast<const uint32_t*>(layer.stats) + first_tile * SB;
-  const uint2* seconds = reinterpret_cast<const uint2*>(layer.second) + first_tile;
-
-  float acc[8] = {};
-  for (int seg0 = 0; seg0 < col_tiles; seg0 += kMatvecSegTiles) {
-    const int seg_tiles = min(kMatvecSegTiles, col_tiles - seg0);
-    __syncthreads();  // the previous segment of xs is consumed
-    gather_x_f32(xs, x, layer.perm, layer.in_features, seg0 * kTile, seg_tiles * kTile);
-    __syncthreads();
-    // Two tiles in flight per lane: both loads are issued before either is decoded.
-    constexpr int kStep = kMatvecWarps * 16;
-    for (int t = warp * 16 + lane_tile; t < seg_tiles; t += 2 * kStep) {
-      HalfTile<W, SB> a, b;
-      a.load(codes, stats, seconds, seg0 + t, h);
-      const bool has_b = t + kStep < seg_tiles;
-      if (has_b) b.load(codes, stats, seconds, seg0 + t + kStep, h);
-      a.accumulate(xs + t * kTile, h, acc);
-      if (has_b) b.accumulate(xs + (t + kStep) * kTile, h, acc);
-    }
-  }
-
-  // Lanes of equal h hold partial sums of the same 8 rows: butterfly over the tile index bits.
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-#pragma unroll
-    for (int offset = 2; offset < 32; offset <<= 1) acc[i] += __shfl_xor_sync(kFullMask, acc[i], offset);
-  }
-  if (lane < 2) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) partial[warp][8 * lane + i] = acc[i];
-  }
-
-  // Outliers: warp w sums rows w, w + kMatvecWarps, ... of the tile; lanes stride over the row's entries.
-  const bool x_in_smem = col_tiles <= kMatvecSegTiles;  // xs still holds all of x[perm]
-  for (int r = warp; r < kTile; r += kMatvecWarps) {
-    const int row = rt * kTile + r;
-    float s = 0.0f;
-    if (row < layer.out_features) {
-      const int p1 = __ldg(layer.outlier_row_ptr + row + 1);
-      for (int p = __ldg(layer.outlier_row_ptr + row) + lane; p < p1; p += 32) {
-        const int c = __ldg(layer.outlier_cols + p);
-        const float xv = x_in_smem ? xs[c] : x_at(x, layer.perm, c);
-        s = fmaf(__half2float(__ldg(layer.outlier_values + p)), xv, s);
+      uint32_t bits;
+      if constexpr (W == 4) {
+        bits = (cw[j] >> (4 * k)) & 0x000f000fu;
+      } else if constexpr (W == 2) {
+        bits = (cw[j >> 1] >> (2 * (4 * (j & 1) + k))) & 0x00030003u;
+      } else {
+        const uint32_t lo = (cw[j >> 1] >> (2 * (4 * (j & 1) + k))) & 0x00030003u;
+        const int ph = 4 * j + k;  // high-plane pair position
+        const uint32_t hi = ph >= 2 ? (cw[2] >> (ph - 2)) & 0x00040004u : (cw[2] << (2 - ph)) & 0x00040004u;
+        bits = lo | hi;
       }
-    }
-    s = warp_sum(s);
-    if (lane == 0) outlier_sum[r] = s;
-  }
-  __syncthreads();
-
-  if (threadIdx.x < kTile) {
-    const int r = threadIdx.x;
-    const int row = rt * kTile + r;
-    if (row < layer.out_features) {
-      float v = 0.0f;
-#pragma unroll
-      for (int w = 0; w < kMatvecWarps; ++w) v += partial[w][r];
-      v += outlier_sum[r];
-      v += bias_at(bias, row);
-      y[row] = __float2half_rn(v);
+      const __half2 v = __hsub2(bits_h2(bits | kMagic), k1024);  // the two codes, exact
+      a[j][k] = h2_bits(hfma2(v, (k & 1) ? s_hi : s_lo, (k & 1) ? c_hi : c_lo));
     }
   }
 }
 
-// ---- small batch (2..16 rows) ---------------------------------------------------------------------------
-//
-// Same grid (one block per row tile), but each weight is decoded once and used for every activation row, so
-// a lane holds decoded weights instead of codes. Thread/tile mapping:
-//
-//   lane = 4 * t + q        t = 0..7: the warp's t-th tile of 8 consecutive column tiles
-//                           q = 0..3: rows 4q .. 4q+3 of that tile (64 codes = W x 8-byte loads)
-//
-// A lane decodes its 4 x 16 weights exactly as the reference does (fp32, scale * (code - zero)) and adds
-// w * x[b] into acc[b][4] for each activation row b. x (BT rows, fp16) sits in shared memory a segment at a
-// time. BT is the compiled row capacity (4 or 16); rows beyond the runtime count are skipped.
+// ---- small batch: 1..16 activation rows ----------------------------------------------------------------------
+template <int W, int SB, int NT>
+__global__ void __launch_bounds__(kWarps * 32)
+    spqr_matmul_small_kernel(const SpqrLayer layer, const __half* __restrict__ x, const int rows, const int vec_x,
+                             const SpqrBias bias, __half* __restrict__ y, float* __restrict__ workspace,
+                             int* __restrict__ counters) {
+  constexpr int R = record_words(W, SB);
+  constexpr int NB = 8 * NT;  // activation rows the fragments hold
+  __shared__ __align__(16) uint32_t rec_s[kStages][kWarps][R];
+  __shared__ __align__(16) __half x_s[kStages][NB][kXPitch];
+  __shared__ float out_s[kWarps][kRows][NB];  // outlier sums per warp
+  __shared__ int is_last;
 
-constexpr int kSmallWarps = 8;
+  const int out = layer.out_features, in = layer.in_features;
+  const int row_tiles = (out + kRows - 1) / kRows;
+  const int kblocks = (in + kCols - 1) / kCols;
+  const int splits = gridDim.y, split = blockIdx.y;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int rt = blockIdx.x * kWarps + warp;
+  const bool active = rt < row_tiles;  // warp-uniform
+  const int kb0 = static_cast<int>((static_cast<long long>(split) * kblocks) / splits);
+  const int kb1 = static_cast<int>((static_cast<long long>(split + 1) * kblocks) / splits);
+  const int items = kb1 - kb0;  // >= 1: splits <= kblocks
+  const uint32_t* tiles = reinterpret_cast<const uint32_t*>(layer.tiles);
 
-template <int BT>
-struct SmallBatchShape {
-  static constexpr int kSegTiles = BT <= 4 ? 256 : 64;  // BT * kSegTiles * 16 fp16 = 32 KiB of x
-};
-
-template <int W, int SB, int BT>
-__global__ void __launch_bounds__(kSmallWarps * 32)
-    spqr_matmul_small_kernel(const SpqrLayer layer, const __half* __restrict__ x, const int rows,
-                             const SpqrBias bias, __half* __restrict__ y) {
-  constexpr int kSegTiles = SmallBatchShape<BT>::kSegTiles;
-  constexpr int kSegCols = kSegTiles * kTile;
-  __shared__ __align__(16) __half xs[BT][kSegCols];  // (rows, segment columns) of x[:, perm]
-  __shared__ float partial[kSmallWarps][BT][kTile];  // per-warp sums
-  __shared__ float outlier_sum[BT][kTile];
-
-  const int rt = blockIdx.x;
-  const int in = layer.in_features;
-  const int col_tiles = (in + kTile - 1) / kTile;
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int q = lane & 3;
-  const int lane_tile = lane >> 2;
-  const size_t first_tile = static_cast<size_t>(rt) * col_tiles;
-  // A quarter tile is 2*W words: W 8-byte loads at uint2 offset q * W of the tile's 4 * W uint2.
-  const uint2* codes = reinterpret_cast<const uint2*>(layer.codes) + first_tile * (4 * W) + q * W;
-  const uint32_t* stats = reinterpret_cast<const uint32_t*>(layer.stats) + first_tile * SB;
-  const uint2* seconds = reinterpret_cast<const uint2*>(layer.second) + first_tile;
-
-  float acc[BT][4] = {};
-  for (int seg0 = 0; seg0 < col_tiles; seg0 += kSegTiles) {
-    const int seg_tiles = min(kSegTiles, col_tiles - seg0);
-    const int ncols = seg_tiles * kTile;
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < rows * ncols; idx += blockDim.x) {
-      const int b = idx / ncols;
-      const int j = idx - b * ncols;
-      const int c = seg0 * kTile + j;
-      xs[b][j] = c < in ? __ldg(x + static_cast<size_t>(b) * in + (layer.perm ? __ldg(layer.perm + c) : c))
-                        : __float2half_rn(0.0f);
+  auto issue = [&](int stage, int kb) {
+    if (active) {
+      const uint32_t* src = tiles + (static_cast<size_t>(rt) * kblocks + kb) * R;
+      for (int c = lane; c < R / 4; c += 32) cp_async_16(&rec_s[stage][warp][4 * c], src + 4 * c);
     }
-    __syncthreads();
-
-    for (int t = warp * 8 + lane_tile; t < seg_tiles; t += kSmallWarps * 8) {
-      const int tile = seg0 + t;
-      uint32_t wd[2 * W];
-#pragma unroll
-      for (int k = 0; k < W; ++k) {
-        const uint2 v = __ldg(codes + static_cast<size_t>(tile) * (4 * W) + k);
-        wd[2 * k] = v.x;
-        wd[2 * k + 1] = v.y;
-      }
-      uint32_t st[SB + 1];
-#pragma unroll
-      for (int k = 0; k < SB; ++k) st[k] = __ldg(stats + static_cast<size_t>(tile) * SB + k);
-      st[SB] = 0;
-      const uint2 sec = __ldg(seconds + tile);
-      const float2 sec_scale = half2_bits_to_float2(sec.x);
-      const float2 sec_zero = half2_bits_to_float2(sec.y);
-      const uint32_t scale_codes = stat_window<SB, 0, 4, 4>(st, q);
-      const uint32_t zero_codes = stat_window<SB, 16, 4, 4>(st, q);
-      constexpr uint32_t kStatMask = (1u << SB) - 1u;
-
-      // Decode the 4 x 16 weights with the reference's exact fp32 operations (no contraction into FMAs).
-      float wv[4][16];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float scale =
-            __fmul_rn(sec_scale.x, __fsub_rn(code_to_float((scale_codes >> (i * SB)) & kStatMask), sec_scale.y));
-        const float zero =
-            __fmul_rn(sec_zero.x, __fsub_rn(code_to_float((zero_codes >> (i * SB)) & kStatMask), sec_zero.y));
-#pragma unroll
-        for (int j = 0; j < 16; ++j)
-          wv[i][j] = __fmul_rn(scale, __fsub_rn(code_to_float(bits_at<W>(wd, (16 * i + j) * W)), zero));
-      }
-
-#pragma unroll
-      for (int b = 0; b < BT; ++b) {
-        if (b < rows) {
-          float xv[16];
-          const uint4* xp = reinterpret_cast<const uint4*>(&xs[b][t * kTile]);
-#pragma unroll
-          for (int k = 0; k < 2; ++k) {
-            const uint4 v = xp[k];
-            const uint32_t parts[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-            for (int p = 0; p < 4; ++p) {
-              const float2 f = half2_bits_to_float2(parts[p]);
-              xv[8 * k + 2 * p] = f.x;
-              xv[8 * k + 2 * p + 1] = f.y;
-            }
-          }
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-#pragma unroll
-            for (int j = 0; j < 16; ++j) acc[b][i] = fmaf(wv[i][j], xv[j], acc[b][i]);
-          }
+    const int tid = threadIdx.x;
+    if (tid < NB * 8) {
+      const int b = tid >> 3, c = tid & 7;
+      if (b < rows) {
+        const int col0 = kb * kCols + 8 * c;
+        __half* dst = &x_s[stage][b][8 * c];
+        const __half* src = x + static_cast<size_t>(b) * in + col0;
+        if (vec_x && col0 + 8 <= in) {
+          cp_async_16(dst, src);
+        } else {  // the last, partial k-block or an unaligned x: zeros past `in` (padding codes meet x = 0)
+          for (int e = 0; e < 8; ++e) dst[e] = col0 + e < in ? src[e] : __float2half_rn(0.0f);
         }
       }
     }
-  }
-
-  // Lanes of equal q hold the same 4 rows: butterfly over the tile index bits (lane bits 2..4).
-#pragma unroll
-  for (int b = 0; b < BT; ++b) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-      for (int offset = 4; offset < 32; offset <<= 1) acc[b][i] += __shfl_xor_sync(kFullMask, acc[b][i], offset);
-    }
-  }
-  if (lane < 4) {
-#pragma unroll
-    for (int b = 0; b < BT; ++b) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) partial[warp][b][4 * lane + i] = acc[b][i];
-    }
-  }
-
-  // Outliers: warp per row, lanes stride over its entries, one sum per activation row.
-  const bool x_in_smem = col_tiles <= kSegTiles;
-  for (int r = warp; r < kTile; r += kSmallWarps) {
-    const int row = rt * kTile + r;
-    float s[BT] = {};
-    if (row < layer.out_features) {
-      const int p1 = __ldg(layer.outlier_row_ptr + row + 1);
-      for (int p = __ldg(layer.outlier_row_ptr + row) + lane; p < p1; p += 32) {
-        const int c = __ldg(layer.outlier_cols + p);
-        const float v = __half2float(__ldg(layer.outlier_values + p));
-        const int src = x_in_smem ? c : (layer.perm != nullptr ? __ldg(layer.perm + c) : c);
-#pragma unroll
-        for (int b = 0; b < BT; ++b) {
-          if (b < rows) {
-            const float xv = x_in_smem ? __half2float(xs[b][src])
-                                       : __half2float(__ldg(x + static_cast<size_t>(b) * in + src));
-            s[b] = fmaf(v, xv, s[b]);
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int b = 0; b < BT; ++b) {
-      const float total = warp_sum(s[b]);
-      if (lane == 0) outlier_sum[b][r] = total;
-    }
-  }
-  __syncthreads();
-
-  for (int idx = threadIdx.x; idx < rows * kTile; idx += blockDim.x) {
-    const int b = idx / kTile;
-    const int r = idx - b * kTile;
-    const int row = rt * kTile + r;
-    if (row < layer.out_features) {
-      float v = 0.0f;
-#pragma unroll
-      for (int w = 0; w < kSmallWarps; ++w) v += partial[w][b][r];
-      v += outlier_sum[b][r];
-      v += bias_at(bias, row);
-      y[static_cast<size_t>(b) * layer.out_features + row] = __float2half_rn(v);
-    }
-  }
-}
-
-// ---- dequantization (prefill) ---------------------------------------------------------------------------
-//
-// Grid (ceil(CT / 32), RT); block (32, 16): thread (tx, ty) writes row ty of column tile 32 * blockIdx.x + tx,
-// i.e. 16 consecutive fp16 (32 bytes) of W in stored column order, so a warp writes 1 KiB of one row
-// contiguously. Values are the reference's exactly: fp32 scale * (code - zero), + the outlier delta in fp32,
-// one rounding to fp16. The caller gathers x by perm and calls cuBLAS.
-
-constexpr int kDequantTilesX = 32;
-
-template <int W, int SB>
-__global__ void __launch_bounds__(kDequantTilesX * kTile)
-    spqr_dequantize_kernel(const SpqrLayer layer, __half* __restrict__ out) {
-  const int in = layer.in_features;
-  const int col_tiles = (in + kTile - 1) / kTile;
-  const int ct = blockIdx.x * kDequantTilesX + threadIdx.x;
-  const int r = threadIdx.y;
-  const int row = blockIdx.y * kTile + r;
-  if (ct >= col_tiles || row >= layer.out_features) return;
-
-  const size_t tile = static_cast<size_t>(blockIdx.y) * col_tiles + ct;
-  // Row r's 16 codes are bits [16 r W, 16 (r + 1) W) of the tile: at most 64 bits starting at bit 0 or 16 of a
-  // word, so two words and a 64-bit shift cover them.
-  const uint32_t* words = reinterpret_cast<const uint32_t*>(layer.codes) + tile * (8 * W);
-  const int bit0 = 16 * r * W;
-  const int word0 = bit0 >> 5;
-  const uint32_t lo = __ldg(words + word0);
-  const uint32_t hi = word0 + 1 < 8 * W ? __ldg(words + word0 + 1) : 0u;
-  const unsigned long long row_bits = ((static_cast<unsigned long long>(hi) << 32) | lo) >> (bit0 & 31);
-
-  // Scale code r at bit r * SB and zero code 16 + r at bit (16 + r) * SB of the tile's SB stat words.
-  const uint32_t* st = reinterpret_cast<const uint32_t*>(layer.stats) + tile * SB;
-  auto stat_code = [&](int bit) {
-    const int i = bit >> 5;
-    const uint32_t a = __ldg(st + i);
-    const uint32_t b = i + 1 < SB ? __ldg(st + i + 1) : 0u;
-    return __funnelshift_r(a, b, bit & 31) & ((1u << SB) - 1u);
   };
-  const uint2 sec = __ldg(reinterpret_cast<const uint2*>(layer.second) + tile);
-  const float2 sec_scale = half2_bits_to_float2(sec.x);
-  const float2 sec_zero = half2_bits_to_float2(sec.y);
-  const float scale = __fmul_rn(sec_scale.x, __fsub_rn(code_to_float(stat_code(r * SB)), sec_scale.y));
-  const float zero = __fmul_rn(sec_zero.x, __fsub_rn(code_to_float(stat_code((16 + r) * SB)), sec_zero.y));
 
-  float wv[16];
+  // Prologue: kStages - 1 stages in flight (one commit group each, possibly empty).
 #pragma unroll
-  for (int j = 0; j < 16; ++j) {
-    const uint32_t code = static_cast<uint32_t>(row_bits >> (j * W)) & ((1u << W) - 1u);
-    wv[j] = __fmul_rn(scale, __fsub_rn(code_to_float(code), zero));
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < items) issue(s, kb0 + s);
+    cp_async_commit();
   }
 
-  // Outliers of this row inside columns [c0, c0 + 16): binary search in the row's sorted columns.
-  const int c0 = ct * kTile;
-  int lo_p = __ldg(layer.outlier_row_ptr + row);
-  int hi_p = __ldg(layer.outlier_row_ptr + row + 1);
-  const int p_end = hi_p;
-  while (lo_p < hi_p) {
-    const int mid = (lo_p + hi_p) >> 1;
-    if (static_cast<int>(__ldg(layer.outlier_cols + mid)) < c0) lo_p = mid + 1;
-    else hi_p = mid;
-  }
-  for (int p = lo_p; p < p_end; ++p) {
-    const int dc = static_cast<int>(__ldg(layer.outlier_cols + p)) - c0;
-    if (dc >= kTile) break;
-    const float delta = __half2float(__ldg(layer.outlier_values + p));
+  // Outliers of this split while the first stages load: they seed the accumulators.
+  const int g = lane >> 2, t = lane & 3;
+  float acc[NT][4];
+  {
+    const int r = lane & 15, h = lane >> 4;
+    float os[NB];
 #pragma unroll
-    for (int j = 0; j < 16; ++j) wv[j] = dc == j ? __fadd_rn(wv[j], delta) : wv[j];
-  }
-
-  __half* dst = out + static_cast<size_t>(row) * in + c0;
-  const int ncols = min(kTile, in - c0);
-  if (ncols == kTile && (in & 7) == 0) {  // 16-byte aligned: two vector stores
-    uint32_t packed[8];
+    for (int b = 0; b < NB; ++b) os[b] = 0.0f;
+    if (active) {
+      const int p_end = __ldg(layer.outlier_row_ptr + rt * kRows + r + 1);
+      for (int p = __ldg(layer.outlier_row_ptr + rt * kRows + r) + split + splits * h; p < p_end; p += 2 * splits) {
+        const uint32_t word = static_cast<uint32_t>(__ldg(layer.outliers + p));
+        const float v = half_bits_to_float(word);
+        const __half* xc = x + (word >> 16);
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const __half2 hv = __floats2half2_rn(wv[2 * k], wv[2 * k + 1]);
-      memcpy(&packed[k], &hv, sizeof(hv));
+        for (int b = 0; b < NB; ++b) {
+          if (b < rows) os[b] = fmaf(v, __half2float(xc[static_cast<size_t>(b) * in]), os[b]);
+        }
+      }
     }
-    reinterpret_cast<uint4*>(dst)[0] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-    reinterpret_cast<uint4*>(dst)[1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);
-  } else {
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      if (j < ncols) dst[j] = __float2half_rn(wv[j]);
+    for (int b = 0; b < NB; ++b) {
+      os[b] += __shfl_xor_sync(kFullMask, os[b], 16);  // a + b == b + a: both halves get the same sum
+      if (h == 0) out_s[warp][r][b] = os[b];
+    }
+    __syncwarp();
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      acc[n][0] = out_s[warp][g][8 * n + 2 * t];
+      acc[n][1] = out_s[warp][g][8 * n + 2 * t + 1];
+      acc[n][2] = out_s[warp][g + 8][8 * n + 2 * t];
+      acc[n][3] = out_s[warp][g + 8][8 * n + 2 * t + 1];
+    }
+  }
+
+  // Main loop: wait for stage i, refill the stage freed by iteration i-1, decode + mma stage i.
+  for (int i = 0; i < items; ++i) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (i + kStages - 1 < items) issue((i + kStages - 1) % kStages, kb0 + i + kStages - 1);
+    cp_async_commit();
+    if (active) {
+      const int stage = i % kStages;
+      uint32_t a[4][4];
+      decode_record<W, SB>(rec_s[stage][warp], lane, a);
+      const int m = lane >> 3;  // ldmatrix: lane gives row (lane & 7) of matrix m = (tile +m/2, k half m%2)
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+#pragma unroll
+        for (int jp = 0; jp < 2; ++jp) {
+          uint32_t bq[4];
+          ldmatrix_x4(bq, &x_s[stage][8 * n + (lane & 7)][16 * (2 * jp + (m >> 1)) + 8 * (m & 1)]);
+#pragma unroll
+          for (int jj = 0; jj < 2; ++jj) {
+            const uint32_t bf[2] = {bq[2 * jj], bq[2 * jj + 1]};
+            mma_m16n8k16_f16f32(acc[n], a[2 * jp + jj], bf, acc[n]);
+          }
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // Fragment element e of n-tile n: row g + 8*(e >> 1), activation row 8n + 2t + (e & 1).
+  if (splits == 1) {
+    if (active) {
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = rt * kRows + g + 8 * (e >> 1), b = 8 * n + 2 * t + (e & 1);
+          if (row < out && b < rows) y[static_cast<size_t>(b) * out + row] = __float2half_rn(acc[n][e] + bias_at(bias, row));
+        }
+      }
+    }
+    return;
+  }
+
+  // Split-K: partials to the workspace, the last block of this row-tile group reduces them in split order.
+  auto ws_at = [&](int s, int n, int e) {
+    return workspace + ((static_cast<size_t>(blockIdx.x) * splits + s) * kWarps + warp) * (32 * 4 * NT) +
+           (n * 4 + e) * 32 + lane;  // coalesced: consecutive lanes, consecutive floats
+  };
+  if (active) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) *ws_at(split, n, e) = acc[n][e];
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned ticket = atomicAdd(reinterpret_cast<unsigned*>(counters + blockIdx.x), 1u);
+    is_last = ticket == static_cast<unsigned>(splits - 1);
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  if (active) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float v = 0.0f;
+        for (int s = 0; s < splits; ++s) v += __ldcg(ws_at(s, n, e));
+        const int row = rt * kRows + g + 8 * (e >> 1), b = 8 * n + 2 * t + (e & 1);
+        if (row < out && b < rows) y[static_cast<size_t>(b) * out + row] = __float2half_rn(v + bias_at(bias, row));
+      }
+    }
+  }
+  if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch
+}
+
+// ---- dequantization (prefill): one warp per record --------------------------------------------------------------
+// Grid (KB, ceil(RT/4)), 4 warps a block (row tiles 4*blockIdx.y + w). The lane writes its 32 fp16 weights as
+// half2 (16 rows x 64 columns of W per warp), then lanes 0..15 add the outliers of their row inside the record's
+// 64 columns (binary search in the row's sorted run) in fp32, rounding once more to fp16.
+template <int W, int SB>
+__global__ void __launch_bounds__(kWarps * 32) spqr_dequantize_kernel(const SpqrLayer layer, __half* __restrict__ w) {
+  constexpr int R = record_words(W, SB);
+  const int out = layer.out_features, in = layer.in_features;
+  const int row_tiles = (out + kRows - 1) / kRows;
+  const int kblocks = (in + kCols - 1) / kCols;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int rt = blockIdx.y * kWarps + warp, kb = blockIdx.x;
+  if (rt >= row_tiles) return;  // warp-uniform
+  const uint32_t* rec = reinterpret_cast<const uint32_t*>(layer.tiles) + (static_cast<size_t>(rt) * kblocks + kb) * R;
+  uint32_t a[4][4];
+  decode_record<W, SB>(rec, lane, a);
+  const int g = lane >> 2, t = lane & 3;
+  const bool pairs_aligned = (in & 1) == 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int row = rt * kRows + g + 8 * (k & 1);
+      const int col = kb * kCols + 16 * j + 2 * t + 8 * (k >> 1);
+      if (row >= out || col >= in) continue;
+      __half* dst = w + static_cast<size_t>(row) * in + col;
+      const __half2 v = bits_h2(a[j][k]);
+      if (pairs_aligned) {
+        *reinterpret_cast<__half2*>(dst) = v;  // col even, in even: 4-byte aligned, col + 1 < in
+      } else {
+        dst[0] = __low2half(v);
+        if (col + 1 < in) dst[1] = __high2half(v);
+      }
+    }
+  }
+  __syncwarp();
+  if (lane < kRows) {
+    const int row = rt * kRows + lane;
+    if (row < out) {
+      int lo = __ldg(layer.outlier_row_ptr + row), hi = __ldg(layer.outlier_row_ptr + row + 1);
+      const int p_end = hi;
+      const uint32_t c0 = static_cast<uint32_t>(kb * kCols);
+      while (lo < hi) {  // first entry with column >= c0
+        const int mid = (lo + hi) >> 1;
+        if ((static_cast<uint32_t>(__ldg(layer.outliers + mid)) >> 16) < c0) lo = mid + 1;
+        else hi = mid;
+      }
+      for (int p = lo; p < p_end; ++p) {
+        const uint32_t word = static_cast<uint32_t>(__ldg(layer.outliers + p));
+        const uint32_t col = word >> 16;
+        if (col >= c0 + kCols) break;
+        __half* dst = w + static_cast<size_t>(row) * in + col;
+        *dst = __float2half_rn(__half2float(*dst) + half_bits_to_float(word));
+      }
     }
   }
 }
 
-// ---- dispatch on (wbits, stat_bits) ---------------------------------------------------------------------
-
+// ---- dispatch on (wbits, stat_bits) -----------------------------------------------------------------------------
 template <int W, int SB>
-struct MatvecLaunch {
-  static void run(const SpqrLayer& layer, const __half* x, SpqrBias bias, __half* y, cudaStream_t stream) {
-    const int row_tiles = (layer.out_features + kTile - 1) / kTile;
-    SPQR_LAUNCH(row_tiles, kMatvecWarps * 32, 0, stream, spqr_matvec_kernel<W, SB>)(layer, x, bias, y);
+struct SmallLaunch {
+  static void run(const SpqrLayer& layer, const __half* x, int rows, SpqrBias bias, __half* y,
+                  const SpqrSmallPlan& plan, float* workspace, int* counters, int vec_x, cudaStream_t stream) {
+    const int row_tiles = (layer.out_features + kRows - 1) / kRows;
+    const dim3 grid((row_tiles + kWarps - 1) / kWarps, plan.splits);
+    if (rows <= 8) {
+      SPQR_LAUNCH(grid, kWarps * 32, 0, stream, spqr_matmul_small_kernel<W, SB, 1>)
+      (layer, x, rows, vec_x, bias, y, workspace, counters);
+    } else {
+      SPQR_LAUNCH(grid, kWarps * 32, 0, stream, spqr_matmul_small_kernel<W, SB, 2>)
+      (layer, x, rows, vec_x, bias, y, workspace, counters);
+    }
   }
 };
 
 template <int W, int SB>
-struct SmallBatchLaunch {
-  static void run(const SpqrLayer& layer, const __half* x, int rows, SpqrBias bias, __half* y,
-                  cudaStream_t stream) {
-    const int row_tiles = (layer.out_features + kTile - 1) / kTile;
-    if (rows <= 4) {
-      SPQR_LAUNCH(row_tiles, kSmallWarps * 32, 0, stream, spqr_matmul_small_kernel<W, SB, 4>)
-      (layer, x, rows, bias, y);
+struct OccupancyQuery {
+  static void run(int rows, int* blocks) {
+#if defined(SPQR_SHIM)
+    (void)rows;
+    *blocks = 4;
+#else
+    if (rows <= 8) {
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, spqr_matmul_small_kernel<W, SB, 1>, kWarps * 32, 0);
     } else {
-      SPQR_LAUNCH(row_tiles, kSmallWarps * 32, 0, stream, spqr_matmul_small_kernel<W, SB, 16>)
-      (layer, x, rows, bias, y);
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, spqr_matmul_small_kernel<W, SB, 2>, kWarps * 32, 0);
     }
+#endif
   }
 };
 
 template <int W, int SB>
 struct DequantizeLaunch {
   static void run(const SpqrLayer& layer, __half* w, cudaStream_t stream) {
-    const int row_tiles = (layer.out_features + kTile - 1) / kTile;
-    const int col_tiles = (layer.in_features + kTile - 1) / kTile;
-    const dim3 grid((col_tiles + kDequantTilesX - 1) / kDequantTilesX, row_tiles);
-    const dim3 block(kDequantTilesX, kTile);
-    SPQR_LAUNCH(grid, block, 0, stream, spqr_dequantize_kernel<W, SB>)(layer, w);
+    const int row_tiles = (layer.out_features + kRows - 1) / kRows;
+    const int kblocks = (layer.in_features + kCols - 1) / kCols;
+    const dim3 grid(kblocks, (row_tiles + kWarps - 1) / kWarps);
+    SPQR_LAUNCH(grid, kWarps * 32, 0, stream, spqr_dequantize_kernel<W, SB>)(layer, w);
   }
 };
 
@@ -564,30 +471,61 @@ bool dispatch_bits(int wbits, int stat_bits, Args&&... args) {
   return false;
 }
 
+bool layer_ok(const SpqrLayer& layer) {
+  return layer.out_features > 0 && layer.in_features > 0 && layer.in_features <= 65536 &&
+         spqr_kernels_support(layer.wbits, layer.stat_bits);
+}
+
 }  // namespace
 
 bool spqr_kernels_support(int wbits, int stat_bits) {
   return wbits >= 2 && wbits <= 4 && stat_bits >= 2 && stat_bits <= 4;
 }
 
-cudaError_t spqr_matvec(const SpqrLayer& layer, const __half* x, SpqrBias bias, __half* y, cudaStream_t stream) {
-  if (!dispatch_bits<MatvecLaunch>(layer.wbits, layer.stat_bits, layer, x, bias, y, stream)) {
-    return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+int spqr_matmul_small_blocks_per_sm(int wbits, int stat_bits, int rows) {
+  int blocks = 0;
+  if (!dispatch_bits<OccupancyQuery>(wbits, stat_bits, rows, &blocks) || blocks < 1) blocks = 1;
+  return blocks;
 }
 
-cudaError_t spqr_matmul_small(const SpqrLayer& layer, const __half* x, int rows, SpqrBias bias, __half* y,
-                              cudaStream_t stream) {
-  if (rows < 1 || rows > 16) return cudaErrorInvalidValue;
-  if (!dispatch_bits<SmallBatchLaunch>(layer.wbits, layer.stat_bits, layer, x, rows, bias, y, stream)) {
+SpqrSmallPlan spqr_matmul_small_plan(const SpqrLayer& layer, int num_sms, int blocks_per_sm) {
+  const long long row_tiles = (layer.out_features + kRows - 1) / kRows;
+  const long long groups = (row_tiles + kWarps - 1) / kWarps;
+  const long long kblocks = (layer.in_features + kCols - 1) / kCols;
+  const long long slots = static_cast<long long>(num_sms > 0 ? num_sms : 1) * (blocks_per_sm > 0 ? blocks_per_sm : 1);
+  int best = 1;
+  long long best_cost = ((groups + slots - 1) / slots) * kblocks;
+  const long long max_splits = kblocks < 64 ? kblocks : 64;
+  for (long long s = 2; s <= max_splits && s <= 65535; ++s) {
+    // waves x records per block, + 1 for the reduction pass of the last block
+    const long long cost = ((groups * s + slots - 1) / slots) * ((kblocks + s - 1) / s) + 1;
+    if (cost < best_cost) best = static_cast<int>(s), best_cost = cost;
+  }
+  SpqrSmallPlan plan;
+  plan.splits = best;
+  plan.workspace_floats = best == 1 ? 0 : static_cast<size_t>(groups) * best * kWarps * 32 * 8;
+  plan.counters = best == 1 ? 0 : static_cast<int>(groups);
+  return plan;
+}
+
+cudaError_t spqr_matmul_small(const SpqrLayer& layer, const __half* x_stored, int rows, SpqrBias bias, __half* y,
+                              const SpqrSmallPlan& plan, float* workspace, int* counters, cudaStream_t stream) {
+  const int kblocks = (layer.in_features + kCols - 1) / kCols;
+  if (rows < 1 || rows > 16 || !layer_ok(layer) || plan.splits < 1 || plan.splits > kblocks ||
+      plan.splits > 65535 || (plan.splits > 1 && (workspace == nullptr || counters == nullptr))) {
+    return cudaErrorInvalidValue;
+  }
+  const int vec_x = (layer.in_features % 8 == 0) && (reinterpret_cast<uintptr_t>(x_stored) % 16 == 0);
+  if (!dispatch_bits<SmallLaunch>(layer.wbits, layer.stat_bits, layer, x_stored, rows, bias, y, plan, workspace,
+                                  counters, vec_x, stream)) {
     return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
 }
 
 cudaError_t spqr_dequantize(const SpqrLayer& layer, __half* w, cudaStream_t stream) {
-  if ((layer.out_features + kTile - 1) / kTile > 65535) return cudaErrorInvalidValue;  // gridDim.y limit
+  const int row_tiles = (layer.out_features + kRows - 1) / kRows;
+  if (!layer_ok(layer) || (row_tiles + kWarps - 1) / kWarps > 65535) return cudaErrorInvalidValue;
   if (!dispatch_bits<DequantizeLaunch>(layer.wbits, layer.stat_bits, layer, w, stream)) {
     return cudaErrorInvalidValue;
   }

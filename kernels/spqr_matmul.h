@@ -1,12 +1,13 @@
-// Launchers of the SpQR matmul kernels (kernels/spqr_matmul.cu): plain C++ on raw device pointers, so that
-// nvcc alone compiles the kernels and the torch binding (kernels/spqr_ops.cpp) is the only file that knows torch.
+// Launchers of the SpQR v2 kernels (kernels/spqr_matmul.cu): plain C++ on raw device pointers, so that nvcc
+// alone compiles the kernels and the torch binding (kernels/spqr_ops.cpp) is the only file that knows torch.
 //
-// The packed layout is docs/FORMAT.md's (beta1 = beta2 = 16): tiles of 16 rows x 16 stored columns, row-tile
-// major; per tile 8*wbits code words, stat_bits stat words (16 scale codes then 16 zero codes) and four fp16
-// second-order numbers; CSR outliers with unsigned 16-bit stored-column indices; an optional permutation
-// (stored column j = input feature perm[j]) held as unsigned 16-bit numbers.
+// The packed layout is format version 2 (KERNELS_V2_SPEC.md section 2, spqr_run/quant/tile_layout.py, the single
+// source of truth): `tiles` int32 (RT, KB, R), one 16-byte aligned record per 16 rows x 64 stored columns, in
+// mma.m16n8k16 A-fragment order; outliers as packed (fp16 delta | stored column << 16) words with CSR row
+// pointers over the RT*16 padded rows. Kernels never read the permutation: callers pass x_stored = x[:, perm].
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include <cuda_fp16.h>
@@ -19,15 +20,11 @@
 #define SPQR_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 #endif
 
-// One packed SpQR linear (out_features x in_features). Every pointer is a device pointer.
+// One packed SpQR linear (out_features x in_features), v2 layout. Every pointer is a device pointer.
 struct SpqrLayer {
-  const int32_t* codes;            // (RT, CT, 8*wbits) uint32 bit patterns; 16-byte aligned
-  const int32_t* stats;            // (RT, CT, stat_bits)
-  const __half* second;            // (RT, CT, 4): s_scale, z_scale, s_zero, z_zero; 8-byte aligned
-  const __half* outlier_values;    // (nnz,) delta added to the dense weight
-  const uint16_t* outlier_cols;    // (nnz,) stored-column index, unsigned 16-bit
-  const int32_t* outlier_row_ptr;  // (out+1,) CSR row pointers
-  const uint16_t* perm;            // (in,) unsigned 16-bit, or nullptr for the identity
+  const int32_t* tiles;            // (RT, KB, R) records, 16-byte aligned; R = 32*wbits + 4*stat_bits + 8
+  const int32_t* outliers;         // (nnz,) bits 0..15 fp16 delta, bits 16..31 stored column (unsigned)
+  const int32_t* outlier_row_ptr;  // (RT*16 + 1,) CSR pointers over the padded rows
   int out_features;
   int in_features;
   int wbits;      // 2, 3 or 4
@@ -40,16 +37,31 @@ struct SpqrBias {
   const float* f32;
 };
 
+// How spqr_matmul_small splits the work: `splits` blocks share each group of row tiles along K (1: no
+// workspace), and the caller provides `workspace_floats` floats and `counters` zeroed ints (left zeroed).
+struct SpqrSmallPlan {
+  int splits;
+  size_t workspace_floats;
+  int counters;
+};
+
 // True when kernels are compiled for this (wbits, stat_bits) pair.
 bool spqr_kernels_support(int wbits, int stat_bits);
 
-// y (out,) = W @ x[perm] + bias for one activation row x (in,). fp16 in/out, fp32 accumulation.
-cudaError_t spqr_matvec(const SpqrLayer& layer, const __half* x, SpqrBias bias, __half* y, cudaStream_t stream);
+// The split of spqr_matmul_small for this layer on a GPU with `num_sms` SMs and `blocks_per_sm` resident
+// blocks of the kernel per SM (spqr_matmul_small_blocks_per_sm); whole waves, see the design notes.
+SpqrSmallPlan spqr_matmul_small_plan(const SpqrLayer& layer, int num_sms, int blocks_per_sm);
 
-// y (rows, out) = x[:, perm] @ W^T + bias for 1 <= rows <= 16 activation rows x (rows, in), row-major.
-cudaError_t spqr_matmul_small(const SpqrLayer& layer, const __half* x, int rows, SpqrBias bias, __half* y,
-                              cudaStream_t stream);
+// Resident blocks per SM of the small-batch kernel for these bits and row count (occupancy calculator).
+int spqr_matmul_small_blocks_per_sm(int wbits, int stat_bits, int rows);
 
-// w (out, in) row-major fp16 = the dequantized weight in *stored* (permuted) column order, outliers included;
-// bit-identical to QuantizedLinear.dequantize() rounded to fp16.
+// y (rows, out) fp16 = x_stored (rows, in) fp16 @ W^T + bias for 1 <= rows <= 16, W in stored column order
+// (x_stored = x[:, perm]). fp32 accumulation; deterministic (fixed summation order, no float atomics).
+// workspace: plan.workspace_floats floats (may be null when plan.splits == 1); counters: plan.counters ints,
+// zero on entry, zero again on exit (a persistent buffer may be reused by later calls on the same stream).
+cudaError_t spqr_matmul_small(const SpqrLayer& layer, const __half* x_stored, int rows, SpqrBias bias, __half* y,
+                              const SpqrSmallPlan& plan, float* workspace, int* counters, cudaStream_t stream);
+
+// w (out, in) row-major fp16 = the dequantized weight in stored (permuted) column order, outliers included,
+// with the fp16 arithmetic of spqr_matmul_small (within 2^-10 * (|w| + |scale * zero|) of the fp32 reference).
 cudaError_t spqr_dequantize(const SpqrLayer& layer, __half* w, cudaStream_t stream);

@@ -1,5 +1,6 @@
-// Torch binding of the SpQR matmul kernels (kernels/spqr_matmul.cu): checks every tensor's device, dtype,
-// shape, contiguity and alignment, then calls the launchers on the current CUDA stream. No host sync.
+// Torch binding of the SpQR v2 kernels (kernels/spqr_matmul.cu): checks every tensor's device, dtype, shape,
+// contiguity and alignment, plans the split-K grid from the device's SM count and the kernel's occupancy, then
+// calls the launchers on the current CUDA stream. No host sync.
 // Python side: spqr_run/ops/ext.py builds this file, spqr_run/ops/spqr_matmul.py wraps it in torch.library ops.
 
 #include <torch/extension.h>
@@ -8,14 +9,22 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <ATen/cuda/CUDAContext.h>
+
+#include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <optional>
+#include <tuple>
+#include <utility>
 
 #include "spqr_matmul.h"
 
 namespace {
 
 constexpr int64_t kTile = 16;
+constexpr int64_t kRecordCols = 64;
 constexpr int64_t kMaxSmallRows = 16;
 
 void check_tensor(const torch::Tensor& t, const char* name, torch::ScalarType dtype, const torch::Device& device) {
@@ -33,47 +42,28 @@ void check_aligned(const torch::Tensor& t, const char* name, int64_t bytes) {
               "-byte aligned");
 }
 
-// Validates the packed tensors of one spqr linear (docs/FORMAT.md) and views them as a SpqrLayer.
-SpqrLayer make_layer(const torch::Device& device, const torch::Tensor& codes, const torch::Tensor& stats,
-                     const torch::Tensor& second, const torch::Tensor& outlier_values,
-                     const torch::Tensor& outlier_cols, const torch::Tensor& outlier_row_ptr,
-                     const std::optional<torch::Tensor>& perm, int64_t wbits, int64_t stat_bits,
-                     int64_t out_features, int64_t in_features) {
+// Validates the packed v2 tensors of one spqr linear (KERNELS_V2_SPEC.md section 2) and views them as a SpqrLayer.
+SpqrLayer make_layer(const torch::Device& device, const torch::Tensor& tiles, const torch::Tensor& outliers,
+                     const torch::Tensor& outlier_row_ptr, int64_t wbits, int64_t stat_bits, int64_t out_features,
+                     int64_t in_features) {
   TORCH_CHECK(spqr_kernels_support(static_cast<int>(wbits), static_cast<int>(stat_bits)),
               "spqr: no kernel for wbits=", wbits, ", stat_bits=", stat_bits);
   TORCH_CHECK(out_features > 0 && out_features < (int64_t{1} << 30), "spqr: bad out_features ", out_features);
   TORCH_CHECK(in_features > 0 && in_features <= 65536, "spqr: in_features must be in 1..65536, got ", in_features);
   const int64_t row_tiles = (out_features + kTile - 1) / kTile;
-  const int64_t col_tiles = (in_features + kTile - 1) / kTile;
-  check_tensor(codes, "codes", torch::kInt32, device);
-  check_shape(codes, "codes", {row_tiles, col_tiles, 8 * wbits});
-  check_aligned(codes, "codes", 16);
-  check_tensor(stats, "stats", torch::kInt32, device);
-  check_shape(stats, "stats", {row_tiles, col_tiles, stat_bits});
-  check_tensor(second, "second", torch::kHalf, device);
-  check_shape(second, "second", {row_tiles, col_tiles, 4});
-  check_aligned(second, "second", 8);
-  check_tensor(outlier_values, "outlier_values", torch::kHalf, device);
-  check_tensor(outlier_cols, "outlier_cols", torch::kInt16, device);
-  TORCH_CHECK(outlier_values.dim() == 1 && outlier_cols.dim() == 1 &&
-                  outlier_values.numel() == outlier_cols.numel(),
-              "spqr: outlier_values and outlier_cols must be 1-d of equal length");
+  const int64_t kblocks = (in_features + kRecordCols - 1) / kRecordCols;
+  const int64_t record_words = 32 * wbits + 4 * stat_bits + 8;
+  check_tensor(tiles, "tiles", torch::kInt32, device);
+  check_shape(tiles, "tiles", {row_tiles, kblocks, record_words});
+  check_aligned(tiles, "tiles", 16);
+  check_tensor(outliers, "outliers", torch::kInt32, device);
+  TORCH_CHECK(outliers.dim() == 1, "spqr: outliers must be 1-d, got ", outliers.sizes());
   check_tensor(outlier_row_ptr, "outlier_row_ptr", torch::kInt32, device);
-  check_shape(outlier_row_ptr, "outlier_row_ptr", {out_features + 1});
-  const uint16_t* perm_ptr = nullptr;
-  if (perm.has_value()) {
-    check_tensor(*perm, "perm", torch::kInt16, device);
-    check_shape(*perm, "perm", {in_features});
-    perm_ptr = reinterpret_cast<const uint16_t*>(perm->data_ptr());
-  }
+  check_shape(outlier_row_ptr, "outlier_row_ptr", {row_tiles * kTile + 1});
   SpqrLayer layer;
-  layer.codes = codes.data_ptr<int32_t>();
-  layer.stats = stats.data_ptr<int32_t>();
-  layer.second = reinterpret_cast<const __half*>(second.data_ptr());
-  layer.outlier_values = reinterpret_cast<const __half*>(outlier_values.data_ptr());
-  layer.outlier_cols = reinterpret_cast<const uint16_t*>(outlier_cols.data_ptr());
+  layer.tiles = tiles.data_ptr<int32_t>();
+  layer.outliers = outliers.data_ptr<int32_t>();
   layer.outlier_row_ptr = outlier_row_ptr.data_ptr<int32_t>();
-  layer.perm = perm_ptr;
   layer.out_features = static_cast<int>(out_features);
   layer.in_features = static_cast<int>(in_features);
   layer.wbits = static_cast<int>(wbits);
@@ -105,59 +95,68 @@ void check_input(const torch::Tensor& x, int64_t in_features) {
               x.sizes());
 }
 
-std::vector<int64_t> output_shape(const torch::Tensor& x, int64_t out_features) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = out_features;
-  return shape;
+// Ticket counters of the split-K reduction: one persistent zeroed buffer per (device, stream); every launch
+// leaves it zeroed, so it is allocated (and memset) once, before any CUDA graph capture that reuses it.
+torch::Tensor counters_for(const torch::Device& device, cudaStream_t stream, int64_t needed) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, cudaStream_t>, torch::Tensor> buffers;
+  const std::lock_guard<std::mutex> lock(mutex);
+  torch::Tensor& buf = buffers[{device.index(), stream}];
+  if (!buf.defined() || buf.numel() < needed) {
+    buf = torch::zeros({std::max<int64_t>(needed, 4096)}, torch::dtype(torch::kInt32).device(device));
+  }
+  return buf;
 }
 
-// y (..., out) for x (..., in) holding exactly one row.
-torch::Tensor matvec(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& stats,
-                     const torch::Tensor& second, const torch::Tensor& outlier_values,
-                     const torch::Tensor& outlier_cols, const torch::Tensor& outlier_row_ptr,
-                     const std::optional<torch::Tensor>& perm, const std::optional<torch::Tensor>& bias,
-                     int64_t wbits, int64_t stat_bits, int64_t out_features, int64_t in_features) {
-  check_input(x, in_features);
-  TORCH_CHECK(x.numel() == in_features, "spqr.matvec: x must hold one row, got ", x.sizes());
-  const c10::cuda::CUDAGuard guard(x.device());
-  const SpqrLayer layer = make_layer(x.device(), codes, stats, second, outlier_values, outlier_cols,
-                                     outlier_row_ptr, perm, wbits, stat_bits, out_features, in_features);
-  const SpqrBias b = make_bias(bias, x.device(), out_features);
-  torch::Tensor y = torch::empty(output_shape(x, out_features), x.options());
-  C10_CUDA_CHECK(spqr_matvec(layer, reinterpret_cast<const __half*>(x.data_ptr()), b,
-                             reinterpret_cast<__half*>(y.data_ptr()), c10::cuda::getCurrentCUDAStream()));
-  return y;
+// Resident blocks per SM of the small kernel, per (wbits, stat_bits, n-tiles) and device (occupancy calculator).
+int blocks_per_sm(int device, int wbits, int stat_bits, int rows) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int, int, int>, int> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(device, wbits, stat_bits, rows <= 8 ? 1 : 2);
+  auto it = cache.find(key);
+  if (it == cache.end()) it = cache.emplace(key, spqr_matmul_small_blocks_per_sm(wbits, stat_bits, rows)).first;
+  return it->second;
 }
 
-// y (..., out) for x (..., in) holding 1..16 rows; each weight tile is decoded once for all rows.
-torch::Tensor matmul_small(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& stats,
-                           const torch::Tensor& second, const torch::Tensor& outlier_values,
-                           const torch::Tensor& outlier_cols, const torch::Tensor& outlier_row_ptr,
-                           const std::optional<torch::Tensor>& perm, const std::optional<torch::Tensor>& bias,
+// y (rows, out) for x_stored (rows, in) holding 1..16 rows in stored column order.
+torch::Tensor matmul_small(const torch::Tensor& x, const torch::Tensor& tiles, const torch::Tensor& outliers,
+                           const torch::Tensor& outlier_row_ptr, const std::optional<torch::Tensor>& bias,
                            int64_t wbits, int64_t stat_bits, int64_t out_features, int64_t in_features) {
   check_input(x, in_features);
-  const int64_t rows = x.numel() / in_features;
+  TORCH_CHECK(x.dim() == 2, "spqr.matmul_small: x_stored must be (rows, in), got ", x.sizes());
+  const int64_t rows = x.size(0);
   TORCH_CHECK(rows >= 1 && rows <= kMaxSmallRows, "spqr.matmul_small: x must hold 1..16 rows, got ", rows);
   const c10::cuda::CUDAGuard guard(x.device());
-  const SpqrLayer layer = make_layer(x.device(), codes, stats, second, outlier_values, outlier_cols,
-                                     outlier_row_ptr, perm, wbits, stat_bits, out_features, in_features);
+  const SpqrLayer layer =
+      make_layer(x.device(), tiles, outliers, outlier_row_ptr, wbits, stat_bits, out_features, in_features);
   const SpqrBias b = make_bias(bias, x.device(), out_features);
-  torch::Tensor y = torch::empty(output_shape(x, out_features), x.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const SpqrSmallPlan plan = spqr_matmul_small_plan(
+      layer, num_sms, blocks_per_sm(x.device().index(), layer.wbits, layer.stat_bits, static_cast<int>(rows)));
+  torch::Tensor workspace, counters;
+  if (plan.splits > 1) {
+    workspace = torch::empty({static_cast<int64_t>(plan.workspace_floats)}, x.options().dtype(torch::kFloat));
+    counters = counters_for(x.device(), stream, plan.counters);
+  }
+  torch::Tensor y = torch::empty({rows, out_features}, x.options());
   C10_CUDA_CHECK(spqr_matmul_small(layer, reinterpret_cast<const __half*>(x.data_ptr()), static_cast<int>(rows), b,
-                                   reinterpret_cast<__half*>(y.data_ptr()), c10::cuda::getCurrentCUDAStream()));
+                                   reinterpret_cast<__half*>(y.data_ptr()), plan,
+                                   plan.splits > 1 ? workspace.data_ptr<float>() : nullptr,
+                                   plan.splits > 1 ? counters.data_ptr<int32_t>() : nullptr, stream));
   return y;
 }
 
 // W (out, in) fp16 in stored (permuted) column order, outliers included.
-torch::Tensor dequantize(const torch::Tensor& codes, const torch::Tensor& stats, const torch::Tensor& second,
-                         const torch::Tensor& outlier_values, const torch::Tensor& outlier_cols,
-                         const torch::Tensor& outlier_row_ptr, int64_t wbits, int64_t stat_bits,
-                         int64_t out_features, int64_t in_features) {
-  TORCH_CHECK(codes.is_cuda(), "spqr.dequantize: codes must be a CUDA tensor");
-  const c10::cuda::CUDAGuard guard(codes.device());
-  const SpqrLayer layer = make_layer(codes.device(), codes, stats, second, outlier_values, outlier_cols,
-                                     outlier_row_ptr, std::nullopt, wbits, stat_bits, out_features, in_features);
-  torch::Tensor w = torch::empty({out_features, in_features}, second.options());
+torch::Tensor dequantize(const torch::Tensor& tiles, const torch::Tensor& outliers,
+                         const torch::Tensor& outlier_row_ptr, int64_t wbits, int64_t stat_bits, int64_t out_features,
+                         int64_t in_features) {
+  TORCH_CHECK(tiles.is_cuda(), "spqr.dequantize: tiles must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(tiles.device());
+  const SpqrLayer layer =
+      make_layer(tiles.device(), tiles, outliers, outlier_row_ptr, wbits, stat_bits, out_features, in_features);
+  torch::Tensor w = torch::empty({out_features, in_features}, tiles.options().dtype(torch::kHalf));
   C10_CUDA_CHECK(
       spqr_dequantize(layer, reinterpret_cast<__half*>(w.data_ptr()), c10::cuda::getCurrentCUDAStream()));
   return w;
@@ -167,8 +166,7 @@ torch::Tensor dequantize(const torch::Tensor& codes, const torch::Tensor& stats,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "SpQR matmul kernels (see kernels/spqr_matmul.cu)";
-  m.def("matvec", &matvec, "SpQR y = W @ x[perm] (+ bias) for one fp16 row");
-  m.def("matmul_small", &matmul_small, "SpQR y = x[:, perm] @ W^T (+ bias) for 1..16 fp16 rows");
+  m.def("matmul_small", &matmul_small, "SpQR y = x_stored @ W^T (+ bias) for 1..16 fp16 rows (stored order)");
   m.def("dequantize", &dequantize, "SpQR weight (out, in) fp16, stored column order");
   m.def("supports", &spqr_kernels_support, "whether (wbits, stat_bits) has compiled kernels");
 }

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from spqr_run.errors import ModelFormatError
 from spqr_run.quant import LinearMeta, QuantizedLinear, UnpackedLinear
 from spqr_run.quant.packing import pack_bits, unpack_bits
+from spqr_run.quant.tile_layout import record_words, unpack_outliers
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -114,16 +115,16 @@ def check_round_trip(u: UnpackedLinear) -> QuantizedLinear:
     out=st.integers(1, 40),
     inp=st.integers(1, 70),
     wbits=st.sampled_from([2, 3, 4]),
-    groupsize=st.sampled_from([16, 32]),
     nnz_frac=st.floats(0, 0.2),
     perm=st.booleans(),
     seed=st.integers(0, 2**31),
 )
-def test_spqr_layout_round_trip(out, inp, wbits, groupsize, nnz_frac, perm, seed):
-    u = random_unpacked("spqr", out, inp, wbits, groupsize, int(nnz_frac * out * inp), seed, perm)
+def test_spqr_layout_round_trip(out, inp, wbits, nnz_frac, perm, seed):
+    u = random_unpacked("spqr", out, inp, wbits, 16, int(nnz_frac * out * inp), seed, perm)
     q = check_round_trip(u)
     m = q.meta
-    assert q.codes.shape == (math.ceil(out / 16), math.ceil(inp / groupsize), 16 * groupsize * wbits // 32)
+    assert q.tiles.shape == (math.ceil(out / 16), math.ceil(inp / 64), record_words(wbits, 3))
+    assert q.outlier_row_ptr.shape == (math.ceil(out / 16) * 16 + 1,)
     r0 = seed % out
     r1 = min(out, r0 + 1 + seed % 23)
     assert torch.equal(q.dequantize(slice(r0, r1)), q.dequantize()[r0:r1])  # any row range, tile-unaligned
@@ -156,8 +157,7 @@ def test_wide_layer_with_outliers_in_high_columns(inp):
     q = check_round_trip(u)
     assert q.perm.dtype == torch.int16 and torch.equal(q.perm_indices(), u.perm)  # values above 32767 too
     assert int(q.perm_indices().max()) == inp - 1 and bool((q.perm < 0).any()) == (inp > 32768)
-    assert q.outlier_cols.dtype == torch.int16
-    assert q.outlier_cols.tolist() == [c - 65536 if c > 32767 else c for c in cols]
+    assert ((q.outliers.long() >> 16) & 0xFFFF).tolist() == cols  # unsigned column in the high half
     w = q.dequantize(slice(3, 4))
     base = QuantizedLinear.pack(random_unpacked("spqr", 16, inp, 3, 16, 0, seed=1)).dequantize(slice(3, 4))
     assert torch.equal((w - base).nonzero()[:, 1], torch.tensor([32768, 40000]))
@@ -169,9 +169,11 @@ def test_outliers_are_sorted_by_row_then_column():
     u.outlier_cols = torch.tensor([9, 30, 2, 0, 4])
     u.outlier_values = torch.arange(5).half()
     q = QuantizedLinear.pack(u)
-    assert q.outlier_cols.tolist() == [4, 30, 2, 9, 0]
-    assert q.outlier_values.tolist() == [4, 1, 2, 0, 3]
-    assert q.outlier_row_ptr.tolist() == [0, 0, 2, 2, 2, 2, 4] + [4] * 13 + [5]
+    row_ptr, cols, values = unpack_outliers(q.outliers, q.outlier_row_ptr, 20)
+    assert cols.tolist() == [4, 30, 2, 9, 0]
+    assert values.tolist() == [4, 1, 2, 0, 3]
+    assert row_ptr.tolist() == [0, 0, 2, 2, 2, 2, 4] + [4] * 13 + [5]
+    assert q.outlier_row_ptr.tolist() == row_ptr.tolist() + [5] * 12  # padding rows 20..31: empty
 
 
 def _tampered(q: QuantizedLinear, name: str, value) -> dict:
@@ -189,26 +191,83 @@ def test_from_tensors_rejects_bad_data_naming_the_tensor():
     u.outlier_values = torch.ones(3).half()
     q = QuantizedLinear.pack(u)
     meta = q.meta.to_dict()
+    s0 = q.tiles.shape[-1] - 8  # first second-order word of a record
+    inf_second = q.tiles.clone()
+    inf_second[1, 0, s0 + 3] = 0x7C00  # half 6 = +inf
+    nan_value = q.outliers.clone()
+    nan_value[1] = (nan_value[1] & ~0xFFFF) | 0x7E00
+    in_padding = q.outlier_row_ptr.clone()
+    in_padding[8:21] = 2  # row 7's outlier moved to padding row 20: pointers still monotone, end at nnz
     cases = {
-        "codes": _tampered(q, "codes", q.codes.to(torch.int64)),
-        "stats": _tampered(q, "stats", q.stats[:, :1]),
-        "second": _tampered(q, "second", torch.full_like(q.second, float("inf"))),
+        "tiles": _tampered(q, "tiles", q.tiles.to(torch.int64)),
+        "tiles ": _tampered(q, "tiles", q.tiles[:, :, :-1]),
+        "tiles  ": _tampered(q, "tiles", inf_second),
+        "outliers": _tampered(q, "outliers", nan_value),
+        "outliers ": _tampered(q, "outliers", q.outliers | (40 << 16)),  # column 40 >= in_features
+        "outliers  ": _tampered(q, "outliers", None),
+        "outliers   ": _tampered(q, "outliers", q.outliers.to(torch.int16)),
         "outlier_row_ptr": _tampered(q, "outlier_row_ptr", q.outlier_row_ptr.flip(0)),
-        "outlier_cols": _tampered(q, "outlier_cols", torch.full_like(q.outlier_cols, 40)),
+        "outlier_row_ptr ": _tampered(q, "outlier_row_ptr", q.outlier_row_ptr[:21]),  # v1 length (out+1)
+        "outlier_row_ptr  ": _tampered(q, "outlier_row_ptr", in_padding),
         "perm": _tampered(q, "perm", torch.zeros_like(q.perm)),  # not a permutation
         "perm ": _tampered(q, "perm", q.perm.to(torch.int32)),  # the old int32 layout: wrong dtype
         "perm  ": _tampered(q, "perm", torch.where(q.perm == 0, 40, q.perm)),  # 40 >= in_features
         "perm   ": _tampered(q, "perm", torch.where(q.perm == 0, -1, q.perm)),  # 65535 >= in_features
-        "outlier_values": _tampered(q, "outlier_values", None),
         "bogus": {**q.tensors(), "bogus": torch.zeros(1)},
+        "codes": {**q.tensors(), "codes": torch.zeros(1)},  # a v1 tensor in a v2 spqr linear
     }
     for name, tensors in cases.items():
         with pytest.raises(ModelFormatError, match=f"layer.0.*{name.strip()}"):
             QuantizedLinear.from_tensors(tensors, meta=meta, source="layer.0")
-    swapped = _tampered(q, "outlier_cols", torch.tensor([5, 1, 39], dtype=torch.int16))  # row 2: 5 then 1
+    swapped = q.outliers.clone()
+    swapped[[0, 1]] = swapped[[1, 0]]  # row 2: column 5 then 1
     with pytest.raises(ModelFormatError, match="increasing"):
-        QuantizedLinear.from_tensors(swapped, meta=meta, source="layer.0")
+        QuantizedLinear.from_tensors(_tampered(q, "outliers", swapped), meta=meta, source="layer.0")
     with pytest.raises(ModelFormatError, match="wbits"):
         QuantizedLinear.from_tensors(q.tensors(), meta={**meta, "wbits": 5}, source="layer.0")
     with pytest.raises(ModelFormatError, match="in_features"):
         LinearMeta.from_dict({**meta, "in_features": 70000}, source="layer.0")
+    with pytest.raises(ModelFormatError, match="groupsize"):  # the v2 layout is built from 16 x 16 tiles
+        LinearMeta.from_dict({**meta, "groupsize": 32}, source="layer.0")
+
+
+def _part(out: int, inp: int, nnz: int, seed: int, perm: torch.Tensor | None, method: str = "spqr"):
+    u = random_unpacked(method, out, inp, 3, 16, nnz, seed, perm=False)
+    u.perm = perm
+    return QuantizedLinear.pack(u)
+
+
+@pytest.mark.parametrize("outs", [(32, 16, 21), (48,), (16, 5), (64, 64, 64)])
+def test_concat_rows_dequantizes_to_the_row_concatenation(outs):
+    perm = torch.randperm(70, generator=torch.Generator().manual_seed(4))
+    parts = [_part(o, 70, nnz=7 * (i + 1), seed=i, perm=perm) for i, o in enumerate(outs)]
+    fused = QuantizedLinear.concat_rows(parts)
+    assert fused.meta.out_features == sum(outs) and torch.equal(fused.perm, parts[0].perm)
+    want = torch.cat([q.dequantize() for q in parts])
+    assert torch.equal(fused.dequantize(), want)
+    assert fused.num_outliers == sum(q.num_outliers for q in parts)
+    loaded = QuantizedLinear.from_tensors(fused.tensors(), meta=fused.meta.to_dict(), source="fused")
+    assert torch.equal(loaded.dequantize(), want)
+    r0 = outs[0] - 3  # a row range across the first part boundary
+    assert torch.equal(fused.dequantize(slice(r0, r0 + 9)), want[r0 : r0 + 9])
+
+
+def test_concat_rows_of_baselines():
+    parts = [_part(o, 40, 0, seed=o, perm=None, method="gptq") for o in (7, 9)]
+    fused = QuantizedLinear.concat_rows(parts)
+    assert torch.equal(fused.dequantize(), torch.cat([q.dequantize() for q in parts]))
+
+
+def test_concat_rows_refuses_parts_that_cannot_share_one_layout():
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(5))
+    a, b = _part(16, 40, 3, 0, perm), _part(16, 40, 3, 1, perm)
+    with pytest.raises(ValueError, match="part 1 has another input permutation"):
+        QuantizedLinear.concat_rows([a, _part(16, 40, 3, 1, perm.flip(0))])
+    with pytest.raises(ValueError, match="part 1 has another input permutation"):
+        QuantizedLinear.concat_rows([a, _part(16, 40, 3, 1, None)])
+    with pytest.raises(ValueError, match="part 0 has 20 rows, not a multiple of 16"):
+        QuantizedLinear.concat_rows([_part(20, 40, 3, 0, perm), b])
+    with pytest.raises(ValueError, match="part 1 has another method"):
+        QuantizedLinear.concat_rows([a, _part(16, 48, 3, 1, None)])
+    with pytest.raises(ValueError, match="at least one"):
+        QuantizedLinear.concat_rows([])

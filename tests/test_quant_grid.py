@@ -87,7 +87,9 @@ def test_config_validation_and_dict_round_trip():
         {"method": "awq"},
         {"wbits": 8},  # spqr: 2, 3, 4 only
         {"wbits": True},
-        {"groupsize": 24},  # spqr tiles need multiples of 16
+        {"groupsize": 24},  # spqr tiles are 16 x 16
+        {"groupsize": 32},  # the packed layout is built from 16 x 16 mma tiles only
+        {"stat_groupsize": 32},
         {"stat_groupsize": 0},
         {"stat_bits": 9},
         {"outlier_threshold": 0.0},

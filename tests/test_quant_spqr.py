@@ -29,9 +29,7 @@ def hessian_of(x: torch.Tensor) -> torch.Tensor:
 CONFIGS = [
     QuantConfig(wbits=3, percdamp=1.0),
     QuantConfig(wbits=4, simplified_outliers=True, percdamp=1.0),
-    QuantConfig(
-        wbits=2, stat_bits=4, groupsize=32, outlier_threshold=math.inf, act_order=False, percdamp=1.0
-    ),
+    QuantConfig(wbits=2, stat_bits=4, outlier_threshold=math.inf, act_order=False, percdamp=1.0),
     QuantConfig(method="gptq", wbits=4, groupsize=128, percdamp=1.0),
     QuantConfig(method="gptq", wbits=8, groupsize=48, act_order=False, percdamp=1.0),
     QuantConfig(method="rtn", wbits=3, groupsize=128),
@@ -81,6 +79,19 @@ def test_avg_bits_4bit_without_outliers_or_perm_is_exactly_4_625():
         torch.randn(64, 128), hessian_of(correlated_activations(128, 256)), config=cfg
     ).quantized
     assert q.avg_bits == pytest.approx(4.625 + 32 * 65 / (64 * 128), abs=1e-12)  # + empty CSR row pointers
+
+
+def test_avg_bits_count_the_record_padding():
+    """in = 80 is stored as 2 records of 64 columns a row tile (48 padding columns), out = 40 as 3 row tiles:
+    the bytes, and so avg_bits, are the padded records + row pointers over the padded rows + the outliers."""
+    out, n = 40, 80
+    res = quantize_linear(
+        torch.randn(out, n), hessian_of(correlated_activations(n, 256)), config=QuantConfig()
+    )
+    q = res.quantized
+    record_bytes = 128 * 3 + 16 * 3 + 32  # 464
+    nbytes = 3 * 2 * record_bytes + 4 * (3 * 16 + 1) + 4 * q.num_outliers + 2 * n
+    assert q.nbytes == nbytes and q.avg_bits == nbytes * 8 / (out * n)
 
 
 def test_quality_ordering_spqr_gptq_rtn():

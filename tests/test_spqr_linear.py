@@ -58,11 +58,11 @@ def test_row_blocks_do_not_change_the_result(monkeypatch):
 def test_half_input_rounds_once_and_module_casts_keep_packed_dtypes():
     q = _quantized(32, 64, QuantConfig(wbits=3))
     layer = SpQRLinear(q, bias=torch.randn(32)).half()
-    assert layer.second.dtype == torch.float16 and layer.codes.dtype == torch.int32
+    assert layer.tiles.dtype == torch.int32 and layer.outliers.dtype == torch.int32
     assert layer.bias.dtype == torch.float16
-    layer = layer.float()  # fp16 packed stats must survive a module-wide float() unchanged
-    assert layer.second.dtype == torch.float16 and layer.outlier_values.dtype == torch.float16
-    assert torch.equal(layer.second, q.second)
+    layer = layer.float()  # packed words must survive a module-wide float() unchanged
+    assert layer.tiles.dtype == torch.int32 and layer.outlier_row_ptr.dtype == torch.int32
+    assert torch.equal(layer.tiles, q.tiles) and torch.equal(layer.outliers, q.outliers)
     x = torch.randn(4, 64).half()
     y = layer.half()(x)
     assert y.dtype == torch.float16

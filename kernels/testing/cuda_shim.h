@@ -16,12 +16,16 @@
 // Adding an intrinsic: an inline function in namespace-less scope below; anything that communicates between
 // threads must go through cuda_shim::collective() or cuda_shim::barrier() (shim_runtime.cpp) so it is a switch
 // point. Kernels v2 primitives go behind named device functions the same way:
-//   - mma.sync / ldmatrix are warp collectives: each lane posts its fragment registers (or its row address for
-//     ldmatrix) and, when the mask is complete, the last lane computes every lane's result from the PTX ISA
-//     fragment layout. collective() moves 64 bits a lane today; widen its value to the largest fragment.
-//   - cp.async: do the copy at cp.async.wait_group / __pipeline_wait_prior time rather than at issue, so a
-//     missing wait reads the poisoned destination, as a missing barrier does.
+//   - mma.sync / ldmatrix are warp collectives (collective_wide: 16 words a lane each way): each lane posts its
+//     fragment registers (or its row address for ldmatrix) and, when the mask is complete, the last lane
+//     computes every lane's result from the PTX ISA fragment layout (kernels/spqr_ptx.cuh).
+//   - cp.async: the copy happens at cp.async.wait_group time rather than at issue (async_copy / async_wait),
+//     and the destination is poisoned at issue, so a missing wait reads the poisoned destination, as a
+//     missing barrier does.
 #pragma once
+
+// Kernel sources test this to pick the shim's implementation of a primitive (kernels/spqr_ptx.cuh).
+#define SPQR_SHIM 1
 
 #include <math.h>  // fmaf and friends, in the global namespace as in CUDA
 
@@ -52,7 +56,16 @@ namespace cuda_shim {
 using Loc = std::source_location;
 
 // Kinds of warp collective (shim_runtime.cpp resolves them when every lane of the mask has arrived).
-enum class Coll : int { Shfl, ShflUp, ShflDown, ShflXor, Ballot, Any, All, SyncWarp };
+// Mma: mma.sync.m16n8k16 f16 x f16 + f32 (value: a0..a3, b0, b1, c0..c3; result: d0..d3).
+// Gather: each lane receives the 64-bit payloads (value words 0, 1) of up to 8 source lanes it names in value
+// words 2..9 (0xffffffff: none), in result words 2k, 2k + 1 (ldmatrix: the row addresses a lane reads).
+enum class Coll : int { Shfl, ShflUp, ShflDown, ShflXor, Ballot, Any, All, SyncWarp, Mma, Gather };
+
+// The value one lane posts to (or receives from) a wide collective.
+constexpr int kWideWords = 16;
+struct Wide {
+  uint32_t w[kWideWords];
+};
 
 const uint3& thread_idx();
 const uint3& block_idx();
@@ -64,6 +77,22 @@ void barrier(const Loc& loc);
 // One lane's part in a warp collective: returns the value the lane receives (the raw bits of `value` of the
 // source lane for shuffles; the mask result for votes).
 uint64_t collective(Coll kind, unsigned mask, uint64_t value, int arg, int width, const char* name, const Loc& loc);
+// The same with 16 words a lane each way (Mma, Gather; the others use words 0 and 1).
+Wide collective_wide(Coll kind, unsigned mask, const Wide& value, int arg, int width, const char* name,
+                     const Loc& loc);
+// Whether [p, p + bytes) lies inside one __shared__ variable of the running kernels.
+bool is_shared(const void* p, size_t bytes);
+// cp.async of the calling thread: async_copy queues a copy (the caller poisons the destination), async_commit
+// closes the current group, async_next hands back (and removes) the oldest queued copy of a committed group
+// older than the `pending` most recent committed groups (false when none is left): cp.async.wait_group.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  size_t bytes;
+};
+void async_copy(void* dst, const void* src, size_t bytes);
+void async_commit();
+bool async_next(int pending, AsyncCopy* copy);
 // Reports a kernel fault (the launch fails with this message and the thread never resumes).
 [[noreturn]] void fail(const Loc& loc, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
 void check_aligned(const void* p, size_t align, const char* what, const Loc& loc);

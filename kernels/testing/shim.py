@@ -34,7 +34,7 @@ ROOT = KERNELS.parent
 BUILD_ROOT = ROOT / "build" / "cuda_shim"
 BUILDS = ("plain", "asan", "tsan")
 ORDERS = {"forward": 0, "reverse": 1, "random": 2}
-OPS = {"matvec": 0, "matmul_small": 1, "dequantize": 2}
+OPS = {"matmul_small": 1, "dequantize": 2}
 MAX_SMALL_ROWS = 16  # as spqr_run.ops.spqr_matmul: more rows dequantize and multiply
 
 # (source, is CUDA): the kernel sources are compiled unchanged as C++ with the prelude force-included.
@@ -45,7 +45,7 @@ SOURCES = (
     (HERE / "shim_api.cpp", False),
 )
 HEADERS = (HERE / "cuda_shim.h", HERE / "shim_runtime.h", HERE / "include" / "cuda_runtime.h",
-           KERNELS / "spqr_matmul.h")  # fmt: skip
+           KERNELS / "spqr_matmul.h", KERNELS / "spqr_ptx.cuh")  # fmt: skip
 COMMON_FLAGS = (
     "-std=c++20", "-fPIC", "-g", "-Wall", "-Wextra", "-Werror",
     "-Wno-unknown-pragmas",  # #pragma unroll is nvcc's
@@ -246,28 +246,29 @@ class Shim:
         return ShimError(self.lib.cuda_shim_last_error().decode(errors="replace") or f"error {rc}")
 
     def call(
-        self, op: str, q, x: torch.Tensor | None, bias: torch.Tensor | None, out: torch.Tensor
+        self,
+        op: str,
+        q,
+        x: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        out: torch.Tensor,
+        *,
+        splits: int = 0,
+        num_sms: int = 132,
     ) -> torch.Tensor:
-        """Runs launcher `op` ("matvec", "matmul_small", "dequantize") of layer `q` (QuantizedLinear), writing
-        `out` (fp16, its final shape). Raises ShimError on a diagnosed fault or a CUDA error."""
+        """Runs launcher `op` ("matmul_small", "dequantize") of the v2 layer `q` (`tiles`, `outliers`,
+        `outlier_row_ptr`, `meta`), writing `out` (fp16, its final shape). `x` is x_stored (rows, in) fp16.
+        splits: forced split-K count (0: the launcher's plan for `num_sms` SMs). Raises ShimError on a
+        diagnosed fault or a CUDA error."""
         m = q.meta
         rows = 0 if x is None else x.numel() // m.in_features
         bias_kind = 0 if bias is None else {torch.float16: 1, torch.float32: 2}[bias.dtype]
-        tensors = [
-            q.codes,
-            q.stats,
-            q.second,
-            q.outlier_values,
-            q.outlier_cols,
-            q.outlier_row_ptr,
-            q.perm,
-            x,
-            bias,
-        ]
-        tensors = [None if t is None else t.contiguous() for t in tensors]
-        ptrs = (ctypes.c_void_p * 9)(*[None if t is None else t.data_ptr() for t in tensors])
-        sizes = (ctypes.c_size_t * 9)(*[0 if t is None else t.numel() * t.element_size() for t in tensors])
-        ints = (ctypes.c_int * 6)(m.wbits, m.stat_bits, m.out_features, m.in_features, rows, bias_kind)
+        tensors = [q.tiles, q.outliers, q.outlier_row_ptr, x, bias]
+        tensors = [None if t is None or t.numel() == 0 else t.contiguous() for t in tensors]
+        ptrs = (ctypes.c_void_p * 5)(*[None if t is None else t.data_ptr() for t in tensors])
+        sizes = (ctypes.c_size_t * 5)(*[0 if t is None else t.numel() * t.element_size() for t in tensors])
+        ints = (ctypes.c_int * 8)(m.wbits, m.stat_bits, m.out_features, m.in_features, rows, bias_kind, splits,
+                                  num_sms)  # fmt: skip
         assert out.is_contiguous() and out.dtype == torch.float16
         rc = self.lib.spqr_shim_call(OPS[op], ints, ptrs, sizes, out.data_ptr(), out.numel() * 2)
         if rc != 0:
@@ -281,25 +282,39 @@ class Shim:
             "dequantize", q, None, None, torch.empty(m.out_features, m.in_features, dtype=torch.half)
         )
 
-    def spqr_matmul(self, x: torch.Tensor, q, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x (..., in) fp16 -> (..., out) fp16 with the dispatch of spqr_run.ops.spqr_matmul on a GPU: the matvec
-        kernel for one row, the small-batch kernel for 2..16, dequantize + an fp32-accumulated matmul above."""
+    def spqr_matmul_stored(
+        self,
+        x_stored: torch.Tensor,
+        q,
+        bias: torch.Tensor | None = None,
+        *,
+        splits: int = 0,
+        num_sms: int = 132,
+    ) -> torch.Tensor:
+        """x_stored (..., in) fp16, already in stored column order -> (..., out) fp16 with the dispatch of
+        spqr_run.ops.spqr_matmul on a GPU: the small-batch kernel for 1..16 rows, dequantize + an
+        fp32-accumulated matmul above."""
         m = q.meta
-        x2 = x.reshape(-1, m.in_features).contiguous()  # (tokens, in)
+        x2 = x_stored.reshape(-1, m.in_features).contiguous()  # (tokens, in)
         rows = x2.shape[0]
         if rows <= MAX_SMALL_ROWS:
             if bias is not None and bias.dtype not in (torch.float16, torch.float32):
                 bias = bias.float()
             out = torch.empty(rows, m.out_features, dtype=torch.half)
-            y = self.call("matvec" if rows == 1 else "matmul_small", q, x2, bias, out)
+            y = self.call("matmul_small", q, x2, bias, out, splits=splits, num_sms=num_sms)
         else:
             w = self.dequantize(q)  # (out, in) fp16, stored column order
-            xp = x2 if q.perm is None else x2.index_select(1, q.perm_indices())
-            y = xp.float() @ w.float().T  # cuBLAS: fp16 inputs, fp32 accumulation
+            y = x2.float() @ w.float().T  # cuBLAS: fp16 inputs, fp32 accumulation
             if bias is not None:
                 y += bias.half().float()
             y = y.half()
-        return y.reshape(*x.shape[:-1], m.out_features)
+        return y.reshape(*x_stored.shape[:-1], m.out_features)
+
+    def spqr_matmul(self, x: torch.Tensor, q, bias: torch.Tensor | None = None, **kw) -> torch.Tensor:
+        """x (..., in) fp16 -> (..., out) fp16: gathers x[..., perm] and runs `spqr_matmul_stored`."""
+        perm = q.perm_indices()
+        xs = x if perm is None else x.index_select(-1, perm)
+        return self.spqr_matmul_stored(xs, q, bias, **kw)
 
     def selftest(self, name: str, inp: torch.Tensor, n_out: int) -> torch.Tensor:
         """Runs self-test kernel `name` (kernels/testing/shim_selftest.cu) on float32 `inp`; returns n_out floats."""

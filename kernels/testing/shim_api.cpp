@@ -124,47 +124,63 @@ const char* cuda_shim_build() {
 #endif
 }
 
-// One SpQR kernel call. op: 0 spqr_matvec, 1 spqr_matmul_small, 2 spqr_dequantize.
-// ints: wbits, stat_bits, out_features, in_features, rows, bias_kind (0 none, 1 fp16, 2 fp32).
-// buffers/bytes (9): codes, stats, second, outlier_values, outlier_cols, outlier_row_ptr, perm, x, bias;
-// a null pointer is an absent buffer. out/out_bytes: where the kernel's output is copied.
-// Returns 0, or a CUDA error code with cuda_shim_last_error() set.
+// One SpQR kernel call. op: 1 spqr_matmul_small, 2 spqr_dequantize.
+// ints (8): wbits, stat_bits, out_features, in_features, rows, bias_kind (0 none, 1 fp16, 2 fp32), splits (0: the
+// launcher's plan for num_sms SMs), num_sms.
+// buffers/bytes (5): tiles, outliers, outlier_row_ptr, x (stored column order), bias; a null pointer is an
+// absent buffer. The split-K workspace is fenced and poisoned (NaN), the ticket counters fenced and zeroed; after
+// the call every counter must be zero again (the launcher's contract for reusing them).
+// out/out_bytes: where the kernel's output is copied. Returns 0, or a CUDA error code with
+// cuda_shim_last_error() set.
 int spqr_shim_call(int op, const int* ints, const void* const* buffers, const size_t* bytes, void* out,
                    size_t out_bytes) {
   const CallGuard guard;
-  static const char* const names[9] = {"codes",           "stats", "second", "outlier_values", "outlier_cols",
-                                       "outlier_row_ptr", "perm",  "x",      "bias"};
-  const void* dev[9] = {};
-  for (int i = 0; i < 9; ++i) {
+  static const char* const names[5] = {"tiles", "outliers", "outlier_row_ptr", "x", "bias"};
+  const void* dev[5] = {};
+  for (int i = 0; i < 5; ++i) {
     if (buffers[i] != nullptr) dev[i] = fenced(names[i], buffers[i], bytes[i], 0, /*read_only=*/true);
   }
   char* y = fenced("output", nullptr, out_bytes, 0xff, /*read_only=*/false);
   SpqrLayer layer;
-  layer.codes = static_cast<const int32_t*>(dev[0]);
-  layer.stats = static_cast<const int32_t*>(dev[1]);
-  layer.second = static_cast<const __half*>(dev[2]);
-  layer.outlier_values = static_cast<const __half*>(dev[3]);
-  layer.outlier_cols = static_cast<const uint16_t*>(dev[4]);
-  layer.outlier_row_ptr = static_cast<const int32_t*>(dev[5]);
-  layer.perm = static_cast<const uint16_t*>(dev[6]);
+  layer.tiles = static_cast<const int32_t*>(dev[0]);
+  layer.outliers = static_cast<const int32_t*>(dev[1]);
+  layer.outlier_row_ptr = static_cast<const int32_t*>(dev[2]);
   layer.wbits = ints[0];
   layer.stat_bits = ints[1];
   layer.out_features = ints[2];
   layer.in_features = ints[3];
   const int rows = ints[4];
   SpqrBias bias{nullptr, nullptr};
-  if (ints[5] == 1) bias.f16 = static_cast<const __half*>(dev[8]);
-  if (ints[5] == 2) bias.f32 = static_cast<const float*>(dev[8]);
-  const auto* x = static_cast<const __half*>(dev[7]);
+  if (ints[5] == 1) bias.f16 = static_cast<const __half*>(dev[4]);
+  if (ints[5] == 2) bias.f32 = static_cast<const float*>(dev[4]);
+  const auto* x = static_cast<const __half*>(dev[3]);
   auto* yh = reinterpret_cast<__half*>(y);
   cudaError_t e = cudaErrorInvalidValue;
   const char* what = "unknown op";
-  if (op == 0) {
-    what = "spqr_matvec";
-    e = spqr_matvec(layer, x, bias, yh, nullptr);
-  } else if (op == 1) {
+  if (op == 1) {
     what = "spqr_matmul_small";
-    e = spqr_matmul_small(layer, x, rows, bias, yh, nullptr);
+    SpqrSmallPlan plan = spqr_matmul_small_plan(layer, ints[7], spqr_matmul_small_blocks_per_sm(
+                                                                     layer.wbits, layer.stat_bits, rows));
+    if (ints[6] > 0) {  // a forced split count: the workspace for it
+      plan.splits = ints[6];
+      plan.counters = (layer.out_features + 63) / 64;
+      plan.workspace_floats = static_cast<size_t>(plan.counters) * plan.splits * 4 * 32 * 8;
+    }
+    float* ws = plan.workspace_floats == 0
+                    ? nullptr
+                    : reinterpret_cast<float*>(
+                          fenced("workspace", nullptr, plan.workspace_floats * sizeof(float), 0xff, false));
+    int* counters = plan.counters == 0 ? nullptr
+                                       : reinterpret_cast<int*>(
+                                             fenced("counters", nullptr, plan.counters * sizeof(int), 0, false));
+    e = spqr_matmul_small(layer, x, rows, bias, yh, plan, ws, counters, nullptr);
+    for (int i = 0; e == cudaSuccess && i < plan.counters; ++i) {
+      if (counters[i] != 0) {
+        g_api_error = "spqr_matmul_small left ticket counter " + std::to_string(i) + " at " +
+                      std::to_string(counters[i]) + " (must be reset to 0)";
+        return static_cast<int>(cudaErrorLaunchFailure);
+      }
+    }
   } else if (op == 2) {
     what = "spqr_dequantize";
     e = spqr_dequantize(layer, yh, nullptr);

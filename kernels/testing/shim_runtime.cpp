@@ -12,11 +12,13 @@
 // block b happens before block b + 1: shared memory is reused between blocks). Under TSan this file itself is
 // compiled without instrumentation, so the scheduler's bookkeeping is invisible to the race detector.
 #include <algorithm>
+#include <cmath>
 #include <csignal>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <mutex>
 #include <random>
 #include <string>
@@ -114,7 +116,11 @@ struct Fiber {
   unsigned mask = 0;
   int arg = 0, width = 32;
   const char* name = "";
-  uint64_t value = 0, result = 0;
+  Wide value{}, result{};
+  // cp.async: queued copies with their group number; `open_group` is the number of the group being filled
+  // (= the number of committed groups).
+  std::deque<std::pair<long, AsyncCopy>> async_queue;
+  long open_group = 0;
   void* tsan_fiber = nullptr;
   void* asan_fake = nullptr;
 };
@@ -361,6 +367,8 @@ __attribute__((no_sanitize("address", "thread"))) void prepare_fiber(Fiber& f, c
   f.state = State::Runnable;
   f.started = false;
   f.asan_fake = nullptr;
+  f.async_queue.clear();  // copies a thread never waited for die with its block
+  f.open_group = 0;
 #if defined(__x86_64__)
   // Initial frame for cuda_shim_switch: control words, six callee-saved registers, return address fiber_main,
   // and a zero fake return address so fiber_main starts with the ABI's stack alignment.
@@ -611,13 +619,79 @@ void barrier(const Loc& loc) {
   tsan_acquire(g->barrier_sync);
 }
 
+namespace {
+
+// half (IEEE binary16 bits) -> float, exactly.
+float half_to_float(uint32_t h) {
+  const uint32_t exp = (h >> 10) & 31u, man = h & 1023u;
+  float v;
+  if (exp == 0) {
+    v = std::ldexp(static_cast<float>(man), -24);
+  } else if (exp == 31) {
+    v = man != 0 ? NAN : INFINITY;
+  } else {
+    v = std::ldexp(static_cast<float>(man | 1024u), static_cast<int>(exp) - 25);
+  }
+  return (h & 0x8000u) != 0 ? -v : v;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 for a whole warp, from the PTX ISA fragment layout (lane L,
+// g = L >> 2, t = L & 3; "Matrix Fragments for mma.m16n8k16 with floating point type"):
+//   A (16x16, f16x2 registers a0..a3): a0 = A[g][2t, 2t+1], a1 = A[g+8][2t, 2t+1], a2 = A[g][2t+8, 2t+9],
+//     a3 = A[g+8][2t+8, 2t+9] (the lower column in the lower 16 bits);
+//   B (16x8, b0, b1): b0 = B[2t, 2t+1][g], b1 = B[2t+8, 2t+9][g];
+//   C, D (16x8 f32, c0..c3): C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1].
+// Each D element is C + the 16 products, summed in double (the products of two halves are exact) and rounded
+// to float once; the hardware accumulates in fp32 in an order the ISA does not specify.
+void warp_mma(Fiber* lanes) {
+  float a[16][16], b[16][8], c[16][8];
+  for (int l = 0; l < kWarp; ++l) {
+    const uint32_t* v = lanes[l].value.w;
+    const int g = l >> 2, t = l & 3;
+    for (int k = 0; k < 4; ++k) {
+      const int row = g + 8 * (k & 1), col = 2 * t + 8 * (k >> 1);
+      a[row][col] = half_to_float(v[k] & 0xffffu);
+      a[row][col + 1] = half_to_float(v[k] >> 16);
+    }
+    for (int k = 0; k < 2; ++k) {
+      b[2 * t + 8 * k][g] = half_to_float(v[4 + k] & 0xffffu);
+      b[2 * t + 8 * k + 1][g] = half_to_float(v[4 + k] >> 16);
+    }
+    for (int k = 0; k < 4; ++k) std::memcpy(&c[g + 8 * (k >> 1)][2 * t + (k & 1)], &v[6 + k], 4);
+  }
+  for (int l = 0; l < kWarp; ++l) {
+    const int g = l >> 2, t = l & 3;
+    for (int k = 0; k < 4; ++k) {
+      const int row = g + 8 * (k >> 1), col = 2 * t + (k & 1);
+      double sum = c[row][col];
+      for (int i = 0; i < 16; ++i) sum += static_cast<double>(a[row][i]) * b[i][col];
+      const float d = static_cast<float>(sum);
+      std::memcpy(&lanes[l].result.w[k], &d, 4);
+    }
+  }
+}
+
+}  // namespace
+
 uint64_t collective(Coll kind, unsigned mask, uint64_t value, int arg, int width, const char* name,
                     const Loc& loc) {
+  Wide v{};
+  v.w[0] = static_cast<uint32_t>(value);
+  v.w[1] = static_cast<uint32_t>(value >> 32);
+  const Wide r = collective_wide(kind, mask, v, arg, width, name, loc);
+  return r.w[0] | static_cast<uint64_t>(r.w[1]) << 32;
+}
+
+Wide collective_wide(Coll kind, unsigned mask, const Wide& value, int arg, int width, const char* name,
+                     const Loc& loc) {
   Fiber& f = *g->current;
   if (width < 1 || width > kWarp || (width & (width - 1)) != 0) {
     fail(loc, "%s: width %d is not a power of 2 in 1..32", name, width);
   }
   if (!((mask >> f.lane) & 1u)) fail(loc, "%s: mask 0x%08x does not include the calling lane %d", name, mask, f.lane);
+  if ((kind == Coll::Mma || kind == Coll::Gather) && mask != 0xffffffffu) {
+    fail(loc, "%s: mask 0x%08x: a .sync.aligned warp instruction needs all 32 lanes", name, mask);
+  }
   Fiber* lanes = &g->fibers[static_cast<size_t>(f.warp) * kWarp];
   const int warp_lanes = std::min(kWarp, g->nthreads - f.warp * kWarp);
   f.state = State::Coll;
@@ -647,29 +721,34 @@ uint64_t collective(Coll kind, unsigned mask, uint64_t value, int arg, int width
     }
   }
   if (kind == Coll::SyncWarp) tsan_release(&g->warp_sync[f.warp]);
-  if (complete) {
+  if (complete && kind == Coll::Mma) {
+    warp_mma(lanes);
+    for (int l = 0; l < kWarp; ++l) lanes[l].state = State::Runnable;
+  } else if (complete) {
     uint64_t votes = 0;
     for (int l = 0; l < kWarp; ++l) {
-      if ((mask >> l) & 1u) votes |= static_cast<uint64_t>(lanes[l].value != 0) << l;
+      if ((mask >> l) & 1u) votes |= static_cast<uint64_t>((lanes[l].value.w[0] | lanes[l].value.w[1]) != 0) << l;
     }
     for (int l = 0; l < kWarp; ++l) {
       if (!((mask >> l) & 1u)) continue;
       Fiber& d = lanes[l];
-      const int seg = l & ~(width - 1);
+      // each lane's own source lane, delta or lane mask (they may differ between lanes)
+      const int w = d.width, a = d.arg;
+      const int seg = l & ~(w - 1);
       int src = l;
       switch (kind) {
         case Coll::Shfl:
-          src = seg + (arg & (width - 1));
+          src = seg + (a & (w - 1));
           break;
         case Coll::ShflUp:
-          src = (l - seg) >= arg ? l - arg : l;
+          src = (l - seg) >= a ? l - a : l;
           break;
         case Coll::ShflDown:
-          src = (l - seg) + arg < width ? l + arg : l;
+          src = (l - seg) + a < w ? l + a : l;
           break;
         case Coll::ShflXor:
-          src = l ^ arg;
-          if (src < seg || src >= seg + width) src = l;
+          src = l ^ a;
+          if (src < seg || src >= seg + w) src = l;
           break;
         default:
           break;
@@ -677,21 +756,31 @@ uint64_t collective(Coll kind, unsigned mask, uint64_t value, int arg, int width
       if (src != l && !((mask >> src) & 1u)) {
         fail(loc, "%s(mask 0x%08x): lane %d reads lane %d, which is not in the mask", name, mask, l, src);
       }
+      d.result = Wide{};
       switch (kind) {
         case Coll::Ballot:
-          d.result = votes;
+          d.result.w[0] = static_cast<uint32_t>(votes);
           break;
         case Coll::Any:
-          d.result = votes != 0;
+          d.result.w[0] = votes != 0;
           break;
         case Coll::All:
-          d.result = votes == mask;
+          d.result.w[0] = votes == mask;
           break;
         case Coll::SyncWarp:
-          d.result = 0;
+          break;
+        case Coll::Gather:
+          for (int k = 0; k < 8; ++k) {
+            const uint32_t s = d.value.w[2 + k];
+            if (s == 0xffffffffu) continue;
+            if (s >= static_cast<uint32_t>(kWarp)) fail(loc, "%s: lane %d names source lane %u", name, l, s);
+            d.result.w[2 * k] = lanes[s].value.w[0];
+            d.result.w[2 * k + 1] = lanes[s].value.w[1];
+          }
           break;
         default:
-          d.result = lanes[src].value;
+          d.result.w[0] = lanes[src].value.w[0];
+          d.result.w[1] = lanes[src].value.w[1];
       }
       d.state = State::Runnable;
     }
@@ -700,6 +789,35 @@ uint64_t collective(Coll kind, unsigned mask, uint64_t value, int arg, int width
   }
   if (kind == Coll::SyncWarp) tsan_acquire(&g->warp_sync[f.warp]);
   return f.result;
+}
+
+bool is_shared(const void* p, size_t bytes) {
+  if (!g_shared_found) {
+    g_shared = find_shared_memory();
+    g_shared_found = true;
+  }
+  const auto* c = static_cast<const char*>(p);
+  for (const Region& r : g_shared) {
+    if (c >= r.p && c + bytes <= r.p + r.n) return true;
+  }
+  return false;
+}
+
+void async_copy(void* dst, const void* src, size_t bytes) {
+  Fiber& f = *g->current;
+  f.async_queue.emplace_back(f.open_group, AsyncCopy{dst, src, bytes});
+}
+
+void async_commit() { ++g->current->open_group; }
+
+bool async_next(int pending, AsyncCopy* copy) {
+  Fiber& f = *g->current;
+  // committed groups are 0 .. open_group - 1; the `pending` most recent may stay in flight
+  const long done_below = f.open_group - std::max(pending, 0);
+  if (f.async_queue.empty() || f.async_queue.front().first >= done_below) return false;
+  *copy = f.async_queue.front().second;
+  f.async_queue.pop_front();
+  return true;
 }
 
 void run_grid(dim3 grid, dim3 block, size_t dynamic_smem, Body body, const char* kernel, const Loc& loc) {

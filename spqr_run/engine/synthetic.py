@@ -25,7 +25,7 @@ from spqr_run.engine.planner import fp16_params, linear_params
 from spqr_run.errors import ConfigError
 from spqr_run.models.decoder import Decoder, Rotary
 from spqr_run.models.spqr_linear import SpQRLinear
-from spqr_run.quant import LinearMeta, QuantConfig, QuantizedLinear
+from spqr_run.quant import LinearMeta, QuantConfig, QuantizedLinear, tile_layout
 from spqr_run.quant.packing import encode_columns
 
 METHODS = ("spqr", "fp16")
@@ -135,33 +135,38 @@ def random_spqr_linear(
     uniform with std 3 * std at `outlier_rate` of all positions (distinct, one per equal stratum).
     """
     out, inp = meta.out_features, meta.in_features
-    rt, ct = meta.num_row_groups, meta.num_groups
-    codes = _random_words((rt, ct, meta.tile_words), gen, device)  # (rt, ct, b2*b1*wbits/32)
-    stats = _random_words((rt, ct, meta.tile_stat_words), gen, device)  # (rt, ct, 2*b2*sbits/32)
+    rt, kb = meta.num_row_groups, meta.num_k_blocks
+    tiles = _random_words((rt, kb, meta.record_words), gen, device)  # (RT, KB, R): codes and stats random
     nq, ns = 1 << meta.wbits, 1 << meta.stat_bits
     code_var = (nq * nq - 1) / 12 + (ns * ns - 1) / 12  # Var(c - zero), both uniform
     mean_sc = (ns - 1) / 2 + 1  # E[sc + 1]
     target = 1.0 / math.sqrt(inp)
     a = target / (mean_sc * math.sqrt(code_var))
-    second = torch.tensor([a, -1.0, 1.0, 0.0], dtype=torch.float16, device=device)
-    second = second.expand(rt, ct, 4).contiguous()  # (rt, ct, 4) [s.scale, s.zero, z.scale, z.zero]
+    second = torch.tensor(
+        [a, -1.0, 1.0, 0.0], dtype=torch.float16, device=device
+    )  # [s.scale, s.zero, z.scale, z.zero]
+    tiles[..., -tile_layout.SECOND_WORDS :] = tile_layout.halves_to_words(second.repeat(4))  # 4 groups
+    _zero_padding(tiles, meta)
     nnz = int(round(outlier_rate * out * inp))
     flat = _stratified_positions(out * inp, nnz, gen, device)  # (nnz,) sorted, distinct
     values = _uniform((nnz,), 3 * target, gen, device).half()  # (nnz,)
     row_ptr = torch.searchsorted(flat, torch.arange(out + 1, device=device) * inp).to(torch.int32)
-    cols = encode_columns(flat % inp)  # (nnz,) CSR order: sorted by row, then column
+    outliers, row_ptr = tile_layout.pack_outliers(row_ptr, flat % inp, values, out)  # CSR order: row, column
     # (in,) int16 holding the unsigned 16-bit pattern, as files store it
     perm = encode_columns(torch.randperm(inp, generator=gen, device=device))
-    return QuantizedLinear(
-        meta=meta,
-        codes=codes,
-        stats=stats,
-        second=second,
-        outlier_values=values,
-        outlier_cols=cols,
-        outlier_row_ptr=row_ptr,
-        perm=perm,
-    )
+    return QuantizedLinear(meta=meta, tiles=tiles, outliers=outliers, outlier_row_ptr=row_ptr, perm=perm)
+
+
+def _zero_padding(tiles: Tensor, meta: LinearMeta) -> None:
+    """Clear the padding of the last row tile and the last k-block (code 0, stat 0, second 0, as `pack`
+    writes it) by unpacking and repacking just those records; in place."""
+    out, inp, wb, sb = meta.out_features, meta.in_features, meta.wbits, meta.stat_bits
+    last_cols = inp - tile_layout.COLS * (meta.num_k_blocks - 1)
+    if last_cols < tile_layout.COLS:
+        tiles[:, -1:] = tile_layout.pack(*tile_layout.unpack(tiles[:, -1:], out, last_cols, wb, sb), wb, sb)
+    last_rows = out - tile_layout.ROWS * (meta.num_row_groups - 1)
+    if last_rows < tile_layout.ROWS:
+        tiles[-1:] = tile_layout.pack(*tile_layout.unpack(tiles[-1:], last_rows, inp, wb, sb), wb, sb)
 
 
 # ---- whole models ---------------------------------------------------------------------------------
@@ -244,8 +249,10 @@ def synthetic_weight_bytes(
     per_block = 0
     for out, inp in cfg.linear_shapes().values():
         m = spqr_meta(out, inp, wbits)
-        tiles = m.num_row_groups * m.num_groups
+        records = m.num_row_groups * m.num_k_blocks
         nnz = round(outlier_rate * out * inp)
-        per_block += tiles * (m.tile_words * 4 + m.tile_stat_words * 4 + 4 * 2)  # codes, stats, second
-        per_block += nnz * 4 + (out + 1) * 4 + inp * 2  # outliers (fp16 + u16), row_ptr (i32), perm (u16)
+        per_block += records * m.record_words * 4  # codes, stats, second
+        per_block += (
+            nnz * 4 + (m.num_row_groups * 16 + 1) * 4 + inp * 2
+        )  # outliers, row_ptr (i32), perm (u16)
     return fp16 + cfg.num_layers * per_block

@@ -4,7 +4,9 @@ The safetensors header's `__metadata__` holds one key, `spqr`, whose value is a 
 format name and version, the model config, the quantization config, the tokenizer, generation defaults,
 each quantized linear's `LinearMeta`, and a summary (bits, outliers, calibration). Tensors: dense fp16
 `embed_tokens.weight`, norms, `lm_head.weight` and linear biases under their canonical names, and per
-quantized linear `{module}.{codes,stats,second,...}` in the packed layout of `spqr_run.quant` (docs/FORMAT.md).
+quantized linear `{module}.{tiles,outliers,outlier_row_ptr,perm}` (spqr) or `{module}.{codes,scales,zeros,perm}`
+(gptq/rtn) in the packed layout of `spqr_run.quant` (docs/FORMAT.md). Format 1 files (spqr linears in the
+older tile layout) are converted on load, exactly (`spqr_run.quant.format_v1`).
 
 Writing streams tensors one at a time straight into a temporary file that is renamed when complete, so a
 model larger than host memory can be written and a crash never leaves a partial `.spqr` behind.
@@ -27,7 +29,10 @@ from spqr_run.config import ModelConfig
 from spqr_run.errors import ModelFormatError
 
 FORMAT_NAME = "spqr"
-FORMAT_VERSION = 1
+# 2 (written): spqr linears in 16 x 64 mma-fragment records (docs/FORMAT.md);
+# 1: spqr linears in 16 x 16 row-major tiles, converted on load (spqr_run/quant/format_v1.py)
+FORMAT_VERSION = 2
+OLDEST_READABLE_VERSION = 1
 DENSE_DTYPE = torch.float16
 _ST_DTYPES = {
     torch.float16: "F16", torch.float32: "F32", torch.int32: "I32", torch.int16: "I16",
@@ -101,10 +106,10 @@ def read_header(path: Path) -> dict[str, Any]:
         raise ModelFormatError(
             f"{path}: format version {version} is newer than this spqr-run reads ({FORMAT_VERSION}); upgrade spqr-run"
         )
-    if version < FORMAT_VERSION:
+    if version < OLDEST_READABLE_VERSION:
         raise ModelFormatError(
-            f"{path}: format version {version} is no longer supported (this spqr-run reads {FORMAT_VERSION}); "
-            "quantize the model again with spqr-quantize"
+            f"{path}: format version {version} is no longer supported (this spqr-run reads "
+            f"{OLDEST_READABLE_VERSION} to {FORMAT_VERSION}); quantize the model again with spqr-quantize"
         )
     for key, kind in (("model_config", dict), ("quant_config", dict), ("tokenizer", dict), ("linears", dict)):
         if not isinstance(header.get(key), kind):
@@ -143,11 +148,13 @@ def open_spqr(path: Path):
     from spqr_run.loading import ModelSource
     from spqr_run.models.spqr_linear import SpQRLinear
     from spqr_run.quant import LinearMeta, QuantConfig, QuantizedLinear
+    from spqr_run.quant.format_v1 import convert_v1_tensors
     from spqr_run.sampling import clean_model_defaults
     from spqr_run.tokenizer import Tokenizer
 
     header = read_header(path)
     src = str(path)
+    version = header["format_version"]
     cfg = ModelConfig.from_dict(header["model_config"], source=f"{src} model_config")
     qcfg = QuantConfig.from_dict(header["quant_config"], source=f"{src} quant_config")
     tokenizer = Tokenizer.from_json_dict(header["tokenizer"], source=f"{src} tokenizer")
@@ -160,6 +167,12 @@ def open_spqr(path: Path):
     for name, meta in header["linears"].items():
         if name not in expected:
             raise ModelFormatError(f"{path}: header lists unknown linear {name!r}")
+        if version == 1 and isinstance(meta, dict) and meta.get("method") == "spqr":
+            if (meta.get("groupsize"), meta.get("stat_groupsize")) != (16, 16):
+                raise ModelFormatError(
+                    f"{path}: format 1 linear {name!r} has groupsize {meta.get('groupsize')} / stat_groupsize "
+                    f"{meta.get('stat_groupsize')}; format 2 needs 16 / 16: quantize the model again"
+                )
         m = LinearMeta.from_dict(meta, source=f"{src} linear {name}")
         if (m.out_features, m.in_features) != expected[name]:
             raise ModelFormatError(
@@ -181,10 +194,12 @@ def open_spqr(path: Path):
     def linear_factory(name: str) -> nn.Module | None:
         if name not in metas:
             return None
-        tensors = _read(path, packed.get(name, []))
-        q = QuantizedLinear.from_tensors(
-            {k.rpartition(".")[2]: v for k, v in tensors.items()}, meta=metas[name], source=f"{src} {name}"
-        )
+        tensors = {k.rpartition(".")[2]: v for k, v in _read(path, packed.get(name, [])).items()}
+        source = f"{src} {name}"
+        if version == 1:
+            source += " (format 1)"
+            tensors = convert_v1_tensors(tensors, metas[name], source)
+        q = QuantizedLinear.from_tensors(tensors, meta=metas[name], source=source)
         bias = None
         if f"{name}.bias" in dense:
             bias = _read(path, [f"{name}.bias"])[f"{name}.bias"]

@@ -4,6 +4,6 @@ The CUDA extension is built lazily on first CUDA use (`ext.load_extension`); imp
 nothing.
 """
 
-from spqr_run.ops.spqr_matmul import kernels_support, spqr_matmul
+from spqr_run.ops.spqr_matmul import kernels_support, spqr_matmul, spqr_matmul_stored
 
-__all__ = ["kernels_support", "spqr_matmul"]
+__all__ = ["kernels_support", "spqr_matmul", "spqr_matmul_stored"]

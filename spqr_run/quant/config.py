@@ -48,8 +48,8 @@ class QuantConfig:
         if self.method == "spqr":
             for name in ("groupsize", "stat_groupsize"):
                 value = getattr(self, name)
-                if value <= 0 or value % TILE:
-                    raise ConfigError(f"{name} must be a positive multiple of {TILE} for spqr, got {value}")
+                if value != TILE:  # the packed layout is built from 16 x 16 mma tiles (docs/FORMAT.md)
+                    raise ConfigError(f"{name} must be {TILE} for spqr (the packed tile layout), got {value}")
             if not 1 <= self.stat_bits <= 8:
                 raise ConfigError(f"stat_bits must be in 1..8, got {self.stat_bits}")
         if not self.outlier_threshold > 0:  # also rejects nan

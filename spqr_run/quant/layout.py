@@ -1,9 +1,8 @@
 """`UnpackedLinear` (codes as plain integers) <-> packed tensors, and the dequantization of row ranges.
 
-The packed arrangement is drawn in docs/FORMAT.md. SpQR: the (out, in) code matrix is cut into tiles of
-beta2 rows x beta1 columns (16 x 16), tails padded with code 0 to whole tiles; tiles are stored row-tile
-major, each tile's codes row-major and bit-packed (`packing.pack_bits`). Baselines: one bit-packed run of
-codes per row, padded to a multiple of 32 codes.
+The packed arrangement is drawn in docs/FORMAT.md. SpQR: records of 16 rows x 64 stored columns in mma
+fragment order (`tile_layout`, the single source of truth for bit positions). Baselines: one bit-packed run
+of codes per row, padded to a multiple of 32 codes.
 """
 
 from __future__ import annotations
@@ -14,9 +13,10 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from spqr_run.quant import tile_layout
 from spqr_run.quant.grid import dequantize_codes
 from spqr_run.quant.meta import LinearMeta
-from spqr_run.quant.packing import csr_rows, decode_columns, pack_bits, unpack_bits
+from spqr_run.quant.packing import csr_rows, pack_bits, unpack_bits
 
 
 @dataclass
@@ -41,70 +41,41 @@ class UnpackedLinear:
     zeros: Tensor | None = None  # (out, groups) fp16
 
 
-# ---- SpQR tiles -----------------------------------------------------------------------------------
-def to_tiles(x: Tensor, rows: int, cols: int) -> Tensor:
-    """(out, in)-like matrix -> (row_tiles, col_tiles, rows*cols) with zero padding, tile-major."""
-    rt, ct = -(-x.shape[0] // rows), -(-x.shape[1] // cols)
-    x = F.pad(x, (0, ct * cols - x.shape[1], 0, rt * rows - x.shape[0]))  # (rt*rows, ct*cols)
-    return x.reshape(rt, rows, ct, cols).permute(0, 2, 1, 3).reshape(rt, ct, rows * cols)
-
-
-def from_tiles(t: Tensor, rows: int, cols: int) -> Tensor:
-    """Inverse of `to_tiles` without cropping: (rt, ct, rows*cols) -> (rt*rows, ct*cols)."""
-    rt, ct = t.shape[:2]
-    return t.reshape(rt, ct, rows, cols).permute(0, 2, 1, 3).reshape(rt * rows, ct * cols)
-
-
-def pack_spqr_dense(u: UnpackedLinear) -> tuple[Tensor, Tensor, Tensor]:
-    """codes (rt, ct, tile_words) int32, stats (rt, ct, tile_stat_words) int32, second (rt, ct, 4) fp16."""
+# ---- SpQR (v2 records, spqr_run/quant/tile_layout.py) -------------------------------------------------
+def pack_spqr_dense(u: UnpackedLinear) -> Tensor:
+    """The dense part of an spqr `UnpackedLinear` -> tiles int32 (RT, KB, R) (`tile_layout.pack`)."""
     m = u.meta
-    b1, b2 = m.groupsize, m.stat_groupsize
-    codes = pack_bits(to_tiles(u.codes, b2, b1), m.wbits)  # (rt, ct, b2*b1*w/32)
-    sc = to_tiles(u.scale_codes, b2, 1)  # (rt, ct, b2)
-    zc = to_tiles(u.zero_codes, b2, 1)  # (rt, ct, b2)
-    stats = pack_bits(torch.cat([sc, zc], dim=-1), m.stat_bits)  # (rt, ct, 2*b2*sb/32)
-    return codes, stats, u.second.half()
+    return tile_layout.pack(u.codes, u.scale_codes, u.zero_codes, u.second, m.wbits, m.stat_bits)
 
 
-def spqr_dense_rows(
-    meta: LinearMeta, codes: Tensor, stats: Tensor, second: Tensor, tiles: slice
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Unpack the row tiles `tiles`: codes (R, ct*b1), scale/zero codes (R, ct) int64 and the four
-    second-order numbers expanded per row (R, ct, 4) fp16, with R = rows of those tiles (padding included)."""
-    b1, b2 = meta.groupsize, meta.stat_groupsize
-    c = from_tiles(unpack_bits(codes[tiles], meta.wbits), b2, b1)  # (R, ct*b1)
-    s = unpack_bits(stats[tiles], meta.stat_bits)  # (nt, ct, 2*b2)
-    sc = from_tiles(s[..., :b2].contiguous(), b2, 1)  # (R, ct)
-    zc = from_tiles(s[..., b2:].contiguous(), b2, 1)  # (R, ct)
-    sec = second[tiles].repeat_interleave(b2, dim=0)  # (R, ct, 4)
-    return c, sc, zc, sec
+def spqr_dense_rows(meta: LinearMeta, tiles: Tensor, row_tiles: slice) -> Tensor:
+    """Dequantized dense part (no outliers) of the row tiles `row_tiles` -> (16*nt, KB*64) fp32, padding
+    included (padded positions hold 0: codes and stats 0, second-order numbers 0).
 
-
-def spqr_dense_tiles(meta: LinearMeta, codes: Tensor, stats: Tensor, second: Tensor, tiles: slice) -> Tensor:
-    """Dequantized dense part (no outliers) of the row tiles `tiles` -> (R, ct*b1) fp32, padding included.
-
-    The same numbers as `spqr_dense_rows` + `spqr_group_stats` + `dense_from_groups`, computed in the tile
-    order the codes are stored in (int32 unpacking, one strided write into the row-major result).
+    THE formula (`grid.dequantize_codes`, all fp32): scale = s_scale*(scale_code - z_scale),
+    zero = s_zero*(zero_code - z_zero), w = scale*(code - zero); bit-identical to the quantizer's values.
     """
-    b1, b2 = meta.groupsize, meta.stat_groupsize
-    c = unpack_bits(codes[tiles], meta.wbits, torch.int32)  # (nt, ct, b2*b1)
-    nt, ct = c.shape[:2]
-    s = unpack_bits(stats[tiles], meta.stat_bits, torch.int32)  # (nt, ct, 2*b2)
-    sec = second[tiles].float().unsqueeze(-2)  # (nt, ct, 1, 4)
-    scale = dequantize_codes(s[..., :b2], sec[..., 0], sec[..., 1])  # (nt, ct, b2)
-    zero = dequantize_codes(s[..., b2:], sec[..., 2], sec[..., 3])  # (nt, ct, b2)
-    tile_rows = c.view(nt, ct, b2, b1).permute(0, 2, 1, 3)  # (nt, b2, ct, b1) view
-    scale, zero = scale.transpose(1, 2).unsqueeze(-1), zero.transpose(1, 2).unsqueeze(-1)  # (nt, b2, ct, 1)
-    w = torch.empty(nt, b2, ct, b1, device=c.device)
-    torch.mul(scale, tile_rows - zero, out=w)  # == dequantize_codes: int32 codes promote to fp32 exactly
-    return w.view(nt * b2, ct * b1)
+    t = tiles[row_tiles]  # (nt, KB, R)
+    nt, kb = t.shape[:2]
+    rows, cols = nt * tile_layout.ROWS, kb * tile_layout.COLS
+    codes, sc, zc, sec = tile_layout.unpack(t, rows, cols, meta.wbits, meta.stat_bits)
+    # codes (rows, cols) uint8; sc, zc (rows, groups) uint8; sec (nt, groups, 4) fp16
+    sec = sec.float().repeat_interleave(tile_layout.ROWS, dim=0)  # (rows, groups, 4)
+    scale = dequantize_codes(sc, sec[..., 0], sec[..., 1])  # (rows, groups)
+    zero = dequantize_codes(zc, sec[..., 2], sec[..., 3])  # (rows, groups)
+    return dense_from_groups(codes, scale, zero, tile_layout.GROUP)
 
 
-def spqr_group_stats(sc: Tensor, zc: Tensor, sec: Tensor) -> tuple[Tensor, Tensor]:
-    """First-order (scale, zero) fp32 (..., groups) from their codes and the fp16 second-order stats."""
-    scale = dequantize_codes(sc, sec[..., 0], sec[..., 1])
-    zero = dequantize_codes(zc, sec[..., 2], sec[..., 3])
-    return scale, zero
+def add_outliers(w: Tensor, outliers: Tensor, row_ptr: Tensor, rows: slice) -> Tensor:
+    """Add the outlier deltas of rows `rows` to their dense reconstruction `w` (R, in) fp32, in place."""
+    p0, p1 = int(row_ptr[rows.start]), int(row_ptr[rows.stop])
+    if p1 > p0:
+        ptr, c, v = tile_layout.unpack_outliers(
+            outliers[p0:p1], row_ptr[rows.start : rows.stop + 1] - p0, rows.stop - rows.start
+        )
+        r = csr_rows(ptr)  # (nnz_rows,) relative to rows.start
+        w[r, c] = w[r, c] + v.float()
+    return w
 
 
 def dense_from_groups(codes: Tensor, scale: Tensor, zero: Tensor, groupsize: int) -> Tensor:
@@ -127,13 +98,3 @@ def baseline_rows(meta: LinearMeta, codes: Tensor, scales: Tensor, zeros: Tensor
     g = meta.groupsize
     c = F.pad(c, (0, meta.num_groups * g - c.shape[1]))[:, : meta.num_groups * g]  # (R, groups*g)
     return dense_from_groups(c, scales[rows], zeros[rows], g)[:, : meta.in_features]
-
-
-def add_outliers(w: Tensor, row_ptr: Tensor, cols: Tensor, values: Tensor, rows: slice) -> Tensor:
-    """Add the CSR outliers of rows `rows` to their dense reconstruction `w` (R, in) fp32, in place."""
-    p0, p1 = int(row_ptr[rows.start]), int(row_ptr[rows.stop])
-    if p1 > p0:
-        r = csr_rows(row_ptr[rows.start : rows.stop + 1])  # (nnz_rows,) relative to rows.start
-        c = decode_columns(cols[p0:p1])
-        w[r, c] = w[r, c] + values[p0:p1].float()
-    return w

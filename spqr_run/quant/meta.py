@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spqr_run.errors import ModelFormatError
+from spqr_run.quant import tile_layout
 from spqr_run.quant.config import METHODS, TILE, QuantConfig
 from spqr_run.quant.packing import CHUNK, MAX_COLUMN_INDEX
 
@@ -20,6 +21,7 @@ class LinearMeta:
     """Shape and quantization parameters of one packed linear (stored in the file header per linear).
 
     `stat_bits` and `stat_groupsize` are 0 for the gptq/rtn baselines, which have no bilevel statistics.
+    spqr linears have `groupsize == stat_groupsize == 16` (the v2 tile layout, docs/FORMAT.md).
     """
 
     method: str
@@ -40,11 +42,9 @@ class LinearMeta:
         checks = {
             "method": self.method in METHODS,
             "wbits": self.wbits in ((2, 3, 4) if spqr else (2, 3, 4, 8)),
-            "groupsize": self.groupsize > 0 and (not spqr or self.groupsize % TILE == 0),
+            "groupsize": self.groupsize == TILE if spqr else self.groupsize > 0,
             "stat_bits": 1 <= self.stat_bits <= 8 if spqr else self.stat_bits == 0,
-            "stat_groupsize": self.stat_groupsize > 0 and self.stat_groupsize % TILE == 0
-            if spqr
-            else self.stat_groupsize == 0,
+            "stat_groupsize": self.stat_groupsize == TILE if spqr else self.stat_groupsize == 0,
             "out_features": self.out_features > 0,
             "in_features": self.in_features > 0 and (not spqr or self.in_features <= MAX_COLUMN_INDEX + 1),
         }
@@ -79,14 +79,14 @@ class LinearMeta:
         return ceil_div(self.out_features, self.stat_groupsize)
 
     @property
-    def tile_words(self) -> int:
-        """spqr: int32 words of weight codes per tile (beta2 x beta1 codes)."""
-        return self.stat_groupsize * self.groupsize * self.wbits // 32
+    def num_k_blocks(self) -> int:
+        """spqr: k-blocks of 64 stored columns (4 groups) per row tile; the last one may be partial."""
+        return ceil_div(self.in_features, tile_layout.COLS)
 
     @property
-    def tile_stat_words(self) -> int:
-        """spqr: int32 words per tile holding beta2 scale codes then beta2 zero codes."""
-        return 2 * self.stat_groupsize * self.stat_bits // 32
+    def record_words(self) -> int:
+        """spqr: int32 words of one 16 x 64 record (`tile_layout.record_words`)."""
+        return tile_layout.record_words(self.wbits, self.stat_bits)
 
     @property
     def row_words(self) -> int:

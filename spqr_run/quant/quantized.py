@@ -1,33 +1,34 @@
 """`QuantizedLinear`: one linear's packed tensors, exactly as the file stores them and a kernel reads them.
 
-SpQR layout (beta2 x beta1 = 16 x 16 tiles, details and drawings in docs/FORMAT.md)::
+SpQR layout, format version 2 (details and drawings in docs/FORMAT.md; bit positions in `tile_layout`)::
 
-    codes            int32  (row_tiles, col_tiles, 16*16*wbits/32)  256 codes a tile, row-major, bit-packed
-    stats            int32  (row_tiles, col_tiles, 2*16*stat_bits/32) 16 scale codes then 16 zero codes
-    second           fp16   (row_tiles, col_tiles, 4)  [scale.scale, scale.zero, zero.scale, zero.zero]
-    outlier_values   fp16   (nnz,)        added to the dense reconstruction (w = dense + value)
-    outlier_cols     int16  (nnz,)        unsigned 16-bit permuted column index (bit pattern)
-    outlier_row_ptr  int32  (out+1,)      CSR row pointers
-    perm             int16  (in,)         optional: permuted column j is input feature perm[j] (unsigned)
+    tiles            int32  (RT, KB, R)    one record per 16 rows x 64 stored columns, row-tile major:
+                                           codes in mma fragment order, 128 stat codes, 16 fp16 second-order
+    outliers         int32  (nnz,)         bits 0..15 fp16 delta, bits 16..31 stored column (unsigned);
+                                           sorted by row, then column
+    outlier_row_ptr  int32  (RT*16+1,)     CSR row pointers over the padded rows (padding rows empty)
+    perm             int16  (in,)          optional: stored column j is input feature perm[j] (unsigned)
 
+RT = ceil(out/16), KB = ceil(in/64), R = 32*wbits + 4*stat_bits + 8.
 gptq / rtn layout: `codes` int32 (out, ceil(in/32)*wbits), `scales`/`zeros` fp16 (out, groups), `perm`.
-`perm` holds unsigned 16-bit indices as int16 bit patterns (like `outlier_cols`): read it with
-`perm_indices()`, never `perm.long()` (wrong above 32767).
+`perm` holds unsigned 16-bit indices as int16 bit patterns: read it with `perm_indices()`, never
+`perm.long()` (wrong above 32767).
 
 Reconstruction, shared by the quantizer, `dequantize` and kernels (all fp32, `grid.dequantize_codes`):
     s = second[0] * (scale_code - second[1]);  z = second[2] * (zero_code - second[3])
-    w[r, j] = s * (code - z)  (+ outlier value where stored)
+    w[r, j] = s * (code - z)  (+ outlier delta where stored)
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from spqr_run.quant import tile_layout
 from spqr_run.quant.layout import (
     UnpackedLinear,
     add_outliers,
@@ -35,7 +36,6 @@ from spqr_run.quant.layout import (
     pack_rows,
     pack_spqr_dense,
     spqr_dense_rows,
-    spqr_dense_tiles,
 )
 from spqr_run.quant.meta import LinearMeta
 from spqr_run.quant.packing import coo_to_csr, csr_rows, decode_columns, encode_columns, unpack_bits
@@ -51,15 +51,13 @@ class QuantizedLinear:
     """
 
     meta: LinearMeta
-    codes: Tensor
-    stats: Tensor | None = None
-    second: Tensor | None = None
-    scales: Tensor | None = None
-    zeros: Tensor | None = None
-    outlier_values: Tensor | None = None
-    outlier_cols: Tensor | None = None
-    outlier_row_ptr: Tensor | None = None
-    perm: Tensor | None = None
+    tiles: Tensor | None = None  # spqr: (RT, KB, R) int32
+    outliers: Tensor | None = None  # spqr: (nnz,) int32
+    outlier_row_ptr: Tensor | None = None  # spqr: (RT*16 + 1,) int32
+    codes: Tensor | None = None  # gptq/rtn: (out, row_words) int32
+    scales: Tensor | None = None  # gptq/rtn: (out, groups) fp16
+    zeros: Tensor | None = None  # gptq/rtn: (out, groups) fp16
+    perm: Tensor | None = None  # (in,) int16, unsigned bit patterns
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
@@ -71,17 +69,54 @@ class QuantizedLinear:
             return cls(
                 meta=m, codes=pack_rows(u.codes, m), scales=u.scales.half(), zeros=u.zeros.half(), perm=perm
             )
-        codes, stats, second = pack_spqr_dense(u)
         row_ptr, cols, values = coo_to_csr(u.outlier_rows, u.outlier_cols, u.outlier_values, m.out_features)
+        outliers, row_ptr = tile_layout.pack_outliers(row_ptr, cols, values, m.out_features)
+        return cls(meta=m, tiles=pack_spqr_dense(u), outliers=outliers, outlier_row_ptr=row_ptr, perm=perm)
+
+    @classmethod
+    def concat_rows(cls, parts: Sequence[QuantizedLinear]) -> QuantizedLinear:
+        """Stack the rows of linears that read the same input (q, k, v; gate, up) into one linear.
+
+        All parts must have the same method, wbits, stat bits, in_features and permutation (both absent
+        or equal); for spqr every part but the last must have out_features % 16 == 0, so row tiles never
+        straddle parts. The result's `dequantize()` equals the row-concatenation of the parts'
+        dequantized weights (rows of part i follow those of part i-1). Raises ValueError otherwise.
+        """
+        if not parts:
+            raise ValueError("concat_rows needs at least one linear")
+        first = parts[0].meta
+        for i, q in enumerate(parts):
+            m = q.meta
+            if replace(m, out_features=first.out_features) != first:
+                raise ValueError(f"concat_rows: part {i} has another method, bit width or in_features")
+            p0, p = parts[0].perm, q.perm
+            if (p0 is None) != (p is None) or (p is not None and not torch.equal(p, p0)):
+                raise ValueError(f"concat_rows: part {i} has another input permutation than part 0")
+            if m.method == "spqr" and i < len(parts) - 1 and m.out_features % tile_layout.ROWS:
+                raise ValueError(
+                    f"concat_rows: part {i} has {m.out_features} rows, not a multiple of {tile_layout.ROWS}"
+                    " (only the last part may end inside a row tile)"
+                )
+        meta = replace(first, out_features=sum(q.meta.out_features for q in parts))
+        if first.method != "spqr":
+            cat = {k: torch.cat([getattr(q, k) for q in parts]) for k in ("codes", "scales", "zeros")}
+            return cls(meta=meta, perm=parts[0].perm, **cat)
+        ptrs, offset = [], 0
+        for q in parts:  # each part's pointers without their padding rows, shifted by the outliers before
+            ptrs.append(q.outlier_row_ptr[: q.meta.out_features].long() + offset)
+            offset += int(q.outlier_row_ptr[-1])
+        rows_padded = meta.num_row_groups * tile_layout.ROWS
+        ptrs.append(
+            torch.full(
+                (rows_padded + 1 - meta.out_features,), offset, dtype=torch.long, device=ptrs[0].device
+            )
+        )
         return cls(
-            meta=m,
-            codes=codes,
-            stats=stats,
-            second=second,
-            outlier_values=values,
-            outlier_cols=cols,
-            outlier_row_ptr=row_ptr,
-            perm=perm,
+            meta=meta,
+            tiles=torch.cat([q.tiles for q in parts]),
+            outliers=torch.cat([q.outliers for q in parts]),
+            outlier_row_ptr=torch.cat(ptrs).to(torch.int32),
+            perm=parts[0].perm,
         )
 
     def tensors(self) -> dict[str, Tensor]:
@@ -113,7 +148,7 @@ class QuantizedLinear:
 
     @property
     def num_outliers(self) -> int:
-        return 0 if self.outlier_values is None else int(self.outlier_values.numel())
+        return 0 if self.outliers is None else int(self.outliers.numel())
 
     @property
     def outlier_fraction(self) -> float:
@@ -138,19 +173,13 @@ class QuantizedLinear:
             raise ValueError("dequantize needs a contiguous row slice")
         stop = max(stop, start)
         if m.method == "spqr":
-            b2 = m.stat_groupsize
-            t0, t1 = start // b2, -(-stop // b2)
-            w = spqr_dense_tiles(m, self.codes, self.stats, self.second, slice(t0, t1))  # (R, groups*b1)
-            r0, r1 = start - t0 * b2, stop - t0 * b2
+            rows_per_tile = tile_layout.ROWS
+            t0, t1 = start // rows_per_tile, -(-stop // rows_per_tile)
+            w = spqr_dense_rows(m, self.tiles, slice(t0, t1))  # (16*(t1-t0), KB*64), padding included
+            r0, r1 = start - t0 * rows_per_tile, stop - t0 * rows_per_tile
             if (r0, r1, w.shape[1]) != (0, w.shape[0], m.in_features):  # crop tile padding
                 w = w[r0:r1, : m.in_features].contiguous()
-            w = add_outliers(
-                w,
-                self.outlier_row_ptr,
-                self.outlier_cols,
-                self.outlier_values,
-                slice(start, stop),
-            )
+            w = add_outliers(w, self.outliers, self.outlier_row_ptr, slice(start, stop))
         else:
             w = baseline_rows(m, self.codes, self.scales, self.zeros, slice(start, stop))
         return w.to(dtype)
@@ -162,17 +191,20 @@ class QuantizedLinear:
         if m.method != "spqr":
             codes = unpack_bits(self.codes, m.wbits)[:, : m.in_features]
             return UnpackedLinear(meta=m, codes=codes, perm=perm, scales=self.scales, zeros=self.zeros)
-        rg = m.num_row_groups
-        c, sc, zc, _ = spqr_dense_rows(m, self.codes, self.stats, self.second, slice(0, rg))
-        out, inp = m.out_features, m.in_features
+        codes, sc, zc, second = tile_layout.unpack(
+            self.tiles, m.out_features, m.in_features, m.wbits, m.stat_bits
+        )
+        row_ptr, cols, values = tile_layout.unpack_outliers(
+            self.outliers, self.outlier_row_ptr, m.out_features
+        )
         return UnpackedLinear(
             meta=m,
-            codes=c[:out, :inp],
+            codes=codes.long(),
             perm=perm,
-            scale_codes=sc[:out],
-            zero_codes=zc[:out],
-            second=self.second,
-            outlier_rows=csr_rows(self.outlier_row_ptr),
-            outlier_cols=decode_columns(self.outlier_cols),
-            outlier_values=self.outlier_values,
+            scale_codes=sc.long(),
+            zero_codes=zc.long(),
+            second=second,
+            outlier_rows=csr_rows(row_ptr),
+            outlier_cols=cols,
+            outlier_values=values,
         )

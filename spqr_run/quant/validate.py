@@ -1,4 +1,7 @@
-"""Validation of one linear's packed tensors read from an untrusted file (raises ModelFormatError)."""
+"""Validation of one linear's packed tensors read from an untrusted file (raises ModelFormatError).
+
+Any bit pattern of codes and stat codes is valid; everything else (names, dtypes, shapes, finite fp16 numbers,
+CSR structure and column range, the permutation) is checked here, before any kernel reads the tensors."""
 
 from __future__ import annotations
 
@@ -8,20 +11,11 @@ import torch
 from torch import Tensor
 
 from spqr_run.errors import ModelFormatError
+from spqr_run.quant import tile_layout
 from spqr_run.quant.meta import LinearMeta
 from spqr_run.quant.packing import MAX_COLUMN_INDEX, decode_columns
 
-TENSOR_NAMES = (
-    "codes",
-    "stats",
-    "second",
-    "scales",
-    "zeros",
-    "outlier_values",
-    "outlier_cols",
-    "outlier_row_ptr",
-    "perm",
-)
+TENSOR_NAMES = ("tiles", "outliers", "outlier_row_ptr", "codes", "scales", "zeros", "perm")
 
 
 def expected_specs(meta: LinearMeta, nnz: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -35,18 +29,16 @@ def expected_specs(meta: LinearMeta, nnz: int) -> dict[str, tuple[torch.dtype, t
         }
     rt = meta.num_row_groups
     return {
-        "codes": (torch.int32, (rt, g, meta.tile_words)),
-        "stats": (torch.int32, (rt, g, meta.tile_stat_words)),
-        "second": (torch.float16, (rt, g, 4)),
-        "outlier_values": (torch.float16, (nnz,)),
-        "outlier_cols": (torch.int16, (nnz,)),
-        "outlier_row_ptr": (torch.int32, (out + 1,)),
+        "tiles": (torch.int32, (rt, meta.num_k_blocks, meta.record_words)),
+        "outliers": (torch.int32, (nnz,)),
+        "outlier_row_ptr": (torch.int32, (rt * tile_layout.ROWS + 1,)),
     }
 
 
 def validate_tensors(tensors: Mapping[str, Tensor], meta: LinearMeta, source: str) -> None:
     """Check names, dtypes, shapes, finiteness, CSR structure and the permutation."""
-    nnz = _nnz(tensors)
+    outliers = tensors.get("outliers")
+    nnz = int(outliers.shape[0]) if isinstance(outliers, Tensor) and outliers.ndim == 1 else 0
     specs = expected_specs(meta, nnz)
     unknown = sorted(set(tensors) - set(specs) - {"perm"})
     if unknown:
@@ -57,10 +49,15 @@ def validate_tensors(tensors: Mapping[str, Tensor], meta: LinearMeta, source: st
         if name not in tensors:
             raise ModelFormatError(f"{source}: missing tensor {name!r}")
         _check(tensors[name], name, dtype, shape, source)
-    for name in ("second", "scales", "zeros", "outlier_values"):
+    for name in ("scales", "zeros"):
         if name in specs and not bool(torch.isfinite(tensors[name]).all()):
             raise ModelFormatError(f"{source}: tensor {name!r} holds inf or nan")
     if meta.method == "spqr":
+        s0 = meta.record_words - tile_layout.SECOND_WORDS
+        if not _finite_halves(tensors["tiles"][..., s0:]):
+            raise ModelFormatError(f"{source}: tensor 'tiles' holds an inf or nan second-order statistic")
+        if not _finite_halves(tensors["outliers"], pairs=False):
+            raise ModelFormatError(f"{source}: tensor 'outliers' holds an inf or nan value")
         _check_csr(tensors, meta, source)
     if "perm" in tensors:
         perm = tensors["perm"]
@@ -79,9 +76,11 @@ def validate_tensors(tensors: Mapping[str, Tensor], meta: LinearMeta, source: st
             )
 
 
-def _nnz(tensors: Mapping[str, Tensor]) -> int:
-    values = tensors.get("outlier_values")
-    return int(values.shape[0]) if values is not None and values.ndim == 1 else 0
+def _finite_halves(words: Tensor, *, pairs: bool = True) -> bool:
+    """True when the fp16 bit patterns in int32 `words` (both halves, or only the low one) are finite."""
+    w = words.long()
+    halves = [w, w >> 16] if pairs else [w]
+    return all(not bool(((h & 0x7C00) == 0x7C00).any()) for h in halves)  # exponent all ones: inf/nan
 
 
 def _check(t: Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...], source: str) -> None:
@@ -94,20 +93,22 @@ def _check(t: Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...], sou
 
 
 def _check_csr(tensors: Mapping[str, Tensor], meta: LinearMeta, source: str) -> None:
+    """CSR pointers over the padded rows (padding rows empty), columns < in, increasing within a row."""
     row_ptr = tensors["outlier_row_ptr"].long()
-    nnz = int(tensors["outlier_values"].shape[0])
+    nnz = int(tensors["outliers"].shape[0])
+    out = meta.out_features
     steps = row_ptr[1:] - row_ptr[:-1]
-    if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != nnz or bool((steps < 0).any()):
+    if int(row_ptr[0]) != 0 or int(row_ptr[out]) != nnz or int(row_ptr[-1]) != nnz or bool((steps < 0).any()):
         raise ModelFormatError(
-            f"{source}: tensor 'outlier_row_ptr' is not a valid CSR row pointer for {nnz} values"
+            f"{source}: tensor 'outlier_row_ptr' is not a valid CSR row pointer for {nnz} outliers"
         )
-    cols = decode_columns(tensors["outlier_cols"])
+    cols = (tensors["outliers"].long() >> 16) & 0xFFFF
     if bool((cols >= meta.in_features).any()):
-        raise ModelFormatError(
-            f"{source}: tensor 'outlier_cols' has a column >= in_features {meta.in_features}"
-        )
+        raise ModelFormatError(f"{source}: tensor 'outliers' has a column >= in_features {meta.in_features}")
     if nnz > 1:
-        rows = torch.repeat_interleave(torch.arange(meta.out_features, device=row_ptr.device), steps)
+        rows = torch.repeat_interleave(torch.arange(len(steps), device=row_ptr.device), steps)
         same_row = rows[1:] == rows[:-1]
         if bool((same_row & (cols[1:] <= cols[:-1])).any()):
-            raise ModelFormatError(f"{source}: tensor 'outlier_cols' is not strictly increasing within a row")
+            raise ModelFormatError(
+                f"{source}: tensor 'outliers' has columns not strictly increasing within a row"
+            )
