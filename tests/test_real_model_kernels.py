@@ -4,7 +4,7 @@ against the pure-torch reference (issue 11, "How it is checked", last point).
 The model is cut to its first `BLOCKS` blocks (the quantizer and loader take any `num_layers`), calibrated on
 windows of ../shared/data/wiki-calib.txt and written by `quantize_model` (3-bit preset: SpQR, 3-bit weights and
 statistics, 16x16 groups, act_order, outliers), then loaded by `build_decoder` as the runtime loads it (q/k/v and
-gate/up fused when the layout can concatenate rows). Every quantized linear of the loaded model runs on its real
+gate/up fused). Every quantized linear of the loaded model runs on its real
 input (recorded from a forward pass on a wiki-test passage) through the shim's kernels, for one decode step (the
 last token's row) and a 20-token prefill, and each output element must lie within
 
@@ -177,14 +177,18 @@ def check(y: Tensor, ref: Tensor, b: Tensor, what: str) -> None:
 
 
 def kernel_output(shim, x: Tensor, q: QuantizedLinear, bias: Tensor | None) -> Tensor:
-    """The kernels on the shim for this input (the dispatch `spqr_matmul` does on a GPU)."""
-    return shim.spqr_matmul(x, q, None if bias is None else bias.half())
+    """The kernels on the shim for this input, as `SpQRLinear.forward` runs them on a GPU: x gathered into the
+    stored column order once, then `spqr_matmul_stored` (small-batch kernel up to 16 rows, else dequantize +
+    GEMM)."""
+    x_stored = x if q.perm is None else x.index_select(-1, q.perm_indices())
+    return shim.spqr_matmul_stored(x_stored, q, None if bias is None else bias.half())
 
 
 # ---- tests --------------------------------------------------------------------------------------------------
 def test_real_model_file_is_quantized_and_fused_as_loaded(recorded):
     names = [n for n, *_ in recorded]
-    assert len(names) >= BLOCKS * 4  # at least q/k/v (fused or not), o, gate/up, down per block
+    per_block = ["attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]  # q/k/v, gate/up fused
+    assert sorted(names) == sorted(f"layers.{i}.{n}" for i in range(BLOCKS) for n in per_block)
     for _, q, _, _ in recorded:
         assert q.meta.method == "spqr" and q.meta.wbits == 3 and q.perm is not None
     assert sum(q.num_outliers for _, q, _, _ in recorded) > 0  # the real quantizer stored outliers

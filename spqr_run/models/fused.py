@@ -67,8 +67,6 @@ def can_fuse(modules: list[nn.Module | None]) -> bool:
 
     if len(modules) < 2 or not all(isinstance(m, SpQRLinear) for m in modules):
         return False
-    if not hasattr(QuantizedLinear, "concat_rows"):  # a layout without row concatenation: nothing fuses
-        return False
     first = modules[0]
     if any(m.packed_released for m in modules) or first.meta.method != "spqr":  # type: ignore[union-attr]
         return False
@@ -111,7 +109,7 @@ def fuse_modules(modules: list[nn.Module]) -> nn.Module:
     if not can_fuse(modules):
         raise ValueError("these linears cannot be fused (see spqr_run.models.fused.can_fuse)")
     parts: list[QuantizedLinear] = [m.quantized() for m in modules]  # type: ignore[operator]
-    fused = SpQRLinear(QuantizedLinear.concat_rows(parts), _fused_bias(modules))  # type: ignore[attr-defined]
+    fused = SpQRLinear(QuantizedLinear.concat_rows(parts), _fused_bias(modules))
     dense = [m.dense_weight for m in modules]
     if dense[0] is not None:
         fused.register_buffer("dense_weight", torch.cat(dense), persistent=False)  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from spqr_run.models.linear import UPCAST_CHUNK, held_linear
-from spqr_run.ops import spqr_matmul
+from spqr_run.ops import kernels_support, spqr_matmul_stored
 from spqr_run.quant.quantized import QuantizedLinear
 from spqr_run.quant.spqr_matmul import spqr_matmul_reference
 
@@ -39,6 +39,8 @@ class SpQRLinear(nn.Module):
             raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
         self.register_buffer("bias", bias)
         self.register_buffer("dense_weight", None, persistent=False)  # set by materialize()
+        # the stored column order as int64 indices, decoded once: forward gathers x[..., perm] with it
+        self.register_buffer("perm_index", quantized.perm_indices(), persistent=False)
 
     def quantized(self) -> QuantizedLinear:
         """The packed weight as a `QuantizedLinear` viewing this module's (possibly moved) buffers.
@@ -81,12 +83,24 @@ class SpQRLinear(nn.Module):
                 setattr(self, name, None)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x (..., in) -> (..., out) in x's dtype (fp32 products and accumulation)."""
+        """x (..., in) -> (..., out) in x's dtype (fp32 products and accumulation).
+
+        Packed weights: x is gathered into the stored column order once (`x[..., perm]`) and multiplied in one
+        call (`ops.spqr_matmul_stored`: the CUDA kernels by row count, else the reference). A fused linear
+        (q/k/v or gate/up, `models.fused`) thus permutes its input once for all its members."""
         if self.dense_weight is not None:
             return held_linear(x, self.dense_weight, self.bias)
-        if x.is_cuda:
-            return spqr_matmul(x, self.quantized(), self.bias)  # CUDA kernels, by batch size
-        return spqr_matmul_reference(x, self.quantized(), bias=self.bias)  # (..., out)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, the layer expects {self.in_features}")
+        q = self.quantized()
+        if not kernels_support(
+            x, q
+        ):  # CPU, or a layout without kernels: the reference, which permutes itself
+            return spqr_matmul_reference(x, q, bias=self.bias)  # (..., out)
+        x_stored = (
+            x if self.perm_index is None else x.index_select(-1, self.perm_index)
+        )  # (..., in) stored order
+        return spqr_matmul_stored(x_stored, q, self.bias)
 
     def _apply(self, fn: Any, recurse: bool = True) -> SpQRLinear:
         before = {name: getattr(self, name) for name in self._packed_names}
