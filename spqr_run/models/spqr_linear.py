@@ -39,8 +39,9 @@ class SpQRLinear(nn.Module):
             raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
         self.register_buffer("bias", bias)
         self.register_buffer("dense_weight", None, persistent=False)  # set by materialize()
-        # the stored column order as int64 indices, decoded once: forward gathers x[..., perm] with it
-        self.register_buffer("perm_index", quantized.perm_indices(), persistent=False)
+        # the stored column order as int32 indices, decoded once: forward gathers x[..., perm] with it
+        perm = quantized.perm_indices()
+        self.register_buffer("perm_index", None if perm is None else perm.int(), persistent=False)
 
     def quantized(self) -> QuantizedLinear:
         """The packed weight as a `QuantizedLinear` viewing this module's (possibly moved) buffers.
@@ -81,6 +82,7 @@ class SpQRLinear(nn.Module):
         if not keep_packed:  # forward reads only the dense copy now; state_dict() then holds just the bias
             for name in self._packed_names:
                 setattr(self, name, None)
+            self.perm_index = None
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., in) -> (..., out) in x's dtype (fp32 products and accumulation).
