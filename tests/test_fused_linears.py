@@ -94,10 +94,23 @@ def quantized_source(source: ModelSource, packed: Mapping[str, QuantizedLinear])
     return dataclasses.replace(source, kind="spqr", weights=weights, linear_factory=factory)
 
 
+@pytest.fixture(scope="module")
+def quantize_model_named(tmp_path_factory):
+    """name -> (source, packed linears) of that tiny model, quantized once per module."""
+    cache: dict[str, tuple[ModelSource, dict[str, QuantizedLinear]]] = {}
+
+    def get(name: str) -> tuple[ModelSource, dict[str, QuantizedLinear]]:
+        if name not in cache:
+            source, _ = _hf_source(name, tmp_path_factory.mktemp(name))
+            cache[name] = (source, quantize_source(source))
+        return cache[name]
+
+    return get
+
+
 @pytest.fixture(scope="module", params=sorted(MODELS))
-def quantized(request, tmp_path_factory):
-    source, _ = _hf_source(request.param, tmp_path_factory.mktemp(request.param))
-    return request.param, source, quantize_source(source)
+def quantized(request, quantize_model_named):
+    return request.param, *quantize_model_named(request.param)
 
 
 def _unfused(monkeypatch) -> None:
@@ -268,11 +281,9 @@ def test_planner_sizes_the_prefill_buffer_for_the_fused_linears():
     )
 
 
-def test_linears_that_cannot_fuse_stay_apart(quantized, monkeypatch):
+def test_linears_that_cannot_fuse_stay_apart(quantize_model_named, monkeypatch):
     """Another permutation, or a member whose rows end inside a row tile, keeps a group unfused (still correct)."""
-    name, source, packed = quantized
-    if name != "llama_gqa":
-        pytest.skip("one model is enough")
+    source, packed = quantize_model_named("llama_gqa")
     changed = dict(packed)
     q = packed["layers.0.attn.k_proj"]
     perm = q.perm.clone()
@@ -285,3 +296,25 @@ def test_linears_that_cannot_fuse_stay_apart(quantized, monkeypatch):
     odd.meta = dataclasses.replace(odd.meta, out_features=60)
     assert not can_fuse([odd, SpQRLinear(packed["layers.0.attn.k_proj"])])
     assert fuse_linears(model) == 0  # idempotent: nothing left to fuse
+
+
+def test_falcon7b_falls_back_to_qkv_when_the_mlp_has_another_permutation(quantize_model_named, monkeypatch):
+    """Falcon-7B fuses q/k/v/up into in_proj only when all four share a permutation; otherwise q/k/v alone,
+    and the logits still equal the unfused model's."""
+    source, packed = quantize_model_named("falcon7b")
+    changed = dict(packed)
+    for i in range(source.config.num_layers):
+        q = packed[f"layers.{i}.mlp.up_proj"]
+        perm = q.perm.clone()
+        perm[[0, 1]] = perm[[1, 0]]
+        changed[f"layers.{i}.mlp.up_proj"] = dataclasses.replace(q, perm=perm)
+    qsource = quantized_source(source, changed)
+    model = _build(qsource, monkeypatch, fuse=True, packed_path=True)
+    ref = _build(qsource, monkeypatch, fuse=False, packed_path=True)
+    for block in model.layers:
+        assert block.in_proj is None and isinstance(block.attn.qkv_proj, SpQRLinear)
+        assert isinstance(block.mlp.up_proj, SpQRLinear)
+    tokens = torch.randint(0, source.config.vocab_size, (1, 11), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want, got = ref(tokens, use_cache=False), model(tokens, use_cache=False)
+    assert (got - want).abs().max().item() <= 2e-5 * want.abs().max().item()
