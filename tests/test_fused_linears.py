@@ -318,3 +318,36 @@ def test_falcon7b_falls_back_to_qkv_when_the_mlp_has_another_permutation(quantiz
     with torch.no_grad():
         want, got = ref(tokens, use_cache=False), model(tokens, use_cache=False)
     assert (got - want).abs().max().item() <= 2e-5 * want.abs().max().item()
+
+
+def test_kernel_path_gathers_each_input_once(quantized, monkeypatch):
+    """On the kernel path (forced here on the CPU), each fused linear receives x[..., perm] gathered once and
+    makes one `spqr_matmul_stored` call; the logits equal the reference path's."""
+    from spqr_run.models import spqr_linear
+    from spqr_run.ops import spqr_matmul_stored
+
+    name, source, packed = quantized
+    model = _build(quantized_source(source, packed), monkeypatch, fuse=True, packed_path=True)
+    tokens = torch.randint(0, source.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = model(tokens, use_cache=False)
+    seen: list[tuple[int, int]] = []
+    inputs: dict[int, torch.Tensor] = {}
+    for mod in model.modules():
+        if isinstance(mod, SpQRLinear):
+            mod.register_forward_pre_hook(lambda m, args: inputs.__setitem__(id(m), args[0]))
+
+    def stored(x_stored, q, bias=None):
+        owner = next(m for m in model.modules() if isinstance(m, SpQRLinear) and m.meta is q.meta)
+        assert torch.equal(x_stored, inputs[id(owner)][..., q.perm_indices()])  # the stored column order
+        seen.append((q.meta.out_features, q.meta.in_features))
+        return spqr_matmul_stored(x_stored, q, bias)
+
+    monkeypatch.setattr(spqr_linear, "kernels_support", lambda x, q: True)
+    monkeypatch.setattr(spqr_linear, "spqr_matmul_stored", stored)
+    with torch.no_grad():
+        got = model(tokens, use_cache=False)
+    cfg = source.config
+    per_block = len(cfg.linear_shapes()) - sum(len(MEMBERS[f]) - 1 for f in EXPECTED_FUSED[name])
+    assert len(seen) == cfg.num_layers * per_block
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -15,7 +15,9 @@ last token's row) and a 20-token prefill, and each output element must lie withi
 
 of `spqr_matmul_reference` on the same fp16 input. A dropped or misplaced outlier, a wrong row tile, a wrong
 permutation or a wrong group statistic each move an element far past this (the test for the bound's teeth is
-`test_bound_catches_a_wrong_weight`). Skipped with a reason without the real model or the shim.
+`test_bound_catches_a_wrong_weight`). Backends: "shim" (skipped with a reason without g++ or the CUDA headers)
+and "cuda" (the `SpQRLinear` module on a GPU; skipped without one; benchmarks/gpu_check.sh runs `-k cuda`).
+Everything is skipped with a reason without the real model.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def _load_shim():
 
 
 shim_module = _load_shim()
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.fixture(scope="module")
@@ -176,12 +179,26 @@ def check(y: Tensor, ref: Tensor, b: Tensor, what: str) -> None:
     )
 
 
-def kernel_output(shim, x: Tensor, q: QuantizedLinear, bias: Tensor | None) -> Tensor:
-    """The kernels on the shim for this input, as `SpQRLinear.forward` runs them on a GPU: x gathered into the
-    stored column order once, then `spqr_matmul_stored` (small-batch kernel up to 16 rows, else dequantize +
-    GEMM)."""
-    x_stored = x if q.perm is None else x.index_select(-1, q.perm_indices())
-    return shim.spqr_matmul_stored(x_stored, q, None if bias is None else bias.half())
+def kernel_output(backend, x: Tensor, q: QuantizedLinear, bias: Tensor | None) -> Tensor:
+    """The kernels for this input as `SpQRLinear.forward` runs them on a GPU: x gathered into the stored
+    column order once, then `spqr_matmul_stored` (small-batch kernel up to 16 rows, else dequantize + GEMM).
+    `backend`: the shim (its library) or "cuda" (the module itself on the GPU, the extension required)."""
+    b16 = None if bias is None else bias.half()
+    if backend != "cuda":
+        x_stored = x if q.perm is None else x.index_select(-1, q.perm_indices())
+        return backend.spqr_matmul_stored(x_stored, q, b16)
+    from spqr_run.ops.ext import load_extension
+
+    assert load_extension() is not None, "the CUDA extension did not build: the kernels would not run"
+    layer = SpQRLinear(q, b16).cuda()
+    with torch.no_grad():
+        return layer(x.cuda()).cpu()
+
+
+@pytest.fixture(params=["shim", pytest.param("cuda", marks=needs_cuda)])
+def backend(request):
+    """The shim library, or "cuda"."""
+    return request.getfixturevalue("shim") if request.param == "shim" else "cuda"
 
 
 # ---- tests --------------------------------------------------------------------------------------------------
@@ -195,16 +212,16 @@ def test_real_model_file_is_quantized_and_fused_as_loaded(recorded):
 
 
 @pytest.mark.parametrize("rows", [1, PREFILL], ids=["decode", "prefill"])
-def test_real_linears_through_the_kernels_match_the_reference(shim, recorded, rows):
+def test_real_linears_through_the_kernels_match_the_reference(backend, recorded, rows):
     for name, q, bias, x in recorded:
         xr = x[-rows:]  # decode: the last token's row
-        y = kernel_output(shim, xr, q, bias)
+        y = kernel_output(backend, xr, q, bias)
         assert y.shape == (rows, q.meta.out_features) and y.dtype == torch.float16
         ref = spqr_matmul_reference(xr, q, bias=None if bias is None else bias.half())
         check(y, ref, bound(xr, q, bias), f"{name} ({q.meta.out_features}x{q.meta.in_features}), {rows} rows")
 
 
-def test_bound_catches_a_wrong_weight(shim, recorded):
+def test_bound_catches_a_wrong_weight(backend, recorded):
     """The bound has teeth: one outlier dropped from a real linear moves its output element past it."""
     name, q, bias, x = max(recorded, key=lambda r: r[1].num_outliers)
     u = q.unpack()
@@ -222,7 +239,7 @@ def test_bound_catches_a_wrong_weight(shim, recorded):
             outlier_values=u.outlier_values[keep],
         )
     )
-    y = kernel_output(shim, x[-1:], dropped, bias)
+    y = kernel_output(backend, x[-1:], dropped, bias)
     ref = spqr_matmul_reference(x[-1:], q, bias=None if bias is None else bias.half())
     with pytest.raises(AssertionError, match="outside the bound"):
         check(y, ref, bound(x[-1:], q, bias), name)
