@@ -84,7 +84,7 @@ constexpr int kXPitch = 72;    // halves per staged x row: 64 + 8 of padding (ld
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr uint32_t kMagic = 0x64006400u;  // fp16 1024.0 in both halves
 
-constexpr int record_words(int w, int sb) { return 32 * w + 4 * sb + 8; }
+__host__ __device__ constexpr int record_words(int w, int sb) { return 32 * w + 4 * sb + 8; }
 
 __device__ __forceinline__ uint32_t h2_bits(__half2 h) {
   uint32_t u;
@@ -122,6 +122,20 @@ __device__ __forceinline__ float half_bits_to_float(uint32_t bits16) {
   return __half2float(h);
 }
 
+constexpr uint8_t kSelectLow = 0xE4;  // lop3: (a & c) | (b & ~c)
+
+// Two codes of B bits at bits [S, S + B) of each half of `word` -> half2 of the exact integer codes: one LOP3
+// (mask | 0x6400: fp16 1024 + code * 2^S, exact while S + B <= 10) and one HFMA2 (* 2^-S - 1024 * 2^-S, exact).
+template <int B, int S>
+__device__ __forceinline__ __half2 code_pair(uint32_t word) {
+  static_assert(S + B <= 10, "the code must sit in the fp16 mantissa");
+  constexpr uint32_t kMask = ((1u << B) - 1u) << S;
+  const __half2 h = bits_h2(lop3<0xEA>(word, kMask | (kMask << 16), kMagic));  // (word & mask) | magic
+  const __half2 scale = __float2half2_rn(1.0f / static_cast<float>(1 << S));
+  const __half2 offset = __float2half2_rn(-1024.0f / static_cast<float>(1 << S));
+  return hfma2(h, scale, offset);
+}
+
 // The A fragments of one record for this lane: a[j][k] = tile j's aK as a half2 (KERNELS_V2_SPEC.md sections 1
 // and 2), dequantized with the fp16 arithmetic described at the top. `rec` points at the record (shared or
 // global memory, 16-byte aligned). Warp collective (quad shuffles of the stats).
@@ -150,18 +164,57 @@ __device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, 
   const uint32_t my_scale = h2_bits(__floats2half2_rn(scale[0], scale[1]));    // (row g, row g+8)
   const uint32_t my_neg_sz = h2_bits(__floats2half2_rn(neg_sz[0], neg_sz[1]));  // (row g, row g+8)
 
-  // ---- codes ----
-  uint32_t cw[W == 3 ? 3 : W];
+  // ---- codes: v[j][k] = tile j's pair k (a{k}) as exact fp16 integers ----
+  __half2 v[4][4];
   if constexpr (W == 4) {
-    const uint4 v = *reinterpret_cast<const uint4*>(rec + 4 * lane);
-    cw[0] = v.x, cw[1] = v.y, cw[2] = v.z, cw[3] = v.w;
+    const uint4 q = *reinterpret_cast<const uint4*>(rec + 4 * lane);
+    const uint32_t cw[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // word j = tile j, pair k at bits 4k: nibbles 0, 1 of each byte pair
+      const uint32_t hi8 = cw[j] >> 8;
+      v[j][0] = code_pair<4, 0>(cw[j]);
+      v[j][1] = code_pair<4, 4>(cw[j]);
+      v[j][2] = code_pair<4, 0>(hi8);
+      v[j][3] = code_pair<4, 4>(hi8);
+    }
+  } else if constexpr (W == 2) {
+    const uint2 q = *reinterpret_cast<const uint2*>(rec + 2 * lane);
+    const uint32_t cw[2] = {q.x, q.y};
+#pragma unroll
+    for (int w = 0; w < 2; ++w) {  // word w = tiles 2w (bits 0..7 of each half), 2w+1 (bits 8..15)
+      const uint32_t hi8 = cw[w] >> 8;
+      v[2 * w][0] = code_pair<2, 0>(cw[w]);
+      v[2 * w][1] = code_pair<2, 2>(cw[w]);
+      v[2 * w][2] = code_pair<2, 4>(cw[w]);
+      v[2 * w][3] = code_pair<2, 6>(cw[w]);
+      v[2 * w + 1][0] = code_pair<2, 0>(hi8);
+      v[2 * w + 1][1] = code_pair<2, 2>(hi8);
+      v[2 * w + 1][2] = code_pair<2, 4>(hi8);
+      v[2 * w + 1][3] = code_pair<2, 6>(hi8);
+    }
   } else {
-    const uint2 v = *reinterpret_cast<const uint2*>(rec + 2 * lane);
-    cw[0] = v.x, cw[1] = v.y;
-    if constexpr (W == 3) cw[2] = rec[64 + lane];
+    // Low plane: word w holds tiles 2w, 2w+1, pair p_l = 4*(j & 1) + k at bits 2*p_l. High plane: the bit of
+    // (w, p_l = 2q + o) at 4q + 2*(1 - w) + o (tile_layout.pair_position). Selecting bits 0-1 of every nibble
+    // from the low word shifted by 2*o and bit 2 from the high word shifted by o - 2*w gives nibble q = the
+    // 3-bit code of pair 2q + o: nibbles 0, 1 = tile 2w pairs o, 2 + o; nibbles 2, 3 = tile 2w+1 pairs o, 2 + o.
+    const uint2 q = *reinterpret_cast<const uint2*>(rec + 2 * lane);
+    const uint32_t high = rec[64 + lane];
+    const uint32_t merged[4] = {
+        lop3<kSelectLow>(q.x, high, 0x33333333u),              // w 0, o 0
+        lop3<kSelectLow>(q.x >> 2, high >> 1, 0x33333333u),    // w 0, o 1
+        lop3<kSelectLow>(q.y, high << 2, 0x33333333u),         // w 1, o 0
+        lop3<kSelectLow>(q.y >> 2, high << 1, 0x33333333u)};   // w 1, o 1
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+      const int w = m >> 1, o = m & 1;
+      const uint32_t hi8 = merged[m] >> 8;
+      v[2 * w][o] = code_pair<3, 0>(merged[m]);
+      v[2 * w][2 + o] = code_pair<3, 4>(merged[m]);
+      v[2 * w + 1][o] = code_pair<3, 0>(hi8);
+      v[2 * w + 1][2 + o] = code_pair<3, 4>(hi8);
+    }
   }
 
-  const __half2 k1024 = bits_h2(kMagic);
   const int quad = lane & ~3;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
@@ -170,28 +223,14 @@ __device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, 
     const __half2 s_lo = __low2half2(s2), s_hi = __high2half2(s2);  // row g / row g+8 broadcast
     const __half2 c_lo = __low2half2(c2), c_hi = __high2half2(c2);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      uint32_t bits;
-      if constexpr (W == 4) {
-        bits = (cw[j] >> (4 * k)) & 0x000f000fu;
-      } else if constexpr (W == 2) {
-        bits = (cw[j >> 1] >> (2 * (4 * (j & 1) + k))) & 0x00030003u;
-      } else {
-        const uint32_t lo = (cw[j >> 1] >> (2 * (4 * (j & 1) + k))) & 0x00030003u;
-        const int ph = 4 * j + k;  // high-plane pair position
-        const uint32_t hi = ph >= 2 ? (cw[2] >> (ph - 2)) & 0x00040004u : (cw[2] << (2 - ph)) & 0x00040004u;
-        bits = lo | hi;
-      }
-      const __half2 v = __hsub2(bits_h2(bits | kMagic), k1024);  // the two codes, exact
-      a[j][k] = h2_bits(hfma2(v, (k & 1) ? s_hi : s_lo, (k & 1) ? c_hi : c_lo));
-    }
+    for (int k = 0; k < 4; ++k) a[j][k] = h2_bits(hfma2(v[j][k], (k & 1) ? s_hi : s_lo, (k & 1) ? c_hi : c_lo));
   }
 }
 
 // ---- small batch: 1..16 activation rows ----------------------------------------------------------------------
 template <int W, int SB, int NT>
 __global__ void __launch_bounds__(kWarps * 32)
-    spqr_matmul_small_kernel(const SpqrLayer layer, const __half* __restrict__ x, const int rows, const int vec_x,
+    spqr_matmul_small_kernel(const SpqrLayer layer, const __half* __restrict__ x, const int rows, const int ldx,
                              const SpqrBias bias, __half* __restrict__ y, float* __restrict__ workspace,
                              int* __restrict__ counters) {
   constexpr int R = record_words(W, SB);
@@ -213,10 +252,17 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int items = kb1 - kb0;  // >= 1: splits <= kblocks
   const uint32_t* tiles = reinterpret_cast<const uint32_t*>(layer.tiles);
 
+  // A warp past the last row tile (the last group of a layer whose RT is not a multiple of 4) streams and
+  // decodes the last row tile again and discards the result: no divergent branch around the warp collectives.
+  const uint32_t* rec_src = tiles + static_cast<size_t>(active ? rt : row_tiles - 1) * kblocks * R;
   auto issue = [&](int stage, int kb) {
-    if (active) {
-      const uint32_t* src = tiles + (static_cast<size_t>(rt) * kblocks + kb) * R;
-      for (int c = lane; c < R / 4; c += 32) cp_async_16(&rec_s[stage][warp][4 * c], src + 4 * c);
+    {
+      const uint32_t* src = rec_src + static_cast<size_t>(kb) * R;
+#pragma unroll
+      for (int c0 = 0; c0 < R / 4; c0 += 32) {
+        const int c = c0 + lane;
+        if (c0 + 32 <= R / 4 || c < R / 4) cp_async_16(&rec_s[stage][warp][4 * c], src + 4 * c);
+      }
     }
     const int tid = threadIdx.x;
     if (tid < NB * 8) {
@@ -224,11 +270,10 @@ __global__ void __launch_bounds__(kWarps * 32)
       if (b < rows) {
         const int col0 = kb * kCols + 8 * c;
         __half* dst = &x_s[stage][b][8 * c];
-        const __half* src = x + static_cast<size_t>(b) * in + col0;
-        if (vec_x && col0 + 8 <= in) {
-          cp_async_16(dst, src);
-        } else {  // the last, partial k-block or an unaligned x: zeros past `in` (padding codes meet x = 0)
-          for (int e = 0; e < 8; ++e) dst[e] = col0 + e < in ? src[e] : __float2half_rn(0.0f);
+        if (col0 < ldx) {  // columns in..ldx-1 of x are zero (the caller pads): padding codes meet x = 0
+          cp_async_16(dst, x + static_cast<size_t>(b) * ldx + col0);
+        } else {  // past the padded row in the last k-block
+          *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
         }
       }
     }
@@ -257,7 +302,7 @@ __global__ void __launch_bounds__(kWarps * 32)
         const __half* xc = x + (word >> 16);
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
-          if (b < rows) os[b] = fmaf(v, __half2float(xc[static_cast<size_t>(b) * in]), os[b]);
+          if (b < rows) os[b] = fmaf(v, __half2float(xc[static_cast<size_t>(b) * ldx]), os[b]);
         }
       }
     }
@@ -276,27 +321,31 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
   }
 
-  // Main loop: wait for stage i, refill the stage freed by iteration i-1, decode + mma stage i.
-  for (int i = 0; i < items; ++i) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    if (i + kStages - 1 < items) issue((i + kStages - 1) % kStages, kb0 + i + kStages - 1);
-    cp_async_commit();
-    if (active) {
-      const int stage = i % kStages;
-      uint32_t a[4][4];
-      decode_record<W, SB>(rec_s[stage][warp], lane, a);
-      const int m = lane >> 3;  // ldmatrix: lane gives row (lane & 7) of matrix m = (tile +m/2, k half m%2)
+  // Main loop: wait for stage i, refill the stage freed by iteration i-1, decode + mma stage i. Unrolled by the
+  // stage count so every shared-memory address is a constant offset.
+  const int m = lane >> 3;  // ldmatrix: lane gives row (lane & 7) of matrix m = (tile + m/2, k half m%2)
+  for (int i0 = 0; i0 < items; i0 += kStages) {
 #pragma unroll
-      for (int n = 0; n < NT; ++n) {
+    for (int stage = 0; stage < kStages; ++stage) {
+      const int i = i0 + stage;
+      if (i < items) {
+        cp_async_wait<kStages - 2>();
+        __syncthreads();
+        if (i + kStages - 1 < items) issue((stage + kStages - 1) % kStages, kb0 + i + kStages - 1);
+        cp_async_commit();
+        uint32_t a[4][4];
+        decode_record<W, SB>(rec_s[stage][warp], lane, a);
 #pragma unroll
-        for (int jp = 0; jp < 2; ++jp) {
-          uint32_t bq[4];
-          ldmatrix_x4(bq, &x_s[stage][8 * n + (lane & 7)][16 * (2 * jp + (m >> 1)) + 8 * (m & 1)]);
+        for (int n = 0; n < NT; ++n) {
 #pragma unroll
-          for (int jj = 0; jj < 2; ++jj) {
-            const uint32_t bf[2] = {bq[2 * jj], bq[2 * jj + 1]};
-            mma_m16n8k16_f16f32(acc[n], a[2 * jp + jj], bf, acc[n]);
+          for (int jp = 0; jp < 2; ++jp) {
+            uint32_t bq[4];
+            ldmatrix_x4(bq, &x_s[stage][8 * n + (lane & 7)][16 * (2 * jp + (m >> 1)) + 8 * (m & 1)]);
+#pragma unroll
+            for (int jj = 0; jj < 2; ++jj) {
+              const uint32_t bf[2] = {bq[2 * jj], bq[2 * jj + 1]};
+              mma_m16n8k16_f16f32(acc[n], a[2 * jp + jj], bf, acc[n]);
+            }
           }
         }
       }
@@ -417,15 +466,15 @@ __global__ void __launch_bounds__(kWarps * 32) spqr_dequantize_kernel(const Spqr
 template <int W, int SB>
 struct SmallLaunch {
   static void run(const SpqrLayer& layer, const __half* x, int rows, SpqrBias bias, __half* y,
-                  const SpqrSmallPlan& plan, float* workspace, int* counters, int vec_x, cudaStream_t stream) {
+                  const SpqrSmallPlan& plan, float* workspace, int* counters, int ldx, cudaStream_t stream) {
     const int row_tiles = (layer.out_features + kRows - 1) / kRows;
     const dim3 grid((row_tiles + kWarps - 1) / kWarps, plan.splits);
     if (rows <= 8) {
       SPQR_LAUNCH(grid, kWarps * 32, 0, stream, spqr_matmul_small_kernel<W, SB, 1>)
-      (layer, x, rows, vec_x, bias, y, workspace, counters);
+      (layer, x, rows, ldx, bias, y, workspace, counters);
     } else {
       SPQR_LAUNCH(grid, kWarps * 32, 0, stream, spqr_matmul_small_kernel<W, SB, 2>)
-      (layer, x, rows, vec_x, bias, y, workspace, counters);
+      (layer, x, rows, ldx, bias, y, workspace, counters);
     }
   }
 };
@@ -508,16 +557,17 @@ SpqrSmallPlan spqr_matmul_small_plan(const SpqrLayer& layer, int num_sms, int bl
   return plan;
 }
 
-cudaError_t spqr_matmul_small(const SpqrLayer& layer, const __half* x_stored, int rows, SpqrBias bias, __half* y,
-                              const SpqrSmallPlan& plan, float* workspace, int* counters, cudaStream_t stream) {
+cudaError_t spqr_matmul_small(const SpqrLayer& layer, const __half* x_stored, int ldx, int rows, SpqrBias bias,
+                              __half* y, const SpqrSmallPlan& plan, float* workspace, int* counters,
+                              cudaStream_t stream) {
   const int kblocks = (layer.in_features + kCols - 1) / kCols;
   if (rows < 1 || rows > 16 || !layer_ok(layer) || plan.splits < 1 || plan.splits > kblocks ||
-      plan.splits > 65535 || (plan.splits > 1 && (workspace == nullptr || counters == nullptr))) {
+      plan.splits > 65535 || (plan.splits > 1 && (workspace == nullptr || counters == nullptr)) ||
+      ldx < layer.in_features || ldx % 8 != 0 || reinterpret_cast<uintptr_t>(x_stored) % 16 != 0) {
     return cudaErrorInvalidValue;
   }
-  const int vec_x = (layer.in_features % 8 == 0) && (reinterpret_cast<uintptr_t>(x_stored) % 16 == 0);
   if (!dispatch_bits<SmallLaunch>(layer.wbits, layer.stat_bits, layer, x_stored, rows, bias, y, plan, workspace,
-                                  counters, vec_x, stream)) {
+                                  counters, ldx, stream)) {
     return cudaErrorInvalidValue;
   }
   return cudaGetLastError();

@@ -9,8 +9,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <ATen/cuda/CUDAContext.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <map>
@@ -132,7 +130,8 @@ torch::Tensor matmul_small(const torch::Tensor& x, const torch::Tensor& tiles, c
       make_layer(x.device(), tiles, outliers, outlier_row_ptr, wbits, stat_bits, out_features, in_features);
   const SpqrBias b = make_bias(bias, x.device(), out_features);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int num_sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, x.device().index()));
   const SpqrSmallPlan plan = spqr_matmul_small_plan(
       layer, num_sms, blocks_per_sm(x.device().index(), layer.wbits, layer.stat_bits, static_cast<int>(rows)));
   torch::Tensor workspace, counters;
@@ -140,8 +139,16 @@ torch::Tensor matmul_small(const torch::Tensor& x, const torch::Tensor& tiles, c
     workspace = torch::empty({static_cast<int64_t>(plan.workspace_floats)}, x.options().dtype(torch::kFloat));
     counters = counters_for(x.device(), stream, plan.counters);
   }
+  // The kernel reads 16-byte rows of x: pad rows to a multiple of 8 halves with zeros (or realign) when needed.
+  torch::Tensor xk = x;
+  int64_t ldx = in_features;
+  if (in_features % 8 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) {
+    ldx = (in_features + 7) / 8 * 8;
+    xk = torch::constant_pad_nd(x, {0, ldx - in_features}, 0);
+  }
   torch::Tensor y = torch::empty({rows, out_features}, x.options());
-  C10_CUDA_CHECK(spqr_matmul_small(layer, reinterpret_cast<const __half*>(x.data_ptr()), static_cast<int>(rows), b,
+  C10_CUDA_CHECK(spqr_matmul_small(layer, reinterpret_cast<const __half*>(xk.data_ptr()), static_cast<int>(ldx),
+                                   static_cast<int>(rows), b,
                                    reinterpret_cast<__half*>(y.data_ptr()), plan,
                                    plan.splits > 1 ? workspace.data_ptr<float>() : nullptr,
                                    plan.splits > 1 ? counters.data_ptr<int32_t>() : nullptr, stream));

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from spqr_run.config import ModelConfig
 from spqr_run.errors import ConfigError
 from spqr_run.loading import ModelSource
-from spqr_run.loading.spqr_file import DENSE_DTYPE, write_spqr
+from spqr_run.loading.spqr_file import DENSE_DTYPE, FORMAT_VERSION, write_spqr
 from spqr_run.models.decoder import Block, Rotary
 from spqr_run.quant import QuantConfig, QuantizedLinear, quantize_linears
 
@@ -400,7 +400,13 @@ def quantize_model(
     out = Path(out)
     ckpt = Checkpoint(
         out,
-        _fingerprint(src=str(source.path), q=qcfg.to_dict(), calib=calib_desc, **(fingerprint_extra or {})),
+        _fingerprint(
+            src=str(source.path),
+            q=qcfg.to_dict(),
+            calib=calib_desc,
+            file_format=FORMAT_VERSION,  # finished blocks hold packed tensors of this format
+            **(fingerprint_extra or {}),
+        ),
     )
     start = ckpt.next_block(resume)
     calib_seconds = 0.0

@@ -74,7 +74,9 @@ def test_static_step_matches_reference_generator(cfg: ModelConfig, method: str):
     if method == "dense":
         model = _random_decoder(cfg)
     else:
-        model = build_synthetic(cfg, method="spqr", outlier_rate=0.02, device="cpu", seed=1)
+        # seed 0: a random model whose greedy stream is not constant for both configs (seeds 1, 2 give a
+        # constant tiny-falcon stream since the v2 layout maps the random words to other codes)
+        model = build_synthetic(cfg, method="spqr", outlier_rate=0.02, device="cpu", seed=0)
     prompt = [5, 17, 42, 3, 99, 1, 64]
     ref = _greedy(model, prompt, static=False)
     got = _greedy(model, prompt, static=True)

@@ -193,6 +193,11 @@ def test_resume_with_other_settings_is_refused(tiny_model, tmp_path, monkeypatch
         _quantize(tiny_model, out)
     with pytest.raises(ConfigError, match="made with other settings"):
         _quantize(tiny_model, out, qcfg=QuantConfig(method="spqr", wbits=4), resume=True)
+    monkeypatch.setattr(
+        qm, "FORMAT_VERSION", qm.FORMAT_VERSION + 1
+    )  # blocks packed by another format version
+    with pytest.raises(ConfigError, match="made with other settings"):
+        _quantize(tiny_model, out, resume=True)
 
 
 def _same_files(a: Path, b: Path) -> None:

@@ -74,7 +74,8 @@ def _lane_code(rec: list[int], wbits: int, lane: int, j: int, k: int, c: int) ->
     lo = (rec[2 * lane + j // 2] >> (2 * (4 * (j % 2) + k) + 16 * c)) & 0x3
     if wbits == 2:
         return lo
-    hi = (rec[64 + lane] >> ((4 * j + k) + 16 * c)) & 0x1
+    p = 8 * (j % 2) + 4 * (k // 2) + 2 * (1 - j // 2) + k % 2  # high plane: lined up with the low pair
+    hi = (rec[64 + lane] >> (p + 16 * c)) & 0x1
     return lo | hi << 2
 
 

@@ -267,8 +267,15 @@ class Shim:
         tensors = [None if t is None or t.numel() == 0 else t.contiguous() for t in tensors]
         ptrs = (ctypes.c_void_p * 5)(*[None if t is None else t.data_ptr() for t in tensors])
         sizes = (ctypes.c_size_t * 5)(*[0 if t is None else t.numel() * t.element_size() for t in tensors])
-        ints = (ctypes.c_int * 8)(m.wbits, m.stat_bits, m.out_features, m.in_features, rows, bias_kind, splits,
-                                  num_sms)  # fmt: skip
+        ldx = m.in_features
+        if x is not None and m.in_features % 8:  # the kernel reads 16-byte rows: pad with zero columns
+            ldx = -(-m.in_features // 8) * 8
+            x = torch.nn.functional.pad(x.reshape(rows, m.in_features), (0, ldx - m.in_features))
+            tensors[3] = x.contiguous()
+            ptrs[3] = x.data_ptr()
+            sizes[3] = x.numel() * x.element_size()
+        ints = (ctypes.c_int * 9)(m.wbits, m.stat_bits, m.out_features, m.in_features, rows, bias_kind, splits,
+                                  num_sms, ldx)  # fmt: skip
         assert out.is_contiguous() and out.dtype == torch.float16
         rc = self.lib.spqr_shim_call(OPS[op], ints, ptrs, sizes, out.data_ptr(), out.numel() * 2)
         if rc != 0:

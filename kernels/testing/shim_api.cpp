@@ -125,8 +125,8 @@ const char* cuda_shim_build() {
 }
 
 // One SpQR kernel call. op: 1 spqr_matmul_small, 2 spqr_dequantize.
-// ints (8): wbits, stat_bits, out_features, in_features, rows, bias_kind (0 none, 1 fp16, 2 fp32), splits (0: the
-// launcher's plan for num_sms SMs), num_sms.
+// ints (9): wbits, stat_bits, out_features, in_features, rows, bias_kind (0 none, 1 fp16, 2 fp32), splits (0: the
+// launcher's plan for num_sms SMs), num_sms, ldx (the row stride of x in halves).
 // buffers/bytes (5): tiles, outliers, outlier_row_ptr, x (stored column order), bias; a null pointer is an
 // absent buffer. The split-K workspace is fenced and poisoned (NaN), the ticket counters fenced and zeroed; after
 // the call every counter must be zero again (the launcher's contract for reusing them).
@@ -173,7 +173,7 @@ int spqr_shim_call(int op, const int* ints, const void* const* buffers, const si
     int* counters = plan.counters == 0 ? nullptr
                                        : reinterpret_cast<int*>(
                                              fenced("counters", nullptr, plan.counters * sizeof(int), 0, false));
-    e = spqr_matmul_small(layer, x, rows, bias, yh, plan, ws, counters, nullptr);
+    e = spqr_matmul_small(layer, x, ints[8], rows, bias, yh, plan, ws, counters, nullptr);
     for (int i = 0; e == cudaSuccess && i < plan.counters; ++i) {
       if (counters[i] != 0) {
         g_api_error = "spqr_matmul_small left ticket counter " + std::to_string(i) + " at " +

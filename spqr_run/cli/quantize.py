@@ -67,9 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="spqr (default), or a baseline: gptq (fp16 group stats) or rtn",
     )
     p.add_argument("--wbits", type=int, help="bits per weight (2, 3, 4; gptq/rtn also 8)")
-    p.add_argument(
-        "--groupsize", type=int, help="input columns per first-order group (beta1; spqr: multiple of 16)"
-    )
+    p.add_argument("--groupsize", type=int, help="input columns per first-order group (beta1; spqr: 16 only)")
     p.add_argument("--stat-bits", type=int, help="bits of the quantized group scales and zeros (spqr)")
     p.add_argument("--stat-groupsize", type=int, help="output rows per second-order group (beta2; spqr)")
     p.add_argument(

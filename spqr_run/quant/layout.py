@@ -61,9 +61,11 @@ def spqr_dense_rows(meta: LinearMeta, tiles: Tensor, row_tiles: slice) -> Tensor
     codes, sc, zc, sec = tile_layout.unpack(t, rows, cols, meta.wbits, meta.stat_bits)
     # codes (rows, cols) uint8; sc, zc (rows, groups) uint8; sec (nt, groups, 4) fp16
     sec = sec.float().repeat_interleave(tile_layout.ROWS, dim=0)  # (rows, groups, 4)
-    scale = dequantize_codes(sc, sec[..., 0], sec[..., 1])  # (rows, groups)
-    zero = dequantize_codes(zc, sec[..., 2], sec[..., 3])  # (rows, groups)
-    return dense_from_groups(codes, scale, zero, tile_layout.GROUP)
+    scale = dequantize_codes(sc, sec[..., 0], sec[..., 1]).unsqueeze(-1)  # (rows, groups, 1)
+    zero = dequantize_codes(zc, sec[..., 2], sec[..., 3]).unsqueeze(-1)  # (rows, groups, 1)
+    # == dequantize_codes(codes, scale, zero), computed in one fp32 buffer: (code - zero) * scale
+    w = torch.sub(codes.view(rows, -1, tile_layout.GROUP), zero)  # (rows, groups, 16): uint8 -> fp32 exactly
+    return w.mul_(scale).view(rows, cols)
 
 
 def add_outliers(w: Tensor, outliers: Tensor, row_ptr: Tensor, rows: slice) -> Tensor:

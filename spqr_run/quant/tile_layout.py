@@ -21,7 +21,13 @@ One record (word offsets; wbits = 3, stat_bits = 3: R = 116 words = 464 bytes)::
 Lane L (g = L >> 2, t = L & 3) owns, in each 16 x 16 tile, the PTX ISA A fragment a0 = (row g, cols 2t,
 2t+1), a1 = (row g+8, same cols), a2 = (row g, cols 2t+8, 2t+9), a3 = (row g+8, cols 2t+8, 2t+9). In a code
 word of a plane with b bits per code (P = 16/b pairs per word), pair p has its .x (lower column) code at bits
-[b*p, b*p+b) and its .y code at bits [16+b*p, 16+b*p+b); tile j's a0..a3 are pairs p = 4*(j mod (P/4)) + k.
+[b*p, b*p+b) and its .y code at bits [16+b*p, 16+b*p+b); tile j's a0..a3 are pairs p = 4*(j mod (P/4)) + k
+in the 4- and 2-bit planes, and p = 8*(j mod 2) + 4*(k >> 1) + 2*(1 - (j >> 1)) + (k mod 2) in the 1-bit
+plane of wbits = 3 (`pair_position`): there the high bit of low-plane pair p_l = 2q + o of low word w sits at
+bit 4q + 2*(1 - w) + o, so one select (LOP3, mask 0x33333333) of low word w shifted right by 2*o with the high
+word shifted right by o - 2*w (left when negative) gives a word whose nibble q holds the whole 3-bit code of
+pair 2q + o in its bits 0-2 (the decoder in kernels/spqr_matmul.cu).
+
 One lane's word for wbits = 4, tile j (x/y = codes of columns c, c+1)::
 
     bit 31          24          16 15           8           0
@@ -38,6 +44,9 @@ unsigned 16 bits, sorted by row then column; CSR row pointers over the RT*16 pad
 """
 
 from __future__ import annotations
+
+import functools
+import sys
 
 import torch
 from torch import Tensor
@@ -75,27 +84,76 @@ def code_planes(wbits: int) -> list[tuple[int, int, int]]:
     return {4: [(4, 0, 0)], 2: [(2, 0, 0)], 3: [(2, 0, 0), (1, 2, 64)]}[wbits]
 
 
+def pair_position(b: int, j: int, k: int) -> int:
+    """Pair index p (bits [b*p, b*p + b) of each half) of tile j's fragment register a{k} in its b-bit plane word.
+
+    4- and 2-bit planes: 4*(j mod (P/4)) + k (P = 16/b). 1-bit plane (bit 2 of 3-bit codes): 8*(j mod 2) +
+    4*(k >> 1) + 2*(1 - (j >> 1)) + (k mod 2), the position that lines the high bit up with its low-plane pair
+    (module docstring).
+    """
+    if b == 1:
+        return 8 * (j % 2) + 4 * (k >> 1) + 2 * (1 - (j >> 1)) + (k % 2)
+    return 4 * (j % (16 // b // 4)) + k
+
+
+def _high_plane_index(device: torch.device) -> Tensor:
+    """Field permutation of the 1-bit plane: new field c*16 + pair_position(1, j, k) takes old field
+    c*16 + 4*j + k (the order `_plane_order` produces)."""
+    src = torch.empty(32, dtype=torch.long)
+    for c in range(2):
+        for j in range(4):
+            for k in range(4):
+                src[16 * c + pair_position(1, j, k)] = 16 * c + 4 * j + k
+    return src.to(device)
+
+
 def _plane_order(block: Tensor, b: int) -> Tensor:
     """Codes of records (RT, KB, 16, 64) -> (RT, KB, 32*b words, 32/b fields) in a b-bit plane's order.
 
     Field f of a word = c*P + p (c = 0: .x, 1: .y; P = 16/b pairs); the field sits at bit 16*c + b*p.
     Record row = g + 8*rh, column = 16*j + 8*ch + 2*t + c; fragment k = rh + 2*ch; j = jw*(4/b) + jr;
-    word = b*L + jw with L = 4*g + t; pair p = 4*jr + k = 4*jr + 2*ch + rh.
+    word = b*L + jw with L = 4*g + t; pair p = 4*jr + k = 4*jr + 2*ch + rh for the 4- and 2-bit planes,
+    p = `pair_position(1, j, k)` for the 1-bit plane.
     """
     rt, kb = block.shape[:2]
     tpw = 4 // b  # tiles per word
     x = block.reshape(rt, kb, 2, 8, b, tpw, 2, 4, 2)  # (RT, KB, rh, g, jw, jr, ch, t, c)
     x = x.permute(0, 1, 3, 7, 4, 8, 5, 6, 2)  # (RT, KB, g, t, jw, c, jr, ch, rh)
-    return x.reshape(rt, kb, 32 * b, 32 // b)
+    x = x.reshape(rt, kb, 32 * b, 32 // b)  # (RT, KB, words, fields c*P + 4*jr + k)
+    return x[..., _high_plane_index(x.device)] if b == 1 else x
 
 
-def _plane_unorder(fields: Tensor, b: int) -> Tensor:
-    """Inverse of `_plane_order`: (RT, KB, 32*b, 32/b) -> (RT, KB, 16, 64)."""
-    rt, kb = fields.shape[:2]
-    tpw = 4 // b
-    x = fields.reshape(rt, kb, 8, 4, b, 2, tpw, 2, 2)  # (RT, KB, g, t, jw, c, jr, ch, rh)
-    x = x.permute(0, 1, 8, 2, 4, 6, 7, 3, 5)  # (RT, KB, rh, g, jw, jr, ch, t, c)
-    return x.reshape(rt, kb, ROWS, COLS)
+@functools.cache
+def _plane_gather_index(b: int, device: torch.device) -> Tensor:
+    """For each record position 64*row + col, its index among a b-bit plane's fields (word-major, each word's
+    fields in bit order): the inverse of `_plane_order`, as an int64 (1024,) index."""
+    pos = torch.arange(ROWS * COLS).reshape(1, 1, ROWS, COLS)
+    return _plane_order(pos, b).reshape(-1).argsort().to(device)
+
+
+def _plane_fields(words: Tensor, b: int) -> Tensor:
+    """b-bit plane words int32 (..., n) -> their fields uint8 (..., n * 32/b) in bit order (field f = bits
+    [b*f, b*f + b)). Works on bytes (a field never crosses one): four times less traffic than int32 shifts."""
+    mask = (1 << b) - 1
+    if sys.byteorder == "little":
+        by = words.contiguous().view(torch.uint8)  # (..., 4n): byte k of word w at 4w + k
+    else:  # pragma: no cover - big-endian hosts
+        by = torch.stack([(words >> (8 * k)) & 0xFF for k in range(4)], dim=-1).flatten(-2).to(torch.uint8)
+    shifts = torch.arange(0, 8, b, dtype=torch.uint8, device=words.device)  # (8/b,)
+    return ((by.unsqueeze(-1) >> shifts) & mask).flatten(-2)  # (..., 4n * 8/b)
+
+
+def unpack_code_blocks(tiles: Tensor, wbits: int) -> Tensor:
+    """The codes of records (RT, KB, R) as uint8 (RT, KB, 16, 64): record row, stored column within the
+    k-block. One gather per plane (no loop over records)."""
+    rt, kb = tiles.shape[:2]
+    block = None
+    for b, low_bit, w0 in code_planes(wbits):
+        fields = _plane_fields(tiles[..., w0 : w0 + 32 * b], b).reshape(rt * kb, ROWS * COLS)
+        idx = _plane_gather_index(b, tiles.device).expand(rt * kb, ROWS * COLS)
+        plane = torch.gather(fields, 1, idx)  # (RT*KB, 1024) in record position order
+        block = plane if block is None else block.bitwise_or_(plane << low_bit)
+    return block.reshape(rt, kb, ROWS, COLS)
 
 
 def _field_shifts(b: int, device: torch.device) -> Tensor:
@@ -210,13 +268,7 @@ def unpack(
             f"tiles {tuple(tiles.shape)} do not fit a {out}x{in_} linear (wbits {wbits}, stat_bits {stat_bits})"
         )
     groups = -(-in_ // GROUP)
-    dev = tiles.device
-    block = torch.zeros(rt, kb, ROWS, COLS, dtype=torch.uint8, device=dev)
-    for b, low_bit, w0 in code_planes(wbits):
-        words = tiles[..., w0 : w0 + 32 * b]  # (RT, KB, 32b) int32
-        shifts = _field_shifts(b, dev).to(torch.int32)
-        fields = (words.unsqueeze(-1) >> shifts).bitwise_and_((1 << b) - 1)  # (RT, KB, 32b, 32/b)
-        block |= _plane_unorder(fields.to(torch.uint8), b) << low_bit
+    block = unpack_code_blocks(tiles, wbits)  # (RT, KB, 16, 64)
     codes = block.transpose(1, 2).reshape(rt * ROWS, kb * COLS)[:out, :in_]
 
     s0 = 32 * wbits
