@@ -22,7 +22,7 @@ the weights are streamed in one launch:
     layers.{i}.mlp.gate_up_proj    gate, up rows stacked       (2 ffn, hidden)          gated_silu only
     layers.{i}.in_proj             q, k, v, [gate,] up stacked (q_dim + 2 kv_dim + ffn, hidden): a parallel
                                    block with one shared norm (Falcon-7B), where attention and MLP read it
-The fused members are then None; `projections` and `project` below compute either form.
+The fused members are then None; `Attention.project`, `MLP.project` and `Block.forward` compute either form.
 """
 
 from __future__ import annotations

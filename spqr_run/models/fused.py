@@ -1,4 +1,4 @@
-"""Load-time fusion of the SpQR linears that read the same input (q, k, v; gate, up; Falcon-7B: all five).
+"""Load-time fusion of the SpQR linears that read the same input (q, k, v; gate, up; Falcon-7B: q, k, v, up).
 
 The quantizer gives linears that read the same input one shared Hessian, hence one act_order permutation
 (`spqr_run.quant.spqr.quantize_linears`). Such linears are fused into one `SpQRLinear` whose rows are the
@@ -34,7 +34,8 @@ def _mlp_inputs(cfg: ModelConfig) -> tuple[str, ...]:
 
 def fusion_plan(cfg: ModelConfig) -> list[list[tuple[str, tuple[str, ...]]]]:
     """Per block, the fusions to try in order of preference: each a list of (fused name, member names), names
-    relative to the block. The first option whose groups all fuse is taken, group by group otherwise."""
+    relative to the block. An option before the last is taken only when all its groups fuse; the last one is
+    taken group by group (`fuse_linears`)."""
     mlp = _mlp_inputs(cfg)
     split = [("attn.qkv_proj", ATTN)]
     if len(mlp) > 1:
