@@ -351,3 +351,42 @@ def test_kernel_path_gathers_each_input_once(quantized, monkeypatch):
     per_block = len(cfg.linear_shapes()) - sum(len(MEMBERS[f]) - 1 for f in EXPECTED_FUSED[name])
     assert len(seen) == cfg.num_layers * per_block
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_loading_frees_each_groups_parts_as_it_fuses(quantize_model_named, monkeypatch):
+    """While `build_decoder` fuses, the packed tensors of the groups already fused are gone: the host never
+    holds the whole model's q/k/v and gate/up twice."""
+    import weakref
+
+    source, packed = quantize_model_named("llama_gqa")
+    qsource = quantized_source(source, packed)
+    refs: dict[int, weakref.ref] = {}  # id of a member module -> weakref to its packed tiles
+
+    factory = qsource.linear_factory
+
+    def tracked(name: str):
+        module = factory(name)
+        if module is None:
+            return None
+        # a private copy, so the test's own `packed` dict holds no reference to what the model loads
+        q = module.quantized()
+        module = SpQRLinear(
+            dataclasses.replace(q, **{k: v.clone() for k, v in q.tensors().items()}), module.bias
+        )
+        refs[id(module)] = weakref.ref(module.tiles)
+        return module
+
+    calls: list[list[int]] = []
+    real = fused_module.fuse_modules
+
+    def fuse_and_check(modules):
+        for earlier in calls:  # every member of an earlier group is freed by now
+            assert all(refs[i]() is None for i in earlier), "an earlier group's packed tensors are still held"
+        calls.append([id(m) for m in modules])
+        return real(modules)
+
+    monkeypatch.setattr(fused_module, "fuse_modules", fuse_and_check)
+    model = build_decoder(dataclasses.replace(qsource, linear_factory=tracked), dtype=torch.float32)
+    assert len(calls) == 2 * source.config.num_layers
+    assert all(refs[i]() is None for group in calls for i in group)
+    assert model.layers[1].mlp.gate_up_proj is not None

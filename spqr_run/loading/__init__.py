@@ -165,6 +165,7 @@ def build_decoder(
         from spqr_run.models.fused import fuse_linears
         from spqr_run.models.spqr_linear import SpQRLinear
 
+        quantized.clear()  # no references to the members: each group's parts are freed as it fuses
         fuse_linears(model)
         quantized = {n: m for n, m in model.named_modules() if isinstance(m, SpQRLinear)}
     for module in quantized.values():
