@@ -95,14 +95,11 @@ class SpQRLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, the layer expects {self.in_features}")
         q = self.quantized()
-        if not kernels_support(
-            x, q
-        ):  # CPU, or a layout without kernels: the reference, which permutes itself
+        if not kernels_support(x, q):  # CPU, or a layout without kernels: the reference (it permutes itself)
             return spqr_matmul_reference(x, q, bias=self.bias)  # (..., out)
-        x_stored = (
-            x if self.perm_index is None else x.index_select(-1, self.perm_index)
-        )  # (..., in) stored order
-        return spqr_matmul_stored(x_stored, q, self.bias)
+        # (..., in) in the stored column order: the one gather of this input
+        x_stored = x if self.perm_index is None else x.index_select(-1, self.perm_index)
+        return spqr_matmul_stored(x_stored, q, self.bias)  # (..., out)
 
     def _apply(self, fn: Any, recurse: bool = True) -> SpQRLinear:
         before = {name: getattr(self, name) for name in self._packed_names}
