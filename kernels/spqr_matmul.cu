@@ -8,17 +8,19 @@
 // row tile 4*blockIdx.x + w and walks the records kb0..kb1-1 of that row tile (one contiguous run of memory).
 // Grid (ceil(RT/4), S): S splits the KB records of a row tile into near-equal k-ranges (sizes differ by at most
 // one record, so S need not divide KB). S is chosen on the host (spqr_matmul_small_plan) from the SM count and
-// the kernel's resident blocks per SM (both from the device): the smallest S minimising
-//   waves(S) * ceil(KB / S),   waves(S) = ceil(ceil(RT/4) * S / (SMs * blocks per SM)),
-// i.e. whole waves of equal-length blocks (LLaMA-7B 4096x4096 on 132 SMs x 8 blocks: S = 16, one wave).
+// the kernel's resident blocks per SM (both from the device): the smallest S <= 32 minimising
+//   waves(S) * (ceil(KB / S) + 2) + [S > 1],   waves(S) = ceil(ceil(RT/4) * S / (SMs * blocks per SM)),
+// (2: a block's pipeline fill, in record times; 1: the reduction), i.e. whole waves of equal-length blocks. On
+// 132 SMs x 9 blocks every LLaMA-7B..65B / Falcon-7B/40B shape gets one wave filling 86-97% of the block slots
+// (4096x4096: S = 16, 1024 blocks of 4 records; 8192x8192: S = 9; 22016x8192: S = 3).
 //
 // Pipeline. kStages = 4 stages of shared memory, each = the 4 warps' records of one k-block (4 x R words) + the
 // 64 columns of x_stored for that k-block (rows x 64 fp16, rows padded to 72 halves so ldmatrix is free of bank
 // conflicts). Every byte moves by 16-byte cp.async (cp.async.cg: L2 only): lane c of warp w copies 16-byte chunk
 // c (c += 32) of its record, threads copy one 16-byte chunk of x each. kStages - 1 stages are in flight while one
 // is decoded. Bytes in flight per SM (3-bit weights, 3-bit stats, 464-byte records, 8 resident blocks):
-//   3 stages x 4 records x 464 B x 8 blocks = 44.5 KB of weights (+ x), above the ~20-30 KB an H200 needs
-//   (4.8 TB/s x ~600 ns latency / 132 SMs = 22 KB); with 4 resident blocks (sm_86) 22 KB.
+//   3 stages x 4 records x 464 B x 9 blocks = 50 KB of weights (+ x), above the ~20-30 KB an H200 needs
+//   (4.8 TB/s x ~600 ns latency / 132 SMs = 22 KB); with 6 resident blocks (sm_86/89) 33 KB.
 // x is read from L2 once per block (4 row tiles), not once per warp.
 //
 // Dequantization in registers, per lane and record (lane L, g = L >> 2, t = L & 3; 32 weights = 4 tiles x the
@@ -48,7 +50,20 @@
 // |scale*zero|) (+ fp16 underflow); products and sums fp32. The dequantize kernel produces the same fp16 values
 // plus the outlier delta (one more fp16 rounding).
 //
-// SASS (benchmarks/sass_report.py; BENCHMARKS.md has the table): see the report for instructions per weight.
+// SASS, nvcc 13.0 -O3, hot loop = the unrolled main loop (4 records = 128 weights per thread), thread
+// instructions per weight / registers / resident blocks per SM (x 4 warps); no spills, no local memory:
+//                     sm_80              sm_86, sm_89       sm_90
+//   W3 SB3, 1-8 rows  4.63 / 56 / 9      4.63 / 69 / 6      5.03 / 46 / 10
+//   W3 SB3, 9-16 rows 5.34 / 71 / 7      5.35 / 73 / 4      5.84 / 56 / 9
+//   W4 SB3, 1-8 rows  4.37 / 56 / 9      4.37 / 69 / 5      4.86 / 48 / 10
+//   W2 SB3, 1-8 rows  4.35 / 56 / 9      4.35 / 69 / 7      4.72 / 44 / 10
+// Per record and thread (W3 SB3, sm_80, 148 instructions for 32 weights): 32 HFMA2 (16 exact code pairs + 16
+// scale/zero fmas), 25 LOP3 + 11 SHF (4 selects, 16 mask|magic, shifts, stat fields), 8 SHFL + 4 I2F + 10
+// FADD/FMUL + 4 HADD2.F32 + 2 F2FP (stats), 4 HMMA + 2 LDSM, 11 LDS, ~30 of pipeline control (cp.async issue,
+// barrier, address and loop arithmetic). The issue's targets (<= 2.5 for 3-bit, <= 2.0 for 4-bit: 80 / 64
+// instructions a record) are NOT met: the exact fp16 conversion costs 2 HFMA2 a pair (1.0 a weight; folding the
+// magic offset into the scale fma loses half a code step to fp16 rounding) and the per-record stats ~1.0.
+// Bytes in flight per SM (W3 SB3, 1-8 rows): 3 stages x 4 x 464 B x 9 blocks = 50 KB (sm_80/90), 33 KB (sm_86/89).
 // ===============================================================================================================
 
 #include "spqr_matmul.h"
@@ -159,7 +174,7 @@ __device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, 
     const float zc = static_cast<float>((sw >> (SB * (2 + i))) & kStatMask);
     scale[i] = __fmul_rn(s_scale, __fsub_rn(sc, z_scale));
     const float zero = __fmul_rn(s_zero, __fsub_rn(zc, z_zero));
-    neg_sz[i] = -__fmul_rn(scale[i], zero);
+    neg_sz[i] = __fmul_rn(-scale[i], zero);  // = -(scale * zero) exactly, the sign a free operand modifier
   }
   const uint32_t my_scale = h2_bits(__floats2half2_rn(scale[0], scale[1]));    // (row g, row g+8)
   const uint32_t my_neg_sz = h2_bits(__floats2half2_rn(neg_sz[0], neg_sz[1]));  // (row g, row g+8)
@@ -255,6 +270,9 @@ __global__ void __launch_bounds__(kWarps * 32)
   // A warp past the last row tile (the last group of a layer whose RT is not a multiple of 4) streams and
   // decodes the last row tile again and discards the result: no divergent branch around the warp collectives.
   const uint32_t* rec_src = tiles + static_cast<size_t>(active ? rt : row_tiles - 1) * kblocks * R;
+  const int xb = threadIdx.x >> 3, xc = threadIdx.x & 7;  // the x chunk this thread copies: row xb, chunk xc
+  const bool copies_x = threadIdx.x < NB * 8 && xb < rows;
+  const __half* x_chunk = x + static_cast<size_t>(copies_x ? xb : 0) * ldx + 8 * xc;
   auto issue = [&](int stage, int kb) {
     {
       const uint32_t* src = rec_src + static_cast<size_t>(kb) * R;
@@ -264,17 +282,13 @@ __global__ void __launch_bounds__(kWarps * 32)
         if (c0 + 32 <= R / 4 || c < R / 4) cp_async_16(&rec_s[stage][warp][4 * c], src + 4 * c);
       }
     }
-    const int tid = threadIdx.x;
-    if (tid < NB * 8) {
-      const int b = tid >> 3, c = tid & 7;
-      if (b < rows) {
-        const int col0 = kb * kCols + 8 * c;
-        __half* dst = &x_s[stage][b][8 * c];
-        if (col0 < ldx) {  // columns in..ldx-1 of x are zero (the caller pads): padding codes meet x = 0
-          cp_async_16(dst, x + static_cast<size_t>(b) * ldx + col0);
-        } else {  // past the padded row in the last k-block
-          *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
-        }
+    if (copies_x) {
+      const int col0 = kb * kCols + 8 * xc;
+      __half* dst = &x_s[stage][xb][8 * xc];
+      if (col0 < ldx) {  // columns in..ldx-1 of x are zero (the caller pads): padding codes meet x = 0
+        cp_async_16(dst, x_chunk + kb * kCols);
+      } else {  // past the padded row in the last k-block
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
       }
     }
   };
@@ -542,12 +556,14 @@ SpqrSmallPlan spqr_matmul_small_plan(const SpqrLayer& layer, int num_sms, int bl
   const long long groups = (row_tiles + kWarps - 1) / kWarps;
   const long long kblocks = (layer.in_features + kCols - 1) / kCols;
   const long long slots = static_cast<long long>(num_sms > 0 ? num_sms : 1) * (blocks_per_sm > 0 ? blocks_per_sm : 1);
+  // Cost in record times: waves x (records per block + kFill, the pipeline fill of a block), + 1 for the
+  // reduction pass when split. Ties keep the smaller split.
+  constexpr long long kFill = 2, kMaxSplits = 32;
   int best = 1;
-  long long best_cost = ((groups + slots - 1) / slots) * kblocks;
-  const long long max_splits = kblocks < 64 ? kblocks : 64;
-  for (long long s = 2; s <= max_splits && s <= 65535; ++s) {
-    // waves x records per block, + 1 for the reduction pass of the last block
-    const long long cost = ((groups * s + slots - 1) / slots) * ((kblocks + s - 1) / s) + 1;
+  long long best_cost = ((groups + slots - 1) / slots) * (kblocks + kFill);
+  const long long max_splits = kblocks < kMaxSplits ? kblocks : kMaxSplits;
+  for (long long s = 2; s <= max_splits; ++s) {
+    const long long cost = ((groups * s + slots - 1) / slots) * ((kblocks + s - 1) / s + kFill) + 1;
     if (cost < best_cost) best = static_cast<int>(s), best_cost = cost;
   }
   SpqrSmallPlan plan;

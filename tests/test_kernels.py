@@ -411,7 +411,7 @@ def test_bias(backend, bias_dtype, rows):
 
 @needs_shim
 @pytest.mark.parametrize("splits,rows", SPLIT_CASES)
-def test_split_k_counts_that_do_not_divide_the_k_blocks(splits, rows):
+def test_shim_split_k_counts_that_do_not_divide_the_k_blocks(splits, rows):
     """8 k-blocks split 2..8 ways (3, 5, 7 leave unequal ranges), 3 row-tile groups with a partial last one; the
     last block of each group sums the partials in split order (bit-identical under any thread order) and resets
     its ticket counter (the shim fails the call otherwise)."""
@@ -421,7 +421,7 @@ def test_split_k_counts_that_do_not_divide_the_k_blocks(splits, rows):
 
 @needs_shim
 @pytest.mark.parametrize("fraction", [0.0, 0.01, 0.03])
-def test_outliers_of_realistic_size(fraction):
+def test_shim_outliers_of_realistic_size(fraction):
     """Outliers 2-6x their group's range at 0%, 1% and 3% of the weights, through the small kernel (split-K as
     planned for an H100) and prefill."""
     if SHIM_BUILD != "plain":
