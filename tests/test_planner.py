@@ -53,16 +53,16 @@ def test_llama7b_spqr_3bit_hand_computed():
     cfg = SYNTHETIC["llama-7b"]
     weights = quantized_weight_bytes(cfg, 3.625)  # 3-bit preset without outliers
     assert weights == LIN_7B * 3.625 / 8 + 2 * FP16_7B == 2_934_439_936 + 524_820_480
-    dequant = 11008 * 4096 * 2  # largest linear (gate/up) as fp16 for the prefill GEMM
+    dequant = 2 * 11008 * 4096 * 2  # largest linear as run (gate/up fused) as fp16 for the prefill GEMM
     ws = estimate_workspace(cfg, quantized=True)
-    assert ws.dequant == dequant and ws.total == WS_7B + dequant == 291_504_128
-    # 6 GiB: (6_442_450_944 - 3_459_260_416 - 291_504_128 - 268_435_456) // 524_288 = 4621
+    assert ws.dequant == dequant and ws.total == WS_7B + dequant == 381_681_664
+    # 6 GiB: (6_442_450_944 - 3_459_260_416 - 381_681_664 - 268_435_456) // 524_288 = 4449
     plan = plan_memory(cfg, weight_bytes=weights, budget_bytes=6 * GiB, quantized=True)
-    assert plan.context_fit == 4621 and plan.max_context == 2048
+    assert plan.context_fit == 4449 and plan.max_context == 2048
     plan8 = plan_memory(cfg, weight_bytes=weights, budget_bytes=6 * GiB, quantized=True, kv_dtype="int8")
     # int8: one byte per number + an fp32 scale per (layer, k/v, head): 262_144 + 2 * 32 * 32 * 4 = 270_336
-    # (6_442_450_944 - 3_459_260_416 - 291_504_128 - 268_435_456) // 270_336 = 8963
-    assert plan8.kv_bytes_per_token == KV_7B // 2 + 8192 == 270_336 and plan8.context_fit == 8963
+    # (6_442_450_944 - 3_459_260_416 - 381_681_664 - 268_435_456) // 270_336 = 8630
+    assert plan8.kv_bytes_per_token == KV_7B // 2 + 8192 == 270_336 and plan8.context_fit == 8630
 
 
 def test_llama33b_under_24gib_with_4096_tokens():
@@ -74,15 +74,16 @@ def test_llama33b_under_24gib_with_4096_tokens():
     assert weights == 15_649_800_192 + 853_578_752 == 16_503_378_944
     kv = 2 * 60 * 52 * 128 * 2
     assert cfg.kv_bytes_per_token() == kv == 1_597_440
-    ws = 512 * (8 * 6656 + 3 * 17920) * 4 + 512 * 2048 + 512 * 32000 * 4 + 17920 * 6656 * 2
-    assert estimate_workspace(cfg, quantized=True).total == ws == 524_288_000
+    # the dequantized-weight buffer: the fused gate/up linear (2 * 17920 rows) in fp16
+    ws = 512 * (8 * 6656 + 3 * 17920) * 4 + 512 * 2048 + 512 * 32000 * 4 + 2 * 17920 * 6656 * 2
+    assert estimate_workspace(cfg, quantized=True).total == ws == 762_839_040
     plan = plan_memory(cfg, weight_bytes=weights, budget_bytes=24 * GiB, quantized=True)
-    # (25_769_803_776 - 16_503_378_944 - 524_288_000 - 268_435_456) // 1_597_440 = 5304 >= 4096
-    assert plan.context_fit == 5304
+    # (25_769_803_776 - 16_503_378_944 - 762_839_040 - 268_435_456) // 1_597_440 = 5155 >= 4096
+    assert plan.context_fit == 5155
     long_cfg = dataclasses.replace(cfg, max_position_embeddings=4096)  # LLaMA-1 stops at 2048
     plan = plan_memory(long_cfg, weight_bytes=weights, budget_bytes=24 * GiB, quantized=True, context=4096)
     assert plan.max_context == 4096 and plan.total <= 24 * GiB
-    assert plan.total == weights + 524_288_000 - 512 * 2048 + 512 * 4096 + MARGIN + 4096 * kv
+    assert plan.total == weights + 762_839_040 - 512 * 2048 + 512 * 4096 + MARGIN + 4096 * kv
 
 
 @pytest.mark.parametrize(

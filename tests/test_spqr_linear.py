@@ -100,3 +100,25 @@ def test_materialized_cpu_path_equals_the_reference(config):
     assert layer.dense_weight is not None and layer.dense_weight.shape == (48, 80)
     torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer(x), _expected(x, q, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_materialize_in_row_chunks_is_exact(monkeypatch):
+    """The dense copy is decoded a few row tiles at a time (a fused linear's fp32 copy is never whole) and
+    equals the whole decoded weight with its columns put back in input order, bit for bit."""
+    from spqr_run.models import spqr_linear
+
+    q = _quantized(70, 48, QuantConfig(wbits=3))
+    whole = torch.empty(70, 48)
+    whole[:, q.perm_indices()] = q.dequantize()
+    calls = []
+    real = QuantizedLinear.dequantize
+    monkeypatch.setattr(
+        QuantizedLinear,
+        "dequantize",
+        lambda self, rows=None, **kw: calls.append(rows) or real(self, rows, **kw),
+    )
+    monkeypatch.setattr(spqr_linear, "UPCAST_CHUNK", 48 * 32)  # 32 rows a chunk: 3 chunks
+    layer = SpQRLinear(q)
+    layer.materialize(torch.float32)
+    assert calls == [slice(0, 32), slice(32, 64), slice(64, 70)]
+    assert torch.equal(layer.dense_weight, whole)

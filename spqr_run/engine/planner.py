@@ -10,8 +10,9 @@ All sizes are bytes (ints); GiB = 2**30. The arithmetic, as `plan_memory` does i
                                                                         RoPE temporaries, gate/up/product)
         mask           = batch * chunk * max_positions                  (bool prefill mask)
         logits         = batch * chunk * vocab * 4                      (fp32)
-        dequant        = out * in * 2 of the largest linear             (quantized models: one fp16 tile
-                                                                        buffer for the prefill GEMM)
+        dequant        = out * in * 2 of the largest linear as run      (quantized models: one fp16 weight
+                                                                        buffer for the prefill GEMM; fused
+                                                                        q/k/v, gate/up count as one linear)
     free_for_kv        = budget - weights - workspace - margin
     context_fit        = free_for_kv // (batch * kv_bytes_per_token)
     max_context        = min(context_fit rounded down to 256, max_positions)
@@ -30,6 +31,7 @@ from torch import nn
 
 from spqr_run.config import ModelConfig
 from spqr_run.errors import ConfigError
+from spqr_run.models.fused import fused_linear_shapes
 from spqr_run.models.kv_cache import INT8_SCALE_DTYPE
 
 GiB = 1 << 30
@@ -144,7 +146,8 @@ def estimate_workspace(
     cfg: ModelConfig, *, prefill_chunk: int = 512, batch: int = 1, quantized: bool = False
 ) -> Workspace:
     tokens = batch * prefill_chunk
-    dequant = max(o * i for o, i in cfg.linear_shapes().values()) * 2 if quantized else 0
+    # the largest linear as run: q/k/v and gate/up are fused into one each at load (`models.fused`)
+    dequant = max(o * i for o, i in fused_linear_shapes(cfg).values()) * 2 if quantized else 0
     return Workspace(
         activations=tokens * (8 * cfg.hidden_size + 3 * cfg.intermediate_size) * 4,
         mask=tokens * cfg.max_position_embeddings,

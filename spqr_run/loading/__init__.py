@@ -122,7 +122,8 @@ def build_decoder(
     It computes in `dtype`; weight matrices (embedding, LM head, linears, dense or decoded from a `.spqr`) are
     held in `weight_dtype` (None: `held_dtype`), norms and biases in `dtype`. On a CPU, quantized linears run
     from a copy decoded once; `keep_packed=False` then frees their packed form (what a runtime that only
-    generates needs; keep it to read the stored bits back from `state_dict()`, as `spqr-bench` does).
+    generates needs; keep it to read the stored bits back from `state_dict()`, as `spqr-bench` does). The
+    SpQR linears that read the same input are fused into one each (`models.fused.fuse_linears`) first.
     """
     cfg = source.config
     held = weight_dtype or held_dtype(source, device, dtype)
@@ -160,6 +161,13 @@ def build_decoder(
         module._parameters[attr] = nn.Parameter(w.to(device=device, dtype=to), requires_grad=False)
         if progress:
             progress(i + 1, len(expected))
+    if quantized:  # q/k/v and gate/up with one permutation become one linear each (`models.fused`)
+        from spqr_run.models.fused import fuse_linears
+        from spqr_run.models.spqr_linear import SpQRLinear
+
+        quantized.clear()  # no references to the members: each group's parts are freed as it fuses
+        fuse_linears(model)
+        quantized = {n: m for n, m in model.named_modules() if isinstance(m, SpQRLinear)}
     for module in quantized.values():
         module.to(device)
         if torch.device(device).type == "cpu":  # CPUs run quantized linears from a once-decoded dense weight

@@ -13,6 +13,16 @@ number of KV heads, RoPE scaling), not separate files. Module names are the proj
 
 Every linear is created by `make_linear` and can be swapped for a quantized module with the same call
 (`spqr_run.models.linear.replace_linears`), so this file never changes for a new weight format.
+
+Fused projections (`spqr_run.models.fused.fuse_linears`, done at load time): linears that read the same input
+and share one act_order permutation become one linear whose output is split, so the input is gathered and
+the weights are streamed in one launch:
+
+    layers.{i}.attn.qkv_proj       q, k, v rows stacked        (q_dim + 2 kv_dim, hidden)
+    layers.{i}.mlp.gate_up_proj    gate, up rows stacked       (2 ffn, hidden)          gated_silu only
+    layers.{i}.in_proj             q, k, v, [gate,] up stacked (q_dim + 2 kv_dim + ffn, hidden): a parallel
+                                   block with one shared norm (Falcon-7B), where attention and MLP read it
+The fused members are then None; `Attention.project`, `MLP.project` and `Block.forward` compute either form.
 """
 
 from __future__ import annotations
@@ -73,6 +83,14 @@ class Attention(nn.Module):
         self.k_proj = make_linear(h, cfg.kv_dim, bias=cfg.attention_bias)
         self.v_proj = make_linear(h, cfg.kv_dim, bias=cfg.attention_bias)
         self.o_proj = make_linear(cfg.q_dim, h, bias=cfg.has_o_bias)
+        self.qkv_proj: nn.Module | None = None  # set by `fused.fuse_linears`: q, k, v as one linear
+        self.splits = (cfg.q_dim, cfg.kv_dim, cfg.kv_dim)  # output columns of q, k, v in qkv_proj
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (..., hidden) -> q (..., q_dim), k, v (..., kv_dim): one fused call when fused (views of its output)."""
+        if self.qkv_proj is not None:
+            return self.qkv_proj(x).split(self.splits, dim=-1)  # type: ignore[return-value]
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(
         self,
@@ -83,11 +101,14 @@ class Attention(nn.Module):
         cache: KVCache | None,
         rows: Tensor | None,
         kv_len: int | None,
+        qkv: tuple[Tensor, ...] | None = None,
     ) -> Tensor:
+        """x (B, T, hidden) -> (B, T, hidden); `qkv`: the projections of x when the caller computed them."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)  # (B, T, H, hd)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)  # (B, T, KH, hd)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.project(x) if qkv is None else qkv
+        q = q.view(b, t, self.num_heads, self.head_dim)  # (B, T, H, hd)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)  # (B, T, KH, hd)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)
         q, k = rotary(q, positions), rotary(k, positions)
         if cache is not None:
             k, v = cache.update(positions, k, v, rows=rows, kv_len=kv_len)  # (B, S, KH, hd)
@@ -110,11 +131,24 @@ class MLP(nn.Module):
             self.gate_proj = make_linear(h, f, bias=cfg.mlp_bias)
         self.up_proj = make_linear(h, f, bias=cfg.mlp_bias)
         self.down_proj = make_linear(f, h, bias=cfg.mlp_bias)
+        self.gate_up_proj: nn.Module | None = None  # set by `fused.fuse_linears`: gate, up as one linear
+        self.splits = (f, f) if self.gated else (f,)  # output columns of [gate,] up
+
+    def project(self, x: Tensor) -> tuple[Tensor, ...]:
+        """x (..., hidden) -> ([gate,] up) each (..., ffn): one fused call when fused."""
+        if self.gate_up_proj is not None:
+            return self.gate_up_proj(x).split(self.splits, dim=-1)
+        return (self.gate_proj(x), self.up_proj(x)) if self.gated else (self.up_proj(x),)
+
+    def finish(self, parts: tuple[Tensor, ...]) -> Tensor:
+        """([gate,] up) from `project` -> the MLP output (..., hidden)."""
+        if self.gated:
+            gate, up = parts
+            return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.gelu(parts[0]))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.gated:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x)))
+        return self.finish(self.project(x))
 
 
 class Block(nn.Module):
@@ -125,9 +159,16 @@ class Block(nn.Module):
         self.mlp_norm = None if cfg.shared_block_norm else make_norm(cfg)
         self.attn = Attention(cfg)
         self.mlp = MLP(cfg)
+        # set by `fused.fuse_linears` on a parallel block with one shared norm: q, k, v, [gate,] up as one linear
+        self.in_proj: nn.Module | None = None
+        self.splits = self.attn.splits + self.mlp.splits
 
     def forward(self, x: Tensor, rotary: Rotary, positions, mask, cache, rows, kv_len) -> Tensor:
         h = self.attn_norm(x)
+        if self.in_proj is not None:  # every projection of h in one call
+            parts = self.in_proj(h).split(self.splits, dim=-1)
+            a = self.attn(h, rotary, positions, mask, cache, rows, kv_len, qkv=parts[:3])
+            return x + a + self.mlp.finish(parts[3:])
         a = self.attn(h, rotary, positions, mask, cache, rows, kv_len)
         if self.parallel:  # Falcon: both branches read the block input
             m = self.mlp(h if self.mlp_norm is None else self.mlp_norm(x))

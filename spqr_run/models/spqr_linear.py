@@ -7,10 +7,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from spqr_run.models.linear import held_linear
-from spqr_run.ops import spqr_matmul
+from spqr_run.models.linear import UPCAST_CHUNK, held_linear
+from spqr_run.ops import kernels_support, spqr_matmul_stored
 from spqr_run.quant.quantized import QuantizedLinear
 from spqr_run.quant.spqr_matmul import spqr_matmul_reference
+
+ROW_TILE = 16  # rows of one packed row tile (beta2 of the kernels' layout)
+
+
+def _device_of(q: QuantizedLinear) -> torch.device:
+    """The device of a packed linear's tensors."""
+    return next(iter(q.tensors().values())).device
 
 
 class SpQRLinear(nn.Module):
@@ -32,6 +39,9 @@ class SpQRLinear(nn.Module):
             raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
         self.register_buffer("bias", bias)
         self.register_buffer("dense_weight", None, persistent=False)  # set by materialize()
+        # the stored column order as int32 indices, decoded once: forward gathers x[..., perm] with it
+        perm = quantized.perm_indices()
+        self.register_buffer("perm_index", None if perm is None else perm.int(), persistent=False)
 
     def quantized(self) -> QuantizedLinear:
         """The packed weight as a `QuantizedLinear` viewing this module's (possibly moved) buffers.
@@ -56,23 +66,40 @@ class SpQRLinear(nn.Module):
         layer needs just the dense copy; `quantized()` and moving the layer to another device then fail).
         """
         q = self.quantized()
-        w = q.dequantize()  # (out, in) fp32, permuted columns
-        if q.perm is not None:
-            dense = torch.empty_like(w)
-            dense[:, q.perm_indices()] = w
-            w = dense
-        self.register_buffer("dense_weight", w.to(dtype), persistent=False)
+        m = self.meta
+        perm = q.perm_indices()
+        dense = torch.empty(m.out_features, m.in_features, dtype=dtype, device=_device_of(q))
+        # decoded in row chunks (whole row tiles): a fused linear's fp32 copy is never made whole
+        step = max(ROW_TILE, UPCAST_CHUNK // max(m.in_features, 1) // ROW_TILE * ROW_TILE)
+        for r0 in range(0, m.out_features, step):
+            rows = slice(r0, min(r0 + step, m.out_features))
+            w = q.dequantize(rows)  # (rows, in) fp32, permuted columns
+            if perm is None:
+                dense[rows] = w
+            else:
+                dense[rows, perm] = w.to(dtype)
+        self.register_buffer("dense_weight", dense, persistent=False)
         if not keep_packed:  # forward reads only the dense copy now; state_dict() then holds just the bias
             for name in self._packed_names:
                 setattr(self, name, None)
+            self.perm_index = None
 
     def forward(self, x: Tensor) -> Tensor:
-        """x (..., in) -> (..., out) in x's dtype (fp32 products and accumulation)."""
+        """x (..., in) -> (..., out) in x's dtype (fp32 products and accumulation).
+
+        Packed weights: x is gathered into the stored column order once (`x[..., perm]`) and multiplied in one
+        call (`ops.spqr_matmul_stored`: the CUDA kernels by row count, else the reference). A fused linear
+        (q/k/v or gate/up, `models.fused`) thus permutes its input once for all its members."""
         if self.dense_weight is not None:
             return held_linear(x, self.dense_weight, self.bias)
-        if x.is_cuda:
-            return spqr_matmul(x, self.quantized(), self.bias)  # CUDA kernels, by batch size
-        return spqr_matmul_reference(x, self.quantized(), bias=self.bias)  # (..., out)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, the layer expects {self.in_features}")
+        q = self.quantized()
+        if not kernels_support(x, q):  # CPU, or a layout without kernels: the reference (it permutes itself)
+            return spqr_matmul_reference(x, q, bias=self.bias)  # (..., out)
+        # (..., in) in the stored column order: the one gather of this input
+        x_stored = x if self.perm_index is None else x.index_select(-1, self.perm_index)
+        return spqr_matmul_stored(x_stored, q, self.bias)  # (..., out)
 
     def _apply(self, fn: Any, recurse: bool = True) -> SpQRLinear:
         before = {name: getattr(self, name) for name in self._packed_names}

@@ -1,0 +1,245 @@
+"""The real SmolLM2-135M, quantized by the real quantizer into a `.spqr`, through the CUDA kernels on the CPU shim
+against the pure-torch reference (issue 11, "How it is checked", last point).
+
+The model is cut to its first `BLOCKS` blocks (the quantizer and loader take any `num_layers`), calibrated on
+windows of ../shared/data/wiki-calib.txt and written by `quantize_model` (3-bit preset: SpQR, 3-bit weights and
+statistics, 16x16 groups, act_order, outliers), then loaded by `build_decoder` as the runtime loads it (q/k/v and
+gate/up fused). Every quantized linear of the loaded model runs on its real
+input (recorded from a forward pass on a wiki-test passage) through the shim's kernels, for one decode step (the
+last token's row) and a 20-token prefill, and each output element must lie within
+
+    C_ACC * eps32 * sum_j |w_rj x_j|                    fp32 accumulation in another order (Higham, 3.1)
+  + W_REL * sum_j (|w_rj| + |s z|_rj) |x_j|             the kernel's fp16 weight reconstruction (the v2
+                                                        contract: |w_kernel - w_ref| <= 2^-10 (|w| + |s z|))
+  + |bias_r| * eps32 + one fp16 ulp of the result       the output rounding
+
+of `spqr_matmul_reference` on the same fp16 input. A dropped or misplaced outlier, a wrong row tile, a wrong
+permutation or a wrong group statistic each move an element far past this (the test for the bound's teeth is
+`test_bound_catches_a_wrong_weight`). Backends: "shim" (skipped with a reason without g++ or the CUDA headers)
+and "cuda" (the `SpQRLinear` module on a GPU; skipped without one; benchmarks/gpu_check.sh runs `-k cuda`).
+Everything is skipped with a reason without the real model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+from spqr_run.calibration import windows_from_text
+from spqr_run.loading import build_decoder, open_model
+from spqr_run.models.spqr_linear import SpQRLinear
+from spqr_run.quant import QuantizedLinear, spqr_matmul_reference
+from spqr_run.quantize_model import PRESETS, quantize_model
+from tests.conftest import GGUF, WIKI_CALIB, WIKI_TEST, require_data
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCKS = 2  # quantized blocks of the real model (each has every linear shape the model has)
+PREFILL = 20  # rows of the short prefill
+C_ACC = 32  # multiple of eps32 * sum |w x| allowed for fp32 sums in another order (as tests/test_kernels.py)
+EPS32 = 2.0**-24
+W_REL = 2.0**-10  # relative error of a kernel's fp16 weight reconstruction (KERNELS_V2_SPEC section 2)
+
+
+def _load_shim():
+    spec = importlib.util.spec_from_file_location(
+        "spqr_cuda_shim_real", ROOT / "kernels" / "testing" / "shim.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+shim_module = _load_shim()
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def shim():
+    try:
+        shim_module.compiler()
+        shim_module.cuda_include_dir()
+    except shim_module.ShimUnavailable as e:
+        pytest.skip(f"CUDA shim unavailable: {e}")
+    return shim_module.load("plain")
+
+
+class _FirstBlocks(Mapping[str, Tensor]):
+    """A source's weights without the blocks from `blocks` on (lazy, like the source's own mapping)."""
+
+    def __init__(self, weights: Mapping[str, Tensor], blocks: int) -> None:
+        self._weights = weights
+        self._names = [n for n in weights if not (n.startswith("layers.") and int(n.split(".")[1]) >= blocks)]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._weights[name]
+
+
+@pytest.fixture(scope="module")
+def real_spqr(tmp_path_factory) -> Path:
+    """The first BLOCKS blocks of SmolLM2-135M quantized by `quantize_model` with the 3-bit preset."""
+    require_data()
+    source = open_model(GGUF)
+    cut = dataclasses.replace(source.config, num_layers=BLOCKS)
+    source = dataclasses.replace(source, config=cut, weights=_FirstBlocks(source.weights, BLOCKS))
+    out = tmp_path_factory.mktemp("real") / f"smollm2-{BLOCKS}blocks.spqr"
+    calib = windows_from_text(WIKI_CALIB, source, nsamples=16, seqlen=128)
+    quantize_model(
+        source,
+        out,
+        qcfg=PRESETS["3bit"],
+        calib_tokens=calib,
+        calib_desc="wiki-calib.txt",
+        device=torch.device("cpu"),
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def recorded(real_spqr):
+    """(name, packed linear, bias, its real input (PREFILL, in) fp16) for every quantized linear of the model
+    as the runtime loads it, inputs recorded from a forward pass over a wiki-test passage."""
+    source = open_model(real_spqr)
+    model = build_decoder(source, dtype=torch.float32)  # CPU path, packed form kept
+    text = WIKI_TEST.read_text(encoding="utf-8")[:2000]
+    tokens = torch.tensor([source.tokenizer.encode(text, add_bos=False, special=False)[:PREFILL]])
+    assert tokens.shape == (1, PREFILL)
+    inputs: dict[str, Tensor] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, SpQRLinear):
+            handles.append(
+                mod.register_forward_pre_hook(
+                    lambda _m, args, _n=name: inputs.__setitem__(_n, args[0].detach())
+                )
+            )
+    with torch.no_grad():
+        model(tokens, use_cache=False)
+    for h in handles:
+        h.remove()
+    layers = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, SpQRLinear):
+            x = inputs[name].reshape(PREFILL, mod.in_features).half()
+            layers.append((name, mod.quantized(), mod.bias, x))
+    return layers
+
+
+def scale_zero_abs(q: QuantizedLinear) -> Tensor:
+    """|scale * zero| of every weight's group, (out, in) fp32 in stored column order (the reconstruction
+    formula's statistics, docs/FORMAT.md)."""
+    u = q.unpack()
+    m = q.meta
+    sec = u.second.float()  # (row_groups, groups, 4)
+    rows = torch.arange(m.out_features) // m.stat_groupsize
+    sec = sec[rows]  # (out, groups, 4)
+    scale = sec[..., 0] * (u.scale_codes.float() - sec[..., 1])
+    zero = sec[..., 2] * (u.zero_codes.float() - sec[..., 3])
+    return (scale * zero).abs().repeat_interleave(m.groupsize, dim=1)[:, : m.in_features]
+
+
+def bound(x: Tensor, q: QuantizedLinear, bias: Tensor | None) -> Tensor:
+    """Per-element bound (rows, out) of |kernel - reference| before the output's fp16 rounding (docstring)."""
+    xa = x.float().abs()
+    if q.perm is not None:
+        xa = xa[:, q.perm_indices()]  # stored column order
+    w = q.dequantize().abs()  # (out, in)
+    b = (C_ACC * EPS32 + W_REL) * (xa @ w.T) + W_REL * (xa @ scale_zero_abs(q).T)
+    if bias is not None:
+        b += bias.float().abs() * EPS32
+    return b
+
+
+def ulp16(v: Tensor) -> Tensor:
+    _, e = torch.frexp(v.abs().clamp_min(2.0**-14))
+    return torch.ldexp(torch.ones_like(v), (e - 11).to(torch.int32))
+
+
+def check(y: Tensor, ref: Tensor, b: Tensor, what: str) -> None:
+    yf, rf = y.float(), ref.float()
+    err = (yf - rf).abs()
+    tol = b + ulp16(rf.abs() + b)
+    bad = ~(err <= tol)  # NaN fails
+    assert not bad.any(), (
+        f"{what}: {int(bad.sum())} of {bad.numel()} elements outside the bound; worst ratio "
+        f"{(err / tol).nan_to_num(float('inf')).max().item():.3g}"
+    )
+
+
+def kernel_output(backend, x: Tensor, q: QuantizedLinear, bias: Tensor | None) -> Tensor:
+    """The kernels for this input as `SpQRLinear.forward` runs them on a GPU: x gathered into the stored
+    column order once, then `spqr_matmul_stored` (small-batch kernel up to 16 rows, else dequantize + GEMM).
+    `backend`: the shim (its library) or "cuda" (the module itself on the GPU, the extension required)."""
+    b16 = None if bias is None else bias.half()
+    if backend != "cuda":
+        x_stored = x if q.perm is None else x.index_select(-1, q.perm_indices())
+        return backend.spqr_matmul_stored(x_stored, q, b16)
+    from spqr_run.ops.ext import load_extension
+
+    assert load_extension() is not None, "the CUDA extension did not build: the kernels would not run"
+    layer = SpQRLinear(q, b16).cuda()
+    with torch.no_grad():
+        return layer(x.cuda()).cpu()
+
+
+@pytest.fixture(params=["shim", pytest.param("cuda", marks=needs_cuda)])
+def backend(request):
+    """The shim library, or "cuda"."""
+    return request.getfixturevalue("shim") if request.param == "shim" else "cuda"
+
+
+# ---- tests --------------------------------------------------------------------------------------------------
+def test_real_model_file_is_quantized_and_fused_as_loaded(recorded):
+    names = [n for n, *_ in recorded]
+    per_block = ["attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]  # q/k/v, gate/up fused
+    assert sorted(names) == sorted(f"layers.{i}.{n}" for i in range(BLOCKS) for n in per_block)
+    for _, q, _, _ in recorded:
+        assert q.meta.method == "spqr" and q.meta.wbits == 3 and q.perm is not None
+    assert sum(q.num_outliers for _, q, _, _ in recorded) > 0  # the real quantizer stored outliers
+
+
+@pytest.mark.parametrize("rows", [1, PREFILL], ids=["decode", "prefill"])
+def test_real_linears_through_the_kernels_match_the_reference(backend, recorded, rows):
+    for name, q, bias, x in recorded:
+        xr = x[-rows:]  # decode: the last token's row
+        y = kernel_output(backend, xr, q, bias)
+        assert y.shape == (rows, q.meta.out_features) and y.dtype == torch.float16
+        ref = spqr_matmul_reference(xr, q, bias=None if bias is None else bias.half())
+        check(y, ref, bound(xr, q, bias), f"{name} ({q.meta.out_features}x{q.meta.in_features}), {rows} rows")
+
+
+def test_bound_catches_a_wrong_weight(backend, recorded):
+    """The bound has teeth: one outlier dropped from a real linear moves its output element past it."""
+    name, q, bias, x = max(recorded, key=lambda r: r[1].num_outliers)
+    u = q.unpack()
+    # the outlier whose contribution to the last row's output is largest
+    xs = x[-1:].float()[:, q.perm_indices()]
+    contrib = (u.outlier_values.float() * xs[0, u.outlier_cols]).abs()
+    k = int(contrib.argmax())
+    keep = torch.ones(q.num_outliers, dtype=torch.bool)
+    keep[k] = False
+    dropped = QuantizedLinear.pack(
+        dataclasses.replace(
+            u,
+            outlier_rows=u.outlier_rows[keep],
+            outlier_cols=u.outlier_cols[keep],
+            outlier_values=u.outlier_values[keep],
+        )
+    )
+    y = kernel_output(backend, x[-1:], dropped, bias)
+    ref = spqr_matmul_reference(x[-1:], q, bias=None if bias is None else bias.half())
+    with pytest.raises(AssertionError, match="outside the bound"):
+        check(y, ref, bound(x[-1:], q, bias), name)
