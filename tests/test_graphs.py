@@ -74,9 +74,9 @@ def test_static_step_matches_reference_generator(cfg: ModelConfig, method: str):
     if method == "dense":
         model = _random_decoder(cfg)
     else:
-        # seed 0: a random model whose greedy stream is not constant for both configs (seeds 1, 2 give a
-        # constant tiny-falcon stream since the v2 layout maps the random words to other codes)
-        model = build_synthetic(cfg, method="spqr", outlier_rate=0.02, device="cpu", seed=0)
+        # a seed whose random model has a greedy stream of several distinct tokens for both configs: random
+        # tiny-falcon weights often collapse to a near-constant stream, which would make the check vacuous
+        model = build_synthetic(cfg, method="spqr", outlier_rate=0.02, device="cpu", seed=1)
     prompt = [5, 17, 42, 3, 99, 1, 64]
     ref = _greedy(model, prompt, static=False)
     got = _greedy(model, prompt, static=True)
@@ -118,11 +118,16 @@ def test_random_spqr_linear_is_valid_packed_layout():
     assert 0.5 / 80**0.5 < float(w.std()) < 2.0 / 80**0.5  # std ~ 1/sqrt(in)
 
 
+@pytest.mark.parametrize("cfg", [TINY_LLAMA, TINY_FALCON], ids=["llama", "falcon"])
 @pytest.mark.parametrize("method", ["spqr", "fp16"])
-def test_synthetic_bytes_match_built_model(method: str):
-    model = build_synthetic(TINY_LLAMA, method=method, outlier_rate=0.0, device="cpu", dtype=torch.float16)
-    assert module_weight_bytes(model) == synthetic_weight_bytes(TINY_LLAMA, method=method, outlier_rate=0.0)
+def test_synthetic_bytes_match_built_model(method: str, cfg: ModelConfig):
+    model = build_synthetic(cfg, method=method, outlier_rate=0.01, device="cpu", dtype=torch.float16)
+    assert module_weight_bytes(model) == synthetic_weight_bytes(cfg, method=method, outlier_rate=0.01)
     assert all(p.device.type == "cpu" for p in model.state_dict().values())
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    fused = {"qkv_proj", "in_proj"} & names  # spqr models run fused, as a loaded .spqr file does
+    assert bool(fused) == (method == "spqr")
+    assert ("q_proj" in names) == (method != "spqr")
 
 
 def _graph_case() -> Decoder:

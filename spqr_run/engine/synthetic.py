@@ -24,6 +24,7 @@ from spqr_run.config import ModelConfig
 from spqr_run.engine.planner import fp16_params, linear_params
 from spqr_run.errors import ConfigError
 from spqr_run.models.decoder import Decoder, Rotary
+from spqr_run.models.fused import fuse_linears, fusion_plan
 from spqr_run.models.spqr_linear import SpQRLinear
 from spqr_run.quant import LinearMeta, QuantConfig, QuantizedLinear, tile_layout
 from spqr_run.quant.packing import encode_columns
@@ -126,13 +127,19 @@ def _random_words(shape: tuple[int, ...], gen: torch.Generator, device: torch.de
 
 
 def random_spqr_linear(
-    meta: LinearMeta, *, outlier_rate: float, gen: torch.Generator, device: torch.device
+    meta: LinearMeta,
+    *,
+    outlier_rate: float,
+    gen: torch.Generator,
+    device: torch.device,
+    perm: Tensor | None = None,
 ) -> QuantizedLinear:
     """A random SpQR linear whose reconstructed weights have std ~ 1/sqrt(in_features).
 
     Codes c and scale codes sc are uniform; zero = 1.0 * zero_code (uniform in the stat range) and
     scale = a * (sc + 1) with a chosen so that scale * (c - zero) has the target std; outliers are
     uniform with std 3 * std at `outlier_rate` of all positions (distinct, one per equal stratum).
+    `perm` (in,) int16 (unsigned 16-bit patterns) is the act-order permutation; random when None.
     """
     out, inp = meta.out_features, meta.in_features
     rt, kb = meta.num_row_groups, meta.num_k_blocks
@@ -153,7 +160,8 @@ def random_spqr_linear(
     row_ptr = torch.searchsorted(flat, torch.arange(out + 1, device=device) * inp).to(torch.int32)
     outliers, row_ptr = tile_layout.pack_outliers(row_ptr, flat % inp, values, out)  # CSR order: row, column
     # (in,) int16 holding the unsigned 16-bit pattern, as files store it
-    perm = encode_columns(torch.randperm(inp, generator=gen, device=device))
+    if perm is None:
+        perm = encode_columns(torch.randperm(inp, generator=gen, device=device))
     return QuantizedLinear(meta=meta, tiles=tiles, outliers=outliers, outlier_row_ptr=row_ptr, perm=perm)
 
 
@@ -200,7 +208,9 @@ def build_synthetic(
     gen = torch.Generator(device=dev).manual_seed(seed)
     with torch.device("meta"):
         model = Decoder(cfg)
+    groups = {m: members for _, members in fusion_plan(cfg)[0] for m in members}
     for block in model.layers:
+        perms: dict[tuple[str, ...], Tensor] = {}  # one act-order permutation per fusion group, as quantized
         for lname, (out, inp) in cfg.linear_shapes().items():
             parent_name, _, attr = lname.rpartition(".")
             parent = block.get_submodule(parent_name)
@@ -208,8 +218,15 @@ def build_synthetic(
             bias = getattr(old, "bias", None)
             b = None if bias is None else torch.zeros(out, dtype=dtype, device=dev)  # (out,)
             if method == "spqr":
+                key = groups.get(lname, (lname,))
+                if key not in perms:
+                    perms[key] = encode_columns(torch.randperm(inp, generator=gen, device=dev))
                 q = random_spqr_linear(
-                    spqr_meta(out, inp, wbits), outlier_rate=outlier_rate, gen=gen, device=dev
+                    spqr_meta(out, inp, wbits),
+                    outlier_rate=outlier_rate,
+                    gen=gen,
+                    device=dev,
+                    perm=perms[key],
                 )
                 new: nn.Module = SpQRLinear(q, b)
                 if dev.type == "cpu":
@@ -235,6 +252,8 @@ def build_synthetic(
             t = torch.ones(p.shape, device=dev, dtype=dtype)
         model.get_submodule(owner)._parameters[attr] = _param(t)
     model.rotary = Rotary(cfg).to(dev)
+    if method == "spqr":
+        fuse_linears(model)  # as `build_decoder` does: q/k/v and gate/up run as one linear each
     return model.eval()
 
 
@@ -247,12 +266,14 @@ def synthetic_weight_bytes(
     if method == "fp16":
         return fp16 + 2 * linear_params(cfg)
     per_block = 0
-    for out, inp in cfg.linear_shapes().values():
+    # members after the first of a fused group (`fuse_linears`): the group keeps one perm and one row_ptr end
+    shared = {m for _, members in fusion_plan(cfg)[0] for m in members[1:]}
+    for name, (out, inp) in cfg.linear_shapes().items():
         m = spqr_meta(out, inp, wbits)
         records = m.num_row_groups * m.num_k_blocks
         nnz = round(outlier_rate * out * inp)
+        own = name not in shared
         per_block += records * m.record_words * 4  # codes, stats, second
-        per_block += (
-            nnz * 4 + (m.num_row_groups * 16 + 1) * 4 + inp * 2
-        )  # outliers, row_ptr (i32), perm (u16)
+        per_block += nnz * 4  # outlier words
+        per_block += (m.num_row_groups * 16 + own) * 4 + own * inp * 2  # row_ptr (i32), perm (u16)
     return fp16 + cfg.num_layers * per_block
