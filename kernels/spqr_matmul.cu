@@ -290,8 +290,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       } else {  // past the padded row in the last k-block
         *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
       }
-    }
-  };
+    }  };
 
   // Prologue: kStages - 1 stages in flight (one commit group each, possibly empty).
 #pragma unroll
@@ -335,36 +334,38 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
   }
 
-  // Main loop: wait for stage i, refill the stage freed by iteration i-1, decode + mma stage i. Unrolled by the
-  // stage count so every shared-memory address is a constant offset.
+  // Main loop: wait for stage i, refill the stage freed by iteration i-1, decode + mma stage i. The steady state
+  // runs whole rounds of kStages records unrolled, so every shared-memory address is a constant offset and no
+  // record needs an `i < items` test; the last items % kStages records run in a rolled tail loop.
   const int m = lane >> 3;  // ldmatrix: lane gives row (lane & 7) of matrix m = (tile + m/2, k half m%2)
-  for (int i0 = 0; i0 < items; i0 += kStages) {
+  auto step = [&](int stage, int i) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (i + kStages - 1 < items) issue((stage + kStages - 1) % kStages, kb0 + i + kStages - 1);
+    cp_async_commit();
+    uint32_t a[4][4];
+    decode_record<W, SB>(rec_s[stage][warp], lane, a);
 #pragma unroll
-    for (int stage = 0; stage < kStages; ++stage) {
-      const int i = i0 + stage;
-      if (i < items) {
-        cp_async_wait<kStages - 2>();
-        __syncthreads();
-        if (i + kStages - 1 < items) issue((stage + kStages - 1) % kStages, kb0 + i + kStages - 1);
-        cp_async_commit();
-        uint32_t a[4][4];
-        decode_record<W, SB>(rec_s[stage][warp], lane, a);
+    for (int n = 0; n < NT; ++n) {
 #pragma unroll
-        for (int n = 0; n < NT; ++n) {
+      for (int jp = 0; jp < 2; ++jp) {
+        uint32_t bq[4];
+        ldmatrix_x4(bq, &x_s[stage][8 * n + (lane & 7)][16 * (2 * jp + (m >> 1)) + 8 * (m & 1)]);
 #pragma unroll
-          for (int jp = 0; jp < 2; ++jp) {
-            uint32_t bq[4];
-            ldmatrix_x4(bq, &x_s[stage][8 * n + (lane & 7)][16 * (2 * jp + (m >> 1)) + 8 * (m & 1)]);
-#pragma unroll
-            for (int jj = 0; jj < 2; ++jj) {
-              const uint32_t bf[2] = {bq[2 * jj], bq[2 * jj + 1]};
-              mma_m16n8k16_f16f32(acc[n], a[2 * jp + jj], bf, acc[n]);
-            }
-          }
+        for (int jj = 0; jj < 2; ++jj) {
+          const uint32_t bf[2] = {bq[2 * jj], bq[2 * jj + 1]};
+          mma_m16n8k16_f16f32(acc[n], a[2 * jp + jj], bf, acc[n]);
         }
       }
     }
+  };
+  int i0 = 0;
+  for (; i0 + kStages <= items; i0 += kStages) {
+#pragma unroll
+    for (int stage = 0; stage < kStages; ++stage) step(stage, i0 + stage);
   }
+#pragma unroll 1
+  for (int i = i0; i < items; ++i) step(i - i0, i);  // i0 is a multiple of kStages: stage i % kStages
   cp_async_wait<0>();
 
   // Fragment element e of n-tile n: row g + 8*(e >> 1), activation row 8n + 2t + (e & 1).
