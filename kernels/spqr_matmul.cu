@@ -94,8 +94,9 @@ namespace {
 constexpr int kRows = 16;      // rows of a row tile (beta2)
 constexpr int kCols = 64;      // stored columns of a record (4 groups of beta1 = 16)
 constexpr int kWarps = 4;      // warps (= row tiles) per block
-constexpr int kStages = 4;     // cp.async pipeline depth
-constexpr int kXPitch = 72;    // halves per staged x row: 64 + 8 of padding (ldmatrix bank conflicts)
+constexpr int kStages = 3;     // cp.async pipeline depth
+constexpr int kRecs = 2;       // records per warp and stage (consecutive k-blocks)
+constexpr int kXPitch = kRecs * kCols + 8;  // halves per staged x row: 128 + 8 of padding (ldmatrix bank conflicts)
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr uint32_t kMagic = 0x64006400u;  // fp16 1024.0 in both halves
 
@@ -250,7 +251,7 @@ __global__ void __launch_bounds__(kWarps * 32)
                              int* __restrict__ counters) {
   constexpr int R = record_words(W, SB);
   constexpr int NB = 8 * NT;  // activation rows the fragments hold
-  __shared__ __align__(16) uint32_t rec_s[kStages][kWarps][R];
+  __shared__ __align__(16) uint32_t rec_s[kStages][kWarps][kRecs * R];
   __shared__ __align__(16) __half x_s[kStages][NB][kXPitch];
   __shared__ float out_s[kWarps][kRows][NB];  // outlier sums per warp
   __shared__ int is_last;
@@ -270,32 +271,38 @@ __global__ void __launch_bounds__(kWarps * 32)
   // A warp past the last row tile (the last group of a layer whose RT is not a multiple of 4) streams and
   // decodes the last row tile again and discards the result: no divergent branch around the warp collectives.
   const uint32_t* rec_src = tiles + static_cast<size_t>(active ? rt : row_tiles - 1) * kblocks * R;
-  const int xb = threadIdx.x >> 3, xc = threadIdx.x & 7;  // the x chunk this thread copies: row xb, chunk xc
-  const bool copies_x = threadIdx.x < NB * 8 && xb < rows;
-  const __half* x_chunk = x + static_cast<size_t>(copies_x ? xb : 0) * ldx + 8 * xc;
-  auto issue = [&](int stage, int kb) {
-    {
-      const uint32_t* src = rec_src + static_cast<size_t>(kb) * R;
+  const int pairs = (items + kRecs - 1) / kRecs;  // stages: records kb0 + 2p and (when < kb1) kb0 + 2p + 1
+  // Stage p into slot `stage`: the warp's kRecs consecutive records are one contiguous run of memory, copied
+  // by 16-byte chunks (lane c copies chunks c, c + 32, ...; only the first record when the second is past kb1);
+  // threads copy the NB x 16 chunks of x (rows < `rows`).
+  auto issue = [&](int stage, int p) {
+    const int kb = kb0 + kRecs * p;
+    const int chunks = (kRecs * p + 1 < items ? kRecs : 1) * (R / 4);
+    const uint32_t* src = rec_src + static_cast<size_t>(kb) * R;
 #pragma unroll
-      for (int c0 = 0; c0 < R / 4; c0 += 32) {
-        const int c = c0 + lane;
-        if (c0 + 32 <= R / 4 || c < R / 4) cp_async_16(&rec_s[stage][warp][4 * c], src + 4 * c);
+    for (int c0 = 0; c0 < kRecs * R / 4; c0 += 32) {
+      const int c = c0 + lane;
+      if (c0 + 32 <= R / 4 || c < chunks) cp_async_16(&rec_s[stage][warp][4 * c], src + 4 * c);
+    }
+#pragma unroll
+    for (int q0 = 0; q0 < NB * 16; q0 += kWarps * 32) {
+      const int q = q0 + threadIdx.x, xb = q >> 4, xc = q & 15;  // row xb, 16-byte chunk xc
+      if (xb < rows) {
+        const int col0 = kb * kCols + 8 * xc;
+        __half* dst = &x_s[stage][xb][8 * xc];
+        if (col0 < ldx) {  // columns in..ldx-1 of x are zero (the caller pads): padding codes meet x = 0
+          cp_async_16(dst, x + static_cast<size_t>(xb) * ldx + col0);
+        } else {  // past the padded row in the last k-block
+          *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+        }
       }
     }
-    if (copies_x) {
-      const int col0 = kb * kCols + 8 * xc;
-      __half* dst = &x_s[stage][xb][8 * xc];
-      if (col0 < ldx) {  // columns in..ldx-1 of x are zero (the caller pads): padding codes meet x = 0
-        cp_async_16(dst, x_chunk + kb * kCols);
-      } else {  // past the padded row in the last k-block
-        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
-      }
-    }  };
+  };
 
   // Prologue: kStages - 1 stages in flight (one commit group each, possibly empty).
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < items) issue(s, kb0 + s);
+    if (s < pairs) issue(s, s);
     cp_async_commit();
   }
 
@@ -334,23 +341,20 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
   }
 
-  // Main loop: wait for stage i, refill the stage freed by iteration i-1, decode + mma stage i. The steady state
-  // runs whole rounds of kStages records unrolled, so every shared-memory address is a constant offset and no
-  // record needs an `i < items` test; the last items % kStages records run in a rolled tail loop.
+  // Main loop: wait for stage p, refill the slot freed by stage p-1, decode + mma the stage's records. The steady
+  // state runs whole rounds of kStages stages of kRecs records unrolled, so every shared-memory address is a
+  // constant offset and no record needs a bounds test; the remaining stages (the last one possibly holding one
+  // record) run in a rolled tail loop.
   const int m = lane >> 3;  // ldmatrix: lane gives row (lane & 7) of matrix m = (tile + m/2, k half m%2)
-  auto step = [&](int stage, int i) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    if (i + kStages - 1 < items) issue((stage + kStages - 1) % kStages, kb0 + i + kStages - 1);
-    cp_async_commit();
+  auto record = [&](int stage, int r) {
     uint32_t a[4][4];
-    decode_record<W, SB>(rec_s[stage][warp], lane, a);
+    decode_record<W, SB>(&rec_s[stage][warp][r * R], lane, a);
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
 #pragma unroll
       for (int jp = 0; jp < 2; ++jp) {
         uint32_t bq[4];
-        ldmatrix_x4(bq, &x_s[stage][8 * n + (lane & 7)][16 * (2 * jp + (m >> 1)) + 8 * (m & 1)]);
+        ldmatrix_x4(bq, &x_s[stage][8 * n + (lane & 7)][kCols * r + 16 * (2 * jp + (m >> 1)) + 8 * (m & 1)]);
 #pragma unroll
         for (int jj = 0; jj < 2; ++jj) {
           const uint32_t bf[2] = {bq[2 * jj], bq[2 * jj + 1]};
@@ -359,13 +363,28 @@ __global__ void __launch_bounds__(kWarps * 32)
       }
     }
   };
-  int i0 = 0;
-  for (; i0 + kStages <= items; i0 += kStages) {
+  auto begin_stage = [&](int stage, int p) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (p + kStages - 1 < pairs) issue((stage + kStages - 1) % kStages, p + kStages - 1);
+    cp_async_commit();
+  };
+  const int full = items / kRecs;  // stages holding kRecs records
+  int p0 = 0;
+  for (; p0 + kStages <= full; p0 += kStages) {
 #pragma unroll
-    for (int stage = 0; stage < kStages; ++stage) step(stage, i0 + stage);
+    for (int stage = 0; stage < kStages; ++stage) {
+      begin_stage(stage, p0 + stage);
+#pragma unroll
+      for (int r = 0; r < kRecs; ++r) record(stage, r);
+    }
   }
 #pragma unroll 1
-  for (int i = i0; i < items; ++i) step(i - i0, i);  // i0 is a multiple of kStages: stage i % kStages
+  for (int p = p0; p < pairs; ++p) {  // p0 is a multiple of kStages: slot p % kStages
+    begin_stage(p - p0, p);
+    record(p - p0, 0);
+    if (kRecs * p + 1 < items) record(p - p0, 1);  // block-uniform
+  }
   cp_async_wait<0>();
 
   // Fragment element e of n-tile n: row g + 8*(e >> 1), activation row 8n + 2t + (e & 1).
