@@ -14,13 +14,16 @@
 // 132 SMs x 9 blocks every LLaMA-7B..65B / Falcon-7B/40B shape gets one wave filling 86-97% of the block slots
 // (4096x4096: S = 16, 1024 blocks of 4 records; 8192x8192: S = 9; 22016x8192: S = 3).
 //
-// Pipeline. kStages = 4 stages of shared memory, each = the 4 warps' records of one k-block (4 x R words) + the
-// 64 columns of x_stored for that k-block (rows x 64 fp16, rows padded to 72 halves so ldmatrix is free of bank
-// conflicts). Every byte moves by 16-byte cp.async (cp.async.cg: L2 only): lane c of warp w copies 16-byte chunk
-// c (c += 32) of its record, threads copy one 16-byte chunk of x each. kStages - 1 stages are in flight while one
-// is decoded. Bytes in flight per SM (3-bit weights, 3-bit stats, 464-byte records, 8 resident blocks):
-//   3 stages x 4 records x 464 B x 9 blocks = 50 KB of weights (+ x), above the ~20-30 KB an H200 needs
-//   (4.8 TB/s x ~600 ns latency / 132 SMs = 22 KB); with 6 resident blocks (sm_86/89) 33 KB.
+// Pipeline. kStages = 3 stages of shared memory, each = the 4 warps' kRecs = 2 records of two consecutive
+// k-blocks (4 x 2R words) + the 128 columns of x_stored for them (rows x 128 fp16, rows padded to 136 halves so
+// ldmatrix is free of bank conflicts): the barrier, the stage control and the x copy are paid once per 64 weights
+// a lane. Every byte moves by 16-byte cp.async (cp.async.cg: L2 only): the warp's two records are one contiguous
+// run of memory, lane c of warp w copies 16-byte chunks c, c + 32, ... of it (only the first record's chunks when
+// the second is past the k-range's end), threads copy the 16-byte chunks of x (one each for 8 rows). kStages - 1
+// stages are in flight while one is decoded. Bytes in flight per SM (3-bit weights, 3-bit stats, 464-byte
+// records, 8 resident blocks on sm_80):
+//   2 stages x 2 records x 4 warps x 464 B x 8 blocks = 59 KB of weights (+ x), above the ~20-30 KB an H200
+//   needs (4.8 TB/s x ~600 ns latency / 132 SMs = 22 KB); with 4 resident blocks (sm_86/89) 30 KB.
 // x is read from L2 once per block (4 row tiles), not once per warp.
 //
 // Dequantization in registers, per lane and record (lane L, g = L >> 2, t = L & 3; 32 weights = 4 tiles x the
@@ -50,20 +53,21 @@
 // |scale*zero|) (+ fp16 underflow); products and sums fp32. The dequantize kernel produces the same fp16 values
 // plus the outlier delta (one more fp16 rounding).
 //
-// SASS, nvcc 13.0 -O3, hot loop = the unrolled main loop (4 records = 128 weights per thread), thread
-// instructions per weight / registers / resident blocks per SM (x 4 warps); no spills, no local memory:
+// SASS, nvcc 13.0 -O3, hot loop = the unrolled steady-state loop (3 stages x 2 records = 192 weights per
+// thread), thread instructions per weight / registers / resident blocks per SM (x 4 warps); no spills, no local
+// memory:
 //                     sm_80              sm_86, sm_89       sm_90
-//   W3 SB3, 1-8 rows  4.63 / 56 / 9      4.63 / 69 / 6      5.03 / 46 / 10
-//   W3 SB3, 9-16 rows 5.34 / 71 / 7      5.35 / 73 / 4      5.84 / 56 / 9
-//   W4 SB3, 1-8 rows  4.37 / 56 / 9      4.37 / 69 / 5      4.86 / 48 / 10
-//   W2 SB3, 1-8 rows  4.35 / 56 / 9      4.35 / 69 / 7      4.72 / 44 / 10
-// Per record and thread (W3 SB3, sm_80, 148 instructions for 32 weights): 32 HFMA2 (16 exact code pairs + 16
-// scale/zero fmas), 25 LOP3 + 11 SHF (4 selects, 16 mask|magic, shifts, stat fields), 8 SHFL + 4 I2F + 10
-// FADD/FMUL + 4 HADD2.F32 + 2 F2FP (stats), 4 HMMA + 2 LDSM, 11 LDS, ~30 of pipeline control (cp.async issue,
-// barrier, address and loop arithmetic). The issue's targets (<= 2.5 for 3-bit, <= 2.0 for 4-bit: 80 / 64
-// instructions a record) are NOT met: the exact fp16 conversion costs 2 HFMA2 a pair (1.0 a weight; folding the
-// magic offset into the scale fma loses half a code step to fp16 rounding) and the per-record stats ~1.0.
-// Bytes in flight per SM (W3 SB3, 1-8 rows): 3 stages x 4 x 464 B x 9 blocks = 50 KB (sm_80/90), 33 KB (sm_86/89).
+//   W3 SB3, 1-8 rows  4.03 / 64 / 8      4.03 / 70 / 4      4.26 / 52 / 9
+//   W3 SB3, 9-16 rows 4.52 / 89 / 5      4.53 / 87 / 3      5.10 / 70 / 7
+//   W4 SB3, 1-8 rows  3.72 / 72 / 7      3.72 / 72 / 4      4.01 / 62 / 8
+//   W2 SB3, 1-8 rows  3.67 / 64 / 8      3.67 / 69 / 5      3.93 / 52 / 9
+// Per record and thread (W3 SB3, sm_80, ~129 instructions for 32 weights): 32 HFMA2 (16 exact code pairs + 16
+// scale/zero fmas), 24 LOP3 + 11 SHF (4 selects, 16 mask|magic, shifts, stat fields), 8 SHFL + 4 I2F + 10
+// FADD/FMUL + 4 HADD2.F32 + 2 F2FP (stats), 4 HMMA + 2 LDSM, 8 LDS, ~18 of pipeline control (cp.async issue,
+// barrier, address and loop arithmetic, half of it per stage of two records). The issue's targets (<= 2.5 for
+// 3-bit, <= 2.0 for 4-bit: 80 / 64 instructions a record) are NOT met: the exact fp16 conversion costs 2 HFMA2 a
+// pair (1.0 a weight; folding the magic offset into the scale fma loses half a code step to fp16 rounding) and
+// the per-record stats ~1.0.
 // ===============================================================================================================
 
 #include "spqr_matmul.h"
