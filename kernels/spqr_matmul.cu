@@ -14,13 +14,16 @@
 // 132 SMs x 9 blocks every LLaMA-7B..65B / Falcon-7B/40B shape gets one wave filling 86-97% of the block slots
 // (4096x4096: S = 16, 1024 blocks of 4 records; 8192x8192: S = 9; 22016x8192: S = 3).
 //
-// Pipeline. kStages = 4 stages of shared memory, each = the 4 warps' records of one k-block (4 x R words) + the
-// 64 columns of x_stored for that k-block (rows x 64 fp16, rows padded to 72 halves so ldmatrix is free of bank
-// conflicts). Every byte moves by 16-byte cp.async (cp.async.cg: L2 only): lane c of warp w copies 16-byte chunk
-// c (c += 32) of its record, threads copy one 16-byte chunk of x each. kStages - 1 stages are in flight while one
-// is decoded. Bytes in flight per SM (3-bit weights, 3-bit stats, 464-byte records, 8 resident blocks):
-//   3 stages x 4 records x 464 B x 9 blocks = 50 KB of weights (+ x), above the ~20-30 KB an H200 needs
-//   (4.8 TB/s x ~600 ns latency / 132 SMs = 22 KB); with 6 resident blocks (sm_86/89) 33 KB.
+// Pipeline. kStages = 3 stages of shared memory, each = the 4 warps' kRecs = 2 records of two consecutive
+// k-blocks (4 x 2R words) + the 128 columns of x_stored for them (rows x 128 fp16, rows padded to 136 halves so
+// ldmatrix is free of bank conflicts): the barrier, the stage control and the x copy are paid once per 64 weights
+// a lane. Every byte moves by 16-byte cp.async (cp.async.cg: L2 only): the warp's two records are one contiguous
+// run of memory, lane c of warp w copies 16-byte chunks c, c + 32, ... of it (only the first record's chunks when
+// the second is past the k-range's end), threads copy the 16-byte chunks of x (one each for 8 rows). kStages - 1
+// stages are in flight while one is decoded. Bytes in flight per SM (3-bit weights, 3-bit stats, 464-byte
+// records, 8 resident blocks on sm_80):
+//   2 stages x 2 records x 4 warps x 464 B x 8 blocks = 59 KB of weights (+ x), above the ~20-30 KB an H200
+//   needs (4.8 TB/s x ~600 ns latency / 132 SMs = 22 KB); with 4 resident blocks (sm_86/89) 30 KB.
 // x is read from L2 once per block (4 row tiles), not once per warp.
 //
 // Dequantization in registers, per lane and record (lane L, g = L >> 2, t = L & 3; 32 weights = 4 tiles x the
@@ -50,20 +53,21 @@
 // |scale*zero|) (+ fp16 underflow); products and sums fp32. The dequantize kernel produces the same fp16 values
 // plus the outlier delta (one more fp16 rounding).
 //
-// SASS, nvcc 13.0 -O3, hot loop = the unrolled main loop (4 records = 128 weights per thread), thread
-// instructions per weight / registers / resident blocks per SM (x 4 warps); no spills, no local memory:
+// SASS, nvcc 13.0 -O3, hot loop = the unrolled steady-state loop (3 stages x 2 records = 192 weights per
+// thread), thread instructions per weight / registers / resident blocks per SM (x 4 warps); no spills, no local
+// memory:
 //                     sm_80              sm_86, sm_89       sm_90
-//   W3 SB3, 1-8 rows  4.63 / 56 / 9      4.63 / 69 / 6      5.03 / 46 / 10
-//   W3 SB3, 9-16 rows 5.34 / 71 / 7      5.35 / 73 / 4      5.84 / 56 / 9
-//   W4 SB3, 1-8 rows  4.37 / 56 / 9      4.37 / 69 / 5      4.86 / 48 / 10
-//   W2 SB3, 1-8 rows  4.35 / 56 / 9      4.35 / 69 / 7      4.72 / 44 / 10
-// Per record and thread (W3 SB3, sm_80, 148 instructions for 32 weights): 32 HFMA2 (16 exact code pairs + 16
-// scale/zero fmas), 25 LOP3 + 11 SHF (4 selects, 16 mask|magic, shifts, stat fields), 8 SHFL + 4 I2F + 10
-// FADD/FMUL + 4 HADD2.F32 + 2 F2FP (stats), 4 HMMA + 2 LDSM, 11 LDS, ~30 of pipeline control (cp.async issue,
-// barrier, address and loop arithmetic). The issue's targets (<= 2.5 for 3-bit, <= 2.0 for 4-bit: 80 / 64
-// instructions a record) are NOT met: the exact fp16 conversion costs 2 HFMA2 a pair (1.0 a weight; folding the
-// magic offset into the scale fma loses half a code step to fp16 rounding) and the per-record stats ~1.0.
-// Bytes in flight per SM (W3 SB3, 1-8 rows): 3 stages x 4 x 464 B x 9 blocks = 50 KB (sm_80/90), 33 KB (sm_86/89).
+//   W3 SB3, 1-8 rows  4.03 / 64 / 8      4.03 / 70 / 4      4.26 / 52 / 9
+//   W3 SB3, 9-16 rows 4.52 / 89 / 5      4.53 / 87 / 3      5.10 / 70 / 7
+//   W4 SB3, 1-8 rows  3.72 / 72 / 7      3.72 / 72 / 4      4.01 / 62 / 8
+//   W2 SB3, 1-8 rows  3.67 / 64 / 8      3.67 / 69 / 5      3.93 / 52 / 9
+// Per record and thread (W3 SB3, sm_80, ~129 instructions for 32 weights): 32 HFMA2 (16 exact code pairs + 16
+// scale/zero fmas), 24 LOP3 + 11 SHF (4 selects, 16 mask|magic, shifts, stat fields), 8 SHFL + 4 I2F + 10
+// FADD/FMUL + 4 HADD2.F32 + 2 F2FP (stats), 4 HMMA + 2 LDSM, 8 LDS, ~18 of pipeline control (cp.async issue,
+// barrier, address and loop arithmetic, half of it per stage of two records). The issue's targets (<= 2.5 for
+// 3-bit, <= 2.0 for 4-bit: 80 / 64 instructions a record) are NOT met: the exact fp16 conversion costs 2 HFMA2 a
+// pair (1.0 a weight; folding the magic offset into the scale fma loses half a code step to fp16 rounding) and
+// the per-record stats ~1.0.
 // ===============================================================================================================
 
 #include "spqr_matmul.h"
@@ -94,8 +98,9 @@ namespace {
 constexpr int kRows = 16;      // rows of a row tile (beta2)
 constexpr int kCols = 64;      // stored columns of a record (4 groups of beta1 = 16)
 constexpr int kWarps = 4;      // warps (= row tiles) per block
-constexpr int kStages = 4;     // cp.async pipeline depth
-constexpr int kXPitch = 72;    // halves per staged x row: 64 + 8 of padding (ldmatrix bank conflicts)
+constexpr int kStages = 3;     // cp.async pipeline depth
+constexpr int kRecs = 2;       // records per warp and stage (consecutive k-blocks)
+constexpr int kXPitch = kRecs * kCols + 8;  // halves per staged x row: 128 + 8 of padding (ldmatrix bank conflicts)
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr uint32_t kMagic = 0x64006400u;  // fp16 1024.0 in both halves
 
@@ -250,7 +255,7 @@ __global__ void __launch_bounds__(kWarps * 32)
                              int* __restrict__ counters) {
   constexpr int R = record_words(W, SB);
   constexpr int NB = 8 * NT;  // activation rows the fragments hold
-  __shared__ __align__(16) uint32_t rec_s[kStages][kWarps][R];
+  __shared__ __align__(16) uint32_t rec_s[kStages][kWarps][kRecs * R];
   __shared__ __align__(16) __half x_s[kStages][NB][kXPitch];
   __shared__ float out_s[kWarps][kRows][NB];  // outlier sums per warp
   __shared__ int is_last;
@@ -270,25 +275,30 @@ __global__ void __launch_bounds__(kWarps * 32)
   // A warp past the last row tile (the last group of a layer whose RT is not a multiple of 4) streams and
   // decodes the last row tile again and discards the result: no divergent branch around the warp collectives.
   const uint32_t* rec_src = tiles + static_cast<size_t>(active ? rt : row_tiles - 1) * kblocks * R;
-  const int xb = threadIdx.x >> 3, xc = threadIdx.x & 7;  // the x chunk this thread copies: row xb, chunk xc
-  const bool copies_x = threadIdx.x < NB * 8 && xb < rows;
-  const __half* x_chunk = x + static_cast<size_t>(copies_x ? xb : 0) * ldx + 8 * xc;
-  auto issue = [&](int stage, int kb) {
-    {
-      const uint32_t* src = rec_src + static_cast<size_t>(kb) * R;
+  const int pairs = (items + kRecs - 1) / kRecs;  // stages: records kb0 + 2p and (when < kb1) kb0 + 2p + 1
+  // Stage p into slot `stage`: the warp's kRecs consecutive records are one contiguous run of memory, copied
+  // by 16-byte chunks (lane c copies chunks c, c + 32, ...; only the first record when the second is past kb1);
+  // threads copy the NB x 16 chunks of x (rows < `rows`).
+  auto issue = [&](int stage, int p) {
+    const int kb = kb0 + kRecs * p;
+    const int chunks = (kRecs * p + 1 < items ? kRecs : 1) * (R / 4);
+    const uint32_t* src = rec_src + static_cast<size_t>(kb) * R;
 #pragma unroll
-      for (int c0 = 0; c0 < R / 4; c0 += 32) {
-        const int c = c0 + lane;
-        if (c0 + 32 <= R / 4 || c < R / 4) cp_async_16(&rec_s[stage][warp][4 * c], src + 4 * c);
-      }
+    for (int c0 = 0; c0 < kRecs * R / 4; c0 += 32) {
+      const int c = c0 + lane;
+      if (c0 + 32 <= R / 4 || c < chunks) cp_async_16(&rec_s[stage][warp][4 * c], src + 4 * c);
     }
-    if (copies_x) {
-      const int col0 = kb * kCols + 8 * xc;
-      __half* dst = &x_s[stage][xb][8 * xc];
-      if (col0 < ldx) {  // columns in..ldx-1 of x are zero (the caller pads): padding codes meet x = 0
-        cp_async_16(dst, x_chunk + kb * kCols);
-      } else {  // past the padded row in the last k-block
-        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+    for (int q0 = 0; q0 < NB * 16; q0 += kWarps * 32) {
+      const int q = q0 + threadIdx.x, xb = q >> 4, xc = q & 15;  // row xb, 16-byte chunk xc
+      if (xb < rows) {
+        const int col0 = kb * kCols + 8 * xc;
+        __half* dst = &x_s[stage][xb][8 * xc];
+        if (col0 < ldx) {  // columns in..ldx-1 of x are zero (the caller pads): padding codes meet x = 0
+          cp_async_16(dst, x + static_cast<size_t>(xb) * ldx + col0);
+        } else {  // past the padded row in the last k-block
+          *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+        }
       }
     }
   };
@@ -296,7 +306,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   // Prologue: kStages - 1 stages in flight (one commit group each, possibly empty).
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < items) issue(s, kb0 + s);
+    if (s < pairs) issue(s, s);
     cp_async_commit();
   }
 
@@ -335,35 +345,49 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
   }
 
-  // Main loop: wait for stage i, refill the stage freed by iteration i-1, decode + mma stage i. Unrolled by the
-  // stage count so every shared-memory address is a constant offset.
+  // Main loop: wait for stage p, refill the slot freed by stage p-1, decode + mma the stage's records. The steady
+  // state runs whole rounds of kStages stages of kRecs records unrolled, so every shared-memory address is a
+  // constant offset and no record needs a bounds test; the remaining stages (the last one possibly holding one
+  // record) run in a rolled tail loop.
   const int m = lane >> 3;  // ldmatrix: lane gives row (lane & 7) of matrix m = (tile + m/2, k half m%2)
-  for (int i0 = 0; i0 < items; i0 += kStages) {
+  auto record = [&](int stage, int r) {
+    uint32_t a[4][4];
+    decode_record<W, SB>(&rec_s[stage][warp][r * R], lane, a);
 #pragma unroll
-    for (int stage = 0; stage < kStages; ++stage) {
-      const int i = i0 + stage;
-      if (i < items) {
-        cp_async_wait<kStages - 2>();
-        __syncthreads();
-        if (i + kStages - 1 < items) issue((stage + kStages - 1) % kStages, kb0 + i + kStages - 1);
-        cp_async_commit();
-        uint32_t a[4][4];
-        decode_record<W, SB>(rec_s[stage][warp], lane, a);
+    for (int n = 0; n < NT; ++n) {
 #pragma unroll
-        for (int n = 0; n < NT; ++n) {
+      for (int jp = 0; jp < 2; ++jp) {
+        uint32_t bq[4];
+        ldmatrix_x4(bq, &x_s[stage][8 * n + (lane & 7)][kCols * r + 16 * (2 * jp + (m >> 1)) + 8 * (m & 1)]);
 #pragma unroll
-          for (int jp = 0; jp < 2; ++jp) {
-            uint32_t bq[4];
-            ldmatrix_x4(bq, &x_s[stage][8 * n + (lane & 7)][16 * (2 * jp + (m >> 1)) + 8 * (m & 1)]);
-#pragma unroll
-            for (int jj = 0; jj < 2; ++jj) {
-              const uint32_t bf[2] = {bq[2 * jj], bq[2 * jj + 1]};
-              mma_m16n8k16_f16f32(acc[n], a[2 * jp + jj], bf, acc[n]);
-            }
-          }
+        for (int jj = 0; jj < 2; ++jj) {
+          const uint32_t bf[2] = {bq[2 * jj], bq[2 * jj + 1]};
+          mma_m16n8k16_f16f32(acc[n], a[2 * jp + jj], bf, acc[n]);
         }
       }
     }
+  };
+  auto begin_stage = [&](int stage, int p) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (p + kStages - 1 < pairs) issue((stage + kStages - 1) % kStages, p + kStages - 1);
+    cp_async_commit();
+  };
+  const int full = items / kRecs;  // stages holding kRecs records
+  int p0 = 0;
+  for (; p0 + kStages <= full; p0 += kStages) {
+#pragma unroll
+    for (int stage = 0; stage < kStages; ++stage) {
+      begin_stage(stage, p0 + stage);
+#pragma unroll
+      for (int r = 0; r < kRecs; ++r) record(stage, r);
+    }
+  }
+#pragma unroll 1
+  for (int p = p0; p < pairs; ++p) {  // p0 is a multiple of kStages: slot p % kStages
+    begin_stage(p - p0, p);
+    record(p - p0, 0);
+    if (kRecs * p + 1 < items) record(p - p0, 1);  // block-uniform
   }
   cp_async_wait<0>();
 
