@@ -30,6 +30,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -136,6 +137,32 @@ def compare(draws: list[dict], a: str, b: str, texts: Sequence[str]) -> list[dic
     return rows
 
 
+def cost(records: list[dict]) -> str:
+    """What the stored results cost: wall and CPU seconds of their quantizations and evaluations, summed (CPU
+    only over the commands that recorded it)."""
+    parts = []
+    for what, wall_key, cpu_key in (("quantization", "quant_seconds", "quant_cpu_seconds"),
+                                    ("evaluation", "eval_seconds", "eval_cpu_seconds")):  # fmt: skip
+        walls, cpus = [], []
+        for r in records:
+            w, c = r.get(wall_key), r.get(cpu_key)
+            pairs = zip(w.values(), c.values(), strict=True) if isinstance(w, dict) else [(w, c)]
+            for wall, cpu in pairs:
+                if wall is not None:
+                    walls.append(wall)
+                    if cpu is not None:
+                        cpus.append(cpu)
+        if walls:
+            if not cpus:
+                cpu_note = "CPU not recorded"
+            elif len(cpus) < len(walls):
+                cpu_note = f"{sum(cpus):.0f} s CPU in the {len(cpus)} that recorded it"
+            else:
+                cpu_note = f"{sum(cpus):.0f} s CPU"
+            parts.append(f"{len(walls)} {what}s: {sum(walls):.0f} s wall, {cpu_note}")
+    return "; ".join(parts) or "nothing stored"
+
+
 def _fmt_spread(s: dict[str, float], fmt: Callable[[float], str]) -> str:
     if s["n"] == 1:
         return fmt(s["mean"])
@@ -147,10 +174,11 @@ def markdown(
     agg: dict[str, dict],
     reference: dict[str, float],
     texts: Sequence[str],
-    comparisons: Iterable[tuple[dict, str, str, list[dict]]] = (),
+    comparisons: Iterable[tuple[str, str, list[dict]]] = (),
 ) -> str:
     """The table: one line per row (missing rows skipped), per text the perplexity and the relative loss
-    against the reference as `mean (min - max)` over the draws, then one table per comparison, per draw."""
+    against the reference as `mean (min - max)` over the draws; then per comparison (label a, label b, the
+    result of `compare`) a table per draw and text and the verdict "a beats b on every draw and text"."""
     head = ["method", "draws", "avg bits", "outliers"]
     for t in texts:
         head += [f"{t}: perplexity", f"{t}: vs reference"]
@@ -182,8 +210,7 @@ def markdown(
                 cells.append(_fmt_spread(e["rel_loss"], pct) if e and "rel_loss" in e else "-")
             cells.append(f"{a['quant_seconds']['mean']:.0f} s")
         lines.append("| " + " | ".join(cells) + " |")
-    for spec, label_a, label_b, result in comparisons:
-        del spec
+    for label_a, label_b, result in comparisons:
         if not result:
             continue
         wins = sum(r["better"] for r in result)
@@ -252,11 +279,20 @@ def _portable(cmd: list[str]) -> list[str]:
 
 
 def _run_json(cmd: list[str], env: dict[str, str]) -> dict:
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        tail = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise QualityError(f"failed (exit {out.returncode}): {shlex.join(_portable(cmd))}: {tail}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """Run `cmd`, return the JSON object of its last stdout line with "cpu_seconds" (user + sys of the child,
+    from wait4, so exact also when several jobs run at once) added. Raises QualityError on failure."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        tail = (stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise QualityError(f"failed (exit {proc.returncode}): {shlex.join(_portable(cmd))}: {tail}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["cpu_seconds"] = usage.ru_utime + usage.ru_stime
+    return result
 
 
 def _load(path: Path, key: dict) -> dict | None:
@@ -291,6 +327,7 @@ def run_unit(
         "ppl": {},
         "scored_tokens": {},
         "eval_seconds": {},
+        "eval_cpu_seconds": {},
         "commands": [],
     }
     model = s.model
@@ -311,6 +348,7 @@ def run_unit(
             q = {k: v for k, v in q.items() if k != "layers"}
             _save(qpath, qkey, q)
         rec.update(avg_bits=q["avg_bits"], outliers=q["outlier_fraction"], quant_seconds=q["seconds"])
+        rec["quant_cpu_seconds"] = q.get("cpu_seconds")
         rec["commands"].append(_portable(qcmd))
     for text in s.texts:
         ecmd = eval_cmd(s, model, text)
@@ -326,13 +364,15 @@ def run_unit(
         rec["ppl"][text] = e["ppl"]
         rec["scored_tokens"][text] = e["scored_tokens"]
         rec["eval_seconds"][text] = e["seconds"]
+        rec["eval_cpu_seconds"][text] = e.get("cpu_seconds")
         rec["commands"].append(_portable(ecmd))
     return rec
 
 
 def select_rows(rows: Sequence[Row], keys: str | None, extra: Sequence[str]) -> list[Row]:
     """`rows` (plus `--extra-row KEY:FLAGS` rows), restricted to the comma-separated `keys` when given; the
-    reference is always kept (the relative loss needs it) and the others run in the order of `keys`. Raises QualityError naming an unknown key."""
+    reference is always kept (the relative loss needs it) and the others run in the order of `keys`.
+    Raises QualityError naming an unknown key or a malformed extra row."""
     out = list(rows)
     for spec in extra:
         key, sep, flags = spec.partition(":")
@@ -373,25 +413,20 @@ def parse_texts(specs: Sequence[str], cache: Path | None) -> dict[str, Path]:
 
 
 def _display(cmd: list[str]) -> str:
-    """A recorded command as a user types it: entry points by name, the shared data by its relative path."""
+    """A recorded command as a user types it: entry points by name, the shared data by its relative path, the
+    home folder as `~`."""
+    names = {"spqr_run.cli.quantize": "spqr-quantize", "spqr_run.cli.eval": "spqr-eval"}
+    if cmd[:2] == ["python", "-m"] and cmd[2] in names:
+        cmd = [names[cmd[2]], *cmd[3:]]
+    home = str(Path.home())
     out = []
-    skip = False
-    for i, c in enumerate(cmd):
-        if skip:
-            skip = False
-            continue
-        if c == "python" and i + 2 < len(cmd) and cmd[i + 1] == "-m":
-            out.append(
-                {"spqr_run.cli.quantize": "spqr-quantize", "spqr_run.cli.eval": "spqr-eval"}.get(
-                    cmd[i + 2], cmd[i + 2]
-                )
-            )
-            skip = True
-            continue
-        if c in ("-m",) and out and out[-1].startswith("spqr-"):
-            continue
-        out.append(c.replace(str(DATA), "../shared/data") if c.startswith(str(DATA)) else c)
-    return shlex.join(out)
+    for c in cmd:
+        if c.startswith(str(DATA)):
+            c = "../shared/data" + c[len(str(DATA)) :]
+        elif c.startswith(home + os.sep):
+            c = "~" + c[len(home) :]
+        out.append(c)
+    return " ".join(shlex.quote(c) if not c.startswith("~") else c for c in out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -465,8 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     names = list(texts)
     agg = aggregate(draws, reference, names)
     labels = {r.key: r.label for r in rows}
-    comps = [((a, b), labels[a], labels[b], compare(draws, a, b, names)) for a, b in COMPARISONS
-             if a in labels and b in labels]  # fmt: skip
+    comps = [(a, b, compare(draws, a, b, names)) for a, b in COMPARISONS if a in labels and b in labels]
     children = os.times()
     scored = {t: sorted({r["scored_tokens"][t] for r in records if t in r["scored_tokens"]}) for t in names}
     machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, {args.threads} torch thread(s) a job, {args.jobs} job(s)"
@@ -477,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{t} {'/'.join(map(str, v)) or '-'}" for t, v in scored.items())
         + f"); {time.strftime('%Y-%m-%d')}; {machine}.\n"
     )
-    print(markdown(rows, agg, reference, names, comps))
+    print(markdown(rows, agg, reference, names, [(labels[a], labels[b], c) for a, b, c in comps]))
     print("\nCommands (S = each seed):\n")
     print("    python benchmarks/quality.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
     for r in rows:
@@ -488,9 +522,11 @@ def main(argv: list[str] | None = None) -> int:
                 line = line.replace(f"--seed {rec['seed']}", "--seed S").replace(f"-d{rec['seed']}.", "-dS.")
             print("    " + line)
     cpu = (children.children_user + children.children_system) - (c0.children_user + c0.children_system)
-    print(f"\n(this invocation: {time.time() - t0:.0f} s wall, {cpu:.0f} s CPU in its commands)")
+    print(
+        f"\n({cost(records)}; this invocation: {time.time() - t0:.0f} s wall, {cpu:.0f} s CPU in its commands)"
+    )
     result = {"reference": reference, "rows": agg, "draws": draws, "comparisons": [
-        {"a": c[0][0], "b": c[0][1], "per_draw": c[3]} for c in comps], "settings": {
+        {"a": a, "b": b, "per_draw": c} for a, b, c in comps], "settings": {
         "nsamples": args.nsamples, "seqlen": args.seqlen, "draws": args.draws, "eval_tokens": args.eval_tokens,
         "scored_tokens": scored, "texts": {k: str(v) for k, v in s.texts.items()}}}  # fmt: skip
     (s.out_dir / "results.json").write_text(json.dumps(result, indent=1))

@@ -86,7 +86,7 @@ def test_markdown_table_cells_and_verdict():
         quality.Row("absent", "Absent", ("--z",)),
     ]
     agg = quality.aggregate(DRAWS, REF, ["wiki", "book"])
-    comps = [(("q3", "g4"), "Q3", "G4", quality.compare(DRAWS, "q3", "g4", ["wiki", "book"]))]
+    comps = [("Q3", "G4", quality.compare(DRAWS, "q3", "g4", ["wiki", "book"]))]
     md = quality.markdown(rows, agg, REF, ["wiki", "book"], comps)
     lines = md.splitlines()
     assert lines[0].startswith(
@@ -104,7 +104,7 @@ def test_markdown_table_cells_and_verdict():
 
 def test_markdown_verdict_true_when_every_draw_wins():
     draws = [_draw("a", s, 20.0, 30.0) for s in range(3)] + [_draw("b", s, 21.0, 31.0) for s in range(3)]
-    comps = [(("a", "b"), "A", "B", quality.compare(draws, "a", "b", ["wiki", "book"]))]
+    comps = [("A", "B", quality.compare(draws, "a", "b", ["wiki", "book"]))]
     md = quality.markdown([], {}, {}, ["wiki", "book"], comps)
     assert '"A beats B on every draw and text": **true** (6 of 6).' in md
 
@@ -306,6 +306,7 @@ def tiny_folder(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow  # about 50 s of CPU: eight real subprocesses (idle 2-core box: about 30 s)
 def test_end_to_end_tiny_run_then_resume(tiny_folder, tmp_path):
     """The real spqr-quantize / spqr-eval commands, 2 draws x 2 texts; a rerun reuses every stored result (an
     edited one shows up in the table) and a changed --eval-tokens no longer matches the stored evaluations."""
@@ -364,3 +365,24 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("quality.py: --rows: unknown nope")
+
+
+def test_cost_sums_wall_and_cpu_and_display_shortens_paths():
+    recs = [
+        {"row": "reference", "eval_seconds": {"a": 10.0, "b": 20.0}, "eval_cpu_seconds": {"a": None, "b": None}},
+        {"row": "q", "quant_seconds": 100.0, "quant_cpu_seconds": 80.0, "eval_seconds": {"a": 5.0, "b": 6.0},
+         "eval_cpu_seconds": {"a": 4.0, "b": 5.0}},
+    ]  # fmt: skip
+    assert quality.cost(recs) == (
+        "1 quantizations: 100 s wall, 80 s CPU; 4 evaluations: 41 s wall, 9 s CPU in the 2 that recorded it"
+    )
+    assert quality.cost([]) == "nothing stored"
+    cmd = [
+        "python",
+        "-m",
+        "spqr_run.cli.eval",
+        str(quality.DATA / "m.gguf"),
+        "--text",
+        str(Path.home() / "t.txt"),
+    ]
+    assert quality._display(cmd) == "spqr-eval ../shared/data/m.gguf --text ~/t.txt"
