@@ -436,6 +436,10 @@ def main(argv: list[str] | None = None) -> int:
         "--draws", type=int, default=3, help="calibration draws per row: seeds 0 .. N-1 (default 3)"
     )
     p.add_argument(
+        "--seeds", default=None, help="comma-separated calibration seeds instead of 0 .. draws-1 (e.g. a second "
+        "invocation working on other draws at the same time, in the same --out-dir)"
+    )  # fmt: skip
+    p.add_argument(
         "--eval-tokens", type=int, default=8192, help="score the first N tokens of each text (0: all)"
     )
     p.add_argument(
@@ -465,6 +469,10 @@ def main(argv: list[str] | None = None) -> int:
             if not path.exists():
                 raise QualityError(f"{what}: {path} does not exist")
         rows = select_rows(ROWS, args.rows, args.extra_row)
+        try:
+            seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else list(range(args.draws))
+        except ValueError:
+            raise QualityError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
         texts = parse_texts(args.text, args.cache_dir)
     except (QualityError, TextError) as e:
         print(f"quality.py: {e}", file=sys.stderr)
@@ -474,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
                  {k: v.resolve() for k, v in texts.items()}, args.nsamples, args.seqlen, args.eval_tokens,
                  args.threads, args.eval_seqlen)  # fmt: skip
     units: list[tuple[Row, int | None]] = [(r, None) for r in rows if r.flags is None]
-    units += [(r, seed) for seed in range(args.draws) for r in rows if r.flags and (r.seeded or seed == 0)]
+    units += [(r, seed) for seed in seeds for r in rows if r.flags and (r.seeded or seed == seeds[0])]
     t0, c0 = time.time(), os.times()
 
     def log(msg: str) -> None:
@@ -493,7 +501,11 @@ def main(argv: list[str] | None = None) -> int:
         return None
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        records = [r for r in pool.map(one, units) if r is not None]
+        done = list(pool.map(one, units))
+    records = [r for r in done if r is not None]
+    missing = [
+        _stem(u[0], u[1]) for u, r in zip(units, done, strict=True) if r is None or len(r["ppl"]) < len(texts)
+    ]
     ref_rec = next((r for r in records if r["row"] == REFERENCE), None)
     reference = ref_rec["ppl"] if ref_rec else {}
     draws = [r for r in records if r["row"] != REFERENCE]
@@ -506,12 +518,14 @@ def main(argv: list[str] | None = None) -> int:
     machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, {args.threads} torch thread(s) a job, {args.jobs} job(s)"
     print(
         f"SmolLM2-135M-Instruct ({s.model.name}); calibration {s.calib.name}, {args.nsamples} x {args.seqlen} "
-        f"tokens, draws (seeds) 0-{args.draws - 1}; scored on the first {args.eval_tokens or 'all'} tokens of each "
+        f"tokens, draws (seeds) {','.join(map(str, seeds))}; scored on the first {args.eval_tokens or 'all'} tokens of each "
         f"text, windows of {args.eval_seqlen} (tokens scored: "
         + ", ".join(f"{t} {'/'.join(map(str, v)) or '-'}" for t, v in scored.items())
         + f"); {time.strftime('%Y-%m-%d')}; {machine}.\n"
     )
     print(markdown(rows, agg, reference, names, [(labels[a], labels[b], c) for a, b, c in comps]))
+    if missing:
+        print(f"\nNot finished ({len(missing)} of {len(units)} units): {', '.join(missing)}.")
     print("\nCommands (S = each seed):\n")
     print("    python benchmarks/quality.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
     for r in rows:

@@ -341,6 +341,7 @@ def test_end_to_end_tiny_run_then_resume(tiny_folder, tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "quantize " not in again.stderr and "eval " not in again.stderr, again.stderr
+    assert "Not finished" not in again.stdout
     res2 = json.loads((out / "results.json").read_text())
     assert {d["seed"]: d["ppl"]["b"] for d in res2["draws"]}[1] == 123.456
 
@@ -354,6 +355,7 @@ def test_end_to_end_tiny_run_then_resume(tiny_folder, tmp_path):
     assert third.returncode == 0, third.stderr[-3000:]
     res3 = json.loads((out / "results.json").read_text())
     assert res3["reference"] == {} and all(d["ppl"] == {} for d in res3["draws"]) and len(res3["draws"]) == 2
+    assert "Not finished (3 of 3 units): reference, gptq-g16-d0, gptq-g16-d1." in third.stdout
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path):
