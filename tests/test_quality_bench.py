@@ -388,3 +388,19 @@ def test_cost_sums_wall_and_cpu_and_display_shortens_paths():
         str(Path.home() / "t.txt"),
     ]
     assert quality._display(cmd) == "spqr-eval ../shared/data/m.gguf --text ~/t.txt"
+
+
+def test_seeds_select_the_draws_and_bad_seeds_are_one_line(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("x\n")
+    base = ["--out-dir", str(tmp_path / "q"), "--model", str(tmp_path), "--calib", str(text), "--text", f"t={text}",
+            "--rows", "gptq-4bit-g128,rtn-4bit-g128", "--report"]  # fmt: skip
+    assert quality.main([*base, "--seeds", "1,x"]) == 2
+    assert capsys.readouterr().err.strip() == "quality.py: --seeds '1,x': expected comma-separated integers"
+    assert quality.main([*base, "--seeds", "2,1"]) == 0
+    out = capsys.readouterr().out
+    # RTN does not depend on the draw: one unit, at the first seed
+    assert (
+        "Not finished (4 of 4 units): reference, gptq-4bit-g128-d2, rtn-4bit-g128-d2, gptq-4bit-g128-d1."
+        in out
+    )
