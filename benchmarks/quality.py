@@ -164,7 +164,7 @@ def cost(records: list[dict]) -> str:
 
 
 def _fmt_spread(s: dict[str, float], fmt: Callable[[float], str]) -> str:
-    if s["n"] == 1:
+    if s["n"] == 1 or fmt(s["min"]) == fmt(s["max"]):
         return fmt(s["mean"])
     return f"{fmt(s['mean'])} ({fmt(s['min'])} - {fmt(s['max'])})"
 
@@ -413,16 +413,18 @@ def parse_texts(specs: Sequence[str], cache: Path | None) -> dict[str, Path]:
 
 
 def _display(cmd: list[str]) -> str:
-    """A recorded command as a user types it: entry points by name, the shared data by its relative path, the
-    home folder as `~`."""
+    """A recorded command as a user types it: entry points by name, the shared data and files under the current
+    folder by relative paths, the home folder as `~`."""
     names = {"spqr_run.cli.quantize": "spqr-quantize", "spqr_run.cli.eval": "spqr-eval"}
     if cmd[:2] == ["python", "-m"] and cmd[2] in names:
         cmd = [names[cmd[2]], *cmd[3:]]
-    home = str(Path.home())
+    home, cwd = str(Path.home()), os.getcwd()
     out = []
     for c in cmd:
         if c.startswith(str(DATA)):
             c = "../shared/data" + c[len(str(DATA)) :]
+        elif c.startswith(cwd + os.sep):
+            c = c[len(cwd) + 1 :]
         elif c.startswith(home + os.sep):
             c = "~" + c[len(home) :]
         out.append(c)

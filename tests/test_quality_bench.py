@@ -388,6 +388,11 @@ def test_cost_sums_wall_and_cpu_and_display_shortens_paths():
         str(Path.home() / "t.txt"),
     ]
     assert quality._display(cmd) == "spqr-eval ../shared/data/m.gguf --text ~/t.txt"
+    assert quality._display(["x", str(Path.cwd() / "build" / "a.spqr")]) == "x build/a.spqr"
+    assert (
+        quality._fmt_spread({"mean": 4.0, "min": 3.9996, "max": 4.0004, "n": 3}, lambda v: f"{v:.3f}")
+        == "4.000"
+    )
 
 
 def test_seeds_select_the_draws_and_bad_seeds_are_one_line(tmp_path, capsys):
