@@ -101,3 +101,77 @@ def quantize_row_groups(values: Tensor, groupsize: int, bits: int) -> tuple[Tens
     deq = dequantize_codes(codes, scale_rows, zero_rows)
     stats = torch.stack([scale16, zero16], dim=-1)  # (..., groups, 2)
     return codes[..., :out], stats, deq[..., :out]
+
+
+def weighted_grid_error(x: Tensor, weight: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
+    """Weighted squared rounding error sum_j weight_j (x_j - deq_j)**2 of rows `x` (..., g) on grids.
+
+    `scale`, `zero` (...,) are one grid per row (broadcast against `x`'s leading dims, e.g. (out, K, M)
+    candidate grids for x (out, 1, 1, g)); `weight` (g,) >= 0 per column. Rounding is exactly the
+    quantizer's (`quantize_codes` then `dequantize_codes`). Returns (...,) fp32.
+    """
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    deq = dequantize_codes(quantize_codes(x, s, z, maxq), s, z)
+    return (deq - x).square_().mul_(weight).sum(dim=-1)
+
+
+RANGE_SHRINK = (0.0, 0.05, 0.1, 0.15, 0.2)  # fractions of the min-max range tried at each end
+
+
+def search_range(
+    x: Tensor, weight: Tensor, maxq: int, shrink: tuple[float, ...] = RANGE_SHRINK
+) -> tuple[Tensor, Tensor]:
+    """Per row, the min-max range with each end pulled in by a fraction of it that minimises the
+    `weight`ed rounding error: x (out, g), weight (g,) -> scale, zero (out,) fp32 as `fit_minmax` gives.
+
+    Candidates are (lo + a * (hi - lo), hi - b * (hi - lo)) for a, b in `shrink` (which must contain 0:
+    plain min-max is always a candidate, so the chosen grid's weighted error is never larger). This is the
+    clipping search of GPTQ's `find_params(mse=True)` (Frantar et al. 2023) with a Hessian-diagonal weight
+    instead of a plain norm, and two independent ends instead of one symmetric factor.
+    """
+    lo, hi = grid_range(x, maxq)  # (out,)
+    f = torch.tensor(shrink, dtype=torch.float32, device=x.device)
+    a, b = f.repeat_interleave(len(shrink)), f.repeat(len(shrink))  # (C,) all pairs, (0, 0) first
+    r = (hi - lo).unsqueeze(1)  # (out, 1)
+    scale, zero = minmax_from_range(lo.unsqueeze(1) + a * r, hi.unsqueeze(1) - b * r, maxq)  # (out, C)
+    err = weighted_grid_error(x.float().unsqueeze(1), weight, scale, zero, maxq)  # (out, C)
+    best = err.argmin(dim=1, keepdim=True)  # first minimum: ties keep plain min-max
+    return scale.gather(1, best).squeeze(1), zero.gather(1, best).squeeze(1)
+
+
+def search_stat_codes(
+    x: Tensor, weight: Tensor, stats: Tensor, codes: Tensor, groupsize: int, bits: int, maxq: int
+) -> tuple[Tensor, Tensor]:
+    """SpQR's quantized first-order stats, re-chosen per row on the fixed second-order grids.
+
+    x (out, g) the group's weights, weight (g,) column weights (1 / U[j, j]**2), `stats` (2, row_groups, 2)
+    fp16 and `codes` (2, out) as `quantize_row_groups` returned them for (scales, zeros). Each row's
+    (scale code, zero code) pair is replaced by the one of all 2**bits x 2**bits pairs on its row group's
+    grids that minimises the weighted rounding error of the row (`weighted_grid_error`); the min-max
+    pair is a candidate, so no row's error grows. Only codes change: the stored fp16 stats are the same.
+    Returns the new codes (2, out) and dequantized (scale, zero) (2, out) fp32, by `dequantize_codes`.
+    """
+    out = x.shape[0]
+    k = torch.arange(max_code(bits) + 1, dtype=torch.float32, device=x.device)  # (K,)
+    rows = torch.arange(out, device=x.device) // groupsize
+    grid = stats.float()[:, rows]  # (2, out, 2): per row its group's (scale, zero) of scales and zeros
+    cand = dequantize_codes(k, grid[..., 0:1], grid[..., 1:2])  # (2, out, K)
+    err = weighted_grid_error(
+        x.float()[:, None, None, :], weight, cand[0][:, :, None], cand[1][:, None, :], maxq
+    )  # (out, K, K)
+    nk = len(k)
+    current = (codes[0] * nk + codes[1]).long()  # (out,) flat index of the min-max pair
+    flat = err.reshape(out, nk * nk)
+    best = flat.argmin(dim=1)
+    # keep the min-max codes unless strictly better (argmin's tie-break must not move them)
+    best = torch.where(
+        flat.gather(1, best[:, None]).squeeze(1) < flat.gather(1, current[:, None]).squeeze(1), best, current
+    )
+    new_codes = torch.stack([best // nk, best % nk]).float()  # (2, out)
+    deq = torch.stack(
+        [
+            cand[0].gather(1, new_codes[0:1].long().T).squeeze(1),
+            cand[1].gather(1, new_codes[1:2].long().T).squeeze(1),
+        ]
+    )
+    return new_codes, deq

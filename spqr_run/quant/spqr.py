@@ -44,6 +44,8 @@ from spqr_run.quant.grid import (
     fit_minmax_fp16,
     max_code,
     quantize_row_groups,
+    search_range,
+    search_stat_codes,
 )
 from spqr_run.quant.layout import UnpackedLinear
 from spqr_run.quant.meta import LinearMeta
@@ -339,11 +341,19 @@ def _fit_group(group: Tensor, u_diag: Tensor, threshold: Tensor | None, config: 
         return _GroupStats(scale16.float(), zero16.float(), (scale16, zero16))
     if threshold is not None and not config.simplified_outliers:
         group = fit_without_likely_outliers(group, u_diag, maxq, threshold.unsqueeze(1))
-    scale, zero = fit_minmax(group, maxq)  # (out,) fp32
+    weight = u_diag.float().square().reciprocal()  # (g,) cost of a unit error in each column (OBS)
+    if config.range_search:
+        scale, zero = search_range(group, weight, maxq)  # (out,) fp32
+    else:
+        scale, zero = fit_minmax(group, maxq)  # (out,) fp32
     # scales and zeros together: (2, out) codes and dequantized values, (2, row_groups, 2) fp16 stats
     codes, stats, deq = quantize_row_groups(
         torch.stack([scale, zero]), config.stat_groupsize, config.stat_bits
     )
+    if config.stat_search:
+        codes, deq = search_stat_codes(
+            group, weight, stats, codes, config.stat_groupsize, config.stat_bits, maxq
+        )
     second = torch.cat([stats[0], stats[1]], dim=-1)  # (row_groups, 4) fp16: scale's, then zero's
     return _GroupStats(deq[0], deq[1], (codes[0], codes[1], second))
 
