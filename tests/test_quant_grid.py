@@ -134,7 +134,10 @@ def test_stat_code_search_never_increases_the_weighted_error(bits, out):
     for k in range(2):
         grid = stats[k].float()[rows]  # (out, 2)
         assert torch.equal(dequantize_codes(new_codes[k], grid[:, 0], grid[:, 1]), new_deq[k])
-    # brute force over all 64 pairs for a few rows: the search finds the minimum
+    # brute force over all 64 pairs for a few rows: the full search finds the minimum
+    _, full_deq = search_stat_codes(x, weight, stats, codes, 16, 3, maxq, window=None)
+    full = weighted_grid_error(x, weight, full_deq[0], full_deq[1], maxq)
+    assert bool((full <= after).all())
     for r in (0, out // 2, out - 1):
         grid = stats.float()[:, rows[r]]
         best = min(
@@ -142,7 +145,7 @@ def test_stat_code_search_never_increases_the_weighted_error(bits, out):
                                       dequantize_codes(torch.tensor(float(b)), *grid[1]), maxq))
             for a in range(8) for b in range(8)
         )  # fmt: skip
-        assert float(after[r]) == pytest.approx(best, rel=1e-6)
+        assert float(full[r]) == pytest.approx(best, rel=1e-6)
 
 
 def test_range_search_never_increases_the_weighted_error():

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -625,3 +626,17 @@ def test_fp_targets_through_the_pipeline_and_resume(tiny_model, tmp_path, monkey
     monkeypatch.setattr(qm, "quantize_linears", real)
     _quantize(tiny_model, out, qcfg=qcfg, resume=True)
     _same_files(full, out)
+
+
+def test_presets_search_the_stat_codes_and_a_flag_turns_it_off():
+    from spqr_run.cli.quantize import build_parser, quant_config_from_args
+    from spqr_run.quantize_model import PRESETS
+
+    assert all(p.stat_search and not p.fp_targets and not p.range_search for p in PRESETS.values())
+    for preset in PRESETS:
+        base = ["m.gguf", "-o", "x.spqr", "--preset", preset]
+        assert quant_config_from_args(build_parser().parse_args(base)).stat_search
+        off = quant_config_from_args(build_parser().parse_args([*base, "--no-stat-search"]))
+        assert off == dataclasses.replace(PRESETS[preset], stat_search=False)
+    gptq = quant_config_from_args(build_parser().parse_args(["m", "-o", "x", "--method", "gptq"]))
+    assert not gptq.stat_search  # the baselines stay the paper's
