@@ -29,7 +29,7 @@ def hessian_of(x: torch.Tensor) -> torch.Tensor:
 CONFIGS = [
     QuantConfig(wbits=3, percdamp=1.0),
     QuantConfig(wbits=4, simplified_outliers=True, percdamp=1.0),
-    QuantConfig(wbits=3, stat_search=True, range_search=True, percdamp=1.0),
+    QuantConfig(wbits=3, stat_search=True, percdamp=1.0),
     QuantConfig(
         wbits=2, stat_bits=4, groupsize=32, outlier_threshold=math.inf, act_order=False, percdamp=1.0
     ),

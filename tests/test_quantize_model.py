@@ -632,7 +632,7 @@ def test_presets_search_the_stat_codes_and_a_flag_turns_it_off():
     from spqr_run.cli.quantize import build_parser, quant_config_from_args
     from spqr_run.quantize_model import PRESETS
 
-    assert all(p.stat_search and not p.fp_targets and not p.range_search for p in PRESETS.values())
+    assert all(p.stat_search and not p.fp_targets for p in PRESETS.values())
     for preset in PRESETS:
         base = ["m.gguf", "-o", "x.spqr", "--preset", preset]
         assert quant_config_from_args(build_parser().parse_args(base)).stat_search

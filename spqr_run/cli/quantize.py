@@ -82,11 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="spqr: choose each row's quantized scale/zero codes by Hessian-weighted error (preset default)",
     )
     p.add_argument(
-        "--range-search",
-        action=argparse.BooleanOptionalAction,
-        help="spqr: shrink each group's min-max range where that lowers its Hessian-weighted error",
-    )
-    p.add_argument(
         "--fp-targets",
         action=argparse.BooleanOptionalAction,
         help="spqr/gptq: fit each layer to the full-precision model's outputs (asymmetric calibration)",
@@ -121,7 +116,6 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
         "outlier_threshold",
         "percdamp",
         "stat_search",
-        "range_search",
         "fp_targets",
     ):
         value = getattr(args, flag)

@@ -30,8 +30,6 @@ class QuantConfig:
     stat_groupsize: int = 16  # spqr only, beta2: consecutive output rows sharing second-order stats
     outlier_threshold: float = 0.2  # spqr only, tau: relative outlier threshold; inf disables outliers
     simplified_outliers: bool = False  # spqr only: skip the leave-one-out refit (faster, a bit worse)
-    # spqr only: pull each group's min-max range in where that lowers its Hessian-weighted rounding error
-    range_search: bool = False
     # spqr only: re-choose each row's 3-bit (scale, zero) codes on the fixed second-order grids by the
     # Hessian-weighted rounding error (min-max codes are a candidate)
     stat_search: bool = False

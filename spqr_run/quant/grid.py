@@ -117,30 +117,6 @@ def weighted_grid_error(x: Tensor, weight: Tensor, scale: Tensor, zero: Tensor, 
     return deq.matmul(weight.to(deq.dtype))
 
 
-RANGE_SHRINK = (0.0, 0.05, 0.1, 0.15, 0.2)  # fractions of the min-max range tried at each end
-
-
-def search_range(
-    x: Tensor, weight: Tensor, maxq: int, shrink: tuple[float, ...] = RANGE_SHRINK
-) -> tuple[Tensor, Tensor]:
-    """Per row, the min-max range with each end pulled in by a fraction of it that minimises the
-    `weight`ed rounding error: x (out, g), weight (g,) -> scale, zero (out,) fp32 as `fit_minmax` gives.
-
-    Candidates are (lo + a * (hi - lo), hi - b * (hi - lo)) for a, b in `shrink` (which must contain 0:
-    plain min-max is always a candidate, so the chosen grid's weighted error is never larger). This is the
-    clipping search of GPTQ's `find_params(mse=True)` (Frantar et al. 2023) with a Hessian-diagonal weight
-    instead of a plain norm, and two independent ends instead of one symmetric factor.
-    """
-    lo, hi = grid_range(x, maxq)  # (out,)
-    f = torch.tensor(shrink, dtype=torch.float32, device=x.device)
-    a, b = f.repeat_interleave(len(shrink)), f.repeat(len(shrink))  # (C,) all pairs, (0, 0) first
-    r = (hi - lo).unsqueeze(1)  # (out, 1)
-    scale, zero = minmax_from_range(lo.unsqueeze(1) + a * r, hi.unsqueeze(1) - b * r, maxq)  # (out, C)
-    err = weighted_grid_error(x.float().unsqueeze(1), weight, scale, zero, maxq)  # (out, C)
-    best = err.argmin(dim=1, keepdim=True)  # first minimum: ties keep plain min-max
-    return scale.gather(1, best).squeeze(1), zero.gather(1, best).squeeze(1)
-
-
 STAT_SEARCH_WINDOW = ((-1, 2), (-2, 2))  # code offsets tried around the min-max (scale, zero) codes
 
 
