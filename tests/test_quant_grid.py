@@ -15,6 +15,8 @@ from spqr_run.quant.grid import (
     fit_minmax_fp16,
     quantize_codes,
     quantize_row_groups,
+    search_stat_codes,
+    weighted_grid_error,
 )
 
 
@@ -105,3 +107,43 @@ def test_config_validation_and_dict_round_trip():
         QuantConfig.from_dict({"wbits": 3, "bogus": 1}, source="x.spqr")
     with pytest.raises(ModelFormatError, match="x.spqr"):
         QuantConfig.from_dict({"wbits": 7}, source="x.spqr")
+
+
+def _bilevel_minmax(x, bits=3, stat_bits=3, stat_groupsize=16):
+    """Min-max first-order stats of rows x (out, g), quantized as SpQR does: codes, stats, dequantized."""
+    scale, zero = fit_minmax(x, 2**bits - 1)
+    return quantize_row_groups(torch.stack([scale, zero]), stat_groupsize, stat_bits)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("out", [48, 37])
+def test_stat_code_search_never_increases_the_weighted_error(bits, out):
+    torch.manual_seed(bits * 100 + out)
+    maxq = 2**bits - 1
+    x = torch.randn(out, 16) * torch.rand(out, 1) * 2 + torch.randn(out, 1) * 0.3
+    x[torch.rand(out, 16) < 0.05] *= 4  # a few large weights stretch the min-max range
+    weight = torch.rand(16) * 3 + 0.1  # 1 / U[j, j]**2: a known Hessian diagonal
+    codes, stats, deq = _bilevel_minmax(x, bits)
+    new_codes, new_deq = search_stat_codes(x, weight, stats, codes, 16, 3, maxq)
+    before = weighted_grid_error(x, weight, deq[0], deq[1], maxq)  # (out,)
+    after = weighted_grid_error(x, weight, new_deq[0], new_deq[1], maxq)
+    assert bool((after <= before).all())
+    assert float(after.sum()) < 0.9 * float(before.sum())  # and it is really better on the whole
+    # the new codes are plain 3-bit codes on the unchanged fp16 second-order grids, read back exactly
+    assert bool(((new_codes >= 0) & (new_codes <= 7) & (new_codes == new_codes.round())).all())
+    rows = torch.arange(out) // 16
+    for k in range(2):
+        grid = stats[k].float()[rows]  # (out, 2)
+        assert torch.equal(dequantize_codes(new_codes[k], grid[:, 0], grid[:, 1]), new_deq[k])
+    # brute force over all 64 pairs for a few rows: the full search finds the minimum
+    _, full_deq = search_stat_codes(x, weight, stats, codes, 16, 3, maxq, window=None)
+    full = weighted_grid_error(x, weight, full_deq[0], full_deq[1], maxq)
+    assert bool((full <= after).all())
+    for r in (0, out // 2, out - 1):
+        grid = stats.float()[:, rows[r]]
+        best = min(
+            float(weighted_grid_error(x[r], weight, dequantize_codes(torch.tensor(float(a)), *grid[0]),
+                                      dequantize_codes(torch.tensor(float(b)), *grid[1]), maxq))
+            for a in range(8) for b in range(8)
+        )  # fmt: skip
+        assert float(full[r]) == pytest.approx(best, rel=1e-6)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -593,3 +594,60 @@ def test_cli_unsupported_architecture(tmp_path):
     r = _cli(tmp_path, "-o", tmp_path / "o.spqr", "--calib", WIKI_CALIB)
     assert r.returncode == 2 and "unsupported architecture 'gpt_neox'" in r.stderr
     assert not (tmp_path / "o.spqr").exists()
+
+
+def test_fp_target_weight_is_the_least_squares_fit_to_the_full_precision_outputs():
+    from spqr_run.quantize_model import fp_target_weight
+
+    torch.manual_seed(0)
+    w = torch.randn(12, 20)
+    x_q = torch.randn(500, 20, dtype=torch.float64)  # (tokens, in) inputs of the quantized model
+    x_fp = x_q + 0.1 * torch.randn(500, 20, dtype=torch.float64)  # the full-precision model's
+    h = (2 / 500 * x_q.T @ x_q).float()
+    d = (2 / 500 * (x_fp - x_q).T @ x_q).float()
+    w_star = fp_target_weight(w, h, d, percdamp=0.0)
+    # argmin_V ||X_fp W^T - X_q V^T||, solved directly
+    ref = torch.linalg.lstsq(x_q, x_fp @ w.double().T).solution.T
+    torch.testing.assert_close(w_star.double(), ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fp_target_weight(w, h, torch.zeros_like(d), percdamp=0.01), w)  # same inputs: W
+
+
+def test_fp_targets_through_the_pipeline_and_resume(tiny_model, tmp_path, monkeypatch):
+    import spqr_run.quantize_model as qm
+
+    qcfg = QuantConfig(method="spqr", wbits=3, outlier_threshold=0.2, fp_targets=True)
+    full = tmp_path / "full.spqr"
+    summary = _quantize(tiny_model, full, qcfg=qcfg)
+    plain = _quantize(tiny_model, tmp_path / "plain.spqr")
+    # block 0's first group sees the same inputs in both models: identical; later ones differ
+    assert summary.layers[0].relative_error == plain.layers[0].relative_error
+    assert summary.layers[-1].relative_error != plain.layers[-1].relative_error
+    out = tmp_path / "resumed.spqr"
+    real, calls = qm.quantize_linears, []
+
+    def flaky(ws, h, *, config):
+        calls.append(1)
+        if len(calls) == 6:  # in the second block
+            raise KeyboardInterrupt
+        return real(ws, h, config=config)
+
+    monkeypatch.setattr(qm, "quantize_linears", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        _quantize(tiny_model, out, qcfg=qcfg)
+    monkeypatch.setattr(qm, "quantize_linears", real)
+    _quantize(tiny_model, out, qcfg=qcfg, resume=True)
+    _same_files(full, out)
+
+
+def test_presets_search_the_stat_codes_and_a_flag_turns_it_off():
+    from spqr_run.cli.quantize import build_parser, quant_config_from_args
+    from spqr_run.quantize_model import PRESETS
+
+    assert all(p.stat_search and not p.fp_targets for p in PRESETS.values())
+    for preset in PRESETS:
+        base = ["m.gguf", "-o", "x.spqr", "--preset", preset]
+        assert quant_config_from_args(build_parser().parse_args(base)).stat_search
+        off = quant_config_from_args(build_parser().parse_args([*base, "--no-stat-search"]))
+        assert off == dataclasses.replace(PRESETS[preset], stat_search=False)
+    gptq = quant_config_from_args(build_parser().parse_args(["m", "-o", "x", "--method", "gptq"]))
+    assert not gptq.stat_search  # the baselines stay the paper's

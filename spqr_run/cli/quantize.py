@@ -75,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--simplified-outliers", action="store_true", help="skip the leave-one-out refit (faster)")
     p.add_argument(
+        "--stat-search",
+        action=argparse.BooleanOptionalAction,
+        help="spqr: choose each row's quantized scale/zero codes by Hessian-weighted error (preset default)",
+    )
+    p.add_argument(
+        "--fp-targets",
+        action=argparse.BooleanOptionalAction,
+        help="spqr/gptq: fit each layer to the full-precision model's outputs (asymmetric calibration)",
+    )
+    p.add_argument(
         "--percdamp",
         type=float,
         help="Hessian damping relative to its mean diagonal (default 0.01; the near-lossless preset: 0.1)",
@@ -103,6 +113,8 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
         "stat_groupsize",
         "outlier_threshold",
         "percdamp",
+        "stat_search",
+        "fp_targets",
     ):
         value = getattr(args, flag)
         if value is not None:

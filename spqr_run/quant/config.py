@@ -30,6 +30,13 @@ class QuantConfig:
     stat_groupsize: int = 16  # spqr only, beta2: consecutive output rows sharing second-order stats
     outlier_threshold: float = 0.2  # spqr only, tau: relative outlier threshold; inf disables outliers
     simplified_outliers: bool = False  # spqr only: skip the leave-one-out refit (faster, a bit worse)
+    # spqr only: re-choose each row's 3-bit (scale, zero) codes on the fixed second-order grids by the
+    # Hessian-weighted rounding error (min-max codes are a candidate)
+    stat_search: bool = False
+    # spqr/gptq, whole-model runs only: target each linear's output on the *full-precision* model's inputs
+    # (asymmetric calibration): W is replaced by W + W (X_fp - X_q) X_q^T (X_q X_q^T + damping)^-1 before
+    # quantizing, so ||W X_fp - Q X_q|| is minimised instead of ||W X_q - Q X_q||
+    fp_targets: bool = False
     # H[i, i] += percdamp * mean(diag H). 0.01 is GPTQ's default (Frantar et al., 2023); the SpQR release ran
     # 1.0, which on SmolLM2 costs every method 1.5-2.5 points of perplexity (sweep in BENCHMARKS.md)
     percdamp: float = 0.01

@@ -101,3 +101,71 @@ def quantize_row_groups(values: Tensor, groupsize: int, bits: int) -> tuple[Tens
     deq = dequantize_codes(codes, scale_rows, zero_rows)
     stats = torch.stack([scale16, zero16], dim=-1)  # (..., groups, 2)
     return codes[..., :out], stats, deq[..., :out]
+
+
+def weighted_grid_error(x: Tensor, weight: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
+    """Weighted squared rounding error sum_j weight_j (x_j - deq_j)**2 of rows `x` (..., g) on grids.
+
+    `scale`, `zero` (...,) are one grid per row (broadcast against `x`'s leading dims, e.g. (out, K, M)
+    candidate grids for x (out, 1, 1, g)); `weight` (g,) >= 0 per column. Rounding is exactly the
+    quantizer's (`quantize_codes` then `dequantize_codes`). Returns (...,) fp32.
+    """
+    s, z = scale.float().unsqueeze(-1), zero.float().unsqueeze(-1)
+    # quantize_codes then dequantize_codes, in place on one buffer: the same fp32 expressions
+    deq = torch.add(x / s.clamp_min(EPS), z)
+    deq.round_().clamp_(0, maxq).sub_(z).mul_(s).sub_(x).square_()
+    return deq.matmul(weight.to(deq.dtype))
+
+
+STAT_SEARCH_WINDOW = ((-1, 2), (-2, 2))  # code offsets tried around the min-max (scale, zero) codes
+
+
+def search_stat_codes(
+    x: Tensor,
+    weight: Tensor,
+    stats: Tensor,
+    codes: Tensor,
+    groupsize: int,
+    bits: int,
+    maxq: int,
+    window: tuple[tuple[int, int], tuple[int, int]] | None = STAT_SEARCH_WINDOW,
+) -> tuple[Tensor, Tensor]:
+    """SpQR's quantized first-order stats, re-chosen per row on the fixed second-order grids.
+
+    x (out, g) the group's weights, weight (g,) column weights (1 / U[j, j]**2), `stats` (2, row_groups, 2)
+    fp16 and `codes` (2, out) as `quantize_row_groups` returned them for (scales, zeros). Each row's
+    (scale code, zero code) pair is replaced by the candidate pair on its row group's grids that minimises
+    the weighted rounding error of the row (`weighted_grid_error`). Candidates: the min-max codes offset by
+    `window` ((lo, hi) inclusive for the scale code, then the zero code, clamped to the code range; on
+    SmolLM2-like weights the best pair lies there for ~99% of rows), or all 2**bits x 2**bits pairs with
+    `window=None`. The min-max pair is a candidate and is kept on ties, so no row's error grows. Only
+    codes change: the stored fp16 stats are the same, so the bits are too.
+    Returns the new codes (2, out) fp32 and dequantized (scale, zero) (2, out) fp32, by `dequantize_codes`.
+    """
+    out = x.shape[0]
+    top = max_code(bits)
+    rows = torch.arange(out, device=x.device) // groupsize
+    grid = stats.float()[:, rows]  # (2, out, 2): per row its group's (scale, zero) of scales and zeros
+    cand = []
+    for k in range(2):
+        if window is None:
+            c = torch.arange(top + 1, dtype=torch.float32, device=x.device).expand(out, top + 1)
+        else:
+            offsets = torch.arange(window[k][0], window[k][1] + 1, dtype=torch.float32, device=x.device)
+            c = (codes[k].unsqueeze(1) + offsets).clamp_(0, top)  # (out, C_k)
+        cand.append(c)
+    values = [dequantize_codes(cand[k], grid[k, :, 0:1], grid[k, :, 1:2]) for k in range(2)]  # (out, C_k)
+    err = weighted_grid_error(
+        x.float()[:, None, None, :], weight, values[0][:, :, None], values[1][:, None, :], maxq
+    )  # (out, C_s, C_z)
+    nz = cand[1].shape[1]
+    flat = err.reshape(out, -1)
+    best = flat.argmin(dim=1)
+    # the min-max pair's own error (its codes are among the candidates): keep it unless strictly worse
+    current = dequantize_codes(codes, grid[..., 0], grid[..., 1])  # (2, out)
+    base = weighted_grid_error(x.float(), weight, current[0], current[1], maxq)  # (out,)
+    better = flat.gather(1, best[:, None]).squeeze(1) < base
+    si, zi = (best // nz)[:, None], (best % nz)[:, None]
+    new_codes = torch.stack([cand[0].gather(1, si).squeeze(1), cand[1].gather(1, zi).squeeze(1)])
+    new_deq = torch.stack([values[0].gather(1, si).squeeze(1), values[1].gather(1, zi).squeeze(1)])
+    return torch.where(better, new_codes, codes), torch.where(better, new_deq, current)

@@ -10,7 +10,9 @@ Algorithm (GPTQ, Frantar et al. 2022, with SpQR's additions, Dettmers et al. 202
   2. U = upper Cholesky factor of H^-1 (fp32, retried in float64 if fp32 fails).
   3. Columns in blocks; when the loop reaches a group of `groupsize` columns it fits per-row min-max
      statistics on the already error-updated weights (spqr: leave-one-out refit without likely outliers,
-     then scales and zeros each quantized to `stat_bits` per `stat_groupsize` rows with fp16 stats).
+     then scales and zeros each quantized to `stat_bits` per `stat_groupsize` rows with fp16 stats;
+     with `stat_search`, each row's scale and zero codes are then re-chosen on those fixed second-order
+     grids to minimise the row's rounding error weighted by 1 / U[j, j]**2, `grid.search_stat_codes`).
   4. Each column is rounded to its grid; spqr marks outliers by ((w - q) / U[j, j])**2 > tau * s and
      stores them as fp16 deltas so they contribute (almost) no error; the error (w - q) / U[j, j] is
      propagated to later columns through U.
@@ -44,6 +46,7 @@ from spqr_run.quant.grid import (
     fit_minmax_fp16,
     max_code,
     quantize_row_groups,
+    search_stat_codes,
 )
 from spqr_run.quant.layout import UnpackedLinear
 from spqr_run.quant.meta import LinearMeta
@@ -339,11 +342,16 @@ def _fit_group(group: Tensor, u_diag: Tensor, threshold: Tensor | None, config: 
         return _GroupStats(scale16.float(), zero16.float(), (scale16, zero16))
     if threshold is not None and not config.simplified_outliers:
         group = fit_without_likely_outliers(group, u_diag, maxq, threshold.unsqueeze(1))
+    weight = u_diag.float().square().reciprocal()  # (g,) cost of a unit error in each column (OBS)
     scale, zero = fit_minmax(group, maxq)  # (out,) fp32
     # scales and zeros together: (2, out) codes and dequantized values, (2, row_groups, 2) fp16 stats
     codes, stats, deq = quantize_row_groups(
         torch.stack([scale, zero]), config.stat_groupsize, config.stat_bits
     )
+    if config.stat_search:
+        codes, deq = search_stat_codes(
+            group, weight, stats, codes, config.stat_groupsize, config.stat_bits, maxq
+        )
     second = torch.cat([stats[0], stats[1]], dim=-1)  # (row_groups, 4) fp16: scale's, then zero's
     return _GroupStats(deq[0], deq[1], (codes[0], codes[1], second))
 
