@@ -25,6 +25,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import quality  # noqa: E402
 import texts  # noqa: E402
 
+from tests.tiny_configs import write_tiny_hf_llama  # noqa: E402
+
 # ---------------------------------------------------------------------------------------------------------------
 # aggregation
 
@@ -275,34 +277,11 @@ def _prose(seed: int, n: int) -> str:
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> Path:
     """A 2-layer LLaMA HF folder (hidden 64) with a small byte-level BPE tokenizer, and three texts."""
-    tokenizers = pytest.importorskip("tokenizers")
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("tiny-quality")
-    corpus = _prose(0, 3000)
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<s>", "</s>"],
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([corpus], trainer)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
-    (folder / "calib.txt").write_text(corpus)
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("transformers")
+    folder = write_tiny_hf_llama(tmp_path_factory.mktemp("tiny-quality"), _prose(0, 3000))
     (folder / "a.txt").write_text(_prose(1, 400))
     (folder / "b.txt").write_text(_prose(2, 400))
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=1,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.1)
-    model.save_pretrained(folder, safe_serialization=True)
     return folder
 
 

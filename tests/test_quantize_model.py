@@ -21,6 +21,7 @@ from spqr_run.models.spqr_linear import SpQRLinear
 from spqr_run.quant import QuantConfig
 from spqr_run.quantize_model import quantize_model
 from tests.conftest import WIKI_CALIB
+from tests.tiny_configs import write_tiny_hf_llama
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -37,30 +38,7 @@ CORPUS = (
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """A 2-layer LLaMA (hidden 64, GQA) with a 300-token byte-level BPE tokenizer, as an HF folder."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<s>", "</s>"],
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([CORPUS], trainer)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
-    (folder / "calib.txt").write_text(CORPUS)
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=1,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.1)
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return write_tiny_hf_llama(tmp_path_factory.mktemp("tiny-llama"), CORPUS)
 
 
 def _calib(source, n=4, seqlen=32):
