@@ -23,6 +23,7 @@ Rows are data (`ROWS`; `--extra-row 'KEY:FLAGS'` adds one, e.g. `--extra-row 'w3
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -47,6 +48,18 @@ CALIB = DATA / "wiki-calib.txt"
 WIKI_TEST = DATA / "wiki-test.txt"
 SECOND_TEXT = "austen-persuasion"
 REFERENCE = "reference"
+ROOT = Path(__file__).resolve().parents[1]
+# The code a quantized model depends on beyond its command: a stored quantization (and its evaluations) is
+# reused only when these sources are unchanged, so a resumed table never mixes two versions of the quantizer.
+QUANTIZER_SOURCES = ("spqr_run/quant/*.py", "spqr_run/quantize_model.py", "spqr_run/calibration.py")
+
+
+def quantizer_fingerprint(root: Path = ROOT) -> str:
+    """sha256 (first 16 hex digits) over the quantizer's source files (`QUANTIZER_SOURCES`, sorted by path)."""
+    h = hashlib.sha256()
+    for path in sorted(p for pattern in QUANTIZER_SOURCES for p in root.glob(pattern)):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -336,7 +349,7 @@ def run_unit(
         assert seed is not None
         qcmd = quantize_cmd(s, row, seed)
         model = s.out_dir / f"{stem}.spqr"
-        qkey = {"cmd": _portable(qcmd)}
+        qkey = {"cmd": _portable(qcmd), "quantizer": quantizer_fingerprint()}
         qpath = s.out_dir / f"{stem}.quant.json"
         q = _load(qpath, qkey) if model.exists() else None
         if q is None:
@@ -352,7 +365,11 @@ def run_unit(
         rec["commands"].append(_portable(qcmd))
     for text in s.texts:
         ecmd = eval_cmd(s, model, text)
-        ekey = {"cmd": _portable(ecmd), "model_cmd": qkey.get("cmd")}
+        ekey = {
+            "cmd": _portable(ecmd),
+            "model_cmd": qkey.get("cmd"),
+            "model_quantizer": qkey.get("quantizer"),
+        }
         epath = s.out_dir / f"{stem}.{text}.eval.json"
         e = _load(epath, ekey)
         if e is None:

@@ -388,3 +388,41 @@ def test_seeds_select_the_draws_and_bad_seeds_are_one_line(tmp_path, capsys):
         "Not finished (4 of 4 units): reference, gptq-4bit-g128-d2, rtn-4bit-g128-d2, gptq-4bit-g128-d1."
         in out
     )
+
+
+def test_quantizer_fingerprint_follows_the_quantizer_sources_only(tmp_path):
+    for rel in (
+        "spqr_run/quant/spqr.py",
+        "spqr_run/quantize_model.py",
+        "spqr_run/calibration.py",
+        "spqr_run/chat.py",
+    ):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(f"# {rel}\n")
+    first = quality.quantizer_fingerprint(tmp_path)
+    (tmp_path / "spqr_run/chat.py").write_text("# edited\n")  # not quantizer code
+    assert quality.quantizer_fingerprint(tmp_path) == first
+    (tmp_path / "spqr_run/quant/spqr.py").write_text("# a new search\n")
+    assert quality.quantizer_fingerprint(tmp_path) != first
+
+
+def test_a_quantization_stored_by_another_quantizer_is_not_reused(tmp_path):
+    """The resume key holds the quantizer's fingerprint: a model quantized before a quantizer change is redone."""
+    text = tmp_path / "t.txt"
+    text.write_text("x\n")
+    s = quality.Settings(out_dir=tmp_path, model=tmp_path / "m.gguf", calib=text, texts={"t": text}, nsamples=4,
+                         seqlen=32, eval_tokens=0, threads=1)  # fmt: skip
+    row = quality.Row("gptq-x", "GPTQ x", ("--method", "gptq"))
+    cmd = quality._portable(quality.quantize_cmd(s, row, 0))
+    (tmp_path / "gptq-x-d0.spqr").write_bytes(b"model")
+    result = {"avg_bits": 4.0, "outlier_fraction": 0.0, "seconds": 1.0}
+
+    def store(fingerprint: str) -> None:
+        (tmp_path / "gptq-x-d0.quant.json").write_text(
+            json.dumps({"cmd": cmd, "quantizer": fingerprint, "result": result})
+        )
+
+    store(quality.quantizer_fingerprint())
+    assert quality.run_unit(s, row, 0, log=lambda _: None, dry=True)["avg_bits"] == 4.0  # same code: reused
+    store("0123456789abcdef")
+    assert quality.run_unit(s, row, 0, log=lambda _: None, dry=True) is None  # another quantizer: redone
