@@ -52,3 +52,20 @@ def hf_gguf_model(gguf_path):
 def hf_gguf_tokenizer(gguf_path):
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The shared main server (`test_server_support.main_server`: 4 slots, API key) for the OpenAI API tests."""
+    from test_server_support import main_server
+
+    return main_server()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """An `openai.OpenAI` client of `server` (no retries, 120 s timeout)."""
+    import openai
+    from test_server_support import API_KEY
+
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)

@@ -9,22 +9,12 @@ import re
 import httpx
 import openai
 import pytest
-from test_server_support import API_KEY, MODEL_NAME, Server, main_server, needs_model
+from test_server_support import API_KEY, MODEL_NAME, Server, needs_model
 
 pytestmark = needs_model
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 EMOJI_CHAT = [{"role": "user", "content": "Reply with only one emoji: 😊"}]
-
-
-@pytest.fixture(scope="module")
-def server() -> Server:
-    return main_server()
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
 
 def token_bytes(token: str) -> bytes:

@@ -12,7 +12,7 @@ import jsonschema
 import openai
 import pytest
 import torch
-from test_server_support import API_KEY, MODEL_NAME, Server, main_server, needs_model
+from test_server_support import API_KEY, MODEL_NAME, Server, needs_model
 
 from spqr_run.sampling import SamplingParams
 from spqr_run.structured import GrammarEngine, GrammarError, apply_mask, token_bytes, unpack_bitmask
@@ -205,17 +205,7 @@ def test_generation_always_validates(gguf_path, engine: GrammarEngine) -> None:
     assert cut.finish_reason == "length" and cut.text.startswith("{")
 
 
-# ---- the server, through the openai client ---------------------------------------------------------------
-@pytest.fixture(scope="module")
-def server() -> Server:
-    return main_server()
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
-
-
+# ---- the server, through the openai client (fixtures `server`, `client`: tests/conftest.py) ----------------
 def _schema_format(schema: dict, name: str = "answer") -> dict:
     return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
 

@@ -10,7 +10,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from test_server_support import API_KEY, MODEL_NAME, Server, main_server, needs_model
+from test_server_support import API_KEY, MODEL_NAME, Server, needs_model
 
 from spqr_run.chat_template import CHATML, LLAMA3, ChatTemplate
 from spqr_run.tools import HermesFormat, Llama3Format, ToolStream, ToolSupport
@@ -206,17 +206,7 @@ def test_forced_call_grammar_accepts_exactly_valid_calls(gguf_path) -> None:
     assert accepted(good + "\n" + good, parallel=True) and not accepted(good + "\n" + good, parallel=False)
 
 
-# ---- the server, through the openai client ---------------------------------------------------------------
-@pytest.fixture(scope="module")
-def server() -> Server:
-    return main_server()
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
-
-
+# ---- the server, through the openai client (fixtures `server`, `client`: tests/conftest.py) ----------------
 USER = [{"role": "user", "content": "What is the weather in Paris? Use celsius."}]
 SCHEMAS = {"get_weather": WEATHER["parameters"], "get_time": TIME["parameters"]}
 
