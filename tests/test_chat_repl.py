@@ -1,6 +1,7 @@
-"""The real `spqr-chat` REPL in a pseudo-terminal on the real SmolLM2-135M GGUF model (greedy, short replies).
+"""The real `spqr-chat` REPL in a pseudo-terminal on the real SmolLM2-135M GGUF model (greedy, short replies),
+and the rich view alone on a pseudo-terminal whose reader lags behind.
 
-Every wait is a bounded pexpect timeout on a visible marker (the stats line, a command's output, EOF).
+Every wait is a bounded timeout on a visible marker (the stats line, a command's output, EOF).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import sys
 from pathlib import Path
 
@@ -19,12 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MODEL = DATA / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not MODEL.exists(), reason=f"real model not found: {MODEL} (../shared/data is absent)"
-    ),
-]
+# the tests that run spqr-chat on the real model
+real_model = pytest.mark.skipif(
+    not MODEL.exists(), reason=f"real model not found: {MODEL} (../shared/data is absent)"
+)
 
 # the prompt part: a prefill rate, or how much of the prompt the KV cache already held (later turns)
 STATS = (
@@ -89,6 +89,8 @@ def finish(child, status: int = 0) -> None:
     assert child.exitstatus == status, child.before
 
 
+@pytest.mark.slow
+@real_model
 def test_chat_save_ctrl_c_and_load_in_a_new_session(tmp_path: Path) -> None:
     saved = tmp_path / "chat.json"
     child = spawn(tmp_path, "--plain", "--max-tokens", "24")
@@ -138,6 +140,8 @@ def test_chat_save_ctrl_c_and_load_in_a_new_session(tmp_path: Path) -> None:
     finish(child)
 
 
+@pytest.mark.slow
+@real_model
 def test_conversation_longer_than_the_context(tmp_path: Path) -> None:
     child = spawn(tmp_path, "--plain", "--ctx", "256", "--max-tokens", "8", "--temperature", "0")
     # ~90-token messages typed over several lines with Esc+Enter: the third one overflows 256 - 8 tokens
@@ -178,6 +182,8 @@ class _Screen:
         return [row.rstrip() for row in self.screen.display]
 
 
+@pytest.mark.slow
+@real_model
 def test_ctrl_c_mid_reply_draws_each_line_once(tmp_path: Path) -> None:
     """Ctrl-C while a wrapped reply streams in the rich view: the reply's first line is on the screen once.
 
@@ -212,3 +218,99 @@ def test_ctrl_c_mid_reply_draws_each_line_once(tmp_path: Path) -> None:
     assert len(set(reply)) == len(reply), "\n".join(shown[: end + 2])  # no line drawn twice
     child.sendeof()
     finish(child)
+
+
+class _SlaveWriter:
+    """The program's end of a pseudo-terminal (`slave`), keeping a copy of everything written.
+
+    Writes never block: with nobody reading the other end, a full buffer fails the test instead of hanging it."""
+
+    def __init__(self, slave: int) -> None:
+        self.fd = os.open(os.ttyname(slave), os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK)
+        self.written: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.written.append(text)
+        data = text.encode()
+        while data:
+            try:
+                data = data[os.write(self.fd, data) :]
+            except BlockingIOError:
+                raise AssertionError(f"the terminal's buffer is full after {self.size()} bytes") from None
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def size(self) -> int:
+        return sum(len(text.encode()) for text in self.written)
+
+
+def _read_until(fd: int, marker: str, timeout_s: float = 10.0) -> str:
+    """What the terminal end `fd` reads up to and including the first line holding `marker`."""
+    data = b""
+    while marker.encode() not in data or not data.endswith(b"\n"):
+        ready, _, _ = select.select([fd], [], [], timeout_s)
+        assert ready, f"no {marker!r} after {timeout_s} s; read so far: {data[-300:]!r}"
+        data += os.read(fd, 65536)
+    return data.decode()
+
+
+def test_ctrl_c_while_the_terminal_lags_loses_no_output(monkeypatch) -> None:
+    """Ctrl-C while the terminal has not yet read the last kilobytes of a streamed reply: none of it is lost.
+
+    The terminal driver used to discard the output its reader had not taken yet when Ctrl-C arrived (termios
+    NOFLSH off): a slow terminal then missed part of the live area's redraws, its cursor-up count no longer
+    matched the screen, and the reply was drawn shifted (lines twice, or over the question). The terminal
+    here reads nothing until the reply has ended, so the loss does not depend on timing."""
+    pytest.importorskip("termios")
+    from rich.console import Console
+
+    from spqr_run.chat.render import RichOutput
+    from spqr_run.chat.repl import StopFlag
+
+    monkeypatch.setenv("TERM", "xterm-256color")  # rich draws no live area on a dumb terminal
+    rows, cols = 60, 50
+    words = (
+        "Once upon a time a small green dragon lived on a hill above the sea and wanted to fly " * 12
+    ).split()
+    master, slave = os.openpty()
+    term = None
+    try:
+        stdin = os.fdopen(os.dup(slave), "r")
+        monkeypatch.setattr("sys.stdin", stdin)  # the terminal whose modes the REPL sets during a reply
+        term = _SlaveWriter(slave)
+        console = Console(
+            file=term, width=cols, height=rows, force_terminal=True, force_interactive=True, highlight=False
+        )
+        out = RichOutput(console, show_stats=False)
+        out.MIN_INTERVAL_S = 0.0  # a redraw for every word: the output does not depend on the clock
+        console.print(">>> Tell me a story about a dragon.")
+        sent = []
+        with StopFlag().installed():
+            out.reply_start()
+            # more than the 4 KiB the driver holds for a reader that lags, less than it buffers in all (~19 KiB)
+            while term.size() < 8000:
+                sent.append(words[len(sent)])
+                out.reply_text(sent[-1] + " ")
+            os.write(master, b"\x03x\n")  # Ctrl-C, then a line: read back once the Ctrl-C has been handled
+            assert os.read(slave, 16) == b"x\n"
+            for _ in range(3):
+                sent.append(words[len(sent)])
+                out.reply_text(sent[-1] + " ")
+            out.reply_end("cancelled", None)
+        stdin.close()
+        received = _read_until(master, "(stopped)")
+    finally:
+        os.close(master)
+        os.close(slave)
+        if term is not None:
+            os.close(term.fd)
+
+    assert received == "".join(term.written).replace("\n", "\r\n")  # every byte arrived (ONLCR: \n -> \r\n)
+    screen = _Screen(rows, cols)
+    screen.write(received)
+    shown = screen.rows()
+    end = shown.index("(stopped)")
+    assert shown[0] == ">>> Tell me a story about a dragon."
+    assert " ".join(shown[1:end]).split() == sent, "\n".join(shown[: end + 1])  # each word once, in order

@@ -35,8 +35,13 @@ def terminal_echo_off(fd: int | None = None) -> Iterator[None]:
     rich view redraws its live area by moving the cursor up as many lines as it drew; its lines are padded
     to the full width, so a "^C" echoed after the last one wraps onto a new line, the redraw then starts
     one line too low and the live area's first line is left on the screen twice. With echo off the
-    keystrokes still arrive (Ctrl-C still sends SIGINT, typed-ahead text waits for the next prompt) but
-    nothing is drawn behind the renderer's back.
+    keystrokes still arrive (Ctrl-C still sends SIGINT) but nothing is drawn behind the renderer's back.
+
+    NOFLSH is set too: by default Ctrl-C makes the terminal driver discard the output that the terminal has
+    not read yet, and the typed-ahead input. A terminal that lags behind the reply (a loaded machine, ssh)
+    would then miss part of the live area's redraws, whose cursor-up counts no longer match the screen: the
+    reply is drawn shifted, lines twice or over the question. With NOFLSH all of the reply (which is kept in
+    the conversation) reaches the screen, and typed-ahead text waits for the next prompt.
     """
     saved = None
     if termios is not None:
@@ -46,6 +51,7 @@ def terminal_echo_off(fd: int | None = None) -> Iterator[None]:
                 saved = termios.tcgetattr(fd)
                 quiet = list(saved)
                 quiet[3] &= ~(termios.ECHO | termios.ECHONL)  # lflag
+                quiet[3] |= termios.NOFLSH  # Ctrl-C discards no output not yet shown (see above)
                 termios.tcsetattr(fd, termios.TCSANOW, quiet)  # TCSANOW: keep what was typed ahead
         except (OSError, ValueError, AttributeError, termios.error):  # no usable standard input
             saved = None
