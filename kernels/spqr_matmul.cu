@@ -30,12 +30,17 @@
 // A fragment a0..a3, each a half2 pair of one row):
 //   stats: lane decodes group t's 4 stat codes (one funnel shift of the stat bit string, 4 masks), computes in
 //   fp32 exactly the reference's scale = s_scale*(code - z_scale) and zero = s_zero*(code - z_zero) for rows g
-//   and g+8, rounds scale and -scale*zero to fp16 and packs them as half2 (row g, row g+8); the quad (lanes
-//   4g..4g+3) exchanges them with 2 shuffles per group (lane 4g+j holds group j).
-//   codes, per pair (two codes of one row): bits = (word >> shift) & mask (3-bit: the low-plane pair OR the
-//   high-plane bit moved to bit 2), h = bits | 0x64006400 (fp16 1024 + code, exact), v = h - 1024 (exact),
-//   a = fma(v, scale, -scale*zero) as one half2 HFMA2 with the row's scale broadcast. The exact subtraction
-//   cannot be folded into the fma: -scale*(1024 + zero) rounded to fp16 loses half a code step.
+//   and g+8, times powers of two (below), rounds S0 = scale * 2^(24-k) and C = -scale*zero * 2^-k to fp16 and
+//   packs each as half2 (row g, row g+8); the quad (lanes 4g..4g+3) exchanges them through 8 bytes of shared
+//   memory per lane (one 8-byte store, a __syncwarp, two 16-byte loads: lane 4g+j holds group j).
+//   codes, per pair (two codes of one row): v = word & mask, with the pair's bits at [p, p+B) of each half, p in
+//   {0, 4} (3-bit: the low-plane pair and the high-plane bit merged to bits 0-2 of a nibble first): a half with
+//   a zero exponent field is the subnormal code * 2^(p-24), exactly, no offset to remove; a = fma(v, S0 * 2^-p,
+//   C) as one HFMA2 with the row's S and C broadcast = 2^-k * fma16(code, fp16(scale), fp16(-scale*zero)).
+//   The weight exponent k (per warp and k-range, from the second-order numbers of its records: scale <= bound
+//   < 2^e, k = e + 9) keeps S0 < 2^15 (fp16 max 65504); the accumulators are multiplied by 2^k (exact) before
+//   they leave the warp, the outlier seeds by 2^-k. (With the fp16 magic number 1024 instead, the offset had to
+//   be removed by a second HFMA2 per pair: folded into C it would lose half a code step to fp16 rounding.)
 // mma. Per tile and n-tile of 8 activation rows: one mma.m16n8k16 (fp16 in, fp32 accumulate) with B fragments
 // from ldmatrix.x4 (two tiles per ldmatrix). The accumulator runs over all records of the k-range.
 //
@@ -49,9 +54,11 @@
 // in split order 0..S-1 (the order never depends on which block finishes last: bit-identical runs), adds the
 // bias in fp32, rounds once to fp16 and resets the counter to 0. S = 1 writes y directly.
 //
-// Numerics: w_kernel = fma16(code, fp16(scale), fp16(-scale*zero)): |w_kernel - w_ref| <= 2^-10 (|w_ref| +
-// |scale*zero|) (+ fp16 underflow); products and sums fp32. The dequantize kernel produces the same fp16 values
-// plus the outlier delta (one more fp16 rounding).
+// Numerics: w_kernel = 2^k * fma16(code * 2^-24, fp16(scale * 2^(24-k)), fp16(-scale*zero * 2^-k)), fp16 subnormals
+// included: |w_kernel - w_ref| <= 2^-10 (|w_ref| + |scale*zero|) + 2^(k-23); 2^-k times the unscaled fp16 weight
+// fma16(code, fp16(scale), fp16(-scale*zero)) wherever |w_ref| and |scale*zero| >= 2^(k-13) (~ bound/16). Products
+// and sums fp32. The dequantize kernel takes k per record and writes fp16(w'' * 2^k) plus the outlier delta
+// (one more fp16 rounding).
 //
 // SASS, nvcc 13.0 -O3, hot loop = the unrolled steady-state loop (3 stages x 2 records = 192 weights per
 // thread), thread instructions per weight / registers / resident blocks per SM (x 4 warps); no spills, no local
@@ -102,7 +109,6 @@ constexpr int kStages = 3;     // cp.async pipeline depth
 constexpr int kRecs = 2;       // records per warp and stage (consecutive k-blocks)
 constexpr int kXPitch = kRecs * kCols + 8;  // halves per staged x row: 128 + 8 of padding (ldmatrix bank conflicts)
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr uint32_t kMagic = 0x64006400u;  // fp16 1024.0 in both halves
 
 __host__ __device__ constexpr int record_words(int w, int sb) { return 32 * w + 4 * sb + 8; }
 
@@ -144,48 +150,84 @@ __device__ __forceinline__ float half_bits_to_float(uint32_t bits16) {
 
 constexpr uint8_t kSelectLow = 0xE4;  // lop3: (a & c) | (b & ~c)
 
-// Two codes of B bits at bits [S, S + B) of each half of `word` -> half2 of the exact integer codes: one LOP3
-// (mask | 0x6400: fp16 1024 + code * 2^S, exact while S + B <= 10) and one HFMA2 (* 2^-S - 1024 * 2^-S, exact).
+// ---- the weight exponent k ----------------------------------------------------------------------------------
+// Codes enter the fp16 arithmetic as subnormal numbers: the bits (code << p) of a half with a zero exponent field
+// are the value code * 2^(p - 24), exactly, with no offset to remove. One HFMA2 per pair then gives
+//   w'' = fma16(code * 2^(p-24), S16 * 2^(24-p-k), C16 * 2^-k) = 2^-k * fma16(code, S16, C16)
+// (S16 = fp16(scale), C16 = fp16(-scale*zero), the products exact), the weight scaled by 2^-k. k is chosen per
+// warp and k-range from an upper bound of the scales it will meet (scale_bound) so that S16 * 2^(24-k) stays
+// below 2^15 (fp16 max 65504); the accumulators are scaled back by 2^k (exact, fp32) before they leave the warp.
+// w'' equals 2^-k times the unscaled fp16 weight except where |w''| < 2^-14 (fp16 subnormal results, |w| <
+// 2^(k-14) ~ bound/32), where it is within 2^(k-24) of it.
+
+// |scale| <= |s_scale| * max(|z_scale|, |2^SB - 1 - z_scale|) over the 4 groups of the record at `sec` (its 8
+// second-order words: [s_scale z_scale s_zero z_zero] per group as fp16 halves).
+template <int SB>
+__device__ __forceinline__ float record_scale_bound(const uint32_t* __restrict__ sec) {
+  constexpr float kMaxCode = static_cast<float>((1 << SB) - 1);
+  const uint4 lo = *reinterpret_cast<const uint4*>(sec), hi = *reinterpret_cast<const uint4*>(sec + 4);
+  const uint32_t w[4] = {lo.x, lo.z, hi.x, hi.z};  // (s_scale, z_scale) of groups 0..3
+  float bound = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float ss = half_bits_to_float(w[j]), zs = half_bits_to_float(w[j] >> 16);
+    bound = fmaxf(bound, fabsf(ss) * fmaxf(fabsf(zs), fabsf(kMaxCode - zs)));
+  }
+  return bound;
+}
+
+// k for scales <= bound: the smallest k with bound * 2^(24-k) < 2^15, clamped to [-60, 60] (k = e + 9 for
+// bound = m * 2^e, m in [0.5, 1)); 0 for bound 0.
+__device__ __forceinline__ int weight_exponent(float bound) {
+  if (!(bound > 0.0f)) return 0;
+  const int e = static_cast<int>((__float_as_uint(bound) >> 23) & 0xffu) - 126;
+  return min(60, max(-60, e + 9));
+}
+
+__device__ __forceinline__ float pow2f(int e) { return __uint_as_float(static_cast<uint32_t>(127 + e) << 23); }
+
+// Two codes of B bits at bits [S, S + B) of each half of `word` -> half2 of the subnormals code * 2^(S-24): one
+// LOP3 (word & mask).
 template <int B, int S>
 __device__ __forceinline__ __half2 code_pair(uint32_t word) {
   static_assert(S + B <= 10, "the code must sit in the fp16 mantissa");
   constexpr uint32_t kMask = ((1u << B) - 1u) << S;
-  const __half2 h = bits_h2(lop3<0xEA>(word, kMask | (kMask << 16), kMagic));  // (word & mask) | magic
-  const __half2 scale = __float2half2_rn(1.0f / static_cast<float>(1 << S));
-  const __half2 offset = __float2half2_rn(-1024.0f / static_cast<float>(1 << S));
-  return hfma2(h, scale, offset);
+  return bits_h2(word & (kMask | (kMask << 16)));
 }
 
 // The A fragments of one record for this lane: a[j][k] = tile j's aK as a half2 (KERNELS_V2_SPEC.md sections 1
-// and 2), dequantized with the fp16 arithmetic described at the top. `rec` points at the record (shared or
-// global memory, 16-byte aligned). Warp collective (quad shuffles of the stats).
+// and 2), the weights scaled by 2^-k (above), with the fp16 arithmetic described at the top. `rec` points at the
+// record (shared or global memory, 16-byte aligned); `pow0` = 2^(24-k); `xch` = this warp's 32 exchange slots
+// (shared memory; not touched by the warp's previous record: callers alternate two sets). Warp collective.
 template <int W, int SB>
-__device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, int lane, uint32_t (&a)[4][4]) {
+__device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, int lane, float pow0, uint2* xch,
+                                              uint32_t (&a)[4][4]) {
   constexpr int kCodeWords = 32 * W;
   const int t = lane & 3;
 
-  // ---- stats: group t, rows g and g+8 ----
+  // ---- stats: lane 4g+t decodes group t, rows g and g+8, and publishes them to its quad ----
   const uint32_t* st = rec + kCodeWords;
   const int sbit = 4 * SB * lane;
   const uint32_t sw = __funnelshift_r(st[sbit >> 5], st[(sbit >> 5) + 1], sbit & 31);
   constexpr uint32_t kStatMask = (1u << SB) - 1u;
   const uint2 sec = *reinterpret_cast<const uint2*>(rec + kCodeWords + 4 * SB + 2 * t);
-  const float s_scale = half_bits_to_float(sec.x), z_scale = half_bits_to_float(sec.x >> 16);
-  const float s_zero = half_bits_to_float(sec.y), z_zero = half_bits_to_float(sec.y >> 16);
+  const float s_scale = half_bits_to_float(sec.x) * pow0, z_scale = half_bits_to_float(sec.x >> 16);
+  const float s_zero = half_bits_to_float(sec.y) * 0x1p-24f, z_zero = half_bits_to_float(sec.y >> 16);
   float scale[2], neg_sz[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const float sc = static_cast<float>((sw >> (SB * i)) & kStatMask);
     const float zc = static_cast<float>((sw >> (SB * (2 + i))) & kStatMask);
-    scale[i] = __fmul_rn(s_scale, __fsub_rn(sc, z_scale));
-    const float zero = __fmul_rn(s_zero, __fsub_rn(zc, z_zero));
-    neg_sz[i] = __fmul_rn(-scale[i], zero);  // = -(scale * zero) exactly, the sign a free operand modifier
+    scale[i] = __fmul_rn(s_scale, __fsub_rn(sc, z_scale));     // scale * 2^(24-k), exactly
+    const float zero = __fmul_rn(s_zero, __fsub_rn(zc, z_zero));  // zero * 2^-24, exactly
+    neg_sz[i] = __fmul_rn(-scale[i], zero);                       // -(scale * zero) * 2^-k, exactly
   }
-  const uint32_t my_scale = h2_bits(__floats2half2_rn(scale[0], scale[1]));    // (row g, row g+8)
-  const uint32_t my_neg_sz = h2_bits(__floats2half2_rn(neg_sz[0], neg_sz[1]));  // (row g, row g+8)
+  xch[lane] = make_uint2(h2_bits(__floats2half2_rn(scale[0], scale[1])),    // S0 (row g, row g+8)
+                         h2_bits(__floats2half2_rn(neg_sz[0], neg_sz[1])));  // C  (row g, row g+8)
 
-  // ---- codes: v[j][k] = tile j's pair k (a{k}) as exact fp16 integers ----
+  // ---- codes: v[j][k] = tile j's pair k (a{k}) as subnormals code * 2^(p-24), p = pos[j][k] in {0, 4} ----
   __half2 v[4][4];
+  int pos[4][4];
   if constexpr (W == 4) {
     const uint4 q = *reinterpret_cast<const uint4*>(rec + 4 * lane);
     const uint32_t cw[4] = {q.x, q.y, q.z, q.w};
@@ -196,21 +238,23 @@ __device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, 
       v[j][1] = code_pair<4, 4>(cw[j]);
       v[j][2] = code_pair<4, 0>(hi8);
       v[j][3] = code_pair<4, 4>(hi8);
+      pos[j][0] = 0, pos[j][1] = 4, pos[j][2] = 0, pos[j][3] = 4;
     }
   } else if constexpr (W == 2) {
     const uint2 q = *reinterpret_cast<const uint2*>(rec + 2 * lane);
     const uint32_t cw[2] = {q.x, q.y};
 #pragma unroll
     for (int w = 0; w < 2; ++w) {  // word w = tiles 2w (bits 0..7 of each half), 2w+1 (bits 8..15)
-      const uint32_t hi8 = cw[w] >> 8;
-      v[2 * w][0] = code_pair<2, 0>(cw[w]);
-      v[2 * w][1] = code_pair<2, 2>(cw[w]);
-      v[2 * w][2] = code_pair<2, 4>(cw[w]);
-      v[2 * w][3] = code_pair<2, 6>(cw[w]);
-      v[2 * w + 1][0] = code_pair<2, 0>(hi8);
-      v[2 * w + 1][1] = code_pair<2, 2>(hi8);
-      v[2 * w + 1][2] = code_pair<2, 4>(hi8);
-      v[2 * w + 1][3] = code_pair<2, 6>(hi8);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // pairs k at bits 2k of byte h: k = 0, 2 at bits 0, 4; k = 1, 3 after >> 2
+        const uint32_t b0 = cw[w] >> (8 * h), b2 = cw[w] >> (8 * h + 2);
+        v[2 * w + h][0] = code_pair<2, 0>(b0);
+        v[2 * w + h][1] = code_pair<2, 0>(b2);
+        v[2 * w + h][2] = code_pair<2, 4>(b0);
+        v[2 * w + h][3] = code_pair<2, 4>(b2);
+        pos[2 * w + h][0] = pos[2 * w + h][1] = 0;
+        pos[2 * w + h][2] = pos[2 * w + h][3] = 4;
+      }
     }
   } else {
     // Low plane: word w holds tiles 2w, 2w+1, pair p_l = 4*(j & 1) + k at bits 2*p_l. High plane: the bit of
@@ -232,24 +276,33 @@ __device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, 
       v[2 * w][2 + o] = code_pair<3, 4>(merged[m]);
       v[2 * w + 1][o] = code_pair<3, 0>(hi8);
       v[2 * w + 1][2 + o] = code_pair<3, 4>(hi8);
+      pos[2 * w][o] = pos[2 * w + 1][o] = 0;
+      pos[2 * w][2 + o] = pos[2 * w + 1][2 + o] = 4;
     }
   }
 
-  const int quad = lane & ~3;
+  // ---- the quad's stats: group j's (S0, C) from lane 4g + j, two 16-byte loads ----
+  __syncwarp();
+  const uint4* quad = reinterpret_cast<const uint4*>(xch + (lane & ~3));
+  const uint4 st01 = quad[0], st23 = quad[1];
+  const uint32_t s0[4] = {st01.x, st01.z, st23.x, st23.z}, cc[4] = {st01.y, st01.w, st23.y, st23.w};
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const __half2 s2 = bits_h2(__shfl_sync(kFullMask, my_scale, quad + j));
-    const __half2 c2 = bits_h2(__shfl_sync(kFullMask, my_neg_sz, quad + j));
-    const __half2 s_lo = __low2half2(s2), s_hi = __high2half2(s2);  // row g / row g+8 broadcast
-    const __half2 c_lo = __low2half2(c2), c_hi = __high2half2(c2);
+    const __half2 c2 = bits_h2(cc[j]);
+    // S4 = S0 * 2^-4, exact (S0 >= 2^-10 for every scale above bound * 2^-25)
+    const __half2 sp[2] = {bits_h2(s0[j]), __hmul2(bits_h2(s0[j]), __float2half2_rn(0.0625f))};
 #pragma unroll
-    for (int k = 0; k < 4; ++k) a[j][k] = h2_bits(hfma2(v[j][k], (k & 1) ? s_hi : s_lo, (k & 1) ? c_hi : c_lo));
+    for (int k = 0; k < 4; ++k) {  // a{k}: row g for even k, g+8 for odd k (row broadcast of S and C)
+      const __half2 s = sp[pos[j][k] >> 2];
+      a[j][k] = h2_bits(hfma2(v[j][k], (k & 1) ? __high2half2(s) : __low2half2(s),
+                              (k & 1) ? __high2half2(c2) : __low2half2(c2)));
+    }
   }
 }
 
 // ---- small batch: 1..16 activation rows ----------------------------------------------------------------------
 template <int W, int SB, int NT>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kWarps * 32, 4)
     spqr_matmul_small_kernel(const SpqrLayer layer, const __half* __restrict__ x, const int rows, const int ldx,
                              const SpqrBias bias, __half* __restrict__ y, float* __restrict__ workspace,
                              int* __restrict__ counters) {
@@ -258,6 +311,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   __shared__ __align__(16) uint32_t rec_s[kStages][kWarps][kRecs * R];
   __shared__ __align__(16) __half x_s[kStages][NB][kXPitch];
   __shared__ float out_s[kWarps][kRows][NB];  // outlier sums per warp
+  __shared__ __align__(16) uint2 xch_s[kWarps][2][32];  // stats exchange, two sets (records alternate)
   __shared__ int is_last;
 
   const int out = layer.out_features, in = layer.in_features;
@@ -310,7 +364,18 @@ __global__ void __launch_bounds__(kWarps * 32)
     cp_async_commit();
   }
 
-  // Outliers of this split while the first stages load: they seed the accumulators.
+  // The weight exponent k of this warp's k-range (decode_record): lane i bounds the scales of records
+  // kb0 + i, kb0 + i + 32, ...; the warp takes the maximum.
+  float bound = 0.0f;
+  for (int kb = kb0 + lane; kb < kb1; kb += 32) {
+    bound = fmaxf(bound, record_scale_bound<SB>(rec_src + static_cast<size_t>(kb) * R + 32 * W + 4 * SB));
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) bound = fmaxf(bound, __shfl_xor_sync(kFullMask, bound, o));
+  const int kexp = weight_exponent(bound);
+  const float pow0 = pow2f(24 - kexp), unscale = pow2f(kexp);
+
+  // Outliers of this split while the first stages load: they seed the accumulators (in units of 2^k).
   const int g = lane >> 2, t = lane & 3;
   float acc[NT][4];
   {
@@ -333,7 +398,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
     for (int b = 0; b < NB; ++b) {
       os[b] += __shfl_xor_sync(kFullMask, os[b], 16);  // a + b == b + a: both halves get the same sum
-      if (h == 0) out_s[warp][r][b] = os[b];
+      if (h == 0) out_s[warp][r][b] = os[b] * pow2f(-kexp);  // exact
     }
     __syncwarp();
 #pragma unroll
@@ -352,7 +417,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int m = lane >> 3;  // ldmatrix: lane gives row (lane & 7) of matrix m = (tile + m/2, k half m%2)
   auto record = [&](int stage, int r) {
     uint32_t a[4][4];
-    decode_record<W, SB>(&rec_s[stage][warp][r * R], lane, a);
+    decode_record<W, SB>(&rec_s[stage][warp][r * R], lane, pow0, xch_s[warp][r], a);
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
 #pragma unroll
@@ -399,7 +464,9 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int row = rt * kRows + g + 8 * (e >> 1), b = 8 * n + 2 * t + (e & 1);
-          if (row < out && b < rows) y[static_cast<size_t>(b) * out + row] = __float2half_rn(acc[n][e] + bias_at(bias, row));
+          if (row < out && b < rows) {
+            y[static_cast<size_t>(b) * out + row] = __float2half_rn(acc[n][e] * unscale + bias_at(bias, row));
+          }
         }
       }
     }
@@ -415,7 +482,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) *ws_at(split, n, e) = acc[n][e];
+      for (int e = 0; e < 4; ++e) *ws_at(split, n, e) = acc[n][e] * unscale;  // exact
     }
   }
   __threadfence();
@@ -456,8 +523,11 @@ __global__ void __launch_bounds__(kWarps * 32) spqr_dequantize_kernel(const Spqr
   const int rt = blockIdx.y * kWarps + warp, kb = blockIdx.x;
   if (rt >= row_tiles) return;  // warp-uniform
   const uint32_t* rec = reinterpret_cast<const uint32_t*>(layer.tiles) + (static_cast<size_t>(rt) * kblocks + kb) * R;
+  __shared__ __align__(16) uint2 xch_s[kWarps][32];
+  const int kexp = weight_exponent(record_scale_bound<SB>(rec + 32 * W + 4 * SB));
   uint32_t a[4][4];
-  decode_record<W, SB>(rec, lane, a);
+  decode_record<W, SB>(rec, lane, pow2f(24 - kexp), xch_s[warp], a);
+  const float unscale = pow2f(kexp);
   const int g = lane >> 2, t = lane & 3;
   const bool pairs_aligned = (in & 1) == 0;
 #pragma unroll
@@ -468,7 +538,8 @@ __global__ void __launch_bounds__(kWarps * 32) spqr_dequantize_kernel(const Spqr
       const int col = kb * kCols + 16 * j + 2 * t + 8 * (k >> 1);
       if (row >= out || col >= in) continue;
       __half* dst = w + static_cast<size_t>(row) * in + col;
-      const __half2 v = bits_h2(a[j][k]);
+      const float2 f = __half22float2(bits_h2(a[j][k]));
+      const __half2 v = __floats2half2_rn(f.x * unscale, f.y * unscale);  // exact: a power of two
       if (pairs_aligned) {
         *reinterpret_cast<__half2*>(dst) = v;  // col even, in even: 4-byte aligned, col + 1 < in
       } else {
