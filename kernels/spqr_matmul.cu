@@ -149,6 +149,7 @@ __device__ __forceinline__ float half_bits_to_float(uint32_t bits16) {
 }
 
 constexpr uint8_t kSelectLow = 0xE4;  // lop3: (a & c) | (b & ~c)
+constexpr uint32_t kMagic = 0x64006400u;  // fp16 1024 in both halves: | code gives 1024 + code exactly
 
 // ---- the weight exponent k ----------------------------------------------------------------------------------
 // Codes enter the fp16 arithmetic as subnormal numbers: the bits (code << p) of a half with a zero exponent field
@@ -176,12 +177,13 @@ __device__ __forceinline__ float record_scale_bound(const uint32_t* __restrict__
   return bound;
 }
 
-// k for scales <= bound: the smallest k with bound * 2^(24-k) < 2^15, clamped to [-60, 60] (k = e + 9 for
-// bound = m * 2^e, m in [0.5, 1)); 0 for bound 0.
+// k for scales <= bound: the smallest k with bound * 2^(24-k) < 2^15 (k = e + 9 for bound = m * 2^e, m in
+// [0.5, 1)), clamped to [-3, 24] so that 2^(12-k) is an fp16 number (below: S0 <= 2^14; above: S0 = scale
+// <= 65504); 0 for bound 0.
 __device__ __forceinline__ int weight_exponent(float bound) {
   if (!(bound > 0.0f)) return 0;
   const int e = static_cast<int>((__float_as_uint(bound) >> 23) & 0xffu) - 126;
-  return min(60, max(-60, e + 9));
+  return min(24, max(-3, e + 9));
 }
 
 __device__ __forceinline__ float pow2f(int e) { return __uint_as_float(static_cast<uint32_t>(127 + e) << 23); }
@@ -197,33 +199,35 @@ __device__ __forceinline__ __half2 code_pair(uint32_t word) {
 
 // The A fragments of one record for this lane: a[j][k] = tile j's aK as a half2 (KERNELS_V2_SPEC.md sections 1
 // and 2), the weights scaled by 2^-k (above), with the fp16 arithmetic described at the top. `rec` points at the
-// record (shared or global memory, 16-byte aligned); `pow0` = 2^(24-k); `xch` = this warp's 32 exchange slots
+// record (shared or global memory, 16-byte aligned); `pow12` = 2^(12-k) in both halves; `xch` = this warp's 32 slots
 // (shared memory; not touched by the warp's previous record: callers alternate two sets). Warp collective.
 template <int W, int SB>
-__device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, int lane, float pow0, uint2* xch,
+__device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, int lane, __half2 pow12, uint2* xch,
                                               uint32_t (&a)[4][4]) {
   constexpr int kCodeWords = 32 * W;
   const int t = lane & 3;
 
-  // ---- stats: lane 4g+t decodes group t, rows g and g+8, and publishes them to its quad ----
+  // ---- stats, in fp16x2 (row g, row g+8): lane 4g+t decodes group t and publishes it to its quad ----
   const uint32_t* st = rec + kCodeWords;
   const int sbit = 4 * SB * lane;
-  const uint32_t sw = __funnelshift_r(st[sbit >> 5], st[(sbit >> 5) + 1], sbit & 31);
-  constexpr uint32_t kStatMask = (1u << SB) - 1u;
+  const uint32_t sw = __funnelshift_r(st[sbit >> 5], st[(sbit >> 5) + 1], sbit & 31);  // codes 4L.. at bit 0
+  // sw: scale code of row g at bit 0, row g+8 at SB, zero codes at 2*SB, 3*SB. spread: row g's in the low half,
+  // row g+8's in the high half, each pair then masked into the fp16 mantissa of 1024 (exact integers after -1024).
+  constexpr uint32_t kCodeMask = ((1u << SB) - 1u) * 0x10001u;
+  const uint32_t spread = lop3<kSelectLow>(sw, sw << (16 - SB), 0x0000ffffu);
+  const __half2 magic = bits_h2(kMagic);
+  const __half2 sc = __hsub2(bits_h2((spread & kCodeMask) | kMagic), magic);
+  const __half2 zc = __hsub2(bits_h2(((spread >> (2 * SB)) & kCodeMask) | kMagic), magic);
   const uint2 sec = *reinterpret_cast<const uint2*>(rec + kCodeWords + 4 * SB + 2 * t);
-  const float s_scale = half_bits_to_float(sec.x) * pow0, z_scale = half_bits_to_float(sec.x >> 16);
-  const float s_zero = half_bits_to_float(sec.y) * 0x1p-24f, z_zero = half_bits_to_float(sec.y >> 16);
-  float scale[2], neg_sz[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const float sc = static_cast<float>((sw >> (SB * i)) & kStatMask);
-    const float zc = static_cast<float>((sw >> (SB * (2 + i))) & kStatMask);
-    scale[i] = __fmul_rn(s_scale, __fsub_rn(sc, z_scale));     // scale * 2^(24-k), exactly
-    const float zero = __fmul_rn(s_zero, __fsub_rn(zc, z_zero));  // zero * 2^-24, exactly
-    neg_sz[i] = __fmul_rn(-scale[i], zero);                       // -(scale * zero) * 2^-k, exactly
-  }
-  xch[lane] = make_uint2(h2_bits(__floats2half2_rn(scale[0], scale[1])),    // S0 (row g, row g+8)
-                         h2_bits(__floats2half2_rn(neg_sz[0], neg_sz[1])));  // C  (row g, row g+8)
+  const __half2 s2 = bits_h2(sec.x), z2 = bits_h2(sec.y);  // (s_scale, z_scale), (s_zero, z_zero)
+  const __half2 ss = __hmul2(__hmul2(__low2half2(s2), pow12), __float2half2_rn(4096.0f));  // s_scale 2^(24-k)
+  const __half2 my_s0 = hfma2(sc, ss, __hmul2(ss, __hneg2(__high2half2(s2))));  // scale * 2^(24-k)
+  const __half2 sz = __low2half2(z2);
+  const __half2 zero = hfma2(zc, sz, __hmul2(sz, __hneg2(__high2half2(z2))));
+  const __half2 my_c = __hmul2(__hmul2(my_s0, __float2half2_rn(-0x1p-24f)), zero);  // -scale*zero * 2^-k
+  // 4-bit: row g's pairs sit at p = 0, row g+8's at p = 4 (below): publish (S0 of row g, S0 * 2^-4 of row g+8)
+  const __half2 my_s = W == 4 ? __hmul2(my_s0, __floats2half2_rn(1.0f, 0.0625f)) : my_s0;
+  xch[lane] = make_uint2(h2_bits(my_s), h2_bits(my_c));
 
   // ---- codes: v[j][k] = tile j's pair k (a{k}) as subnormals code * 2^(p-24), p = pos[j][k] in {0, 4} ----
   __half2 v[4][4];
@@ -289,8 +293,8 @@ __device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, 
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const __half2 c2 = bits_h2(cc[j]);
-    // S4 = S0 * 2^-4, exact (S0 >= 2^-10 for every scale above bound * 2^-25)
-    const __half2 sp[2] = {bits_h2(s0[j]), __hmul2(bits_h2(s0[j]), __float2half2_rn(0.0625f))};
+    // S4 = S0 * 2^-4, exact (S0 >= 2^-10 for every scale above bound * 2^-25); 4-bit: published per row
+    const __half2 sp[2] = {bits_h2(s0[j]), W == 4 ? bits_h2(s0[j]) : __hmul2(bits_h2(s0[j]), __float2half2_rn(0.0625f))};
 #pragma unroll
     for (int k = 0; k < 4; ++k) {  // a{k}: row g for even k, g+8 for odd k (row broadcast of S and C)
       const __half2 s = sp[pos[j][k] >> 2];
@@ -333,28 +337,41 @@ __global__ void __launch_bounds__(kWarps * 32, 4)
   // Stage p into slot `stage`: the warp's kRecs consecutive records are one contiguous run of memory, copied
   // by 16-byte chunks (lane c copies chunks c, c + 32, ...; only the first record when the second is past kb1);
   // threads copy the NB x 16 chunks of x (rows < `rows`).
-  auto issue = [&](int stage, int p) {
-    const int kb = kb0 + kRecs * p;
-    const int chunks = (kRecs * p + 1 < items ? kRecs : 1) * (R / 4);
-    const uint32_t* src = rec_src + static_cast<size_t>(kb) * R;
+  // Lane sources at the k-range's start; stage p reads kRecs * p records (kRecs * 64 columns of x) further. x
+  // rows >= `rows` are not copied: their shared memory is never initialised and only feeds the fragment columns
+  // (activation rows) that are not written out.
+  const uint32_t* rec_lane = rec_src + static_cast<size_t>(kb0) * R + 4 * lane;
+  constexpr int kXChunks = (NB * 16 + kWarps * 32 - 1) / (kWarps * 32);  // 16-byte x chunks per thread and stage
+  const __half* x_lane[kXChunks];
+  bool x_copies[kXChunks];
+#pragma unroll
+  for (int i = 0; i < kXChunks; ++i) {
+    const int q = i * kWarps * 32 + threadIdx.x, xb = q >> 4, xc = q & 15;  // row xb, 16-byte chunk xc
+    x_copies[i] = q < NB * 16 && xb < rows;
+    x_lane[i] = x + static_cast<size_t>(x_copies[i] ? xb : 0) * ldx + kb0 * kCols + 8 * xc;
+  }
+  // Copy stage p (records from `recs`, x from `xs`, both already advanced to stage p) into slot `stage`: lane c
+  // copies the 16-byte chunks c, c + 32, ... of the stage's records, only the first record's when `both` is false
+  // (the last stage of an odd k-range), and threads the x chunks of the rows < `rows`.
+  auto copy_stage = [&](int stage, const uint32_t* recs, const __half* const (&xs)[kXChunks], bool both) {
 #pragma unroll
     for (int c0 = 0; c0 < kRecs * R / 4; c0 += 32) {
-      const int c = c0 + lane;
-      if (c0 + 32 <= R / 4 || c < chunks) cp_async_16(&rec_s[stage][warp][4 * c], src + 4 * c);
-    }
-#pragma unroll
-    for (int q0 = 0; q0 < NB * 16; q0 += kWarps * 32) {
-      const int q = q0 + threadIdx.x, xb = q >> 4, xc = q & 15;  // row xb, 16-byte chunk xc
-      if (xb < rows) {
-        const int col0 = kb * kCols + 8 * xc;
-        __half* dst = &x_s[stage][xb][8 * xc];
-        if (col0 < ldx) {  // columns in..ldx-1 of x are zero (the caller pads): padding codes meet x = 0
-          cp_async_16(dst, x + static_cast<size_t>(xb) * ldx + col0);
-        } else {  // past the padded row in the last k-block
-          *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
-        }
+      const bool full_chunk = c0 + 32 <= R / 4 || (both && c0 + 32 <= kRecs * R / 4);  // compile time when both
+      if (full_chunk || c0 + lane < (both ? kRecs : 1) * (R / 4)) {
+        cp_async_16(&rec_s[stage][warp][4 * (c0 + lane)], recs + 4 * c0);
       }
     }
+#pragma unroll
+    for (int i = 0; i < kXChunks; ++i) {
+      const int q = i * kWarps * 32 + threadIdx.x;
+      if (x_copies[i] && (both || (q & 15) < kCols / 8)) cp_async_16(&x_s[stage][q >> 4][8 * (q & 15)], xs[i]);
+    }
+  };
+  auto issue = [&](int stage, int p) {  // any stage: sources from the k-range's start
+    const __half* xs[kXChunks];
+#pragma unroll
+    for (int i = 0; i < kXChunks; ++i) xs[i] = x_lane[i] + kRecs * kCols * p;
+    copy_stage(stage, rec_lane + static_cast<size_t>(kRecs) * R * p, xs, kRecs * p + 1 < items);
   };
 
   // Prologue: kStages - 1 stages in flight (one commit group each, possibly empty).
@@ -373,7 +390,8 @@ __global__ void __launch_bounds__(kWarps * 32, 4)
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) bound = fmaxf(bound, __shfl_xor_sync(kFullMask, bound, o));
   const int kexp = weight_exponent(bound);
-  const float pow0 = pow2f(24 - kexp), unscale = pow2f(kexp);
+  const __half2 pow12 = __float2half2_rn(pow2f(12 - kexp));
+  const float unscale = pow2f(kexp);
 
   // Outliers of this split while the first stages load: they seed the accumulators (in units of 2^k).
   const int g = lane >> 2, t = lane & 3;
@@ -417,7 +435,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4)
   const int m = lane >> 3;  // ldmatrix: lane gives row (lane & 7) of matrix m = (tile + m/2, k half m%2)
   auto record = [&](int stage, int r) {
     uint32_t a[4][4];
-    decode_record<W, SB>(&rec_s[stage][warp][r * R], lane, pow0, xch_s[warp][r], a);
+    decode_record<W, SB>(&rec_s[stage][warp][r * R], lane, pow12, xch_s[warp][r], a);
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
 #pragma unroll
@@ -438,21 +456,40 @@ __global__ void __launch_bounds__(kWarps * 32, 4)
     if (p + kStages - 1 < pairs) issue((stage + kStages - 1) % kStages, p + kStages - 1);
     cp_async_commit();
   };
+  // Steady state: whole rounds of kStages stages whose refills are all full stages (two records), unrolled: every
+  // shared-memory address and every source offset is a constant, the sources advance once per round, and no
+  // copy or record needs a test. Then the remaining stages in a rolled loop.
   const int full = items / kRecs;  // stages holding kRecs records
   int p0 = 0;
-  for (; p0 + kStages <= full; p0 += kStages) {
+  {
+    const uint32_t* recs = rec_lane;
+    const __half* xs[kXChunks];
 #pragma unroll
-    for (int stage = 0; stage < kStages; ++stage) {
-      begin_stage(stage, p0 + stage);
+    for (int i = 0; i < kXChunks; ++i) xs[i] = x_lane[i];
+    for (; p0 + 2 * kStages - 1 <= full; p0 += kStages) {  // refills p0 + kStages - 1 .. p0 + 2 kStages - 2 < full
 #pragma unroll
-      for (int r = 0; r < kRecs; ++r) record(stage, r);
+      for (int stage = 0; stage < kStages; ++stage) {
+        cp_async_wait<kStages - 2>();
+        __syncthreads();
+        const __half* xr[kXChunks];
+#pragma unroll
+        for (int i = 0; i < kXChunks; ++i) xr[i] = xs[i] + kRecs * kCols * (stage + kStages - 1);
+        copy_stage((stage + kStages - 1) % kStages, recs + kRecs * R * (stage + kStages - 1), xr, true);
+        cp_async_commit();
+#pragma unroll
+        for (int r = 0; r < kRecs; ++r) record(stage, r);
+      }
+      recs += kStages * kRecs * R;
+#pragma unroll
+      for (int i = 0; i < kXChunks; ++i) xs[i] += kStages * kRecs * kCols;
     }
   }
 #pragma unroll 1
   for (int p = p0; p < pairs; ++p) {  // p0 is a multiple of kStages: slot p % kStages
-    begin_stage(p - p0, p);
-    record(p - p0, 0);
-    if (kRecs * p + 1 < items) record(p - p0, 1);  // block-uniform
+    const int slot = p % kStages;
+    begin_stage(slot, p);
+    record(slot, 0);
+    if (kRecs * p + 1 < items) record(slot, 1);  // block-uniform
   }
   cp_async_wait<0>();
 
@@ -526,7 +563,7 @@ __global__ void __launch_bounds__(kWarps * 32) spqr_dequantize_kernel(const Spqr
   __shared__ __align__(16) uint2 xch_s[kWarps][32];
   const int kexp = weight_exponent(record_scale_bound<SB>(rec + 32 * W + 4 * SB));
   uint32_t a[4][4];
-  decode_record<W, SB>(rec, lane, pow2f(24 - kexp), xch_s[warp], a);
+  decode_record<W, SB>(rec, lane, __float2half2_rn(pow2f(12 - kexp)), xch_s[warp], a);
   const float unscale = pow2f(kexp);
   const int g = lane >> 2, t = lane & 3;
   const bool pairs_aligned = (in & 1) == 0;
@@ -674,7 +711,7 @@ cudaError_t spqr_matmul_small(const SpqrLayer& layer, const __half* x_stored, in
   const int kblocks = (layer.in_features + kCols - 1) / kCols;
   if (rows < 1 || rows > 16 || !layer_ok(layer) || plan.splits < 1 || plan.splits > kblocks ||
       plan.splits > 65535 || (plan.splits > 1 && (workspace == nullptr || counters == nullptr)) ||
-      ldx < layer.in_features || ldx % 8 != 0 || reinterpret_cast<uintptr_t>(x_stored) % 16 != 0) {
+      ldx < kblocks * kCols || ldx % 8 != 0 || reinterpret_cast<uintptr_t>(x_stored) % 16 != 0) {
     return cudaErrorInvalidValue;
   }
   if (!dispatch_bits<SmallLaunch>(layer.wbits, layer.stat_bits, layer, x_stored, rows, bias, y, plan, workspace,

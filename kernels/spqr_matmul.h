@@ -56,8 +56,8 @@ SpqrSmallPlan spqr_matmul_small_plan(const SpqrLayer& layer, int num_sms, int bl
 int spqr_matmul_small_blocks_per_sm(int wbits, int stat_bits, int rows);
 
 // y (rows, out) fp16 = x_stored (rows, in) fp16 @ W^T + bias for 1 <= rows <= 16, W in stored column order
-// (x_stored = x[:, perm]). x_stored: 16-byte aligned rows of ldx >= in halves, ldx a multiple of 8, columns
-// in..ldx-1 zero (callers pad when in % 8 != 0). fp32 accumulation; deterministic (fixed summation order, no
+// (x_stored = x[:, perm]). x_stored: 16-byte aligned rows of ldx >= ceil(in/64)*64 halves (whole records),
+// ldx a multiple of 8, columns in..ldx-1 zero (callers pad when in % 64 != 0). fp32 accumulation; deterministic (fixed summation order, no
 // float atomics). workspace: plan.workspace_floats floats (may be null when plan.splits == 1); counters:
 // plan.counters ints, zero on entry, zero again on exit (a persistent buffer may be reused by later calls on
 // the same stream). cudaErrorInvalidValue for arguments outside these rules.
