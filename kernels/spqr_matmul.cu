@@ -19,28 +19,34 @@
 // ldmatrix is free of bank conflicts): the barrier, the stage control and the x copy are paid once per 64 weights
 // a lane. Every byte moves by 16-byte cp.async (cp.async.cg: L2 only): the warp's two records are one contiguous
 // run of memory, lane c of warp w copies 16-byte chunks c, c + 32, ... of it (only the first record's chunks when
-// the second is past the k-range's end), threads copy the 16-byte chunks of x (one each for 8 rows). kStages - 1
-// stages are in flight while one is decoded. Bytes in flight per SM (3-bit weights, 3-bit stats, 464-byte
-// records, 8 resident blocks on sm_80):
-//   2 stages x 2 records x 4 warps x 464 B x 8 blocks = 59 KB of weights (+ x), above the ~20-30 KB an H200
+// the second is past the k-range's end), threads copy the 16-byte chunks of x (one each for 8 rows; rows >=
+// `rows` are not copied, x is read in whole records: callers pad its rows to 64 columns). kStages - 1 stages are
+// in flight while one is decoded. In the steady state (rounds of kStages stages whose refills are all full) the
+// copies are unrolled with constant offsets from per-round source pointers: no address arithmetic, no tests.
+// Bytes in flight per SM (3-bit weights, 3-bit stats, 464-byte records, 6 resident blocks on sm_80):
+//   2 stages x 2 records x 4 warps x 464 B x 6 blocks = 45 KB of weights (+ x), above the ~20-30 KB an H200
 //   needs (4.8 TB/s x ~600 ns latency / 132 SMs = 22 KB); with 4 resident blocks (sm_86/89) 30 KB.
 // x is read from L2 once per block (4 row tiles), not once per warp.
 //
 // Dequantization in registers, per lane and record (lane L, g = L >> 2, t = L & 3; 32 weights = 4 tiles x the
 // A fragment a0..a3, each a half2 pair of one row):
-//   stats: lane decodes group t's 4 stat codes (one funnel shift of the stat bit string, 4 masks), computes in
-//   fp32 exactly the reference's scale = s_scale*(code - z_scale) and zero = s_zero*(code - z_zero) for rows g
-//   and g+8, times powers of two (below), rounds S0 = scale * 2^(24-k) and C = -scale*zero * 2^-k to fp16 and
-//   packs each as half2 (row g, row g+8); the quad (lanes 4g..4g+3) exchanges them through 8 bytes of shared
-//   memory per lane (one 8-byte store, a __syncwarp, two 16-byte loads: lane 4g+j holds group j).
+//   stats, in fp16x2 (row g, row g+8): lane 4g+t decodes group t: its 4 stat codes (one funnel shift of the stat
+//   bit string) are spread into the two halves (one select) and masked into the mantissa of fp16 1024 (then
+//   -1024: exact integers); with the group's second-order numbers (s_scale, z_scale, s_zero, z_zero) it computes
+//   s' = (s_scale * 2^(12-k)) * 2^12, S0 = fma(scale code, s', -z_scale * s') = scale * 2^(24-k), zero =
+//   fma(zero code, s_zero, -z_zero * s_zero) and C = (S0 * -2^-24) * zero = -scale*zero * 2^-k, each an fp16x2
+//   operation (HMUL2/HFMA2, one rounding each), and publishes (S0, C) to its quad through 8 bytes of shared
+//   memory (one 8-byte store, a __syncwarp, two 16-byte loads: lane 4g+j holds group j).
 //   codes, per pair (two codes of one row): v = word & mask, with the pair's bits at [p, p+B) of each half, p in
 //   {0, 4} (3-bit: the low-plane pair and the high-plane bit merged to bits 0-2 of a nibble first): a half with
 //   a zero exponent field is the subnormal code * 2^(p-24), exactly, no offset to remove; a = fma(v, S0 * 2^-p,
-//   C) as one HFMA2 with the row's S and C broadcast = 2^-k * fma16(code, fp16(scale), fp16(-scale*zero)).
+//   C) as one HFMA2 with the row's S and C broadcast = 2^-k * (code * S + C). (4-bit: row g's pairs are at p = 0,
+//   row g+8's at p = 4, so the quad publishes S0 * 2^-4 for row g+8 and no lane scales it again.)
 //   The weight exponent k (per warp and k-range, from the second-order numbers of its records: scale <= bound
-//   < 2^e, k = e + 9) keeps S0 < 2^15 (fp16 max 65504); the accumulators are multiplied by 2^k (exact) before
-//   they leave the warp, the outlier seeds by 2^-k. (With the fp16 magic number 1024 instead, the offset had to
-//   be removed by a second HFMA2 per pair: folded into C it would lose half a code step to fp16 rounding.)
+//   < 2^e, k = e + 9, clamped to [-3, 24]) keeps S0 < 2^15 (fp16 max 65504); the accumulators are multiplied by
+//   2^k (exact) before they leave the warp, the outlier seeds by 2^-k. (With the fp16 magic number 1024 instead,
+//   the offset had to be removed by a second HFMA2 per pair: folded into C it would lose half a code step to
+//   fp16 rounding.)
 // mma. Per tile and n-tile of 8 activation rows: one mma.m16n8k16 (fp16 in, fp32 accumulate) with B fragments
 // from ldmatrix.x4 (two tiles per ldmatrix). The accumulator runs over all records of the k-range.
 //
@@ -54,27 +60,30 @@
 // in split order 0..S-1 (the order never depends on which block finishes last: bit-identical runs), adds the
 // bias in fp32, rounds once to fp16 and resets the counter to 0. S = 1 writes y directly.
 //
-// Numerics: w_kernel = 2^k * fma16(code * 2^-24, fp16(scale * 2^(24-k)), fp16(-scale*zero * 2^-k)), fp16 subnormals
-// included: |w_kernel - w_ref| <= 2^-10 (|w_ref| + |scale*zero|) + 2^(k-23); 2^-k times the unscaled fp16 weight
-// fma16(code, fp16(scale), fp16(-scale*zero)) wherever |w_ref| and |scale*zero| >= 2^(k-13) (~ bound/16). Products
+// Numerics (u = 2^-11, the fp16 unit roundoff; S = scale, Z = zero, q = code; tests/test_kernels.py emulates
+// every operation): |w_kernel - w_ref| <= u ((|q| + |Z|)(|S| + |s_scale z_scale|) + |S| (2|Z| + |s_zero z_zero|)
+// + |w_ref|) (1 + 8u) + 2^(k-20): the roundings of S (relative to |S| + |s_scale z_scale|: no cancellation when
+// z_scale <= 0, as min-max statistics give), Z, C and w'', plus fp16 subnormal results below 2^(k-14). Products
 // and sums fp32. The dequantize kernel takes k per record and writes fp16(w'' * 2^k) plus the outlier delta
 // (one more fp16 rounding).
 //
 // SASS, nvcc 13.0 -O3, hot loop = the unrolled steady-state loop (3 stages x 2 records = 192 weights per
 // thread), thread instructions per weight / registers / resident blocks per SM (x 4 warps); no spills, no local
-// memory:
+// memory (benchmarks/sass_report.py):
 //                     sm_80              sm_86, sm_89       sm_90
-//   W3 SB3, 1-8 rows  4.03 / 64 / 8      4.03 / 70 / 4      4.26 / 52 / 9
-//   W3 SB3, 9-16 rows 4.52 / 89 / 5      4.53 / 87 / 3      5.10 / 70 / 7
-//   W4 SB3, 1-8 rows  3.72 / 72 / 7      3.72 / 72 / 4      4.01 / 62 / 8
-//   W2 SB3, 1-8 rows  3.67 / 64 / 8      3.67 / 69 / 5      3.93 / 52 / 9
-// Per record and thread (W3 SB3, sm_80, ~129 instructions for 32 weights): 32 HFMA2 (16 exact code pairs + 16
-// scale/zero fmas), 24 LOP3 + 11 SHF (4 selects, 16 mask|magic, shifts, stat fields), 8 SHFL + 4 I2F + 10
-// FADD/FMUL + 4 HADD2.F32 + 2 F2FP (stats), 4 HMMA + 2 LDSM, 8 LDS, ~18 of pipeline control (cp.async issue,
-// barrier, address and loop arithmetic, half of it per stage of two records). The issue's targets (<= 2.5 for
-// 3-bit, <= 2.0 for 4-bit: 80 / 64 instructions a record) are NOT met: the exact fp16 conversion costs 2 HFMA2 a
-// pair (1.0 a weight; folding the magic offset into the scale fma loses half a code step to fp16 rounding) and
-// the per-record stats ~1.0.
+//   W3 SB3, 1-8 rows  2.76 / 80 / 6      2.77 / 80 / 4      2.74 / 83 / 5
+//   W3 SB3, 9-16 rows 3.09 / 100 / 4     3.09 / 100 / 3     3.07 / 104 / 4
+//   W4 SB3, 1-8 rows  2.38 / 78 / 6      2.38 / 78 / 3      2.34 / 78 / 6
+//   W2 SB3, 1-8 rows  2.51 / 81 / 5      2.52 / 81 / 5      2.49 / 82 / 5
+// (session 4's kernel: 4.03, 4.52, 3.72, 3.67 on sm_80.) Per record and thread (32 weights), W3 SB3 sm_80, ~89
+// instructions: 16 HFMA2 (one per pair) + 16 LOP3 masks + 4 LOP3 plane merges + 9 shifts (codes), 4 HMUL2
+// (S0 * 2^-4 for the p = 4 pairs), ~17 for the stats (6 HMUL2, 2 HFMA2, 2 HADD2, 3 LOP3, 3 shifts, funnel),
+// 4 HMMA + 2 LDSM, ~10 shared-memory loads and stores (codes 2, stat words 3, the quad exchange 3), ~5 of
+// pipeline (cp.async, wait, barrier, pointers). W4 SB3 ~77: 16 HFMA2 + 16 LOP3 + 4 SHF (codes), ~15 stats,
+// 4 HMMA + 2 LDSM, ~10 shared memory, ~5 pipeline. The issue's targets (<= 2.5 for 3-bit, <= 2.0 for 4-bit: 80
+// / 64 a record) are NOT met for 3-bit (-9 a record to go) and 4-bit (-13): with one HFMA2 and one LOP3 a pair
+// the codes alone cost 1.0-1.4 a weight, and the stats of 16-column groups ~0.5; what is left is listed in
+// BENCHMARKS.md.
 // ===============================================================================================================
 
 #include "spqr_matmul.h"
@@ -294,7 +303,8 @@ __device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, 
   for (int j = 0; j < 4; ++j) {
     const __half2 c2 = bits_h2(cc[j]);
     // S4 = S0 * 2^-4, exact (S0 >= 2^-10 for every scale above bound * 2^-25); 4-bit: published per row
-    const __half2 sp[2] = {bits_h2(s0[j]), W == 4 ? bits_h2(s0[j]) : __hmul2(bits_h2(s0[j]), __float2half2_rn(0.0625f))};
+    const __half2 s_p0 = bits_h2(s0[j]);
+    const __half2 sp[2] = {s_p0, W == 4 ? s_p0 : __hmul2(s_p0, __float2half2_rn(0.0625f))};
 #pragma unroll
     for (int k = 0; k < 4; ++k) {  // a{k}: row g for even k, g+8 for odd k (row broadcast of S and C)
       const __half2 s = sp[pos[j][k] >> 2];

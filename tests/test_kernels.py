@@ -9,12 +9,14 @@ case runs twice with two different thread orders and must give bit-identical res
 call whose split-K ticket counters are not reset to zero.
 
 What is compared:
-- The kernels compute the weights in fp16 (KERNELS_V2_SPEC.md section 2): w16 = fma16(code, fp16(scale),
-  fp16(-scale*zero)). `kernel_weight16` emulates exactly that (one rounding of an exact fma), and
-  `test_kernel_numerics_follow_the_spec_rule` checks it against the fp32 definition (`true_weight`, written
-  here from the unpacked codes) within 2^-10 * (|w| + |scale*zero|).
+- The kernels compute the weights in fp16 (kernels/spqr_matmul.cu, "Dequantization" and "Numerics"): the stats in
+  fp16x2, the codes as exact subnormals, one HFMA2 a pair, the weight scaled by 2^-k (the weight exponent of a
+  record or a warp's k-range). `kernel_weight16` emulates every one of those fp16 operations (each an exact
+  float64 result rounded once), with the record's k; `test_kernel_numerics_follow_the_spec_rule` checks it
+  against the fp32 definition (`true_weight`, written here from the unpacked codes) within the file's rule.
 - Small batch (1..16 rows): y against x_stored @ (w16 + outlier deltas)^T in float64, each element within
-  C_ACC * eps32 * sum_j |w_rj x_j| plus one fp16 ulp (an fp32 dot product in another order; Higham, "Accuracy
+  C_ACC * eps32 * sum_j |w_rj x_j| + sum_j |x_j| range_tolerance_rj (k per k-range, not per record) plus one
+  fp16 ulp (an fp32 dot product in another order; Higham, "Accuracy
   and Stability of Numerical Algorithms", 2nd ed., section 3.1). Tight enough that one dropped outlier fails.
 - Prefill (17+ rows): the dequantized W is bit-identical to fp16(w16 + delta); y is bounded like above.
 NaN anywhere is a failure (bounds are written as `not (err <= tol)`).
