@@ -69,14 +69,16 @@ MUTATIONS = {
     ),
     # ---- v2 kernels (tiles layout, cp.async pipeline, ldmatrix + mma.sync) ----
     "v2_missing_cp_async_wait": (
-        "small: the main loop reads a stage without cp.async.wait_group (the copy has not landed)",
-        re.compile(r"cp_async_wait<kStages - 2>\(\);"),
-        "",
+        "small: the steady-state loop reads a stage without cp.async.wait_group (the copy has not landed)",
+        re.compile(
+            r"(for \(int stage = 0; stage < kStages; \+\+stage\) \{\n\s*)cp_async_wait<kStages - 2>\(\);"
+        ),
+        r"\1",
     ),
     "v2_missing_barrier_after_wait": (
-        "small: no __syncthreads after the wait (other threads' cp.async of the stage are not visible yet)",
-        re.compile(r"(cp_async_wait<kStages - 2>\(\);)\s*\n\s*__syncthreads\(\);"),
-        r"\1",
+        "small: no __syncthreads after the steady-state wait (other threads' cp.async of the stage are not visible)",
+        re.compile(r"(cp_async_wait<kStages - 2>\(\);)\s*\n\s*__syncthreads\(\);(\s*\n\s*const __half\* xr)"),
+        r"\1\2",
     ),
     "v2_missing_commit": (
         "small: the main loop does not commit its cp.async group (the wait counts the wrong groups)",
@@ -90,13 +92,38 @@ MUTATIONS = {
     ),
     "v2_mma_in_divergent_code": (
         "small: lane 31 skips the mma (a warp collective in divergent code)",
-        "            mma_m16n8k16_f16f32(acc[n], a[2 * jp + jj], bf, acc[n]);",
-        "            if (lane != 31) mma_m16n8k16_f16f32(acc[n], a[2 * jp + jj], bf, acc[n]);",
+        "          mma_m16n8k16_f16f32(acc[n], a[2 * jp + jj], bf, acc[n]);",
+        "          if (lane != 31) mma_m16n8k16_f16f32(acc[n], a[2 * jp + jj], bf, acc[n]);",
     ),
     "v2_swapped_row_scales": (
         "decode: rows g and g+8 use each other's scale",
-        "(k & 1) ? s_hi : s_lo, (k & 1) ? c_hi : c_lo",
-        "(k & 1) ? s_lo : s_hi, (k & 1) ? c_lo : c_hi",
+        "(k & 1) ? __high2half2(s) : __low2half2(s)",
+        "(k & 1) ? __low2half2(s) : __high2half2(s)",
+    ),
+    "v2_output_not_rescaled": (
+        "small: the accumulators are not multiplied back by 2^k (weight exponent) before the output",
+        "acc[n][e] * unscale + bias_at(bias, row)",
+        "acc[n][e] + bias_at(bias, row)",
+    ),
+    "v2_outlier_seed_not_scaled": (
+        "small: the outlier sums seed the accumulators without the 2^-k of the dense weights",
+        "os[b] * pow2f(-kexp);  // exact",
+        "os[b];",
+    ),
+    "v2_weight_exponent_one_low": (
+        "decode: k one lower than the scale bound allows (S0 may overflow fp16)",
+        "return min(24, max(-3, e + 9));",
+        "return min(24, max(-3, e + 8));",
+    ),
+    "v2_zero_term_sign": (
+        "decode: C = +scale*zero * 2^-k (the zero point added instead of subtracted)",
+        "__float2half2_rn(-0x1p-24f)",
+        "__float2half2_rn(0x1p-24f)",
+    ),
+    "v2_4bit_row_scale_not_published": (
+        "decode, 4-bit: row g+8's pairs (at bit 4) use S0 instead of S0 * 2^-4",
+        "__floats2half2_rn(1.0f, 0.0625f)",
+        "__floats2half2_rn(1.0f, 1.0f)",
     ),
     "v2_split_overlap": (
         "small: split-K ranges overlap by one record (kb1 one too far: double counts, reads past the end)",

@@ -214,8 +214,9 @@ def compile_ptxas(nvcc: str, source: Path, out: Path) -> tuple[list[Kernel], Pat
                 cur.smem = int(s.group(1))
             if re.search(r"\d+ bytes lmem", line) and not re.search(r"\b0 bytes lmem", line):
                 cur.lmem = True
-        elif "warning" in line.lower() and cur:
-            cur.lmem = cur.lmem or "lmem" in line.lower() or "local memory" in line.lower()
+        # ptxas's "Local memory used for function ..." warnings are not attributed: they may print before the
+        # "Compiling entry function" line of their own kernel (another arch's), and the per-kernel lines above
+        # already give its stack frame, spills and lmem.
     return kernels, obj
 
 

@@ -19,23 +19,34 @@
 // ldmatrix is free of bank conflicts): the barrier, the stage control and the x copy are paid once per 64 weights
 // a lane. Every byte moves by 16-byte cp.async (cp.async.cg: L2 only): the warp's two records are one contiguous
 // run of memory, lane c of warp w copies 16-byte chunks c, c + 32, ... of it (only the first record's chunks when
-// the second is past the k-range's end), threads copy the 16-byte chunks of x (one each for 8 rows). kStages - 1
-// stages are in flight while one is decoded. Bytes in flight per SM (3-bit weights, 3-bit stats, 464-byte
-// records, 8 resident blocks on sm_80):
-//   2 stages x 2 records x 4 warps x 464 B x 8 blocks = 59 KB of weights (+ x), above the ~20-30 KB an H200
+// the second is past the k-range's end), threads copy the 16-byte chunks of x (one each for 8 rows; rows >=
+// `rows` are not copied, x is read in whole records: callers pad its rows to 64 columns). kStages - 1 stages are
+// in flight while one is decoded. In the steady state (rounds of kStages stages whose refills are all full) the
+// copies are unrolled with constant offsets from per-round source pointers: no address arithmetic, no tests.
+// Bytes in flight per SM (3-bit weights, 3-bit stats, 464-byte records, 6 resident blocks on sm_80):
+//   2 stages x 2 records x 4 warps x 464 B x 6 blocks = 45 KB of weights (+ x), above the ~20-30 KB an H200
 //   needs (4.8 TB/s x ~600 ns latency / 132 SMs = 22 KB); with 4 resident blocks (sm_86/89) 30 KB.
 // x is read from L2 once per block (4 row tiles), not once per warp.
 //
 // Dequantization in registers, per lane and record (lane L, g = L >> 2, t = L & 3; 32 weights = 4 tiles x the
 // A fragment a0..a3, each a half2 pair of one row):
-//   stats: lane decodes group t's 4 stat codes (one funnel shift of the stat bit string, 4 masks), computes in
-//   fp32 exactly the reference's scale = s_scale*(code - z_scale) and zero = s_zero*(code - z_zero) for rows g
-//   and g+8, rounds scale and -scale*zero to fp16 and packs them as half2 (row g, row g+8); the quad (lanes
-//   4g..4g+3) exchanges them with 2 shuffles per group (lane 4g+j holds group j).
-//   codes, per pair (two codes of one row): bits = (word >> shift) & mask (3-bit: the low-plane pair OR the
-//   high-plane bit moved to bit 2), h = bits | 0x64006400 (fp16 1024 + code, exact), v = h - 1024 (exact),
-//   a = fma(v, scale, -scale*zero) as one half2 HFMA2 with the row's scale broadcast. The exact subtraction
-//   cannot be folded into the fma: -scale*(1024 + zero) rounded to fp16 loses half a code step.
+//   stats, in fp16x2 (row g, row g+8): lane 4g+t decodes group t: its 4 stat codes (one funnel shift of the stat
+//   bit string) are spread into the two halves (one select) and masked into the mantissa of fp16 1024 (then
+//   -1024: exact integers); with the group's second-order numbers (s_scale, z_scale, s_zero, z_zero) it computes
+//   s' = (s_scale * 2^(12-k)) * 2^12, S0 = fma(scale code, s', -z_scale * s') = scale * 2^(24-k), zero =
+//   fma(zero code, s_zero, -z_zero * s_zero) and C = (S0 * -2^-24) * zero = -scale*zero * 2^-k, each an fp16x2
+//   operation (HMUL2/HFMA2, one rounding each), and publishes (S0, C) to its quad through 8 bytes of shared
+//   memory (one 8-byte store, a __syncwarp, two 16-byte loads: lane 4g+j holds group j).
+//   codes, per pair (two codes of one row): v = word & mask, with the pair's bits at [p, p+B) of each half, p in
+//   {0, 4} (3-bit: the low-plane pair and the high-plane bit merged to bits 0-2 of a nibble first): a half with
+//   a zero exponent field is the subnormal code * 2^(p-24), exactly, no offset to remove; a = fma(v, S0 * 2^-p,
+//   C) as one HFMA2 with the row's S and C broadcast = 2^-k * (code * S + C). (4-bit: row g's pairs are at p = 0,
+//   row g+8's at p = 4, so the quad publishes S0 * 2^-4 for row g+8 and no lane scales it again.)
+//   The weight exponent k (per warp and k-range, from the second-order numbers of its records: scale <= bound
+//   < 2^e, k = e + 9, clamped to [-3, 24]) keeps S0 < 2^15 (fp16 max 65504); the accumulators are multiplied by
+//   2^k (exact) before they leave the warp, the outlier seeds by 2^-k. (With the fp16 magic number 1024 instead,
+//   the offset had to be removed by a second HFMA2 per pair: folded into C it would lose half a code step to
+//   fp16 rounding.)
 // mma. Per tile and n-tile of 8 activation rows: one mma.m16n8k16 (fp16 in, fp32 accumulate) with B fragments
 // from ldmatrix.x4 (two tiles per ldmatrix). The accumulator runs over all records of the k-range.
 //
@@ -49,25 +60,30 @@
 // in split order 0..S-1 (the order never depends on which block finishes last: bit-identical runs), adds the
 // bias in fp32, rounds once to fp16 and resets the counter to 0. S = 1 writes y directly.
 //
-// Numerics: w_kernel = fma16(code, fp16(scale), fp16(-scale*zero)): |w_kernel - w_ref| <= 2^-10 (|w_ref| +
-// |scale*zero|) (+ fp16 underflow); products and sums fp32. The dequantize kernel produces the same fp16 values
-// plus the outlier delta (one more fp16 rounding).
+// Numerics (u = 2^-11, the fp16 unit roundoff; S = scale, Z = zero, q = code; tests/test_kernels.py emulates
+// every operation): |w_kernel - w_ref| <= u ((|q| + |Z|)(|S| + |s_scale z_scale|) + |S| (2|Z| + |s_zero z_zero|)
+// + |w_ref|) (1 + 8u) + 2^(k-20): the roundings of S (relative to |S| + |s_scale z_scale|: no cancellation when
+// z_scale <= 0, as min-max statistics give), Z, C and w'', plus fp16 subnormal results below 2^(k-14). Products
+// and sums fp32. The dequantize kernel takes k per record and writes fp16(w'' * 2^k) plus the outlier delta
+// (one more fp16 rounding).
 //
 // SASS, nvcc 13.0 -O3, hot loop = the unrolled steady-state loop (3 stages x 2 records = 192 weights per
 // thread), thread instructions per weight / registers / resident blocks per SM (x 4 warps); no spills, no local
-// memory:
+// memory (benchmarks/sass_report.py):
 //                     sm_80              sm_86, sm_89       sm_90
-//   W3 SB3, 1-8 rows  4.03 / 64 / 8      4.03 / 70 / 4      4.26 / 52 / 9
-//   W3 SB3, 9-16 rows 4.52 / 89 / 5      4.53 / 87 / 3      5.10 / 70 / 7
-//   W4 SB3, 1-8 rows  3.72 / 72 / 7      3.72 / 72 / 4      4.01 / 62 / 8
-//   W2 SB3, 1-8 rows  3.67 / 64 / 8      3.67 / 69 / 5      3.93 / 52 / 9
-// Per record and thread (W3 SB3, sm_80, ~129 instructions for 32 weights): 32 HFMA2 (16 exact code pairs + 16
-// scale/zero fmas), 24 LOP3 + 11 SHF (4 selects, 16 mask|magic, shifts, stat fields), 8 SHFL + 4 I2F + 10
-// FADD/FMUL + 4 HADD2.F32 + 2 F2FP (stats), 4 HMMA + 2 LDSM, 8 LDS, ~18 of pipeline control (cp.async issue,
-// barrier, address and loop arithmetic, half of it per stage of two records). The issue's targets (<= 2.5 for
-// 3-bit, <= 2.0 for 4-bit: 80 / 64 instructions a record) are NOT met: the exact fp16 conversion costs 2 HFMA2 a
-// pair (1.0 a weight; folding the magic offset into the scale fma loses half a code step to fp16 rounding) and
-// the per-record stats ~1.0.
+//   W3 SB3, 1-8 rows  2.76 / 80 / 6      2.77 / 80 / 4      2.74 / 83 / 5
+//   W3 SB3, 9-16 rows 3.09 / 100 / 4     3.09 / 100 / 3     3.07 / 104 / 4
+//   W4 SB3, 1-8 rows  2.38 / 78 / 6      2.38 / 78 / 3      2.34 / 78 / 6
+//   W2 SB3, 1-8 rows  2.51 / 81 / 5      2.52 / 81 / 5      2.49 / 82 / 5
+// (session 4's kernel: 4.03, 4.52, 3.72, 3.67 on sm_80.) Per record and thread (32 weights), W3 SB3 sm_80, ~89
+// instructions: 16 HFMA2 (one per pair) + 16 LOP3 masks + 4 LOP3 plane merges + 9 shifts (codes), 4 HMUL2
+// (S0 * 2^-4 for the p = 4 pairs), ~17 for the stats (6 HMUL2, 2 HFMA2, 2 HADD2, 3 LOP3, 3 shifts, funnel),
+// 4 HMMA + 2 LDSM, ~10 shared-memory loads and stores (codes 2, stat words 3, the quad exchange 3), ~5 of
+// pipeline (cp.async, wait, barrier, pointers). W4 SB3 ~77: 16 HFMA2 + 16 LOP3 + 4 SHF (codes), ~15 stats,
+// 4 HMMA + 2 LDSM, ~10 shared memory, ~5 pipeline. The issue's targets (<= 2.5 for 3-bit, <= 2.0 for 4-bit: 80
+// / 64 a record) are NOT met for 3-bit (-9 a record to go) and 4-bit (-13): with one HFMA2 and one LOP3 a pair
+// the codes alone cost 1.0-1.4 a weight, and the stats of 16-column groups ~0.5; what is left is listed in
+// BENCHMARKS.md.
 // ===============================================================================================================
 
 #include "spqr_matmul.h"
@@ -102,7 +118,6 @@ constexpr int kStages = 3;     // cp.async pipeline depth
 constexpr int kRecs = 2;       // records per warp and stage (consecutive k-blocks)
 constexpr int kXPitch = kRecs * kCols + 8;  // halves per staged x row: 128 + 8 of padding (ldmatrix bank conflicts)
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr uint32_t kMagic = 0x64006400u;  // fp16 1024.0 in both halves
 
 __host__ __device__ constexpr int record_words(int w, int sb) { return 32 * w + 4 * sb + 8; }
 
@@ -143,49 +158,89 @@ __device__ __forceinline__ float half_bits_to_float(uint32_t bits16) {
 }
 
 constexpr uint8_t kSelectLow = 0xE4;  // lop3: (a & c) | (b & ~c)
+constexpr uint32_t kMagic = 0x64006400u;  // fp16 1024 in both halves: | code gives 1024 + code exactly
 
-// Two codes of B bits at bits [S, S + B) of each half of `word` -> half2 of the exact integer codes: one LOP3
-// (mask | 0x6400: fp16 1024 + code * 2^S, exact while S + B <= 10) and one HFMA2 (* 2^-S - 1024 * 2^-S, exact).
+// ---- the weight exponent k ----------------------------------------------------------------------------------
+// Codes enter the fp16 arithmetic as subnormal numbers: the bits (code << p) of a half with a zero exponent field
+// are the value code * 2^(p - 24), exactly, with no offset to remove. One HFMA2 per pair then gives
+//   w'' = fma16(code * 2^(p-24), S16 * 2^(24-p-k), C16 * 2^-k) = 2^-k * fma16(code, S16, C16)
+// (S16 = fp16(scale), C16 = fp16(-scale*zero), the products exact), the weight scaled by 2^-k. k is chosen per
+// warp and k-range from an upper bound of the scales it will meet (scale_bound) so that S16 * 2^(24-k) stays
+// below 2^15 (fp16 max 65504); the accumulators are scaled back by 2^k (exact, fp32) before they leave the warp.
+// w'' equals 2^-k times the unscaled fp16 weight except where |w''| < 2^-14 (fp16 subnormal results, |w| <
+// 2^(k-14) ~ bound/32), where it is within 2^(k-24) of it.
+
+// |scale| <= |s_scale| * max(|z_scale|, |2^SB - 1 - z_scale|) over the 4 groups of the record at `sec` (its 8
+// second-order words: [s_scale z_scale s_zero z_zero] per group as fp16 halves).
+template <int SB>
+__device__ __forceinline__ float record_scale_bound(const uint32_t* __restrict__ sec) {
+  constexpr float kMaxCode = static_cast<float>((1 << SB) - 1);
+  const uint4 lo = *reinterpret_cast<const uint4*>(sec), hi = *reinterpret_cast<const uint4*>(sec + 4);
+  const uint32_t w[4] = {lo.x, lo.z, hi.x, hi.z};  // (s_scale, z_scale) of groups 0..3
+  float bound = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float ss = half_bits_to_float(w[j]), zs = half_bits_to_float(w[j] >> 16);
+    bound = fmaxf(bound, fabsf(ss) * fmaxf(fabsf(zs), fabsf(kMaxCode - zs)));
+  }
+  return bound;
+}
+
+// k for scales <= bound: the smallest k with bound * 2^(24-k) < 2^15 (k = e + 9 for bound = m * 2^e, m in
+// [0.5, 1)), clamped to [-3, 24] so that 2^(12-k) is an fp16 number (below: S0 <= 2^14; above: S0 = scale
+// <= 65504); 0 for bound 0.
+__device__ __forceinline__ int weight_exponent(float bound) {
+  if (!(bound > 0.0f)) return 0;
+  const int e = static_cast<int>((__float_as_uint(bound) >> 23) & 0xffu) - 126;
+  return min(24, max(-3, e + 9));
+}
+
+__device__ __forceinline__ float pow2f(int e) { return __uint_as_float(static_cast<uint32_t>(127 + e) << 23); }
+
+// Two codes of B bits at bits [S, S + B) of each half of `word` -> half2 of the subnormals code * 2^(S-24): one
+// LOP3 (word & mask).
 template <int B, int S>
 __device__ __forceinline__ __half2 code_pair(uint32_t word) {
   static_assert(S + B <= 10, "the code must sit in the fp16 mantissa");
   constexpr uint32_t kMask = ((1u << B) - 1u) << S;
-  const __half2 h = bits_h2(lop3<0xEA>(word, kMask | (kMask << 16), kMagic));  // (word & mask) | magic
-  const __half2 scale = __float2half2_rn(1.0f / static_cast<float>(1 << S));
-  const __half2 offset = __float2half2_rn(-1024.0f / static_cast<float>(1 << S));
-  return hfma2(h, scale, offset);
+  return bits_h2(word & (kMask | (kMask << 16)));
 }
 
 // The A fragments of one record for this lane: a[j][k] = tile j's aK as a half2 (KERNELS_V2_SPEC.md sections 1
-// and 2), dequantized with the fp16 arithmetic described at the top. `rec` points at the record (shared or
-// global memory, 16-byte aligned). Warp collective (quad shuffles of the stats).
+// and 2), the weights scaled by 2^-k (above), with the fp16 arithmetic described at the top. `rec` points at the
+// record (shared or global memory, 16-byte aligned); `pow12` = 2^(12-k) in both halves; `xch` = this warp's 32 slots
+// (shared memory; not touched by the warp's previous record: callers alternate two sets). Warp collective.
 template <int W, int SB>
-__device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, int lane, uint32_t (&a)[4][4]) {
+__device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, int lane, __half2 pow12, uint2* xch,
+                                              uint32_t (&a)[4][4]) {
   constexpr int kCodeWords = 32 * W;
   const int t = lane & 3;
 
-  // ---- stats: group t, rows g and g+8 ----
+  // ---- stats, in fp16x2 (row g, row g+8): lane 4g+t decodes group t and publishes it to its quad ----
   const uint32_t* st = rec + kCodeWords;
   const int sbit = 4 * SB * lane;
-  const uint32_t sw = __funnelshift_r(st[sbit >> 5], st[(sbit >> 5) + 1], sbit & 31);
-  constexpr uint32_t kStatMask = (1u << SB) - 1u;
+  const uint32_t sw = __funnelshift_r(st[sbit >> 5], st[(sbit >> 5) + 1], sbit & 31);  // codes 4L.. at bit 0
+  // sw: scale code of row g at bit 0, row g+8 at SB, zero codes at 2*SB, 3*SB. spread: row g's in the low half,
+  // row g+8's in the high half, each pair then masked into the fp16 mantissa of 1024 (exact integers after -1024).
+  constexpr uint32_t kCodeMask = ((1u << SB) - 1u) * 0x10001u;
+  const uint32_t spread = lop3<kSelectLow>(sw, sw << (16 - SB), 0x0000ffffu);
+  const __half2 magic = bits_h2(kMagic);
+  const __half2 sc = __hsub2(bits_h2((spread & kCodeMask) | kMagic), magic);
+  const __half2 zc = __hsub2(bits_h2(((spread >> (2 * SB)) & kCodeMask) | kMagic), magic);
   const uint2 sec = *reinterpret_cast<const uint2*>(rec + kCodeWords + 4 * SB + 2 * t);
-  const float s_scale = half_bits_to_float(sec.x), z_scale = half_bits_to_float(sec.x >> 16);
-  const float s_zero = half_bits_to_float(sec.y), z_zero = half_bits_to_float(sec.y >> 16);
-  float scale[2], neg_sz[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const float sc = static_cast<float>((sw >> (SB * i)) & kStatMask);
-    const float zc = static_cast<float>((sw >> (SB * (2 + i))) & kStatMask);
-    scale[i] = __fmul_rn(s_scale, __fsub_rn(sc, z_scale));
-    const float zero = __fmul_rn(s_zero, __fsub_rn(zc, z_zero));
-    neg_sz[i] = __fmul_rn(-scale[i], zero);  // = -(scale * zero) exactly, the sign a free operand modifier
-  }
-  const uint32_t my_scale = h2_bits(__floats2half2_rn(scale[0], scale[1]));    // (row g, row g+8)
-  const uint32_t my_neg_sz = h2_bits(__floats2half2_rn(neg_sz[0], neg_sz[1]));  // (row g, row g+8)
+  const __half2 s2 = bits_h2(sec.x), z2 = bits_h2(sec.y);  // (s_scale, z_scale), (s_zero, z_zero)
+  const __half2 ss = __hmul2(__hmul2(__low2half2(s2), pow12), __float2half2_rn(4096.0f));  // s_scale 2^(24-k)
+  const __half2 my_s0 = hfma2(sc, ss, __hmul2(ss, __hneg2(__high2half2(s2))));  // scale * 2^(24-k)
+  const __half2 sz = __low2half2(z2);
+  const __half2 zero = hfma2(zc, sz, __hmul2(sz, __hneg2(__high2half2(z2))));
+  const __half2 my_c = __hmul2(__hmul2(my_s0, __float2half2_rn(-0x1p-24f)), zero);  // -scale*zero * 2^-k
+  // 4-bit: row g's pairs sit at p = 0, row g+8's at p = 4 (below): publish (S0 of row g, S0 * 2^-4 of row g+8)
+  const __half2 my_s = W == 4 ? __hmul2(my_s0, __floats2half2_rn(1.0f, 0.0625f)) : my_s0;
+  xch[lane] = make_uint2(h2_bits(my_s), h2_bits(my_c));
 
-  // ---- codes: v[j][k] = tile j's pair k (a{k}) as exact fp16 integers ----
+  // ---- codes: v[j][k] = tile j's pair k (a{k}) as subnormals code * 2^(p-24), p = pos[j][k] in {0, 4} ----
   __half2 v[4][4];
+  int pos[4][4];
   if constexpr (W == 4) {
     const uint4 q = *reinterpret_cast<const uint4*>(rec + 4 * lane);
     const uint32_t cw[4] = {q.x, q.y, q.z, q.w};
@@ -196,21 +251,23 @@ __device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, 
       v[j][1] = code_pair<4, 4>(cw[j]);
       v[j][2] = code_pair<4, 0>(hi8);
       v[j][3] = code_pair<4, 4>(hi8);
+      pos[j][0] = 0, pos[j][1] = 4, pos[j][2] = 0, pos[j][3] = 4;
     }
   } else if constexpr (W == 2) {
     const uint2 q = *reinterpret_cast<const uint2*>(rec + 2 * lane);
     const uint32_t cw[2] = {q.x, q.y};
 #pragma unroll
     for (int w = 0; w < 2; ++w) {  // word w = tiles 2w (bits 0..7 of each half), 2w+1 (bits 8..15)
-      const uint32_t hi8 = cw[w] >> 8;
-      v[2 * w][0] = code_pair<2, 0>(cw[w]);
-      v[2 * w][1] = code_pair<2, 2>(cw[w]);
-      v[2 * w][2] = code_pair<2, 4>(cw[w]);
-      v[2 * w][3] = code_pair<2, 6>(cw[w]);
-      v[2 * w + 1][0] = code_pair<2, 0>(hi8);
-      v[2 * w + 1][1] = code_pair<2, 2>(hi8);
-      v[2 * w + 1][2] = code_pair<2, 4>(hi8);
-      v[2 * w + 1][3] = code_pair<2, 6>(hi8);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // pairs k at bits 2k of byte h: k = 0, 2 at bits 0, 4; k = 1, 3 after >> 2
+        const uint32_t b0 = cw[w] >> (8 * h), b2 = cw[w] >> (8 * h + 2);
+        v[2 * w + h][0] = code_pair<2, 0>(b0);
+        v[2 * w + h][1] = code_pair<2, 0>(b2);
+        v[2 * w + h][2] = code_pair<2, 4>(b0);
+        v[2 * w + h][3] = code_pair<2, 4>(b2);
+        pos[2 * w + h][0] = pos[2 * w + h][1] = 0;
+        pos[2 * w + h][2] = pos[2 * w + h][3] = 4;
+      }
     }
   } else {
     // Low plane: word w holds tiles 2w, 2w+1, pair p_l = 4*(j & 1) + k at bits 2*p_l. High plane: the bit of
@@ -232,24 +289,34 @@ __device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, 
       v[2 * w][2 + o] = code_pair<3, 4>(merged[m]);
       v[2 * w + 1][o] = code_pair<3, 0>(hi8);
       v[2 * w + 1][2 + o] = code_pair<3, 4>(hi8);
+      pos[2 * w][o] = pos[2 * w + 1][o] = 0;
+      pos[2 * w][2 + o] = pos[2 * w + 1][2 + o] = 4;
     }
   }
 
-  const int quad = lane & ~3;
+  // ---- the quad's stats: group j's (S0, C) from lane 4g + j, two 16-byte loads ----
+  __syncwarp();
+  const uint4* quad = reinterpret_cast<const uint4*>(xch + (lane & ~3));
+  const uint4 st01 = quad[0], st23 = quad[1];
+  const uint32_t s0[4] = {st01.x, st01.z, st23.x, st23.z}, cc[4] = {st01.y, st01.w, st23.y, st23.w};
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const __half2 s2 = bits_h2(__shfl_sync(kFullMask, my_scale, quad + j));
-    const __half2 c2 = bits_h2(__shfl_sync(kFullMask, my_neg_sz, quad + j));
-    const __half2 s_lo = __low2half2(s2), s_hi = __high2half2(s2);  // row g / row g+8 broadcast
-    const __half2 c_lo = __low2half2(c2), c_hi = __high2half2(c2);
+    const __half2 c2 = bits_h2(cc[j]);
+    // S4 = S0 * 2^-4, exact (S0 >= 2^-10 for every scale above bound * 2^-25); 4-bit: published per row
+    const __half2 s_p0 = bits_h2(s0[j]);
+    const __half2 sp[2] = {s_p0, W == 4 ? s_p0 : __hmul2(s_p0, __float2half2_rn(0.0625f))};
 #pragma unroll
-    for (int k = 0; k < 4; ++k) a[j][k] = h2_bits(hfma2(v[j][k], (k & 1) ? s_hi : s_lo, (k & 1) ? c_hi : c_lo));
+    for (int k = 0; k < 4; ++k) {  // a{k}: row g for even k, g+8 for odd k (row broadcast of S and C)
+      const __half2 s = sp[pos[j][k] >> 2];
+      a[j][k] = h2_bits(hfma2(v[j][k], (k & 1) ? __high2half2(s) : __low2half2(s),
+                              (k & 1) ? __high2half2(c2) : __low2half2(c2)));
+    }
   }
 }
 
 // ---- small batch: 1..16 activation rows ----------------------------------------------------------------------
 template <int W, int SB, int NT>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kWarps * 32, 4)
     spqr_matmul_small_kernel(const SpqrLayer layer, const __half* __restrict__ x, const int rows, const int ldx,
                              const SpqrBias bias, __half* __restrict__ y, float* __restrict__ workspace,
                              int* __restrict__ counters) {
@@ -258,6 +325,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   __shared__ __align__(16) uint32_t rec_s[kStages][kWarps][kRecs * R];
   __shared__ __align__(16) __half x_s[kStages][NB][kXPitch];
   __shared__ float out_s[kWarps][kRows][NB];  // outlier sums per warp
+  __shared__ __align__(16) uint2 xch_s[kWarps][2][32];  // stats exchange, two sets (records alternate)
   __shared__ int is_last;
 
   const int out = layer.out_features, in = layer.in_features;
@@ -279,28 +347,41 @@ __global__ void __launch_bounds__(kWarps * 32)
   // Stage p into slot `stage`: the warp's kRecs consecutive records are one contiguous run of memory, copied
   // by 16-byte chunks (lane c copies chunks c, c + 32, ...; only the first record when the second is past kb1);
   // threads copy the NB x 16 chunks of x (rows < `rows`).
-  auto issue = [&](int stage, int p) {
-    const int kb = kb0 + kRecs * p;
-    const int chunks = (kRecs * p + 1 < items ? kRecs : 1) * (R / 4);
-    const uint32_t* src = rec_src + static_cast<size_t>(kb) * R;
+  // Lane sources at the k-range's start; stage p reads kRecs * p records (kRecs * 64 columns of x) further. x
+  // rows >= `rows` are not copied: their shared memory is never initialised and only feeds the fragment columns
+  // (activation rows) that are not written out.
+  const uint32_t* rec_lane = rec_src + static_cast<size_t>(kb0) * R + 4 * lane;
+  constexpr int kXChunks = (NB * 16 + kWarps * 32 - 1) / (kWarps * 32);  // 16-byte x chunks per thread and stage
+  const __half* x_lane[kXChunks];
+  bool x_copies[kXChunks];
+#pragma unroll
+  for (int i = 0; i < kXChunks; ++i) {
+    const int q = i * kWarps * 32 + threadIdx.x, xb = q >> 4, xc = q & 15;  // row xb, 16-byte chunk xc
+    x_copies[i] = q < NB * 16 && xb < rows;
+    x_lane[i] = x + static_cast<size_t>(x_copies[i] ? xb : 0) * ldx + kb0 * kCols + 8 * xc;
+  }
+  // Copy stage p (records from `recs`, x from `xs`, both already advanced to stage p) into slot `stage`: lane c
+  // copies the 16-byte chunks c, c + 32, ... of the stage's records, only the first record's when `both` is false
+  // (the last stage of an odd k-range), and threads the x chunks of the rows < `rows`.
+  auto copy_stage = [&](int stage, const uint32_t* recs, const __half* const (&xs)[kXChunks], bool both) {
 #pragma unroll
     for (int c0 = 0; c0 < kRecs * R / 4; c0 += 32) {
-      const int c = c0 + lane;
-      if (c0 + 32 <= R / 4 || c < chunks) cp_async_16(&rec_s[stage][warp][4 * c], src + 4 * c);
-    }
-#pragma unroll
-    for (int q0 = 0; q0 < NB * 16; q0 += kWarps * 32) {
-      const int q = q0 + threadIdx.x, xb = q >> 4, xc = q & 15;  // row xb, 16-byte chunk xc
-      if (xb < rows) {
-        const int col0 = kb * kCols + 8 * xc;
-        __half* dst = &x_s[stage][xb][8 * xc];
-        if (col0 < ldx) {  // columns in..ldx-1 of x are zero (the caller pads): padding codes meet x = 0
-          cp_async_16(dst, x + static_cast<size_t>(xb) * ldx + col0);
-        } else {  // past the padded row in the last k-block
-          *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
-        }
+      const bool full_chunk = c0 + 32 <= R / 4 || (both && c0 + 32 <= kRecs * R / 4);  // compile time when both
+      if (full_chunk || c0 + lane < (both ? kRecs : 1) * (R / 4)) {
+        cp_async_16(&rec_s[stage][warp][4 * (c0 + lane)], recs + 4 * c0);
       }
     }
+#pragma unroll
+    for (int i = 0; i < kXChunks; ++i) {
+      const int q = i * kWarps * 32 + threadIdx.x;
+      if (x_copies[i] && (both || (q & 15) < kCols / 8)) cp_async_16(&x_s[stage][q >> 4][8 * (q & 15)], xs[i]);
+    }
+  };
+  auto issue = [&](int stage, int p) {  // any stage: sources from the k-range's start
+    const __half* xs[kXChunks];
+#pragma unroll
+    for (int i = 0; i < kXChunks; ++i) xs[i] = x_lane[i] + kRecs * kCols * p;
+    copy_stage(stage, rec_lane + static_cast<size_t>(kRecs) * R * p, xs, kRecs * p + 1 < items);
   };
 
   // Prologue: kStages - 1 stages in flight (one commit group each, possibly empty).
@@ -310,7 +391,19 @@ __global__ void __launch_bounds__(kWarps * 32)
     cp_async_commit();
   }
 
-  // Outliers of this split while the first stages load: they seed the accumulators.
+  // The weight exponent k of this warp's k-range (decode_record): lane i bounds the scales of records
+  // kb0 + i, kb0 + i + 32, ...; the warp takes the maximum.
+  float bound = 0.0f;
+  for (int kb = kb0 + lane; kb < kb1; kb += 32) {
+    bound = fmaxf(bound, record_scale_bound<SB>(rec_src + static_cast<size_t>(kb) * R + 32 * W + 4 * SB));
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) bound = fmaxf(bound, __shfl_xor_sync(kFullMask, bound, o));
+  const int kexp = weight_exponent(bound);
+  const __half2 pow12 = __float2half2_rn(pow2f(12 - kexp));
+  const float unscale = pow2f(kexp);
+
+  // Outliers of this split while the first stages load: they seed the accumulators (in units of 2^k).
   const int g = lane >> 2, t = lane & 3;
   float acc[NT][4];
   {
@@ -333,7 +426,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
     for (int b = 0; b < NB; ++b) {
       os[b] += __shfl_xor_sync(kFullMask, os[b], 16);  // a + b == b + a: both halves get the same sum
-      if (h == 0) out_s[warp][r][b] = os[b];
+      if (h == 0) out_s[warp][r][b] = os[b] * pow2f(-kexp);  // exact
     }
     __syncwarp();
 #pragma unroll
@@ -352,7 +445,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int m = lane >> 3;  // ldmatrix: lane gives row (lane & 7) of matrix m = (tile + m/2, k half m%2)
   auto record = [&](int stage, int r) {
     uint32_t a[4][4];
-    decode_record<W, SB>(&rec_s[stage][warp][r * R], lane, a);
+    decode_record<W, SB>(&rec_s[stage][warp][r * R], lane, pow12, xch_s[warp][r], a);
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
 #pragma unroll
@@ -373,21 +466,40 @@ __global__ void __launch_bounds__(kWarps * 32)
     if (p + kStages - 1 < pairs) issue((stage + kStages - 1) % kStages, p + kStages - 1);
     cp_async_commit();
   };
+  // Steady state: whole rounds of kStages stages whose refills are all full stages (two records), unrolled: every
+  // shared-memory address and every source offset is a constant, the sources advance once per round, and no
+  // copy or record needs a test. Then the remaining stages in a rolled loop.
   const int full = items / kRecs;  // stages holding kRecs records
   int p0 = 0;
-  for (; p0 + kStages <= full; p0 += kStages) {
+  {
+    const uint32_t* recs = rec_lane;
+    const __half* xs[kXChunks];
 #pragma unroll
-    for (int stage = 0; stage < kStages; ++stage) {
-      begin_stage(stage, p0 + stage);
+    for (int i = 0; i < kXChunks; ++i) xs[i] = x_lane[i];
+    for (; p0 + 2 * kStages - 1 <= full; p0 += kStages) {  // refills p0 + kStages - 1 .. p0 + 2 kStages - 2 < full
 #pragma unroll
-      for (int r = 0; r < kRecs; ++r) record(stage, r);
+      for (int stage = 0; stage < kStages; ++stage) {
+        cp_async_wait<kStages - 2>();
+        __syncthreads();
+        const __half* xr[kXChunks];
+#pragma unroll
+        for (int i = 0; i < kXChunks; ++i) xr[i] = xs[i] + kRecs * kCols * (stage + kStages - 1);
+        copy_stage((stage + kStages - 1) % kStages, recs + kRecs * R * (stage + kStages - 1), xr, true);
+        cp_async_commit();
+#pragma unroll
+        for (int r = 0; r < kRecs; ++r) record(stage, r);
+      }
+      recs += kStages * kRecs * R;
+#pragma unroll
+      for (int i = 0; i < kXChunks; ++i) xs[i] += kStages * kRecs * kCols;
     }
   }
 #pragma unroll 1
   for (int p = p0; p < pairs; ++p) {  // p0 is a multiple of kStages: slot p % kStages
-    begin_stage(p - p0, p);
-    record(p - p0, 0);
-    if (kRecs * p + 1 < items) record(p - p0, 1);  // block-uniform
+    const int slot = p % kStages;
+    begin_stage(slot, p);
+    record(slot, 0);
+    if (kRecs * p + 1 < items) record(slot, 1);  // block-uniform
   }
   cp_async_wait<0>();
 
@@ -399,7 +511,9 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int row = rt * kRows + g + 8 * (e >> 1), b = 8 * n + 2 * t + (e & 1);
-          if (row < out && b < rows) y[static_cast<size_t>(b) * out + row] = __float2half_rn(acc[n][e] + bias_at(bias, row));
+          if (row < out && b < rows) {
+            y[static_cast<size_t>(b) * out + row] = __float2half_rn(acc[n][e] * unscale + bias_at(bias, row));
+          }
         }
       }
     }
@@ -415,7 +529,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) *ws_at(split, n, e) = acc[n][e];
+      for (int e = 0; e < 4; ++e) *ws_at(split, n, e) = acc[n][e] * unscale;  // exact
     }
   }
   __threadfence();
@@ -456,8 +570,11 @@ __global__ void __launch_bounds__(kWarps * 32) spqr_dequantize_kernel(const Spqr
   const int rt = blockIdx.y * kWarps + warp, kb = blockIdx.x;
   if (rt >= row_tiles) return;  // warp-uniform
   const uint32_t* rec = reinterpret_cast<const uint32_t*>(layer.tiles) + (static_cast<size_t>(rt) * kblocks + kb) * R;
+  __shared__ __align__(16) uint2 xch_s[kWarps][32];
+  const int kexp = weight_exponent(record_scale_bound<SB>(rec + 32 * W + 4 * SB));
   uint32_t a[4][4];
-  decode_record<W, SB>(rec, lane, a);
+  decode_record<W, SB>(rec, lane, __float2half2_rn(pow2f(12 - kexp)), xch_s[warp], a);
+  const float unscale = pow2f(kexp);
   const int g = lane >> 2, t = lane & 3;
   const bool pairs_aligned = (in & 1) == 0;
 #pragma unroll
@@ -468,7 +585,8 @@ __global__ void __launch_bounds__(kWarps * 32) spqr_dequantize_kernel(const Spqr
       const int col = kb * kCols + 16 * j + 2 * t + 8 * (k >> 1);
       if (row >= out || col >= in) continue;
       __half* dst = w + static_cast<size_t>(row) * in + col;
-      const __half2 v = bits_h2(a[j][k]);
+      const float2 f = __half22float2(bits_h2(a[j][k]));
+      const __half2 v = __floats2half2_rn(f.x * unscale, f.y * unscale);  // exact: a power of two
       if (pairs_aligned) {
         *reinterpret_cast<__half2*>(dst) = v;  // col even, in even: 4-byte aligned, col + 1 < in
       } else {
@@ -603,7 +721,7 @@ cudaError_t spqr_matmul_small(const SpqrLayer& layer, const __half* x_stored, in
   const int kblocks = (layer.in_features + kCols - 1) / kCols;
   if (rows < 1 || rows > 16 || !layer_ok(layer) || plan.splits < 1 || plan.splits > kblocks ||
       plan.splits > 65535 || (plan.splits > 1 && (workspace == nullptr || counters == nullptr)) ||
-      ldx < layer.in_features || ldx % 8 != 0 || reinterpret_cast<uintptr_t>(x_stored) % 16 != 0) {
+      ldx < kblocks * kCols || ldx % 8 != 0 || reinterpret_cast<uintptr_t>(x_stored) % 16 != 0) {
     return cudaErrorInvalidValue;
   }
   if (!dispatch_bits<SmallLaunch>(layer.wbits, layer.stat_bits, layer, x_stored, rows, bias, y, plan, workspace,

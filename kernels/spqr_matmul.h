@@ -56,9 +56,9 @@ SpqrSmallPlan spqr_matmul_small_plan(const SpqrLayer& layer, int num_sms, int bl
 int spqr_matmul_small_blocks_per_sm(int wbits, int stat_bits, int rows);
 
 // y (rows, out) fp16 = x_stored (rows, in) fp16 @ W^T + bias for 1 <= rows <= 16, W in stored column order
-// (x_stored = x[:, perm]). x_stored: 16-byte aligned rows of ldx >= in halves, ldx a multiple of 8, columns
-// in..ldx-1 zero (callers pad when in % 8 != 0). fp32 accumulation; deterministic (fixed summation order, no
-// float atomics). workspace: plan.workspace_floats floats (may be null when plan.splits == 1); counters:
+// (x_stored = x[:, perm]). x_stored: 16-byte aligned rows of ldx >= ceil(in/64)*64 halves (whole records),
+// ldx a multiple of 8, columns in..ldx-1 zero (callers pad when in % 64 != 0). fp32 accumulation;
+// deterministic (fixed summation order, no float atomics). workspace: plan.workspace_floats floats (may be null when plan.splits == 1); counters:
 // plan.counters ints, zero on entry, zero again on exit (a persistent buffer may be reused by later calls on
 // the same stream). cudaErrorInvalidValue for arguments outside these rules.
 cudaError_t spqr_matmul_small(const SpqrLayer& layer, const __half* x_stored, int ldx, int rows, SpqrBias bias,
@@ -66,5 +66,6 @@ cudaError_t spqr_matmul_small(const SpqrLayer& layer, const __half* x_stored, in
                               cudaStream_t stream);
 
 // w (out, in) row-major fp16 = the dequantized weight in stored (permuted) column order, outliers included,
-// with the fp16 arithmetic of spqr_matmul_small (within 2^-10 * (|w| + |scale * zero|) of the fp32 reference).
+// with the fp16 arithmetic of spqr_matmul_small (the rule under "Numerics" in spqr_matmul.cu) and the weight
+// exponent k of each record.
 cudaError_t spqr_dequantize(const SpqrLayer& layer, __half* w, cudaStream_t stream);

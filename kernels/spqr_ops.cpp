@@ -139,11 +139,12 @@ torch::Tensor matmul_small(const torch::Tensor& x, const torch::Tensor& tiles, c
     workspace = torch::empty({static_cast<int64_t>(plan.workspace_floats)}, x.options().dtype(torch::kFloat));
     counters = counters_for(x.device(), stream, plan.counters);
   }
-  // The kernel reads 16-byte rows of x: pad rows to a multiple of 8 halves with zeros (or realign) when needed.
+  // The kernel reads x in 16-byte chunks of whole records: pad rows to a multiple of 64 halves with zeros (or
+  // realign) when needed. Every LLaMA/Falcon width is a multiple of 64: no copy there.
   torch::Tensor xk = x;
   int64_t ldx = in_features;
-  if (in_features % 8 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) {
-    ldx = (in_features + 7) / 8 * 8;
+  if (in_features % kRecordCols != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) {
+    ldx = (in_features + kRecordCols - 1) / kRecordCols * kRecordCols;
     xk = torch::constant_pad_nd(x, {0, ldx - in_features}, 0);
   }
   torch::Tensor y = torch::empty({rows, out_features}, x.options());

@@ -268,8 +268,8 @@ class Shim:
         ptrs = (ctypes.c_void_p * 5)(*[None if t is None else t.data_ptr() for t in tensors])
         sizes = (ctypes.c_size_t * 5)(*[0 if t is None else t.numel() * t.element_size() for t in tensors])
         ldx = m.in_features
-        if x is not None and m.in_features % 8:  # the kernel reads 16-byte rows: pad with zero columns
-            ldx = -(-m.in_features // 8) * 8
+        if x is not None and m.in_features % 64:  # the kernel reads whole records of x: pad with zeros
+            ldx = -(-m.in_features // 64) * 64
             x = torch.nn.functional.pad(x.reshape(rows, m.in_features), (0, ldx - m.in_features))
             tensors[3] = x.contiguous()
             ptrs[3] = x.data_ptr()
