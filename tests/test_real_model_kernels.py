@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -69,32 +68,18 @@ def shim():
     return shim_module.load("plain")
 
 
-class _FirstBlocks(Mapping[str, Tensor]):
-    """A source's weights without the blocks from `blocks` on (lazy, like the source's own mapping)."""
-
-    def __init__(self, weights: Mapping[str, Tensor], blocks: int) -> None:
-        self._weights = weights
-        self._names = [n for n in weights if not (n.startswith("layers.") and int(n.split(".")[1]) >= blocks)]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def __getitem__(self, name: str) -> Tensor:
-        if name not in self._names:
-            raise KeyError(name)
-        return self._weights[name]
-
-
 @pytest.fixture(scope="module")
 def real_spqr(tmp_path_factory) -> Path:
     """The first BLOCKS blocks of SmolLM2-135M quantized by `quantize_model` with the 3-bit preset."""
     require_data()
     source = open_model(GGUF)
     cut = dataclasses.replace(source.config, num_layers=BLOCKS)
-    source = dataclasses.replace(source, config=cut, weights=_FirstBlocks(source.weights, BLOCKS))
+    first_blocks = {  # the source's tensors without the blocks from BLOCKS on: the embedding and 3 blocks
+        n: source.weights[n]
+        for n in source.weights
+        if not (n.startswith("layers.") and int(n.split(".")[1]) >= BLOCKS)
+    }
+    source = dataclasses.replace(source, config=cut, weights=first_blocks)
     out = tmp_path_factory.mktemp("real") / f"smollm2-{BLOCKS}blocks.spqr"
     calib = windows_from_text(WIKI_CALIB, source, nsamples=16, seqlen=128)
     quantize_model(
