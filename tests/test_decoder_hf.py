@@ -7,6 +7,7 @@ import torch
 
 from spqr_run.loading import ModelSource, build_decoder
 from spqr_run.loading.hf import HFWeights, load_hf_config
+from tests.tiny_configs import randomize_hf_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -59,17 +60,6 @@ def _save(hf_model, tmp_path):
     return ModelSource(tmp_path, "hf", cfg, HFWeights(tmp_path, cfg), tokenizer=None)  # type: ignore[arg-type]
 
 
-def _randomize(model):
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or "ln" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p)) if name.endswith("weight") else p.normal_(0, 0.1)
-            else:
-                p.normal_(0, 0.08)
-    return model.eval()
-
-
 def _compare(hf_model, source, seq=17):
     ours = build_decoder(source, dtype=torch.float32)
     tokens = torch.randint(0, source.config.vocab_size, (2, seq))
@@ -84,7 +74,7 @@ def _compare(hf_model, source, seq=17):
 @pytest.mark.parametrize("case", sorted(LLAMA_CASES))
 def test_llama_matches_transformers(case, tmp_path):
     hf_cfg = transformers.LlamaConfig(**LLAMA_BASE, **LLAMA_CASES[case])
-    hf_model = _randomize(transformers.LlamaForCausalLM(hf_cfg))
+    hf_model = randomize_hf_model(transformers.LlamaForCausalLM(hf_cfg))
     source = _save(hf_model, tmp_path)
     _compare(hf_model, source, seq=40 if case == "llama3_rope" else 17)
 
@@ -92,7 +82,7 @@ def test_llama_matches_transformers(case, tmp_path):
 @pytest.mark.parametrize("case", sorted(FALCON_CASES))
 def test_falcon_matches_transformers(case, tmp_path):
     hf_cfg = transformers.FalconConfig(**FALCON_BASE, **FALCON_CASES[case])
-    hf_model = _randomize(transformers.FalconForCausalLM(hf_cfg))
+    hf_model = randomize_hf_model(transformers.FalconForCausalLM(hf_cfg))
     source = _save(hf_model, tmp_path)
     _compare(hf_model, source)
 
@@ -100,11 +90,11 @@ def test_falcon_matches_transformers(case, tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "falcon"])
 def test_kv_cache_decode_equals_full_recompute(arch, tmp_path):
     if arch == "llama":
-        hf_model = _randomize(
+        hf_model = randomize_hf_model(
             transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_BASE, num_key_value_heads=2))
         )
     else:
-        hf_model = _randomize(
+        hf_model = randomize_hf_model(
             transformers.FalconForCausalLM(
                 transformers.FalconConfig(**FALCON_BASE, **FALCON_CASES["falcon40b_new_arch"])
             )
@@ -124,7 +114,7 @@ def test_kv_cache_decode_equals_full_recompute(arch, tmp_path):
 
 def test_batched_rows_with_different_positions(tmp_path):
     """Two cache rows at different lengths decode together exactly like each alone."""
-    hf_model = _randomize(
+    hf_model = randomize_hf_model(
         transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_BASE, num_key_value_heads=2))
     )
     model = build_decoder(_save(hf_model, tmp_path))

@@ -23,7 +23,7 @@ from spqr_run.models.fused import can_fuse, fuse_linears, fused_linear_shapes
 from spqr_run.models.spqr_linear import SpQRLinear
 from spqr_run.quant import QuantConfig, QuantizedLinear
 from spqr_run.quantize_model import load_block, quantize_block, run_block
-from tests.tiny_configs import TINY_FALCON, TINY_LLAMA
+from tests.tiny_configs import TINY_FALCON, TINY_LLAMA, randomize_hf_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -53,14 +53,7 @@ MODELS = {
 def _hf_source(name: str, folder) -> tuple[ModelSource, nn.Module]:
     cls, kwargs = MODELS[name]
     cfg = getattr(transformers, cls)(**kwargs)
-    model = getattr(transformers, cls.replace("Config", "ForCausalLM"))(cfg)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "norm" in pname or "ln" in pname:
-                p.copy_(1 + 0.1 * torch.randn_like(p)) if pname.endswith("weight") else p.normal_(0, 0.1)
-            else:
-                p.normal_(0, 0.08)
+    model = randomize_hf_model(getattr(transformers, cls.replace("Config", "ForCausalLM"))(cfg))
     model.save_pretrained(folder, safe_serialization=True)
     cfg = load_hf_config(folder)
     return ModelSource(folder, "hf", cfg, HFWeights(folder, cfg), tokenizer=None), model  # type: ignore[arg-type]

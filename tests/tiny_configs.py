@@ -42,6 +42,19 @@ TINY_FALCON = ModelConfig(
 )
 
 
+def randomize_hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Fresh random weights for a (tiny) transformers model, seed 0, in eval mode: norms ~ 1 + 0.1 N(0, 1)
+    (biases 0.1 N), everything else 0.08 N(0, 1), so activations neither vanish nor blow up over a few layers."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p)) if name.endswith("weight") else p.normal_(0, 0.1)
+            else:
+                p.normal_(0, 0.08)
+    return model.eval()
+
+
 def tiny_llama(**overrides) -> ModelConfig:
     """TINY_LLAMA with some fields changed."""
     return dataclasses.replace(TINY_LLAMA, **overrides)
