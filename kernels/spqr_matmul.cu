@@ -238,9 +238,9 @@ __device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, 
   const __half2 my_s = W == 4 ? __hmul2(my_s0, __floats2half2_rn(1.0f, 0.0625f)) : my_s0;
   xch[lane] = make_uint2(h2_bits(my_s), h2_bits(my_c));
 
-  // ---- codes: v[j][k] = tile j's pair k (a{k}) as subnormals code * 2^(p-24), p = pos[j][k] in {0, 4} ----
+  // ---- codes: v[j][k] = tile j's pair k (a{k}) as subnormals code * 2^(p-24), p in {0, 4}: 4-bit p = 4 * (k & 1)
+  // (row g at bit 0, row g+8 at bit 4), 2- and 3-bit p = 4 * (k >> 1) (columns 2t.. at bit 0, 2t+8.. at bit 4) ----
   __half2 v[4][4];
-  int pos[4][4];
   if constexpr (W == 4) {
     const uint4 q = *reinterpret_cast<const uint4*>(rec + 4 * lane);
     const uint32_t cw[4] = {q.x, q.y, q.z, q.w};
@@ -251,7 +251,6 @@ __device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, 
       v[j][1] = code_pair<4, 4>(cw[j]);
       v[j][2] = code_pair<4, 0>(hi8);
       v[j][3] = code_pair<4, 4>(hi8);
-      pos[j][0] = 0, pos[j][1] = 4, pos[j][2] = 0, pos[j][3] = 4;
     }
   } else if constexpr (W == 2) {
     const uint2 q = *reinterpret_cast<const uint2*>(rec + 2 * lane);
@@ -265,8 +264,6 @@ __device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, 
         v[2 * w + h][1] = code_pair<2, 0>(b2);
         v[2 * w + h][2] = code_pair<2, 4>(b0);
         v[2 * w + h][3] = code_pair<2, 4>(b2);
-        pos[2 * w + h][0] = pos[2 * w + h][1] = 0;
-        pos[2 * w + h][2] = pos[2 * w + h][3] = 4;
       }
     }
   } else {
@@ -289,8 +286,6 @@ __device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, 
       v[2 * w][2 + o] = code_pair<3, 4>(merged[m]);
       v[2 * w + 1][o] = code_pair<3, 0>(hi8);
       v[2 * w + 1][2 + o] = code_pair<3, 4>(hi8);
-      pos[2 * w][o] = pos[2 * w + 1][o] = 0;
-      pos[2 * w][2 + o] = pos[2 * w + 1][2 + o] = 4;
     }
   }
 
@@ -307,7 +302,7 @@ __device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, 
     const __half2 sp[2] = {s_p0, W == 4 ? s_p0 : __hmul2(s_p0, __float2half2_rn(0.0625f))};
 #pragma unroll
     for (int k = 0; k < 4; ++k) {  // a{k}: row g for even k, g+8 for odd k (row broadcast of S and C)
-      const __half2 s = sp[pos[j][k] >> 2];
+      const __half2 s = sp[W == 4 ? (k & 1) : (k >> 1)];  // S0 for p = 0, S0 * 2^-4 for p = 4
       a[j][k] = h2_bits(hfma2(v[j][k], (k & 1) ? __high2half2(s) : __low2half2(s),
                               (k & 1) ? __high2half2(c2) : __low2half2(c2)));
     }
