@@ -125,6 +125,16 @@ MUTATIONS = {
         "__floats2half2_rn(1.0f, 0.0625f)",
         "__floats2half2_rn(1.0f, 1.0f)",
     ),
+    "v3_3bit_row_scale_not_published": (
+        "decode, 3-bit: group 1's row g+8 pairs (read at bit 3) use S0 instead of S0 * 2^-3",
+        "t == 1 ? 0.125f : 0.015625f",
+        "t == 1 ? 1.0f : 0.015625f",
+    ),
+    "v3_spread_pair_wrong_word": (
+        "decode, 3-bit: bit 1 of the spread pair's code is taken from W2 instead of W1",
+        "lop3<kSelectLow>(sh[0], wd[1] >> 8, 0x00400040u)",
+        "lop3<kSelectLow>(sh[0], wd[2] >> 8, 0x00400040u)",
+    ),
     "v2_split_overlap": (
         "small: split-K ranges overlap by one record (kb1 one too far: double counts, reads past the end)",
         "  const int kb1 = static_cast<int>((static_cast<long long>(split + 1) * kblocks) / splits);",

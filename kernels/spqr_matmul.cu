@@ -31,17 +31,20 @@
 // Dequantization in registers, per lane and record (lane L, g = L >> 2, t = L & 3; 32 weights = 4 tiles x the
 // A fragment a0..a3, each a half2 pair of one row):
 //   stats, in fp16x2 (row g, row g+8): lane 4g+t decodes group t: its 4 stat codes (one funnel shift of the stat
-//   bit string) are spread into the two halves (one select) and masked into the mantissa of fp16 1024 (then
-//   -1024: exact integers); with the group's second-order numbers (s_scale, z_scale, s_zero, z_zero) it computes
-//   s' = (s_scale * 2^(12-k)) * 2^12, S0 = fma(scale code, s', -z_scale * s') = scale * 2^(24-k), zero =
-//   fma(zero code, s_zero, -z_zero * s_zero) and C = (S0 * -2^-24) * zero = -scale*zero * 2^-k, each an fp16x2
-//   operation (HMUL2/HFMA2, one rounding each), and publishes (S0, C) to its quad through 8 bytes of shared
-//   memory (one 8-byte store, a __syncwarp, two 16-byte loads: lane 4g+j holds group j).
-//   codes, per pair (two codes of one row): v = word & mask, with the pair's bits at [p, p+B) of each half, p in
-//   {0, 4} (3-bit: the low-plane pair and the high-plane bit merged to bits 0-2 of a nibble first): a half with
-//   a zero exponent field is the subnormal code * 2^(p-24), exactly, no offset to remove; a = fma(v, S0 * 2^-p,
-//   C) as one HFMA2 with the row's S and C broadcast = 2^-k * (code * S + C). (4-bit: row g's pairs are at p = 0,
-//   row g+8's at p = 4, so the quad publishes S0 * 2^-4 for row g+8 and no lane scales it again.)
+//   bit string) are spread into the two halves (one select) and masked into the mantissa of fp16 1024 (one LOP3
+//   each, then -1024: exact integers); with the group's second-order numbers (s_scale, z_scale, s_zero, z_zero)
+//   it computes s' = (s_scale * 2^(12-k)) * 2^12, S0 = fma(scale code, s', -z_scale * s') = scale * 2^(24-k),
+//   zero = fma(zero code, s_zero, -z_zero * s_zero) and C = (S0 * -2^-24) * zero = -scale*zero * 2^-k, each an
+//   fp16x2 operation (HMUL2/HFMA2, one rounding each), and publishes (S, C) to its quad through 8 bytes of
+//   shared memory (one 8-byte store, a __syncwarp, two 16-byte loads: lane 4g+j holds group j), S = S0 * 2^-p'
+//   for the bit position p' at which group t's pairs of row g and of row g+8 are read (below; one HMUL2).
+//   codes, per pair (two codes of one row): v = word & mask, with the pair's bits at [p', p'+B) of each half: a
+//   half with a zero exponent field is the subnormal code * 2^(p'-24), exactly, no offset to remove; a = fma(v,
+//   S, C) as one HFMA2 with the row's S and C broadcast = 2^-k * (code * S + C). 4-bit: p' = 0 for row g, 4 for
+//   row g+8 (one shift a word); 3-bit (format 3): five codes a half, at bits 0, 3, 6 and, after one shift of
+//   the word by 9, 9, 12, so p' = 0, 3, 6, plus a 16th pair spread over the three words' bit 15 (five
+//   instructions), with p' shared by a row's pairs in a tile (kCode3RowExp); 2-bit: p' = 0 or 4 by column half,
+//   so there each tile scales S0 by 2^-4 itself.
 //   The weight exponent k (per warp and k-range, from the second-order numbers of its records: scale <= bound
 //   < 2^e, k = e + 9, clamped to [-3, 24]) keeps S0 < 2^15 (fp16 max 65504); the accumulators are multiplied by
 //   2^k (exact) before they leave the warp, the outlier seeds by 2^-k. (With the fp16 magic number 1024 instead,
@@ -71,19 +74,19 @@
 // thread), thread instructions per weight / registers / resident blocks per SM (x 4 warps); no spills, no local
 // memory (benchmarks/sass_report.py):
 //                     sm_80              sm_86, sm_89       sm_90
-//   W3 SB3, 1-8 rows  2.76 / 80 / 6      2.77 / 80 / 4      2.74 / 83 / 5
-//   W3 SB3, 9-16 rows 3.09 / 100 / 4     3.09 / 100 / 3     3.07 / 104 / 4
-//   W4 SB3, 1-8 rows  2.38 / 78 / 6      2.38 / 78 / 3      2.34 / 78 / 6
-//   W2 SB3, 1-8 rows  2.51 / 81 / 5      2.52 / 81 / 5      2.49 / 82 / 5
-// (session 4's kernel: 4.03, 4.52, 3.72, 3.67 on sm_80.) Per record and thread (32 weights), W3 SB3 sm_80, ~89
-// instructions: 16 HFMA2 (one per pair) + 16 LOP3 masks + 4 LOP3 plane merges + 9 shifts (codes), 4 HMUL2
-// (S0 * 2^-4 for the p = 4 pairs), ~17 for the stats (6 HMUL2, 2 HFMA2, 2 HADD2, 3 LOP3, 3 shifts, funnel),
-// 4 HMMA + 2 LDSM, ~10 shared-memory loads and stores (codes 2, stat words 3, the quad exchange 3), ~5 of
-// pipeline (cp.async, wait, barrier, pointers). W4 SB3 ~77: 16 HFMA2 + 16 LOP3 + 4 SHF (codes), ~15 stats,
-// 4 HMMA + 2 LDSM, ~10 shared memory, ~5 pipeline. The issue's targets (<= 2.5 for 3-bit, <= 2.0 for 4-bit: 80
-// / 64 a record) are NOT met for 3-bit (-9 a record to go) and 4-bit (-13): with one HFMA2 and one LOP3 a pair
-// the codes alone cost 1.0-1.4 a weight, and the stats of 16-column groups ~0.5; what is left is listed in
-// BENCHMARKS.md.
+//   W3 SB3, 1-8 rows  2.41 / 88 / 5      2.41 / 88 / 4      2.39 / 90 / 5
+//   W3 SB3, 9-16 rows 2.74 / 96 / 5      2.74 / 96 / 3      2.70 / 102 / 4
+//   W4 SB3, 1-8 rows  2.31 / 80 / 6      2.31 / 80 / 3      2.29 / 82 / 5
+//   W2 SB3, 1-8 rows  2.46 / 77 / 6      2.46 / 77 / 5      2.44 / 79 / 6
+// (session 4's kernel: 4.03, 4.52, 3.72, 3.67 on sm_80; format 2's: 2.76, 3.09, 2.38, 2.51.) Per record and
+// thread (32 weights), W3 SB3 sm_80, 77 instructions: 16 HFMA2 (one per pair) + 18 LOP3 + 5 shifts (codes),
+// 19 for the stats (7 HMUL2, 2 HFMA2, 2 HADD2, 3 LOP3, 3 shifts and the funnel, 2 loads), 4 HMMA + 2 LDSM, 6
+// more shared-memory loads and stores (codes 2, the quad exchange 3, ...), ~7 of pipeline (cp.async, wait,
+// barrier, pointers, and the never-executed `@!PT LDS` ptxas puts beside cp.async). W4 SB3 74: 16 HFMA2 +
+// 16 LOP3 + 4 SHF (codes), the same stats, loads and pipeline. The issue's targets (<= 2.5 for 3-bit, <= 2.0 for
+// 4-bit: 80 / 64 a record) are met for 3-bit at 1-8 rows, not at 9-16 rows (the second n-tile doubles the HMMA
+// and LDSM: +6 a record) and not for 4-bit (-10 a record to go: with one HFMA2 and one LOP3 a pair the codes
+// alone cost 1.1 a weight, the stats of 16 x 16 groups 0.6; the analysis is in BENCHMARKS.md).
 // ===============================================================================================================
 
 #include "spqr_matmul.h"
@@ -158,6 +161,7 @@ __device__ __forceinline__ float half_bits_to_float(uint32_t bits16) {
 }
 
 constexpr uint8_t kSelectLow = 0xE4;  // lop3: (a & c) | (b & ~c)
+constexpr uint8_t kAndOr = 0xEA;      // lop3: (a & b) | c
 constexpr uint32_t kMagic = 0x64006400u;  // fp16 1024 in both halves: | code gives 1024 + code exactly
 
 // ---- the weight exponent k ----------------------------------------------------------------------------------
@@ -206,6 +210,28 @@ __device__ __forceinline__ __half2 code_pair(uint32_t word) {
   return bits_h2(word & (kMask | (kMask << 16)));
 }
 
+// 3-bit records (tile_layout.CODE3_SLOTS): lane L's code words W0, W1 (words 2L, 2L+1) and W2 (word 64+L) hold
+// five codes a half, slot (w, i) at bits 3i (i = 0..4) of each half of W_w, and the 16th pair's code spread over
+// bit 15 of each half of W0, W1, W2 (bits 0, 1, 2 of the code). kSlots3[j][k] = 5w + i for tile j's a{k}, 15
+// for the spread pair; in each tile the pairs of one row share p' = 3i mod 9 (kCode3RowExp), so the quad
+// publishes each group's S0 already scaled by 2^-p' for row g and for row g+8 (lane 4g+t, group t).
+constexpr int kSlots3[4][4] = {{0, 5, 10, 3}, {8, 1, 13, 6}, {11, 2, 4, 7}, {9, 12, 14, 15}};
+constexpr int kCode3RowExp[4][2] = {{0, 0}, {0, 3}, {3, 6}, {3, 6}};
+
+// Pair of slot s (5w + i, or 15) of the words W[3] (sh[w] = W[w] >> 9) as subnormals code * 2^(p'-24): one LOP3
+// for slots 0..14 (slots 3 and 4 from the shifted word), five instructions for the spread pair (assembled at
+// bits 6..8: bit 15 of W0 is bit 6 of sh[0], W1 >> 8 and W2 >> 7 bring theirs to bits 7 and 8).
+template <int S>
+__device__ __forceinline__ __half2 code3_pair(const uint32_t (&wd)[3], const uint32_t (&sh)[3]) {
+  if constexpr (S == 15) {
+    const uint32_t b01 = lop3<kSelectLow>(sh[0], wd[1] >> 8, 0x00400040u);  // bit 6 from W0, 7 from W1
+    return bits_h2(lop3<kSelectLow>(b01, wd[2] >> 7, 0x00c000c0u) & 0x01c001c0u);  // bit 8 from W2, mask
+  } else {
+    constexpr int w = S / 5, i = S % 5;
+    return code_pair<3, 3 * (i % 3)>(i < 3 ? wd[w] : sh[w]);
+  }
+}
+
 // The A fragments of one record for this lane: a[j][k] = tile j's aK as a half2 (KERNELS_V2_SPEC.md sections 1
 // and 2), the weights scaled by 2^-k (above), with the fp16 arithmetic described at the top. `rec` points at the
 // record (shared or global memory, 16-byte aligned); `pow12` = 2^(12-k) in both halves; `xch` = this warp's 32 slots
@@ -221,12 +247,13 @@ __device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, 
   const int sbit = 4 * SB * lane;
   const uint32_t sw = __funnelshift_r(st[sbit >> 5], st[(sbit >> 5) + 1], sbit & 31);  // codes 4L.. at bit 0
   // sw: scale code of row g at bit 0, row g+8 at SB, zero codes at 2*SB, 3*SB. spread: row g's in the low half,
-  // row g+8's in the high half, each pair then masked into the fp16 mantissa of 1024 (exact integers after -1024).
+  // row g+8's in the high half, each pair then masked into the fp16 mantissa of 1024 (one LOP3: (v & mask) |
+  // 1024; exact integers after -1024).
   constexpr uint32_t kCodeMask = ((1u << SB) - 1u) * 0x10001u;
   const uint32_t spread = lop3<kSelectLow>(sw, sw << (16 - SB), 0x0000ffffu);
   const __half2 magic = bits_h2(kMagic);
-  const __half2 sc = __hsub2(bits_h2((spread & kCodeMask) | kMagic), magic);
-  const __half2 zc = __hsub2(bits_h2(((spread >> (2 * SB)) & kCodeMask) | kMagic), magic);
+  const __half2 sc = __hsub2(bits_h2(lop3<kAndOr>(spread, kCodeMask, kMagic)), magic);
+  const __half2 zc = __hsub2(bits_h2(lop3<kAndOr>(spread >> (2 * SB), kCodeMask, kMagic)), magic);
   const uint2 sec = *reinterpret_cast<const uint2*>(rec + kCodeWords + 4 * SB + 2 * t);
   const __half2 s2 = bits_h2(sec.x), z2 = bits_h2(sec.y);  // (s_scale, z_scale), (s_zero, z_zero)
   const __half2 ss = __hmul2(__hmul2(__low2half2(s2), pow12), __float2half2_rn(4096.0f));  // s_scale 2^(24-k)
@@ -234,14 +261,19 @@ __device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, 
   const __half2 sz = __low2half2(z2);
   const __half2 zero = hfma2(zc, sz, __hmul2(sz, __hneg2(__high2half2(z2))));
   const __half2 my_c = __hmul2(__hmul2(my_s0, __float2half2_rn(-0x1p-24f)), zero);  // -scale*zero * 2^-k
-  // 4-bit: row g's pairs sit at p = 0, row g+8's at p = 4 (below): publish (S0 of row g, S0 * 2^-4 of row g+8)
-  const __half2 my_s = W == 4 ? __hmul2(my_s0, __floats2half2_rn(1.0f, 0.0625f)) : my_s0;
+  // Publish S0 * 2^-p' for the bit position p' of the row's pairs in tile t (4-bit: row g at p' = 0, row g+8
+  // at 4; 3-bit: kCode3RowExp[t]; 2-bit: p' depends on the column half, so the tiles scale S0 themselves).
+  __half2 my_s = my_s0;
+  if constexpr (W == 4) my_s = __hmul2(my_s0, __floats2half2_rn(1.0f, 0.0625f));
+  if constexpr (W == 3) {
+    const float e0 = t == 0 ? 1.0f : t == 1 ? 1.0f : 0.125f, e1 = t == 0 ? 1.0f : t == 1 ? 0.125f : 0.015625f;
+    my_s = __hmul2(my_s0, __floats2half2_rn(e0, e1));  // 2^-kCode3RowExp[t][0], 2^-kCode3RowExp[t][1]
+  }
   xch[lane] = make_uint2(h2_bits(my_s), h2_bits(my_c));
 
-  // ---- codes: v[j][k] = tile j's pair k (a{k}) as subnormals code * 2^(p-24), p in {0, 4}: 4-bit p = 4 * (k & 1)
-  // (row g at bit 0, row g+8 at bit 4), 2- and 3-bit p = 4 * (k >> 1) (columns 2t.. at bit 0, 2t+8.. at bit 4) ----
+  // ---- codes: v[j][k] = tile j's pair k (a{k}) as subnormals code * 2^(p-24) ----
   __half2 v[4][4];
-  if constexpr (W == 4) {
+  if constexpr (W == 4) {  // p = 4 * (k & 1): row g at bit 0, row g+8 at bit 4
     const uint4 q = *reinterpret_cast<const uint4*>(rec + 4 * lane);
     const uint32_t cw[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
@@ -252,7 +284,7 @@ __device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, 
       v[j][2] = code_pair<4, 0>(hi8);
       v[j][3] = code_pair<4, 4>(hi8);
     }
-  } else if constexpr (W == 2) {
+  } else if constexpr (W == 2) {  // p = 4 * (k >> 1): columns 2t.. at bit 0, 2t+8.. at bit 4
     const uint2 q = *reinterpret_cast<const uint2*>(rec + 2 * lane);
     const uint32_t cw[2] = {q.x, q.y};
 #pragma unroll
@@ -266,30 +298,29 @@ __device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, 
         v[2 * w + h][3] = code_pair<2, 4>(b2);
       }
     }
-  } else {
-    // Low plane: word w holds tiles 2w, 2w+1, pair p_l = 4*(j & 1) + k at bits 2*p_l. High plane: the bit of
-    // (w, p_l = 2q + o) at 4q + 2*(1 - w) + o (tile_layout.pair_position). Selecting bits 0-1 of every nibble
-    // from the low word shifted by 2*o and bit 2 from the high word shifted by o - 2*w gives nibble q = the
-    // 3-bit code of pair 2q + o: nibbles 0, 1 = tile 2w pairs o, 2 + o; nibbles 2, 3 = tile 2w+1 pairs o, 2 + o.
+  } else {  // p' = kCode3RowExp[j][k & 1]
     const uint2 q = *reinterpret_cast<const uint2*>(rec + 2 * lane);
-    const uint32_t high = rec[64 + lane];
-    const uint32_t merged[4] = {
-        lop3<kSelectLow>(q.x, high, 0x33333333u),              // w 0, o 0
-        lop3<kSelectLow>(q.x >> 2, high >> 1, 0x33333333u),    // w 0, o 1
-        lop3<kSelectLow>(q.y, high << 2, 0x33333333u),         // w 1, o 0
-        lop3<kSelectLow>(q.y >> 2, high << 1, 0x33333333u)};   // w 1, o 1
-#pragma unroll
-    for (int m = 0; m < 4; ++m) {
-      const int w = m >> 1, o = m & 1;
-      const uint32_t hi8 = merged[m] >> 8;
-      v[2 * w][o] = code_pair<3, 0>(merged[m]);
-      v[2 * w][2 + o] = code_pair<3, 4>(merged[m]);
-      v[2 * w + 1][o] = code_pair<3, 0>(hi8);
-      v[2 * w + 1][2 + o] = code_pair<3, 4>(hi8);
-    }
+    const uint32_t wd[3] = {q.x, q.y, rec[64 + lane]};
+    const uint32_t sh[3] = {wd[0] >> 9, wd[1] >> 9, wd[2] >> 9};
+    v[0][0] = code3_pair<kSlots3[0][0]>(wd, sh);
+    v[0][1] = code3_pair<kSlots3[0][1]>(wd, sh);
+    v[0][2] = code3_pair<kSlots3[0][2]>(wd, sh);
+    v[0][3] = code3_pair<kSlots3[0][3]>(wd, sh);
+    v[1][0] = code3_pair<kSlots3[1][0]>(wd, sh);
+    v[1][1] = code3_pair<kSlots3[1][1]>(wd, sh);
+    v[1][2] = code3_pair<kSlots3[1][2]>(wd, sh);
+    v[1][3] = code3_pair<kSlots3[1][3]>(wd, sh);
+    v[2][0] = code3_pair<kSlots3[2][0]>(wd, sh);
+    v[2][1] = code3_pair<kSlots3[2][1]>(wd, sh);
+    v[2][2] = code3_pair<kSlots3[2][2]>(wd, sh);
+    v[2][3] = code3_pair<kSlots3[2][3]>(wd, sh);
+    v[3][0] = code3_pair<kSlots3[3][0]>(wd, sh);
+    v[3][1] = code3_pair<kSlots3[3][1]>(wd, sh);
+    v[3][2] = code3_pair<kSlots3[3][2]>(wd, sh);
+    v[3][3] = code3_pair<kSlots3[3][3]>(wd, sh);
   }
 
-  // ---- the quad's stats: group j's (S0, C) from lane 4g + j, two 16-byte loads ----
+  // ---- the quad's stats: group j's (S, C) from lane 4g + j, two 16-byte loads ----
   __syncwarp();
   const uint4* quad = reinterpret_cast<const uint4*>(xch + (lane & ~3));
   const uint4 st01 = quad[0], st23 = quad[1];
@@ -297,12 +328,13 @@ __device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, 
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const __half2 c2 = bits_h2(cc[j]);
-    // S4 = S0 * 2^-4, exact (S0 >= 2^-10 for every scale above bound * 2^-25); 4-bit: published per row
+    // 2-bit: S0 * 2^-4 for the pairs at p = 4, exact (S0 >= 2^-10 for every scale above bound * 2^-25); 3- and
+    // 4-bit: published per row already
     const __half2 s_p0 = bits_h2(s0[j]);
-    const __half2 sp[2] = {s_p0, W == 4 ? s_p0 : __hmul2(s_p0, __float2half2_rn(0.0625f))};
+    const __half2 sp[2] = {s_p0, W != 2 ? s_p0 : __hmul2(s_p0, __float2half2_rn(0.0625f))};
 #pragma unroll
     for (int k = 0; k < 4; ++k) {  // a{k}: row g for even k, g+8 for odd k (row broadcast of S and C)
-      const __half2 s = sp[W == 4 ? (k & 1) : (k >> 1)];  // S0 for p = 0, S0 * 2^-4 for p = 4
+      const __half2 s = sp[W != 2 ? 0 : (k >> 1)];
       a[j][k] = h2_bits(hfma2(v[j][k], (k & 1) ? __high2half2(s) : __low2half2(s),
                               (k & 1) ? __high2half2(c2) : __low2half2(c2)));
     }

@@ -255,12 +255,27 @@ def _h(x: torch.Tensor) -> torch.Tensor:
     return x.half().double()
 
 
+def pair_exponents(wbits: int, out: int, in_: int) -> torch.Tensor:
+    """The bit position p' (mod 9 for 3-bit) at which the kernels read each weight's code: int64 (out, in); its
+    pair enters the fp16 arithmetic as code * 2^(p'-24) times the row's S0 * 2^-p' (decode_record). 4-bit: 4 in
+    rows 8..15 of a row tile; 2-bit: 4 in columns 8..15 of a group; 3-bit: tile_layout.CODE3_ROW_EXPONENTS."""
+    r = (torch.arange(out) % 16 >= 8).long().unsqueeze(1)  # (out, 1): row g + 8
+    c = (torch.arange(in_) % 16 >= 8).long().unsqueeze(0)  # (1, in): column half
+    if wbits == 4:
+        return (4 * r).expand(out, in_)
+    if wbits == 2:
+        return (4 * c).expand(out, in_)
+    table = torch.tensor(tl.CODE3_ROW_EXPONENTS)  # (tile j, row half)
+    j = (torch.arange(in_) // 16 % 4).unsqueeze(0)  # (1, in)
+    return table[j, r]
+
+
 def kernel_weight16(q: Layer) -> torch.Tensor:
     """The kernels' dense weight, fp16, with the weight exponent k of its record: the fp16x2 operations of
     kernels/spqr_matmul.cu (decode_record), each emulated as its exact float64 result rounded once to fp16
     (subnormals included): s' = (s_scale * 2^(12-k)) * 2^12, S0 = fma(scale code, s', -z_scale * s'),
-    Z = fma(zero code, s_zero, -z_zero * s_zero), C = (S0 * -2^-24) * Z, w'' = fma(code * 2^-24, S0, C),
-    w = fp16(w'' * 2^k)."""
+    Z = fma(zero code, s_zero, -z_zero * s_zero), C = (S0 * -2^-24) * Z, S = S0 * 2^-p' (`pair_exponents`),
+    w'' = fma(code * 2^(p'-24), S, C), w = fp16(w'' * 2^k)."""
     m = q.meta
     sec = q.second.double().cpu().repeat_interleave(16, dim=0)[: m.out_features]  # (out, groups, 4)
     ss, zs, sz, zz = sec.unbind(-1)
@@ -271,7 +286,9 @@ def kernel_weight16(q: Layer) -> torch.Tensor:
     c = _h(_h(s0 * -(2.0**-24)) * zero)
     cols = torch.arange(m.in_features) // 16
     s0, c, k = s0[:, cols], c[:, cols], k[:, cols]
-    w2 = _h(q.codes.cpu().double() * 2.0**-24 * s0 + c)  # w'' = w * 2^-k
+    p = pair_exponents(m.wbits, m.out_features, m.in_features).double()
+    s = _h(s0 * torch.exp2(-p))
+    w2 = _h(q.codes.cpu().double() * torch.exp2(p - 24) * s + c)  # w'' = w * 2^-k
     return (w2 * torch.exp2(k)).half()
 
 

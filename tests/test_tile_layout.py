@@ -67,16 +67,35 @@ def _fragment(lane: int):
     return [(g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8)]
 
 
+# 3-bit slots of tile j's a{k} (docs/FORMAT.md): (word w, slot i) = bits 16c + 3i of W_w, or None = the spread
+# pair (bit 16c + 15 of W0, W1, W2 = code bits 0, 1, 2)
+_SLOTS3 = [
+    [(0, 0), (1, 0), (2, 0), (0, 3)],
+    [(1, 3), (0, 1), (2, 3), (1, 1)],
+    [(2, 1), (0, 2), (0, 4), (1, 2)],
+    [(1, 4), (2, 2), (2, 4), None],
+]
+
+
 def _lane_code(rec: list[int], wbits: int, lane: int, j: int, k: int, c: int) -> int:
     """Code of fragment register a{k} half c (0 = .x) of tile j, read as the spec words it."""
     if wbits == 4:
         return (rec[4 * lane + j] >> (4 * k + 16 * c)) & 0xF
-    lo = (rec[2 * lane + j // 2] >> (2 * (4 * (j % 2) + k) + 16 * c)) & 0x3
     if wbits == 2:
-        return lo
-    p = 8 * (j % 2) + 4 * (k // 2) + 2 * (1 - j // 2) + k % 2  # high plane: lined up with the low pair
-    hi = (rec[64 + lane] >> (p + 16 * c)) & 0x1
-    return lo | hi << 2
+        return (rec[2 * lane + j // 2] >> (2 * (4 * (j % 2) + k) + 16 * c)) & 0x3
+    words = [rec[2 * lane], rec[2 * lane + 1], rec[64 + lane]]
+    slot = _SLOTS3[j][k]
+    if slot is None:
+        return sum(((words[b] >> (16 * c + 15)) & 1) << b for b in range(3))
+    w, i = slot
+    return (words[w] >> (16 * c + 3 * i)) & 0x7
+
+
+def test_3bit_pairs_of_a_tile_row_share_their_bit_position_mod_9():
+    for j in range(4):
+        for rh in (0, 1):  # row g: a0, a2; row g + 8: a1, a3
+            p = {6 if _SLOTS3[j][k] is None else 3 * _SLOTS3[j][k][1] % 9 for k in (rh, rh + 2)}
+            assert p == {tl.CODE3_ROW_EXPONENTS[j][rh]}, (j, rh)
 
 
 @pytest.mark.parametrize("wbits", [2, 3, 4])

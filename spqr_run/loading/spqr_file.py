@@ -31,7 +31,7 @@ from spqr_run.errors import ModelFormatError
 FORMAT_NAME = "spqr"
 # 2 (written): spqr linears in 16 x 64 mma-fragment records (docs/FORMAT.md);
 # 1: spqr linears in 16 x 16 row-major tiles, converted on load (spqr_run/quant/format_v1.py)
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 OLDEST_READABLE_VERSION = 1
 DENSE_DTYPE = torch.float16
 _ST_DTYPES = {
@@ -149,6 +149,7 @@ def open_spqr(path: Path):
     from spqr_run.models.spqr_linear import SpQRLinear
     from spqr_run.quant import LinearMeta, QuantConfig, QuantizedLinear
     from spqr_run.quant.format_v1 import convert_v1_tensors
+    from spqr_run.quant.format_v2 import convert_v2_tensors
     from spqr_run.sampling import clean_model_defaults
     from spqr_run.tokenizer import Tokenizer
 
@@ -171,7 +172,7 @@ def open_spqr(path: Path):
             if (meta.get("groupsize"), meta.get("stat_groupsize")) != (16, 16):
                 raise ModelFormatError(
                     f"{path}: format 1 linear {name!r} has groupsize {meta.get('groupsize')} / stat_groupsize "
-                    f"{meta.get('stat_groupsize')}; format 2 needs 16 / 16: quantize the model again"
+                    f"{meta.get('stat_groupsize')}; format 3 needs 16 / 16: quantize the model again"
                 )
         m = LinearMeta.from_dict(meta, source=f"{src} linear {name}")
         if (m.out_features, m.in_features) != expected[name]:
@@ -199,6 +200,9 @@ def open_spqr(path: Path):
         if version == 1:
             source += " (format 1)"
             tensors = convert_v1_tensors(tensors, metas[name], source)
+        elif version == 2:
+            source += " (format 2)"
+            tensors = convert_v2_tensors(tensors, metas[name])
         q = QuantizedLinear.from_tensors(tensors, meta=metas[name], source=source)
         bias = None
         if f"{name}.bias" in dense:

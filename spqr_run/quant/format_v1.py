@@ -1,4 +1,4 @@
-"""Reading `.spqr` format 1 spqr linears: their tensors converted, exactly, to the format 2 layout.
+"""Reading `.spqr` format 1 spqr linears: their tensors converted, exactly, to the current (format 3) layout.
 
 Format 1 stored an spqr linear (groupsize = stat_groupsize = 16) as::
 
@@ -9,10 +9,10 @@ Format 1 stored an spqr linear (groupsize = stat_groupsize = 16) as::
     outlier_values   fp16   (nnz,)              deltas, CSR order
     outlier_cols     int16  (nnz,)              unsigned 16-bit stored column
     outlier_row_ptr  int32  (out+1,)
-    perm             int16  (in,)               optional, unchanged in format 2
+    perm             int16  (in,)               optional, unchanged since
 
-with CT = ceil(in/16). The codes and statistics decode to the same integers and fp16 numbers that format 2
-packs (`tile_layout.pack`), so the converted linear dequantizes bit for bit as the format 1 one did.
+with CT = ceil(in/16). The codes and statistics decode to the same integers and fp16 numbers that
+the current format packs (`tile_layout.pack`), so the converted linear dequantizes bit for bit as the format 1 one did.
 gptq/rtn linears did not change between the formats.
 """
 
@@ -51,7 +51,7 @@ def _from_tiles(t: Tensor, cols: int) -> Tensor:
 
 
 def convert_v1_tensors(tensors: Mapping[str, Tensor], meta: LinearMeta, source: str) -> dict[str, Tensor]:
-    """A format 1 linear's tensors -> the format 2 tensors of the same linear (gptq/rtn: unchanged).
+    """A format 1 linear's tensors -> the current-format tensors of the same linear (gptq/rtn: unchanged).
 
     Checks the format 1 names, dtypes and shapes first (ModelFormatError naming `source` and the tensor);
     the result still goes through `QuantizedLinear.from_tensors`, which checks the values (finite fp16

@@ -1,6 +1,6 @@
 """`QuantizedLinear`: one linear's packed tensors, exactly as the file stores them and a kernel reads them.
 
-SpQR layout, format version 2 (details and drawings in docs/FORMAT.md; bit positions in `tile_layout`)::
+SpQR layout, format version 3 (details and drawings in docs/FORMAT.md; bit positions in `tile_layout`)::
 
     tiles            int32  (RT, KB, R)    one record per 16 rows x 64 stored columns, row-tile major:
                                            codes in mma fragment order, 128 stat codes, 16 fp16 second-order

@@ -1,7 +1,8 @@
-"""The v2 packed layout of an SpQR linear: one record per 16 rows x 64 stored columns, in mma fragment order.
+"""The packed layout of an SpQR linear: one record per 16 rows x 64 stored columns, in mma fragment order.
 
 This module is the single source of truth for where every code, statistic and outlier of an SpQR linear sits
-in `.spqr` format version 2 (docs/FORMAT.md, "SpQR layout"; the contract is KERNELS_V2_SPEC.md section 2).
+in `.spqr` format version 3 (docs/FORMAT.md, "SpQR layout"; the contract is KERNELS_V2_SPEC.md section 2;
+format 2 differed only in the order of 3-bit codes, `format_v2` converts it).
 
 A linear `out x in` is cut into RT = ceil(out/16) row tiles and KB = ceil(in/64) k-blocks; record (rt, kb)
 covers rows 16*rt .. +15 and stored columns 64*kb .. +63 = four 16 x 16 groups j = 0..3 (one SpQR group of
@@ -12,27 +13,33 @@ One record (word offsets; wbits = 3, stat_bits = 3: R = 116 words = 464 bytes)::
 
     word 0                    64                 96           108        116
     +-------------------------+------------------+------------+----------+
-    | codes, low plane (bits  | codes, high      | stats:     | second:  |
-    | 0-1): lane L at 2L, 2L+1| plane (bit 2):   | 128 codes  | 16 fp16  |
-    | word w = tiles 2w, 2w+1 | lane L at 64+L   | x 3 bits   | [ss zs sz zz] x group 0..3
+    | codes: lane L's words   | codes: lane L's  | stats:     | second:  |
+    | W0 = 2L, W1 = 2L+1      | W2 = 64+L        | 128 codes  | 16 fp16  |
+    |                         |                  | x 3 bits   | [ss zs sz zz] x group 0..3
     +-------------------------+------------------+------------+----------+
     wbits = 4: 128 words, lane L's 4 words at 4L (word j = tile j); wbits = 2: 64 words at 2L, 2L+1.
 
 Lane L (g = L >> 2, t = L & 3) owns, in each 16 x 16 tile, the PTX ISA A fragment a0 = (row g, cols 2t,
-2t+1), a1 = (row g+8, same cols), a2 = (row g, cols 2t+8, 2t+9), a3 = (row g+8, cols 2t+8, 2t+9). In a code
-word of a plane with b bits per code (P = 16/b pairs per word), pair p has its .x (lower column) code at bits
-[b*p, b*p+b) and its .y code at bits [16+b*p, 16+b*p+b); tile j's a0..a3 are pairs p = 4*(j mod (P/4)) + k
-in the 4- and 2-bit planes, and p = 8*(j mod 2) + 4*(k >> 1) + 2*(1 - (j >> 1)) + (k mod 2) in the 1-bit
-plane of wbits = 3 (`pair_position`): there the high bit of low-plane pair p_l = 2q + o of low word w sits at
-bit 4q + 2*(1 - w) + o, so one select (LOP3, mask 0x33333333) of low word w shifted right by 2*o with the high
-word shifted right by o - 2*w (left when negative) gives a word whose nibble q holds the whole 3-bit code of
-pair 2q + o in its bits 0-2 (the decoder in kernels/spqr_matmul.cu).
+2t+1), a1 = (row g+8, same cols), a2 = (row g, cols 2t+8, 2t+9), a3 = (row g+8, cols 2t+8, 2t+9). A pair
+(the two codes of one a{k}) sits at the same bits of both halves of a word: its .x (lower column) code at
+bits [p, p+b) and its .y code at [16+p, 16+p+b).
+- 4- and 2-bit ("b-bit plane", P = 16/b pairs a word): word b*L + j // (P/4), pair 4*(j mod (P/4)) + k at
+  p = b*(4*(j mod (P/4)) + k).
+- 3-bit: five codes a half, slot (w, i) of word W_w at p = 3i (i = 0..4), and a 16th pair spread over bit 15
+  of each half of W0, W1, W2 (`CODE3_SLOTS`): no code straddles a word or a half, so each pair costs the
+  kernel one mask (slots 3, 4 after one shift of the word by 9), and the pairs of one row of a tile share
+  their bit position mod 9, so one multiply per tile and record scales the row's scale (kernels/spqr_matmul.cu).
 
 One lane's word for wbits = 4, tile j (x/y = codes of columns c, c+1)::
 
     bit 31          24          16 15           8           0
         | a3.y| a2.y| a1.y| a0.y | a3.x| a2.x| a1.x| a0.x |       (w >> 4p) & 0x000F000F = pair p
                                                                   in the low bits of both halves
+
+One half of a 3-bit word W_w (the other half alike, 16 bits up)::
+
+    bit 15  14 .. 12  11 .. 9   8 .. 6   5 .. 3   2 .. 0
+        | s_w | (w,4)  | (w,3)  | (w,2)  | (w,1)  | (w,0)  |     s_w: bit w of the spread pair's code
 
 Stats: the 128 stat codes form one little-endian bit string; code 4L + i (bits [sb*(4L+i), +sb)) is, for
 group j = t of the record: i = 0 scale code of row g, 1 scale code of row g+8, 2 zero code of row g, 3 zero
@@ -75,36 +82,86 @@ def record_words(wbits: int, stat_bits: int) -> int:
     return 32 * wbits + 4 * stat_bits + SECOND_WORDS
 
 
-def code_planes(wbits: int) -> list[tuple[int, int, int]]:
-    """The code planes of a record: (bits per code b, lowest code bit held, first word) for each plane.
-
-    wbits 4 -> one 4-bit plane, 2 -> one 2-bit plane, 3 -> a 2-bit plane of bits 0-1 (words 0..63) and a
-    1-bit plane of bit 2 (words 64..95), so no code straddles a word.
-    """
-    return {4: [(4, 0, 0)], 2: [(2, 0, 0)], 3: [(2, 0, 0), (1, 2, 64)]}[wbits]
-
-
-def pair_position(b: int, j: int, k: int) -> int:
-    """Pair index p (bits [b*p, b*p + b) of each half) of tile j's fragment register a{k} in its b-bit plane word.
-
-    4- and 2-bit planes: 4*(j mod (P/4)) + k (P = 16/b). 1-bit plane (bit 2 of 3-bit codes): 8*(j mod 2) +
-    4*(k >> 1) + 2*(1 - (j >> 1)) + (k mod 2), the position that lines the high bit up with its low-plane pair
-    (module docstring).
-    """
-    if b == 1:
-        return 8 * (j % 2) + 4 * (k >> 1) + 2 * (1 - (j >> 1)) + (k % 2)
-    return 4 * (j % (16 // b // 4)) + k
+# 3-bit records (format 3): lane L's code words are W0 = 2L, W1 = 2L + 1 and W2 = 64 + L. Half c of word W_w
+# holds five codes, slot (w, i) at bits 16c + 3i .. 16c + 3i + 2 (i = 0..4); bit 16c + 15 of W_b is bit b of
+# the 16th pair's code (the spread slot, None below). CODE3_SLOTS[j][k] is where tile j's fragment register
+# a{k} sits. A pair read at bit p enters the fp16 arithmetic as code * 2^(p' - 24) with p' = p mod 9 (slots 3
+# and 4 are read after a shift by 9), and the spread pair is assembled at p' = 6; the slots are chosen so that
+# in each tile the pairs of one row share p' (row g: 0, 0, 3, 3 in tiles 0..3; row g + 8: 0, 3, 6, 6), so the
+# kernel scales each tile's (row g, row g + 8) scale once (`CODE3_ROW_EXPONENTS`).
+CODE3_SLOTS: tuple[tuple[tuple[int, int] | None, ...], ...] = (
+    ((0, 0), (1, 0), (2, 0), (0, 3)),
+    ((1, 3), (0, 1), (2, 3), (1, 1)),
+    ((2, 1), (0, 2), (0, 4), (1, 2)),
+    ((1, 4), (2, 2), (2, 4), None),
+)
+CODE3_ROW_EXPONENTS = ((0, 0), (0, 3), (3, 6), (3, 6))  # p' of (row g, row g + 8) pairs in tile j
+_CODE3_WORDS = (lambda lane: 2 * lane, lambda lane: 2 * lane + 1, lambda lane: 64 + lane)
 
 
-def _high_plane_index(device: torch.device) -> Tensor:
-    """Field permutation of the 1-bit plane: new field c*16 + pair_position(1, j, k) takes old field
-    c*16 + 4*j + k (the order `_plane_order` produces)."""
-    src = torch.empty(32, dtype=torch.long)
-    for c in range(2):
+def code3_slot_exponent(slot: tuple[int, int] | None) -> int:
+    """p' of a 3-bit slot: 3i mod 9 for slot (w, i), 6 for the spread slot."""
+    return 6 if slot is None else (3 * slot[1]) % 9
+
+
+@functools.cache
+def _code3_field_positions(device: torch.device) -> Tensor:
+    """int64 (32 lanes * 32 fields,): the record position 64*row + col of lane L's field f = 2s + c, where
+    s = 5w + i is slot (w, i) and s = 15 the spread slot, c the half (0 = .x)."""
+    pos = torch.empty(32, 32, dtype=torch.long)
+    for lane in range(32):
+        g, t = lane >> 2, lane & 3
         for j in range(4):
             for k in range(4):
-                src[16 * c + pair_position(1, j, k)] = 16 * c + 4 * j + k
-    return src.to(device)
+                slot = CODE3_SLOTS[j][k]
+                s = 15 if slot is None else 5 * slot[0] + slot[1]
+                row, col = g + 8 * (k & 1), 16 * j + 2 * t + 8 * (k >> 1)
+                for c in (0, 1):
+                    pos[lane, 2 * s + c] = 64 * row + col + c
+    return pos.reshape(-1).to(device)
+
+
+def _code3_shifts(device: torch.device) -> Tensor:
+    """Bit shift of slot (w, i) half c in its word: (5, 2) int64 [i][c] = 16c + 3i."""
+    return (torch.arange(5).unsqueeze(1) * 3 + torch.tensor([0, 16])).to(device)
+
+
+def pack_code3(block: Tensor) -> Tensor:
+    """3-bit codes of records (RT, KB, 16, 64) uint8 -> the 96 code words int32 (RT, KB, 96)."""
+    rt, kb = block.shape[:2]
+    dev = block.device
+    fields = block.reshape(rt, kb, ROWS * COLS)[..., _code3_field_positions(dev)].long()  # (RT, KB, 1024)
+    fields = fields.reshape(rt, kb, 32, 16, 2)  # (RT, KB, lane, slot s, half c)
+    slots = fields[..., :15, :].reshape(rt, kb, 32, 3, 5, 2)  # (RT, KB, lane, w, i, c)
+    words = (slots << _code3_shifts(dev)).sum(dim=(-2, -1))  # (RT, KB, lane, w): fields never overlap
+    spread = fields[..., 15, :]  # (RT, KB, lane, c)
+    for b in range(3):  # bit b of the spread pair's codes -> bits 15, 31 of W_b
+        words[..., b] |= (((spread >> b) & 1) << torch.tensor([15, 31], device=dev)).sum(-1)
+    out = torch.empty(rt, kb, 96, dtype=torch.int64, device=dev)
+    out[..., 0:64:2], out[..., 1:64:2], out[..., 64:96] = words.unbind(-1)
+    return to_int32_bits(out)
+
+
+def _unpack_code3(words: Tensor) -> Tensor:
+    """Inverse of `pack_code3`: int32 (RT, KB, 96) -> uint8 codes (RT, KB, 16, 64)."""
+    rt, kb = words.shape[:2]
+    dev = words.device
+    lw = torch.stack([words[..., 0:64:2], words[..., 1:64:2], words[..., 64:96]], dim=-1)  # (RT, KB, lane, w)
+    # int32 shifts are arithmetic, but every field is masked to bits below 32 - shift: the sign never shows
+    slots = ((lw[..., None, None] >> _code3_shifts(dev).int()) & 7).to(torch.uint8)  # (RT, KB, lane, w, i, c)
+    top = ((lw >> 15) & 1) | ((lw >> 30) & 2)  # (RT, KB, lane, w): bit 15 -> bit 0, bit 31 -> bit 1
+    spread = torch.stack([(top >> c) & 1 for c in (0, 1)], dim=-1)  # (RT, KB, lane, w = code bit, c)
+    spread = (spread[..., 0, :] | (spread[..., 1, :] << 1) | (spread[..., 2, :] << 2)).to(torch.uint8)
+    fields = torch.cat([slots.reshape(rt, kb, 32, 30), spread], dim=-1).reshape(rt * kb, ROWS * COLS)
+    idx = _code3_gather_index(dev).expand(rt * kb, ROWS * COLS)
+    return torch.gather(fields, 1, idx).reshape(rt, kb, ROWS, COLS)
+
+
+@functools.cache
+def _code3_gather_index(device: torch.device) -> Tensor:
+    """For each record position 64*row + col, its index among a record's 3-bit lane fields (the inverse of
+    `_code3_field_positions`)."""
+    return _code3_field_positions(device).argsort()
 
 
 def _plane_order(block: Tensor, b: int) -> Tensor:
@@ -112,15 +169,13 @@ def _plane_order(block: Tensor, b: int) -> Tensor:
 
     Field f of a word = c*P + p (c = 0: .x, 1: .y; P = 16/b pairs); the field sits at bit 16*c + b*p.
     Record row = g + 8*rh, column = 16*j + 8*ch + 2*t + c; fragment k = rh + 2*ch; j = jw*(4/b) + jr;
-    word = b*L + jw with L = 4*g + t; pair p = 4*jr + k = 4*jr + 2*ch + rh for the 4- and 2-bit planes,
-    p = `pair_position(1, j, k)` for the 1-bit plane.
+    word = b*L + jw with L = 4*g + t; pair p = 4*jr + k = 4*jr + 2*ch + rh.
     """
     rt, kb = block.shape[:2]
     tpw = 4 // b  # tiles per word
     x = block.reshape(rt, kb, 2, 8, b, tpw, 2, 4, 2)  # (RT, KB, rh, g, jw, jr, ch, t, c)
     x = x.permute(0, 1, 3, 7, 4, 8, 5, 6, 2)  # (RT, KB, g, t, jw, c, jr, ch, rh)
-    x = x.reshape(rt, kb, 32 * b, 32 // b)  # (RT, KB, words, fields c*P + 4*jr + k)
-    return x[..., _high_plane_index(x.device)] if b == 1 else x
+    return x.reshape(rt, kb, 32 * b, 32 // b)  # (RT, KB, words, fields c*P + 4*jr + k)
 
 
 @functools.cache
@@ -145,15 +200,20 @@ def _plane_fields(words: Tensor, b: int) -> Tensor:
 
 def unpack_code_blocks(tiles: Tensor, wbits: int) -> Tensor:
     """The codes of records (RT, KB, R) as uint8 (RT, KB, 16, 64): record row, stored column within the
-    k-block. One gather per plane (no loop over records)."""
+    k-block. One gather (no loop over records)."""
     rt, kb = tiles.shape[:2]
-    block = None
-    for b, low_bit, w0 in code_planes(wbits):
-        fields = _plane_fields(tiles[..., w0 : w0 + 32 * b], b).reshape(rt * kb, ROWS * COLS)
-        idx = _plane_gather_index(b, tiles.device).expand(rt * kb, ROWS * COLS)
-        plane = torch.gather(fields, 1, idx)  # (RT*KB, 1024) in record position order
-        block = plane if block is None else block.bitwise_or_(plane << low_bit)
-    return block.reshape(rt, kb, ROWS, COLS)
+    if wbits == 3:
+        return _unpack_code3(tiles[..., :96])
+    return decode_plane(tiles[..., : 32 * wbits], wbits).reshape(rt, kb, ROWS, COLS)
+
+
+def decode_plane(words: Tensor, b: int) -> Tensor:
+    """The codes of a b-bit plane (b = 1, 2, 4; words int32 (RT, KB, 32*b) in `_plane_order`) as uint8
+    (RT, KB, 1024) in record position order 64*row + col."""
+    rt, kb = words.shape[:2]
+    fields = _plane_fields(words, b).reshape(rt * kb, ROWS * COLS)
+    idx = _plane_gather_index(b, words.device).expand(rt * kb, ROWS * COLS)
+    return torch.gather(fields, 1, idx).reshape(rt, kb, ROWS * COLS)
 
 
 def _field_shifts(b: int, device: torch.device) -> Tensor:
@@ -221,13 +281,14 @@ def pack(
     # codes: pad to whole records, (RT, KB, 16, 64)
     c = F.pad(codes, (0, kb * COLS - in_, 0, rt * ROWS - out))  # (RT*16, KB*64) uint8
     block = c.reshape(rt, ROWS, kb, COLS).transpose(1, 2)  # (RT, KB, 16, 64) view
-    for b, low_bit, w0 in code_planes(wbits):
-        fields = _plane_order(block, b)  # (RT, KB, 32b, 32/b) uint8
-        mask = (1 << b) - 1
-        words = torch.zeros(rt, kb, 32 * b, dtype=torch.int64, device=dev)
-        for f, shift in enumerate(_field_shifts(b, dev).tolist()):  # at most 32 fields, each vectorized
-            words |= ((fields[..., f].long() >> low_bit) & mask) << shift
-        tiles[..., w0 : w0 + 32 * b] = to_int32_bits(words)
+    if wbits == 3:
+        tiles[..., :96] = pack_code3(block)
+    else:
+        fields = _plane_order(block, wbits)  # (RT, KB, 32b, 32/b) uint8
+        words = torch.zeros(rt, kb, 32 * wbits, dtype=torch.int64, device=dev)
+        for f, shift in enumerate(_field_shifts(wbits, dev).tolist()):  # at most 16 fields, each vectorized
+            words |= fields[..., f].long() << shift
+        tiles[..., : 32 * wbits] = to_int32_bits(words)
 
     # stats: one little-endian bit string of 128 codes per record
     pad_s = (0, kb * GROUPS_PER_BLOCK - groups, 0, rt * ROWS - out)
