@@ -117,18 +117,18 @@ MUTATIONS = {
     ),
     "v2_zero_term_sign": (
         "decode: C = +scale*zero * 2^-k (the zero point added instead of subtracted)",
-        "__float2half2_rn(-0x1p-24f)",
-        "__float2half2_rn(0x1p-24f)",
+        "__float2half2_rn(-0x1p-12f)",
+        "__float2half2_rn(0x1p-12f)",
     ),
     "v2_4bit_row_scale_not_published": (
         "decode, 4-bit: row g+8's pairs (at bit 4) use S0 instead of S0 * 2^-4",
-        "__floats2half2_rn(1.0f, 0.0625f)",
-        "__floats2half2_rn(1.0f, 1.0f)",
+        "__floats2half2_rn(4096.0f, 256.0f)",
+        "__floats2half2_rn(4096.0f, 4096.0f)",
     ),
     "v3_3bit_row_scale_not_published": (
         "decode, 3-bit: group 1's row g+8 pairs (read at bit 3) use S0 instead of S0 * 2^-3",
-        "t == 1 ? 0.125f : 0.015625f",
-        "t == 1 ? 1.0f : 0.015625f",
+        "t == 1 ? 512.0f : 64.0f",
+        "t == 1 ? 4096.0f : 64.0f",
     ),
     "v3_spread_pair_wrong_word": (
         "decode, 3-bit: bit 1 of the spread pair's code is taken from W2 instead of W1",

@@ -33,11 +33,12 @@
 //   stats, in fp16x2 (row g, row g+8): lane 4g+t decodes group t: its 4 stat codes (one funnel shift of the stat
 //   bit string) are spread into the two halves (one select) and masked into the mantissa of fp16 1024 (one LOP3
 //   each, then -1024: exact integers); with the group's second-order numbers (s_scale, z_scale, s_zero, z_zero)
-//   it computes s' = (s_scale * 2^(12-k)) * 2^12, S0 = fma(scale code, s', -z_scale * s') = scale * 2^(24-k),
-//   zero = fma(zero code, s_zero, -z_zero * s_zero) and C = (S0 * -2^-24) * zero = -scale*zero * 2^-k, each an
-//   fp16x2 operation (HMUL2/HFMA2, one rounding each), and publishes (S, C) to its quad through 8 bytes of
-//   shared memory (one 8-byte store, a __syncwarp, two 16-byte loads: lane 4g+j holds group j), S = S0 * 2^-p'
-//   for the bit position p' at which group t's pairs of row g and of row g+8 are read (below; one HMUL2).
+//   it computes s' = s_scale * 2^(12-k), S12 = fma(scale code, s', -z_scale * s') = scale * 2^(12-k), zero =
+//   fma(zero code, s_zero, -z_zero * s_zero) and C = (S12 * -2^-12) * zero = -scale*zero * 2^-k, each an fp16x2
+//   operation (HMUL2/HFMA2, one rounding each), and publishes (S, C) to its quad through 8 bytes of shared
+//   memory (one 8-byte store, a __syncwarp, two 16-byte loads: lane 4g+j holds group j), S = S12 * 2^(12-p') =
+//   S0 * 2^-p' (S0 = scale * 2^(24-k)) for the bit position p' at which group t's pairs of row g and of row g+8
+//   are read (below; one HMUL2).
 //   codes, per pair (two codes of one row): v = word & mask, with the pair's bits at [p', p'+B) of each half: a
 //   half with a zero exponent field is the subnormal code * 2^(p'-24), exactly, no offset to remove; a = fma(v,
 //   S, C) as one HFMA2 with the row's S and C broadcast = 2^-k * (code * S + C). 4-bit: p' = 0 for row g, 4 for
@@ -256,20 +257,20 @@ __device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, 
   const __half2 zc = __hsub2(bits_h2(lop3<kAndOr>(spread >> (2 * SB), kCodeMask, kMagic)), magic);
   const uint2 sec = *reinterpret_cast<const uint2*>(rec + kCodeWords + 4 * SB + 2 * t);
   const __half2 s2 = bits_h2(sec.x), z2 = bits_h2(sec.y);  // (s_scale, z_scale), (s_zero, z_zero)
-  const __half2 ss = __hmul2(__hmul2(__low2half2(s2), pow12), __float2half2_rn(4096.0f));  // s_scale 2^(24-k)
-  const __half2 my_s0 = hfma2(sc, ss, __hmul2(ss, __hneg2(__high2half2(s2))));  // scale * 2^(24-k)
+  const __half2 s1 = __hmul2(__low2half2(s2), pow12);  // s_scale 2^(12-k)
+  const __half2 my_s12 = hfma2(sc, s1, __hmul2(s1, __hneg2(__high2half2(s2))));  // scale 2^(12-k) = S0 2^-12
   const __half2 sz = __low2half2(z2);
   const __half2 zero = hfma2(zc, sz, __hmul2(sz, __hneg2(__high2half2(z2))));
-  const __half2 my_c = __hmul2(__hmul2(my_s0, __float2half2_rn(-0x1p-24f)), zero);  // -scale*zero * 2^-k
-  // Publish S0 * 2^-p' for the bit position p' of the row's pairs in tile t (4-bit: row g at p' = 0, row g+8
-  // at 4; 3-bit: kCode3RowExp[t]; 2-bit: p' depends on the column half, so the tiles scale S0 themselves).
-  __half2 my_s = my_s0;
-  if constexpr (W == 4) my_s = __hmul2(my_s0, __floats2half2_rn(1.0f, 0.0625f));
-  if constexpr (W == 3) {
-    const float e0 = t == 0 ? 1.0f : t == 1 ? 1.0f : 0.125f, e1 = t == 0 ? 1.0f : t == 1 ? 0.125f : 0.015625f;
-    my_s = __hmul2(my_s0, __floats2half2_rn(e0, e1));  // 2^-kCode3RowExp[t][0], 2^-kCode3RowExp[t][1]
+  const __half2 my_c = __hmul2(__hmul2(my_s12, __float2half2_rn(-0x1p-12f)), zero);  // -scale*zero * 2^-k
+  // Publish S = S0 * 2^-p' = (S0 2^-12) * 2^(12-p') for the bit position p' of the row's pairs in tile t, one
+  // HMUL2 (4-bit: row g at p' = 0, row g+8 at 4; 3-bit: kCode3RowExp[t]; 2-bit: p' depends on the column half,
+  // so the tiles scale S0 by 2^-4 themselves).
+  __half2 pub = __float2half2_rn(4096.0f);
+  if constexpr (W == 4) pub = __floats2half2_rn(4096.0f, 256.0f);
+  if constexpr (W == 3) {  // 2^(12 - kCode3RowExp[t][0]), 2^(12 - kCode3RowExp[t][1])
+    pub = __floats2half2_rn(t < 2 ? 4096.0f : 512.0f, t == 0 ? 4096.0f : t == 1 ? 512.0f : 64.0f);
   }
-  xch[lane] = make_uint2(h2_bits(my_s), h2_bits(my_c));
+  xch[lane] = make_uint2(h2_bits(__hmul2(my_s12, pub)), h2_bits(my_c));
 
   // ---- codes: v[j][k] = tile j's pair k (a{k}) as subnormals code * 2^(p-24) ----
   __half2 v[4][4];
@@ -328,7 +329,7 @@ __device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, 
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const __half2 c2 = bits_h2(cc[j]);
-    // 2-bit: S0 * 2^-4 for the pairs at p = 4, exact (S0 >= 2^-10 for every scale above bound * 2^-25); 3- and
+    // 2-bit: S0 * 2^-4 for the pairs at p = 4 (exact unless an fp16 subnormal: scales below bound * 2^-23); 3- and
     // 4-bit: published per row already
     const __half2 s_p0 = bits_h2(s0[j]);
     const __half2 sp[2] = {s_p0, W != 2 ? s_p0 : __hmul2(s_p0, __float2half2_rn(0.0625f))};
@@ -381,11 +382,13 @@ __global__ void __launch_bounds__(kWarps * 32, 4)
   constexpr int kXChunks = (NB * 16 + kWarps * 32 - 1) / (kWarps * 32);  // 16-byte x chunks per thread and stage
   const __half* x_lane[kXChunks];
   bool x_copies[kXChunks];
+  int x_dst[kXChunks];  // the chunk's offset in a stage of x_s, in halves
 #pragma unroll
   for (int i = 0; i < kXChunks; ++i) {
     const int q = i * kWarps * 32 + threadIdx.x, xb = q >> 4, xc = q & 15;  // row xb, 16-byte chunk xc
     x_copies[i] = q < NB * 16 && xb < rows;
     x_lane[i] = x + static_cast<size_t>(x_copies[i] ? xb : 0) * ldx + kb0 * kCols + 8 * xc;
+    x_dst[i] = xb * kXPitch + 8 * xc;
   }
   // Copy stage p (records from `recs`, x from `xs`, both already advanced to stage p) into slot `stage`: lane c
   // copies the 16-byte chunks c, c + 32, ... of the stage's records, only the first record's when `both` is false
@@ -401,7 +404,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4)
 #pragma unroll
     for (int i = 0; i < kXChunks; ++i) {
       const int q = i * kWarps * 32 + threadIdx.x;
-      if (x_copies[i] && (both || (q & 15) < kCols / 8)) cp_async_16(&x_s[stage][q >> 4][8 * (q & 15)], xs[i]);
+      if (x_copies[i] && (both || (q & 15) < kCols / 8)) cp_async_16(&x_s[stage][0][0] + x_dst[i], xs[i]);
     }
   };
   auto issue = [&](int stage, int p) {  // any stage: sources from the k-range's start

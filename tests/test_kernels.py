@@ -273,21 +273,22 @@ def pair_exponents(wbits: int, out: int, in_: int) -> torch.Tensor:
 def kernel_weight16(q: Layer) -> torch.Tensor:
     """The kernels' dense weight, fp16, with the weight exponent k of its record: the fp16x2 operations of
     kernels/spqr_matmul.cu (decode_record), each emulated as its exact float64 result rounded once to fp16
-    (subnormals included): s' = (s_scale * 2^(12-k)) * 2^12, S0 = fma(scale code, s', -z_scale * s'),
-    Z = fma(zero code, s_zero, -z_zero * s_zero), C = (S0 * -2^-24) * Z, S = S0 * 2^-p' (`pair_exponents`),
-    w'' = fma(code * 2^(p'-24), S, C), w = fp16(w'' * 2^k)."""
+    (subnormals included): s' = s_scale * 2^(12-k), S12 = fma(scale code, s', -z_scale * s') (= S0 * 2^-12),
+    Z = fma(zero code, s_zero, -z_zero * s_zero), C = (S12 * -2^-12) * Z, S = S12 * 2^(12-p') (`pair_exponents`;
+    2-bit: S12 * 2^12, then * 2^-p'), w'' = fma(code * 2^(p'-24), S, C), w = fp16(w'' * 2^k)."""
     m = q.meta
     sec = q.second.double().cpu().repeat_interleave(16, dim=0)[: m.out_features]  # (out, groups, 4)
     ss, zs, sz, zz = sec.unbind(-1)
     k = weight_exponents(q).double()[:, ::16]  # (out, groups): a group never straddles records
-    s1 = _h(_h(ss * torch.exp2(12 - k)) * 4096.0)
-    s0 = _h(q.scale_codes.cpu().double() * s1 + _h(s1 * -zs))
+    s1 = _h(ss * torch.exp2(12 - k))
+    s12 = _h(q.scale_codes.cpu().double() * s1 + _h(s1 * -zs))  # S0 * 2^-12
     zero = _h(q.zero_codes.cpu().double() * sz + _h(sz * -zz))
-    c = _h(_h(s0 * -(2.0**-24)) * zero)
+    c = _h(_h(s12 * -(2.0**-12)) * zero)
     cols = torch.arange(m.in_features) // 16
-    s0, c, k = s0[:, cols], c[:, cols], k[:, cols]
+    s12, c, k = s12[:, cols], c[:, cols], k[:, cols]
     p = pair_exponents(m.wbits, m.out_features, m.in_features).double()
-    s = _h(s0 * torch.exp2(-p))
+    published = p if m.wbits != 2 else torch.zeros_like(p)  # 2-bit: the quad publishes S0, tiles scale it
+    s = _h(_h(s12 * torch.exp2(12 - published)) * torch.exp2(published - p))
     w2 = _h(q.codes.cpu().double() * torch.exp2(p - 24) * s + c)  # w'' = w * 2^-k
     return (w2 * torch.exp2(k)).half()
 
