@@ -75,19 +75,20 @@
 // thread), thread instructions per weight / registers / resident blocks per SM (x 4 warps); no spills, no local
 // memory (benchmarks/sass_report.py):
 //                     sm_80              sm_86, sm_89       sm_90
-//   W3 SB3, 1-8 rows  2.41 / 88 / 5      2.41 / 88 / 4      2.39 / 90 / 5
-//   W3 SB3, 9-16 rows 2.74 / 96 / 5      2.74 / 96 / 3      2.70 / 102 / 4
-//   W4 SB3, 1-8 rows  2.31 / 80 / 6      2.31 / 80 / 3      2.29 / 82 / 5
-//   W2 SB3, 1-8 rows  2.46 / 77 / 6      2.46 / 77 / 5      2.44 / 79 / 6
-// (session 4's kernel: 4.03, 4.52, 3.72, 3.67 on sm_80; format 2's: 2.76, 3.09, 2.38, 2.51.) Per record and
-// thread (32 weights), W3 SB3 sm_80, 77 instructions: 16 HFMA2 (one per pair) + 18 LOP3 + 5 shifts (codes),
-// 19 for the stats (7 HMUL2, 2 HFMA2, 2 HADD2, 3 LOP3, 3 shifts and the funnel, 2 loads), 4 HMMA + 2 LDSM, 6
-// more shared-memory loads and stores (codes 2, the quad exchange 3, ...), ~7 of pipeline (cp.async, wait,
-// barrier, pointers, and the never-executed `@!PT LDS` ptxas puts beside cp.async). W4 SB3 74: 16 HFMA2 +
-// 16 LOP3 + 4 SHF (codes), the same stats, loads and pipeline. The issue's targets (<= 2.5 for 3-bit, <= 2.0 for
-// 4-bit: 80 / 64 a record) are met for 3-bit at 1-8 rows, not at 9-16 rows (the second n-tile doubles the HMMA
-// and LDSM: +6 a record) and not for 4-bit (-10 a record to go: with one HFMA2 and one LOP3 a pair the codes
-// alone cost 1.1 a weight, the stats of 16 x 16 groups 0.6; the analysis is in BENCHMARKS.md).
+//   W3 SB3, 1-8 rows  2.38 / 81 / 5      2.38 / 81 / 4      2.36 / 81 / 5
+//   W3 SB3, 9-16 rows 2.62 / 96 / 5      2.62 / 96 / 3      2.60 / 108 / 4
+//   W4 SB3, 1-8 rows  2.28 / 76 / 6      2.28 / 76 / 3      2.26 / 78 / 6
+//   W4 SB3, 9-16 rows 2.54 / 96 / 4      2.54 / 96 / 2      2.54 / 96 / 5
+//   W2 SB3, 1-8 rows  2.44 / 80 / 6      2.44 / 80 / 5      2.43 / 80 / 6
+// (session 4's kernel: 4.03, 4.52, 3.72, 4.23, 3.67 on sm_80; format 2's: 2.76, 3.09, 2.38, 2.77, 2.51.) Per
+// record and thread (32 weights), W3 SB3 sm_80, 76 instructions: 16 HFMA2 (one per pair) + 18 LOP3 + 5 shifts
+// (codes), 18 for the stats (6 HMUL2, 2 HFMA2, 2 HADD2, 3 LOP3, 3 shifts and the funnel, 2 loads), 4 HMMA + 2
+// LDSM, 6 more shared-memory loads and stores (codes 2, the quad exchange 3, the second-order pair 1), ~7 of
+// pipeline (cp.async, wait, barrier, source pointers, and the never-executed `@!PT LDS` ptxas puts beside
+// cp.async). W4 SB3 73: 16 HFMA2 + 16 LOP3 + 4 SHF (codes), the same stats, loads and pipeline. The issue's
+// targets (<= 2.5 for 3-bit, <= 2.0 for 4-bit: 80 / 64 a record) are met for 3-bit at 1-8 rows, not at 9-16
+// rows (the second n-tile adds 4 HMMA and 2 LDSM a record) and not for 4-bit (-9 a record to go: with one HFMA2
+// and one LOP3 a pair the codes alone cost 1.1 a weight, the stats of 16 x 16 groups 0.6; BENCHMARKS.md).
 // ===============================================================================================================
 
 #include "spqr_matmul.h"

@@ -10,7 +10,6 @@ planes to the codes and packs them again (`tile_layout.pack` order), leaving the
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 
 import torch
@@ -27,21 +26,16 @@ def v2_high_bit_position(j: int, k: int) -> int:
     return 8 * (j % 2) + 4 * (k // 2) + 2 * (1 - j // 2) + k % 2
 
 
-@functools.cache
-def _high_plane_fields(device: torch.device) -> Tensor:
-    """Index: field 16c + 4j + k of the generic 1-bit plane order <- bit 16c + v2_high_bit_position(j, k)."""
-    src = [16 * c + v2_high_bit_position(j, k) for c in range(2) for j in range(4) for k in range(4)]
-    return torch.tensor(src, device=device)
-
-
 def v2_code3_blocks(tiles: Tensor) -> Tensor:
     """The 3-bit codes of format 2 records int32 (RT, KB, R) as uint8 (RT, KB, 16, 64)."""
     rt, kb = tiles.shape[:2]
     low = tile_layout.decode_plane(tiles[..., :64], 2)  # (RT, KB, 1024): bits 0-1
-    high = tiles[..., 64:96]
-    bits = torch.stack([(high.long() >> s) & 1 for s in range(32)], dim=-1)  # (RT, KB, 32 words, 32 bits)
-    generic = bits[..., _high_plane_fields(tiles.device)].to(torch.uint8)  # fields in plane order
-    words = (generic.long() << torch.arange(32, device=tiles.device)).sum(-1)
+    high = tiles[..., 64:96].long() & 0xFFFFFFFF  # (RT, KB, 32 lanes)
+    words = torch.zeros_like(high)  # the 1-bit plane in the generic plane order: field 16c + 4j + k
+    for c in range(2):
+        for j in range(4):
+            for k in range(4):
+                words |= ((high >> (16 * c + v2_high_bit_position(j, k))) & 1) << (16 * c + 4 * j + k)
     high_codes = tile_layout.decode_plane(to_int32_bits(words), 1)
     return (low | (high_codes << 2)).reshape(rt, kb, tile_layout.ROWS, tile_layout.COLS)
 
