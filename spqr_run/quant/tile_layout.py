@@ -96,12 +96,6 @@ CODE3_SLOTS: tuple[tuple[tuple[int, int] | None, ...], ...] = (
     ((1, 4), (2, 2), (2, 4), None),
 )
 CODE3_ROW_EXPONENTS = ((0, 0), (0, 3), (3, 6), (3, 6))  # p' of (row g, row g + 8) pairs in tile j
-_CODE3_WORDS = (lambda lane: 2 * lane, lambda lane: 2 * lane + 1, lambda lane: 64 + lane)
-
-
-def code3_slot_exponent(slot: tuple[int, int] | None) -> int:
-    """p' of a 3-bit slot: 3i mod 9 for slot (w, i), 6 for the spread slot."""
-    return 6 if slot is None else (3 * slot[1]) % 9
 
 
 @functools.cache
