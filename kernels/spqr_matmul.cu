@@ -44,8 +44,8 @@
 //   S, C) as one HFMA2 with the row's S and C broadcast = 2^-k * (code * S + C). 4-bit: p' = 0 for row g, 4 for
 //   row g+8 (one shift a word); 3-bit (format 3): five codes a half, at bits 0, 3, 6 and, after one shift of
 //   the word by 9, 9, 12, so p' = 0, 3, 6, plus a 16th pair spread over the three words' bit 15 (five
-//   instructions), with p' shared by a row's pairs in a tile (kCode3RowExp); 2-bit: p' = 0 or 4 by column half,
-//   so there each tile scales S0 by 2^-4 itself.
+//   instructions), with p' shared by a row's pairs in a tile (tile_layout.CODE3_ROW_EXPONENTS); 2-bit: p' = 0
+//   or 4 by column half, so there each tile scales S0 by 2^-4 itself.
 //   The weight exponent k (per warp and k-range, from the second-order numbers of its records: scale <= bound
 //   < 2^e, k = e + 9, clamped to [-3, 24]) keeps S0 < 2^15 (fp16 max 65504); the accumulators are multiplied by
 //   2^k (exact) before they leave the warp, the outlier seeds by 2^-k. (With the fp16 magic number 1024 instead,
@@ -215,10 +215,10 @@ __device__ __forceinline__ __half2 code_pair(uint32_t word) {
 // 3-bit records (tile_layout.CODE3_SLOTS): lane L's code words W0, W1 (words 2L, 2L+1) and W2 (word 64+L) hold
 // five codes a half, slot (w, i) at bits 3i (i = 0..4) of each half of W_w, and the 16th pair's code spread over
 // bit 15 of each half of W0, W1, W2 (bits 0, 1, 2 of the code). kSlots3[j][k] = 5w + i for tile j's a{k}, 15
-// for the spread pair; in each tile the pairs of one row share p' = 3i mod 9 (kCode3RowExp), so the quad
+// for the spread pair; in each tile the pairs of one row share p' = 3i mod 9: (row g, row g+8) = (0, 0), (0, 3),
+// (3, 6), (3, 6) in tiles 0..3 (tile_layout.CODE3_ROW_EXPONENTS), so the quad
 // publishes each group's S0 already scaled by 2^-p' for row g and for row g+8 (lane 4g+t, group t).
 constexpr int kSlots3[4][4] = {{0, 5, 10, 3}, {8, 1, 13, 6}, {11, 2, 4, 7}, {9, 12, 14, 15}};
-constexpr int kCode3RowExp[4][2] = {{0, 0}, {0, 3}, {3, 6}, {3, 6}};
 
 // Pair of slot s (5w + i, or 15) of the words W[3] (sh[w] = W[w] >> 9) as subnormals code * 2^(p'-24): one LOP3
 // for slots 0..14 (slots 3 and 4 from the shifted word), five instructions for the spread pair (assembled at
@@ -264,11 +264,11 @@ __device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, 
   const __half2 zero = hfma2(zc, sz, __hmul2(sz, __hneg2(__high2half2(z2))));
   const __half2 my_c = __hmul2(__hmul2(my_s12, __float2half2_rn(-0x1p-12f)), zero);  // -scale*zero * 2^-k
   // Publish S = S0 * 2^-p' = (S0 2^-12) * 2^(12-p') for the bit position p' of the row's pairs in tile t, one
-  // HMUL2 (4-bit: row g at p' = 0, row g+8 at 4; 3-bit: kCode3RowExp[t]; 2-bit: p' depends on the column half,
+  // HMUL2 (4-bit: row g at p' = 0, row g+8 at 4; 3-bit: CODE3_ROW_EXPONENTS[t]; 2-bit: p' depends on the column half,
   // so the tiles scale S0 by 2^-4 themselves).
   __half2 pub = __float2half2_rn(4096.0f);
   if constexpr (W == 4) pub = __floats2half2_rn(4096.0f, 256.0f);
-  if constexpr (W == 3) {  // 2^(12 - kCode3RowExp[t][0]), 2^(12 - kCode3RowExp[t][1])
+  if constexpr (W == 3) {  // 2^(12 - p'), p' = CODE3_ROW_EXPONENTS[t]: (0, 0), (0, 3), (3, 6), (3, 6)
     pub = __floats2half2_rn(t < 2 ? 4096.0f : 512.0f, t == 0 ? 4096.0f : t == 1 ? 512.0f : 64.0f);
   }
   xch[lane] = make_uint2(h2_bits(__hmul2(my_s12, pub)), h2_bits(my_c));
@@ -300,7 +300,7 @@ __device__ __forceinline__ void decode_record(const uint32_t* __restrict__ rec, 
         v[2 * w + h][3] = code_pair<2, 4>(b2);
       }
     }
-  } else {  // p' = kCode3RowExp[j][k & 1]
+  } else {  // p' = CODE3_ROW_EXPONENTS[j][k & 1]
     const uint2 q = *reinterpret_cast<const uint2*>(rec + 2 * lane);
     const uint32_t wd[3] = {q.x, q.y, rec[64 + lane]};
     const uint32_t sh[3] = {wd[0] >> 9, wd[1] >> 9, wd[2] >> 9};
