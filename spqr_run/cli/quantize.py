@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="spqr/gptq: fit each layer to the full-precision model's outputs (asymmetric calibration)",
     )
     p.add_argument(
+        "--cd-passes",
+        type=int,
+        help="spqr/gptq: coordinate-descent passes refining the codes after GPTQ (QuantEase; 0 = off)",
+    )
+    p.add_argument(
         "--percdamp",
         type=float,
         help="Hessian damping relative to its mean diagonal (default 0.01; the near-lossless preset: 0.1)",
@@ -115,6 +120,7 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
         "percdamp",
         "stat_search",
         "fp_targets",
+        "cd_passes",
     ):
         value = getattr(args, flag)
         if value is not None:
