@@ -155,5 +155,66 @@ def test_cd_passes_is_validated_and_reaches_the_cli():
         QuantConfig(cd_passes=1.5)  # type: ignore[arg-type]
     args = build_parser().parse_args(["m.gguf", "-o", "x.spqr", "--preset", "3bit", "--cd-passes", "3"])
     assert quant_config_from_args(args).cd_passes == 3
+    assert not quant_config_from_args(args).stat_refit
+    args = build_parser().parse_args(["m.gguf", "-o", "x.spqr", "--cd-passes", "1", "--stat-refit"])
+    assert quant_config_from_args(args).stat_refit
     assert QuantConfig.from_dict(QuantConfig(cd_passes=2).to_dict()).cd_passes == 2
     assert QuantConfig.from_dict({"method": "spqr"}).cd_passes == 0  # files written before the field
+
+
+@pytest.mark.parametrize("wbits,tau", [(3, 0.3), (4, 0.2)])
+def test_stat_refit_lowers_the_objective_further_at_the_same_bytes(wbits, tau):
+    torch.manual_seed(6)
+    out, n = 64, 160
+    w = torch.randn(out, n)
+    w[torch.rand(out, n) < 0.01] *= 6
+    h = _spd_hessian(n, seed=7)
+    cfg = QuantConfig(wbits=wbits, outlier_threshold=tau, stat_search=True, cd_passes=2)
+    cd = quantize_linear(w, h, config=cfg)
+    refit = quantize_linear(w, h, config=dataclasses.replace(cfg, stat_refit=True))
+    assert _objective(w, h, refit, cfg.percdamp) < 0.995 * _objective(w, h, cd, cfg.percdamp)
+    q = refit.quantized
+    assert q.nbytes == cd.quantized.nbytes and q.num_outliers == cd.quantized.num_outliers
+    assert not torch.equal(q.tensors()["tiles"], cd.quantized.tensors()["tiles"])  # new fp16 statistics
+    loaded = QuantizedLinear.from_tensors(
+        {k: v.clone() for k, v in q.tensors().items()}, meta=q.meta.to_dict(), source="t"
+    )
+    assert torch.equal(loaded.dequantize(), refit.reconstruction)
+
+
+def test_stat_refit_recovers_exact_second_order_statistics():
+    """H = I, one 16 x 16 group whose weights are exactly on the grid of scale = 2**-6 * (scale code + 2),
+    zero = zero code, stored (fp16) as second-order stats (2**-6, -2) and (1, 0). Started from
+    (2**-7, -1) for the scales, the rows' least-squares targets are the true scales, which lie on one line
+    of the codes: the refit finds it exactly and the objective drops to 0."""
+    g = torch.Generator().manual_seed(8)
+    k = out = 16
+    sc = torch.randint(0, 8, (out,), generator=g).float()
+    zc = torch.randint(0, 8, (out,), generator=g).float()
+    codes = torch.randint(0, 16, (k, out), generator=g).float()  # (in, out)
+    w0t = (2.0**-6 * (sc + 2)) * (codes - zc)
+    second = torch.tensor([[2.0**-7, -1.0, 1.0, 0.0]]).half()
+    scale = 2.0**-7 * (sc + 1)
+    st = spqr._LoopState(
+        wt=w0t.clone(),
+        u=torch.eye(k),
+        u_diag=torch.ones(k),
+        codes=codes.clone(),
+        recon=scale * (codes - zc),
+        err=torch.zeros(k, out),
+        is_outlier=None,
+        deltas=None,
+        maxq=15,
+        threshold=None,
+    )
+    groups = [spqr._GroupStats(scale, zc.clone(), (sc, zc, second))]
+    dt = w0t - st.recon
+    assert dt.abs().max() > 0.01
+    spqr.refit_second_order(st, dt, torch.eye(k), groups, 16, 16)
+    assert groups[0].stored[2].tolist() == [[2.0**-6, -2.0, 1.0, 0.0]]
+    assert torch.equal(st.recon, w0t) and torch.equal(dt, torch.zeros(k, out))
+
+
+def test_stat_refit_needs_cd_passes():
+    with pytest.raises(ConfigError, match="cd_passes"):
+        QuantConfig(stat_refit=True)
