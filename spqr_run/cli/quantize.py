@@ -90,11 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="spqr/gptq: coordinate-descent passes refining the codes after GPTQ (QuantEase; 0 = off)",
     )
     p.add_argument(
-        "--stat-refit",
-        action=argparse.BooleanOptionalAction,
-        help="spqr, with --cd-passes: re-fit the fp16 second-order statistics at each pass (codes fixed)",
-    )
-    p.add_argument(
         "--percdamp",
         type=float,
         help="Hessian damping relative to its mean diagonal (default 0.01; the near-lossless preset: 0.1)",
@@ -126,7 +121,6 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
         "stat_search",
         "fp_targets",
         "cd_passes",
-        "stat_refit",
     ):
         value = getattr(args, flag)
         if value is not None:

@@ -41,8 +41,6 @@ class QuantConfig:
     # 2023): with the statistics and the outlier positions fixed, each column in turn takes the grid codes
     # (outliers: the fp16 values) minimising tr((W - Q) H (W - Q)^T) given all other columns; 0 = off
     cd_passes: int = 0
-    # spqr only, with cd_passes: each pass first re-fits the fp16 second-order statistics (codes fixed)
-    stat_refit: bool = False
     # H[i, i] += percdamp * mean(diag H). 0.01 is GPTQ's default (Frantar et al., 2023); the SpQR release ran
     # 1.0, which on SmolLM2 costs every method 1.5-2.5 points of perplexity (sweep in BENCHMARKS.md)
     percdamp: float = 0.01
@@ -71,8 +69,6 @@ class QuantConfig:
             raise ConfigError(f"percdamp must be a finite number >= 0, got {self.percdamp}")
         if self.cd_passes < 0:
             raise ConfigError(f"cd_passes must be >= 0, got {self.cd_passes}")
-        if self.stat_refit and not self.cd_passes:
-            raise ConfigError("stat_refit runs inside the coordinate descent: it needs cd_passes >= 1")
         if self.blocksize <= 0:
             raise ConfigError(f"blocksize must be positive, got {self.blocksize}")
 

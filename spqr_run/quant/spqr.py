@@ -211,8 +211,7 @@ def _gptq(weights: list[Tensor], hessian: Tensor, config: QuantConfig) -> list[t
             wt[b1:].addmm_(u[b0:b1, b1:].T, err[: b1 - b0], alpha=-1)
     if w0t is not None:
         with _one_cpu_thread(dev):
-            sg = config.stat_groupsize if config.stat_refit and config.method == "spqr" else 0
-            refine_codes(st, w0t, h, groups, gs, config.cd_passes, sg)
+            refine_codes(st, w0t, h, groups, gs, config.cd_passes)
 
     parts = []
     r0 = 0
@@ -319,7 +318,6 @@ def refine_codes(
     groups: Sequence[_GroupStats],
     groupsize: int,
     passes: int,
-    stat_groupsize: int = 0,
 ) -> None:
     """Coordinate descent over the codes after the GPTQ loop (QuantEase, Behdin et al. 2023, arXiv 2309.01885).
 
@@ -332,98 +330,21 @@ def refine_codes(
     `grid.quantize_codes`, then `dequantize_codes`), an outlier the dense value plus fp16(t - dense), the
     reader's expression. f cannot rise (up to float rounding): the current value is among the candidates.
     R is recomputed at each pass and updated by blocks of `CD_BLOCK` columns (lazy, as GPTQ's updates).
-    Rows are independent; `passes` sweeps over the columns in the loop's (act_order) order. With
-    `stat_groupsize` (spqr), each pass starts with `refit_second_order` (its fp16 statistics re-fitted).
+    Rows are independent; `passes` sweeps over the columns in the loop's (act_order) order.
     """
     refine = _refine_columns_numpy if w0t.device.type == "cpu" else _refine_columns_torch
     n = w0t.shape[0]
+    scale = torch.stack([g.scale for g in groups])  # (groups, out)
+    zero = torch.stack([g.zero for g in groups])
     dt = w0t - st.recon  # (in, out) D^T
     change = torch.empty(CD_BLOCK, dt.shape[1], device=dt.device)  # (block, out) this block's Q changes
     for _ in range(passes):
-        if stat_groupsize:
-            refit_second_order(st, dt, h, groups, groupsize, stat_groupsize)
-        scale = torch.stack([g.scale for g in groups])  # (groups, out)
-        zero = torch.stack([g.zero for g in groups])
         rt = h @ dt  # (in, out) R^T = H D^T (H symmetric)
         for b0 in range(0, n, CD_BLOCK):
             b1 = min(b0 + CD_BLOCK, n)
             refine(st, dt, rt, h, scale, zero, groupsize, b0, b1, change)
             if b1 < n:
                 rt[b1:].addmm_(h[b1:, b0:b1], change[: b1 - b0], alpha=-1)
-
-
-def refit_second_order(
-    st: _LoopState, dt: Tensor, h: Tensor, groups: list[_GroupStats], groupsize: int, stat_groupsize: int
-) -> None:
-    """Re-fit SpQR's fp16 second-order statistics with every code fixed, minimising tr(D H D^T), D = W - Q.
-
-    Per column group, first the (scale, zero) pair of the 3-bit scale codes, then that of the 3-bit zero
-    codes, of every row group: a row's first-order scale is s * (c - z) = alpha * c + beta, linear in
-    (alpha, beta) = (s, -s z); changing it by e changes the group's reconstruction of that row by e * v
-    (v = code - zero, outlier deltas fixed) and f by e^2 v^T H_gg v - 2 e v.R (R = D H, H_gg the group's
-    block of H), so the best (alpha, beta) is a weighted least-squares line through the rows' targets
-    old + (v.R) / (v^T H_gg v) against their codes; likewise the zero (change -e * scale on every column).
-    The line is stored as fp16 (s, z) and kept only where f falls for its row group (exact change with
-    the fp16 values). `groups` (replaced in place), st.recon, st (outliers unchanged) and dt = W^T - Q^T
-    (in, out) are updated; the reconstruction uses `dequantize_codes`, the reader's formula.
-    """
-    n, out = dt.shape
-    sg = stat_groupsize
-    rg = -(-out // sg)
-    pad = rg * sg - out
-    rt = h @ dt  # (in, out) R^T, kept current below
-
-    def per_group(x: Tensor) -> Tensor:  # (out,) -> (rg, sg), padding rows 0
-        return torch.nn.functional.pad(x, (0, pad)).view(rg, sg)
-
-    for gi, g in enumerate(groups):
-        c0, c1 = gi * groupsize, min(gi * groupsize + groupsize, n)
-        hgg = h[c0:c1, c0:c1]  # (k, k)
-        codes = st.codes[c0:c1]  # (k, out)
-        stat_codes = g.stored[:2]  # scale codes, zero codes (out,)
-        second = g.stored[2].clone()  # (rg, 4) fp16
-        vals = [g.scale, g.zero]
-        for k in range(2):
-            r_g = rt[c0:c1]  # (k, out)
-            if k == 0:
-                v = codes - vals[1]  # (k, out)
-                a = ((hgg @ v) * v).sum(0)  # (out,)
-                b = (v * r_g).sum(0)
-            else:
-                a = vals[0].square() * hgg.sum()
-                b = -vals[0] * r_g.sum(0)
-            ok = a > 0
-            y = torch.where(ok, vals[k] + b / torch.where(ok, a, 1), 0)
-            wgt = per_group(torch.where(ok, a, 0).double())
-            x, y = per_group(stat_codes[k].double()), per_group(y.double())
-            sw, sx, sy = wgt.sum(1), (wgt * x).sum(1), (wgt * y).sum(1)
-            sxx, sxy = (wgt * x * x).sum(1), (wgt * x * y).sum(1)
-            det = sw * sxx - sx * sx
-            steep = det > 1e-9 * sw * sxx
-            alpha = torch.where(
-                steep, (sw * sxy - sx * sy) / torch.where(steep, det, 1), second[:, 2 * k].double()
-            )
-            beta = (sy - alpha * sx) / sw.clamp_min(1e-300)
-            s16 = alpha.clamp(-FP16_MAX, FP16_MAX).half()
-            z16 = (-beta / s16.double()).clamp(-FP16_MAX, FP16_MAX).half()
-            valid = (sw > 0) & (s16 != 0) & torch.isfinite(z16)
-            rows = torch.arange(out, device=dt.device) // sg
-            new = dequantize_codes(stat_codes[k], s16[rows], z16[rows])  # (out,)
-            e = (new - vals[k]).double()
-            gain = per_group(a.double() * e * e - 2 * b.double() * e).sum(1)  # f change per row group
-            take = valid & (gain < 0)
-            second[:, 2 * k] = torch.where(take, s16, second[:, 2 * k])
-            second[:, 2 * k + 1] = torch.where(take, z16, second[:, 2 * k + 1])
-            vals[k] = dequantize_codes(stat_codes[k], second[rows, 2 * k], second[rows, 2 * k + 1])
-            recon = dequantize_codes(codes, vals[0], vals[1])
-            if st.is_outlier is not None:
-                mask = st.is_outlier[c0:c1]
-                recon = torch.where(mask, recon + st.deltas[c0:c1].float(), recon)
-            change = recon - st.recon[c0:c1]
-            st.recon[c0:c1] = recon
-            dt[c0:c1] -= change
-            rt.addmm_(h[:, c0:c1], change, alpha=-1)
-        groups[gi] = _GroupStats(vals[0], vals[1], (*stat_codes, second))
 
 
 def _refine_columns_torch(
