@@ -148,6 +148,7 @@ def test_two_columns_reach_the_hand_computed_optimum(numpy_path, monkeypatch):
 
 def test_cd_passes_is_validated_and_reaches_the_cli():
     from spqr_run.cli.quantize import build_parser, quant_config_from_args
+    from spqr_run.quantize_model import PRESETS
 
     with pytest.raises(ConfigError, match="cd_passes"):
         QuantConfig(cd_passes=-1)
@@ -155,5 +156,9 @@ def test_cd_passes_is_validated_and_reaches_the_cli():
         QuantConfig(cd_passes=1.5)  # type: ignore[arg-type]
     args = build_parser().parse_args(["m.gguf", "-o", "x.spqr", "--preset", "3bit", "--cd-passes", "3"])
     assert quant_config_from_args(args).cd_passes == 3
+    for passes in (0, 2):  # the near-lossless preset refines with 2 passes; 0 turns it off
+        args = build_parser().parse_args(["m.gguf", "-o", "x.spqr", "--cd-passes", str(passes)])
+        assert quant_config_from_args(args) == dataclasses.replace(PRESETS["near-lossless"], cd_passes=passes)
+    assert PRESETS["near-lossless"].cd_passes == 2 and PRESETS["3bit"].cd_passes == 0
     assert QuantConfig.from_dict(QuantConfig(cd_passes=2).to_dict()).cd_passes == 2
     assert QuantConfig.from_dict({"method": "spqr"}).cd_passes == 0  # files written before the field

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=sorted(PRESETS),
         default="near-lossless",
-        help="start from a paper config (default: near-lossless, ~4.6-4.7 bits)",
+        help="start from a paper config (default: near-lossless, ~4.7 bits)",
     )
     p.add_argument(
         "--method",

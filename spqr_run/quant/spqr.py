@@ -16,6 +16,9 @@ Algorithm (GPTQ, Frantar et al. 2022, with SpQR's additions, Dettmers et al. 202
   4. Each column is rounded to its grid; spqr marks outliers by ((w - q) / U[j, j])**2 > tau * s and
      stores them as fp16 deltas so they contribute (almost) no error; the error (w - q) / U[j, j] is
      propagated to later columns through U.
+  5. with `cd_passes`, coordinate descent over the finished codes (QuantEase, Behdin et al. 2023):
+     statistics and outlier positions fixed, each column takes its best grid values given the others
+     (`refine_codes`).
 
 Linears that read the same input (q/k/v, gate/up) share their Hessian: `quantize_linears` runs them as one
 row-stacked matrix (rows are independent given H), so steps 1-2 and every per-column operation happen once.
