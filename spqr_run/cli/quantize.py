@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=sorted(PRESETS),
         default="near-lossless",
-        help="start from a paper config (default: near-lossless, ~4.6-4.7 bits)",
+        help="start from a paper config (default: near-lossless, ~4.7 bits)",
     )
     p.add_argument(
         "--method",
@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--fp-targets",
         action=argparse.BooleanOptionalAction,
         help="spqr/gptq: fit each layer to the full-precision model's outputs (asymmetric calibration)",
+    )
+    p.add_argument(
+        "--cd-passes",
+        type=int,
+        help="spqr/gptq: coordinate-descent passes refining the codes after GPTQ (QuantEase; 0 = off)",
     )
     p.add_argument(
         "--percdamp",
@@ -115,6 +120,7 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
         "percdamp",
         "stat_search",
         "fp_targets",
+        "cd_passes",
     ):
         value = getattr(args, flag)
         if value is not None:

@@ -37,6 +37,10 @@ class QuantConfig:
     # (asymmetric calibration): W is replaced by W + W (X_fp - X_q) X_q^T (X_q X_q^T + damping)^-1 before
     # quantizing, so ||W X_fp - Q X_q|| is minimised instead of ||W X_q - Q X_q||
     fp_targets: bool = False
+    # spqr/gptq: passes of coordinate descent over the codes after the GPTQ loop (QuantEase, Behdin et al.
+    # 2023): with the statistics and the outlier positions fixed, each column in turn takes the grid codes
+    # (outliers: the fp16 values) minimising tr((W - Q) H (W - Q)^T) given all other columns; 0 = off
+    cd_passes: int = 0
     # H[i, i] += percdamp * mean(diag H). 0.01 is GPTQ's default (Frantar et al., 2023); the SpQR release ran
     # 1.0, which on SmolLM2 costs every method 1.5-2.5 points of perplexity (sweep in BENCHMARKS.md)
     percdamp: float = 0.01
@@ -63,6 +67,8 @@ class QuantConfig:
             raise ConfigError(f"outlier_threshold must be > 0 (inf disables), got {self.outlier_threshold}")
         if not (self.percdamp >= 0 and math.isfinite(self.percdamp)):
             raise ConfigError(f"percdamp must be a finite number >= 0, got {self.percdamp}")
+        if self.cd_passes < 0:
+            raise ConfigError(f"cd_passes must be >= 0, got {self.cd_passes}")
         if self.blocksize <= 0:
             raise ConfigError(f"blocksize must be positive, got {self.blocksize}")
 

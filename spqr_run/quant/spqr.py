@@ -16,6 +16,9 @@ Algorithm (GPTQ, Frantar et al. 2022, with SpQR's additions, Dettmers et al. 202
   4. Each column is rounded to its grid; spqr marks outliers by ((w - q) / U[j, j])**2 > tau * s and
      stores them as fp16 deltas so they contribute (almost) no error; the error (w - q) / U[j, j] is
      propagated to later columns through U.
+  5. with `cd_passes`, coordinate descent over the finished codes (QuantEase, Behdin et al. 2023):
+     statistics and outlier positions fixed, each column takes its best grid values given the others
+     (`refine_codes`).
 
 Linears that read the same input (q/k/v, gate/up) share their Hessian: `quantize_linears` runs them as one
 row-stacked matrix (rows are independent given H), so steps 1-2 and every per-column operation happen once.
@@ -175,6 +178,7 @@ def _gptq(weights: list[Tensor], hessian: Tensor, config: QuantConfig) -> list[t
         )
         threshold = threshold.to(dev)  # (sum out,) fp32, as the scalar was compared in fp32
 
+    w0t = wt.clone() if config.cd_passes else None  # (in, out) the target of the refinement
     gs = config.groupsize
     block = -(-config.blocksize // gs) * gs  # whole groups per block: stats see fully updated weights
     st = _LoopState(
@@ -208,6 +212,9 @@ def _gptq(weights: list[Tensor], hessian: Tensor, config: QuantConfig) -> list[t
                     wt[s1:b1].addmm_(u[s0:s1, s1:b1].T, err[s0 - b0 : s1 - b0], alpha=-1)
         if b1 < n:
             wt[b1:].addmm_(u[b0:b1, b1:].T, err[: b1 - b0], alpha=-1)
+    if w0t is not None:
+        with _one_cpu_thread(dev):
+            refine_codes(st, w0t, h, groups, gs, config.cd_passes)
 
     parts = []
     r0 = 0
@@ -302,6 +309,121 @@ def _round_columns_numpy(st: _LoopState, g: _GroupStats, s0: int, s1: int, b0: i
         e /= u_diag[j]
         if j + 1 < s1:
             wt[j + 1 : s1] -= np.outer(u[j, j + 1 : s1], e)
+
+
+CD_BLOCK = 128  # columns per lazy update of R in the coordinate descent (exact math at any size)
+
+
+def refine_codes(
+    st: _LoopState,
+    w0t: Tensor,
+    h: Tensor,
+    groups: Sequence[_GroupStats],
+    groupsize: int,
+    passes: int,
+) -> None:
+    """Coordinate descent over the codes after the GPTQ loop (QuantEase, Behdin et al. 2023, arXiv 2309.01885).
+
+    Minimises f(Q) = tr((W - Q) H (W - Q)^T) over the codes with the first-order statistics (`groups`) and
+    the outlier positions fixed; `w0t` (in, out) is W^T before the loop's error feedback, `h` (in, in) the
+    damped, permuted Hessian the loop used, `st` holds the loop's codes, reconstruction and outliers (all
+    updated in place). With D = W - Q and R = D H, changing column j of Q by c changes f by
+    -2 c.R[:, j] + H[j, j] |c|^2 per row, so the best value of column j given the others is
+    t = Q[:, j] + R[:, j] / H[j, j]: each row takes the grid point nearest to t (the grid's own rounding,
+    `grid.quantize_codes`, then `dequantize_codes`), an outlier the dense value plus fp16(t - dense), the
+    reader's expression. f cannot rise (up to float rounding): the current value is among the candidates.
+    R is recomputed at each pass and updated by blocks of `CD_BLOCK` columns (lazy, as GPTQ's updates).
+    Rows are independent; `passes` sweeps over the columns in the loop's (act_order) order.
+    """
+    refine = _refine_columns_numpy if w0t.device.type == "cpu" else _refine_columns_torch
+    n = w0t.shape[0]
+    scale = torch.stack([g.scale for g in groups])  # (groups, out)
+    zero = torch.stack([g.zero for g in groups])
+    dt = w0t - st.recon  # (in, out) D^T
+    change = torch.empty(CD_BLOCK, dt.shape[1], device=dt.device)  # (block, out) this block's Q changes
+    for _ in range(passes):
+        rt = h @ dt  # (in, out) R^T = H D^T (H symmetric)
+        for b0 in range(0, n, CD_BLOCK):
+            b1 = min(b0 + CD_BLOCK, n)
+            refine(st, dt, rt, h, scale, zero, groupsize, b0, b1, change)
+            if b1 < n:
+                rt[b1:].addmm_(h[b1:, b0:b1], change[: b1 - b0], alpha=-1)
+
+
+def _refine_columns_torch(
+    st: _LoopState,
+    dt: Tensor,
+    rt: Tensor,
+    h: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    gs: int,
+    b0: int,
+    b1: int,
+    change: Tensor,
+) -> None:
+    """Coordinate steps for columns [b0, b1) (`refine_codes`); their Q changes go to change[: b1 - b0]."""
+    for j in range(b0, b1):
+        g = j // gs
+        s, z = scale[g], zero[g]
+        t = st.recon[j] + rt[j] / h[j, j]  # (out,) the unconstrained best column given the others
+        q = torch.round(t / s.clamp_min(EPS) + z).clamp_(0, st.maxq)  # == grid.quantize_codes
+        deq = dequantize_codes(q, s, z)
+        if st.is_outlier is not None:
+            mask = st.is_outlier[j]
+            delta = (t - deq).clamp_(-FP16_MAX, FP16_MAX).half()
+            deq = torch.where(mask, deq + delta.float(), deq)  # same expression as the reader's
+            st.deltas[j] = torch.where(mask, delta, st.deltas[j])
+        c = change[j - b0]
+        torch.sub(deq, st.recon[j], out=c)
+        st.codes[j], st.recon[j] = q, deq
+        dt[j] -= c
+        if j + 1 < b1:
+            rt[j + 1 : b1].addr_(h[j + 1 : b1, j], c, alpha=-1)
+
+
+def _refine_columns_numpy(
+    st: _LoopState,
+    dt: Tensor,
+    rt: Tensor,
+    h: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    gs: int,
+    b0: int,
+    b1: int,
+    change: Tensor,
+) -> None:
+    """`_refine_columns_torch` on CPU tensors through NumPy views of the same memory, same expressions."""
+    recon, codes, dt_, rt_, h_, ch = (x.numpy() for x in (st.recon, st.codes, dt, rt, h, change))
+    scale_, zero_ = scale.numpy(), zero.numpy()
+    safe_scale = np.maximum(scale_, np.float32(EPS))
+    maxq = np.float32(st.maxq)
+    outliers = st.is_outlier is not None
+    if outliers:
+        is_outlier, deltas = st.is_outlier.numpy(), st.deltas.numpy()
+    for j in range(b0, b1):
+        g = j // gs
+        t = rt_[j] / h_[j, j]
+        t += recon[j]
+        q = t / safe_scale[g]
+        q += zero_[g]
+        np.rint(q, out=q)
+        np.clip(q, 0, maxq, out=q)
+        deq = q - zero_[g]
+        deq *= scale_[g]
+        if outliers:
+            mask = is_outlier[j]
+            delta = np.clip(t - deq, -FP16_MAX, FP16_MAX).astype(np.float16)
+            np.copyto(deltas[j], delta, where=mask)
+            np.add(deq, delta.astype(np.float32), out=deq, where=mask)
+        c = ch[j - b0]
+        np.subtract(deq, recon[j], out=c)
+        codes[j] = q
+        recon[j] = deq
+        dt_[j] -= c
+        if j + 1 < b1:
+            rt_[j + 1 : b1] -= np.outer(h_[j + 1 : b1, j], c)
 
 
 @contextmanager
