@@ -153,10 +153,10 @@ def _which(name: str, env: Mapping[str, str] | None) -> str | None:
 
 
 def check_build_prerequisites(env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Find cmake (>= 3.14) and C and C++ compilers; raise LlamaCppError naming what is missing.
+    """Find cmake (>= 3.15) and C and C++ compilers; raise LlamaCppError naming what is missing.
 
     Returns {'cmake': path, 'cc': path, 'cxx': path, 'generator': 'Ninja' or ''}. CC and CXX from the
-    environment are honoured, as cmake honours them.
+    environment are checked when set (cmake itself picks the compilers, honouring them).
     """
     env_vars = os.environ if env is None else env
     cmake = _which("cmake", env)
@@ -344,7 +344,7 @@ def build(jobs: int | None = None, sdist: Path | None = None, force: bool = Fals
         return final
     if final.exists() and not force:
         raise LlamaCppError(f"{final} exists but is not a complete build; rerun with --force to rebuild it")
-    tools = check_build_prerequisites()
+    prereq = check_build_prerequisites()
     jobs = jobs or os.cpu_count() or 1
 
     root = final.parent
@@ -354,6 +354,7 @@ def build(jobs: int | None = None, sdist: Path | None = None, force: bool = Fals
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     log = work / "build.log"
+    failed_log = root / f"{version}.failed-build.log"  # where the log is kept when the build fails
     started = time.monotonic()
     try:
         archive = fetch_sdist(work / "download", sdist)
@@ -367,21 +368,20 @@ def build(jobs: int | None = None, sdist: Path | None = None, force: bool = Fals
         _say(f"llama.cpp commit {commit or 'unknown'}")
 
         cmake_build = work / "cmake-build"
-        configure = [tools["cmake"], "-S", str(source), "-B", str(cmake_build), *CMAKE_OPTIONS]
-        if tools["generator"]:
-            configure += ["-G", tools["generator"]]
-        configure += [f"-DCMAKE_C_COMPILER={tools['cc']}", f"-DCMAKE_CXX_COMPILER={tools['cxx']}"]
+        configure = [prereq["cmake"], "-S", str(source), "-B", str(cmake_build), *CMAKE_OPTIONS]
+        if prereq["generator"]:
+            configure += ["-G", prereq["generator"]]
         _say("configuring: " + shlex.join(configure))
         if _run_logged(configure, log, lambda line: line.startswith("-- The ") or "GGML_NATIVE" in line) != 0:
             _print_tail(log)
-            raise LlamaCppError(f"cmake configure failed; log: {root / f'{version}.failed-build.log'}")
+            raise LlamaCppError(f"cmake configure failed; log: {failed_log}")
 
-        compile_cmd = [tools["cmake"], "--build", str(cmake_build), "--config", "Release", "-j", str(jobs)]
+        compile_cmd = [prereq["cmake"], "--build", str(cmake_build), "--config", "Release", "-j", str(jobs)]
         compile_cmd += ["--target", *TOOLS]
         _say(f"compiling {len(TOOLS)} tools with {jobs} jobs (took 4.6 min with -j 2 on a 2-core machine)")
         if _run_logged(compile_cmd, log, _Progress()) != 0:
             _print_tail(log)
-            raise LlamaCppError(f"compile failed; log: {root / f'{version}.failed-build.log'}")
+            raise LlamaCppError(f"compile failed; log: {failed_log}")
 
         (work / "bin").mkdir()
         for tool in TOOLS:
@@ -403,9 +403,7 @@ def build(jobs: int | None = None, sdist: Path | None = None, force: bool = Fals
             "llama_bench_version": version_line,
             "tools": list(TOOLS),
             "cmake_options": list(CMAKE_OPTIONS),
-            "cmake": tools["cmake"],
-            "cc": tools["cc"],
-            "cxx": tools["cxx"],
+            "cmake": prereq["cmake"],
             "jobs": jobs,
             "build_seconds": round(seconds, 1),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -423,7 +421,6 @@ def build(jobs: int | None = None, sdist: Path | None = None, force: bool = Fals
             return final
     except BaseException:
         if log.is_file():
-            failed_log = root / f"{version}.failed-build.log"
             shutil.copyfile(log, failed_log)
         shutil.rmtree(work, ignore_errors=True)
         raise

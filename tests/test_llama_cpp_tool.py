@@ -201,6 +201,28 @@ def write_script(path: Path, text: str) -> Path:
     return path
 
 
+def fake_build_tools(bin_dir: Path) -> None:
+    """cmake, gcc and g++ stand-ins that pass the prerequisite check (and would fail any real use)."""
+    write_script(bin_dir / "cmake", "#!/bin/sh\necho 'cmake version 3.25.1'\n")
+    write_script(bin_dir / "gcc", "#!/bin/sh\nexit 1\n")
+    write_script(bin_dir / "g++", "#!/bin/sh\nexit 1\n")
+
+
+def test_failed_build_leaves_no_build_behind(cache, tmp_path, monkeypatch):
+    fake_build_tools(tmp_path / "bin")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    bad = tmp_path / lc.SDIST_NAME
+    bad.write_bytes(b"not the pinned sdist")
+    with pytest.raises(
+        lc.LlamaCppError, match=f"^{lc.SDIST_NAME} has sha256 .*the pin says {lc.SDIST_SHA256}$"
+    ):
+        lc.build(sdist=bad)
+    assert not cache.exists()
+    assert list(cache.parent.iterdir()) == []  # the partial folder is gone too
+    with pytest.raises(lc.LlamaCppError, match="^sdist not found"):
+        lc.build(sdist=tmp_path / "absent.tar.gz")
+
+
 def test_missing_cmake_and_compilers(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
