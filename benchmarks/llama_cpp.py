@@ -38,7 +38,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 # The pin: llama-cpp-python 0.3.36 vendors llama.cpp commit 0c1e57098bba43ac29e6e3b677cdceebdd22334f.
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -490,11 +490,21 @@ def llama_bench_command(
     ]  # fmt: skip
 
 
-def _run_measured(cmd: Sequence[str]) -> tuple[int, str, str, int, float]:
-    """Run `cmd` and return (exit code, stdout, stderr, the child's peak RSS in bytes, wall seconds).
+class _Measured(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+    peak_rss_bytes: int
+    wall_s: float
+    cpu_s: float  # user + system time of the child, all its threads
+    involuntary_switches: int  # times the child was preempted: high when other processes want the cores
 
-    The peak RSS is the child's own ru_maxrss, read from wait4() for that pid (not the maximum over all
-    children of this process, which RUSAGE_CHILDREN would give).
+
+def _run_measured(cmd: Sequence[str]) -> _Measured:
+    """Run `cmd` and return its exit code, output, peak RSS, wall and CPU time, and preemptions.
+
+    The numbers are the child's own rusage, read from wait4() for that pid (RUSAGE_CHILDREN would give
+    the maximum RSS over every child this process ever waited for).
     """
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
@@ -506,7 +516,15 @@ def _run_measured(cmd: Sequence[str]) -> tuple[int, str, str, int, float]:
         err.seek(0)
         stdout, stderr = out.read(), err.read()
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return proc.returncode, stdout, stderr, usage.ru_maxrss * scale, wall
+    return _Measured(
+        proc.returncode,
+        stdout,
+        stderr,
+        usage.ru_maxrss * scale,
+        wall,
+        usage.ru_utime + usage.ru_stime,
+        usage.ru_nivcsw,
+    )
 
 
 def _loadavg() -> list[float] | None:
@@ -521,8 +539,10 @@ def run_llama_bench(model: Path, threads: int, n_gen: int = 128, n_prompt: int =
 
     Keys: decode_tok_s, decode_tok_s_stddev, decode_samples_tok_s (and prompt_* when n_prompt > 0),
     model_type, model_size_bytes, model_n_params, n_threads, cpu_info, build_commit, build_number,
-    peak_rss_bytes (llama-bench's own peak resident set), wall_s, loadavg_before / loadavg_after
-    (1/5/15-minute load averages), command (a shell-quoted string), argv, llama_cpp_python (the pin)
+    peak_rss_bytes (llama-bench's own peak resident set), wall_s, cpu_s (its user + system time),
+    involuntary_switches (how often it was preempted: a contention sign on a shared machine, as is
+    cpu_s / wall_s well under `threads`; llama.cpp's threads spin while waiting for each other, so a
+    preempted thread stalls the rest), loadavg_before / loadavg_after (1/5/15-minute load averages), command (a shell-quoted string), argv, llama_cpp_python (the pin)
     and tests (llama-bench's raw JSON). Raises LlamaCppError when llama-bench is not built, the model
     is missing, or llama-bench fails.
     """
@@ -533,18 +553,20 @@ def run_llama_bench(model: Path, threads: int, n_gen: int = 128, n_prompt: int =
         raise LlamaCppError("need threads >= 1, reps >= 1 and some tokens to generate or process")
     cmd = llama_bench_command(tool_path("llama-bench"), model, threads, n_gen, n_prompt, reps)
     load_before = _loadavg()
-    rc, stdout, stderr, rss, wall = _run_measured(cmd)
-    if rc != 0:
-        last = (stderr.strip().splitlines() or ["no output"])[-1]
-        raise LlamaCppError(f"llama-bench failed (exit {rc}): {last}")
-    tests = parse_llama_bench_json(stdout)
+    run = _run_measured(cmd)
+    if run.returncode != 0:
+        last = (run.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LlamaCppError(f"llama-bench failed (exit {run.returncode}): {last}")
+    tests = parse_llama_bench_json(run.stdout)
     result: dict[str, Any] = {
         "engine": "llama.cpp",
         "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,
         "model": str(model),
         **summarize_llama_bench(tests),
-        "peak_rss_bytes": rss,
-        "wall_s": round(wall, 2),
+        "peak_rss_bytes": run.peak_rss_bytes,
+        "wall_s": round(run.wall_s, 2),
+        "cpu_s": round(run.cpu_s, 2),
+        "involuntary_switches": run.involuntary_switches,
         "loadavg_before": load_before,
         "loadavg_after": _loadavg(),
         "command": shlex.join(cmd),
@@ -568,7 +590,10 @@ def format_bench(result: Mapping[str, Any]) -> str:
                 f"{kind} ({result[f'{kind}_tokens']} tokens, {result['n_threads']} threads): "
                 f"{result[f'{kind}_tok_s']:.2f} +- {result[f'{kind}_tok_s_stddev']:.2f} tok/s  [{samples}]"
             )
-    lines.append(f"peak RSS: {result['peak_rss_bytes'] / 2**20:.1f} MiB; wall {result['wall_s']:.1f} s")
+    lines.append(
+        f"peak RSS: {result['peak_rss_bytes'] / 2**20:.1f} MiB; wall {result['wall_s']:.1f} s, "
+        f"CPU {result['cpu_s']:.1f} s, preempted {result['involuntary_switches']} times"
+    )
     lines.append(f"load average before/after: {result['loadavg_before']} / {result['loadavg_after']}")
     lines.append(f"command: {result['command']}")
     return "\n".join(lines)

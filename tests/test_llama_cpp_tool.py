@@ -285,6 +285,7 @@ def test_run_llama_bench_end_to_end(cache, tmp_path):
     assert r["decode_tok_s"] == pytest.approx(88.223023)
     assert r["model_size_bytes"] == 96576768 and r["model_n_params"] == 134515008
     assert r["peak_rss_bytes"] > 8 << 20  # the child's own peak, in bytes
+    assert 0 < r["cpu_s"] < 10 * r["wall_s"] and r["involuntary_switches"] >= 0
     assert r["llama_cpp_python"] == lc.LLAMA_CPP_PYTHON_VERSION
     json.dumps(r)  # the result is plain JSON for other scripts
     assert "decode (128 tokens, 1 threads): 88.22 +- 1.60 tok/s" in lc.format_bench(r)
