@@ -13,6 +13,76 @@
 
 #include "spqr_internal.h"
 
+/* Vector loops: one source, compiled for AVX-512, AVX2 and plain x86-64 and picked when the library loads
+ * (GCC function multiversioning). Sums use 16 partial sums in a fixed order, so every clone rounds alike. */
+#if defined(SPQR_HAVE_X86) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_THREAD__)
+#define VEC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define VEC_CLONES
+#endif
+
+static inline float reduce16(float acc[16]) {
+  for (int w = 8; w >= 1; w /= 2)
+    for (int l = 0; l < w; l++) acc[l] += acc[l + w];
+  return acc[0];
+}
+
+/* sum_i a[i] b[i] */
+VEC_CLONES static float dot_f32(const float *a, const float *b, int32_t n) {
+  float acc[16] = {0};
+  int32_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int l = 0; l < 16; l++) acc[l] = fmaf(a[i + l], b[i + l], acc[l]);
+  for (int l = 0; i + l < n; l++) acc[l] = fmaf(a[i + l], b[i + l], acc[l]);
+  return reduce16(acc);
+}
+
+VEC_CLONES static float dot_f32_i8(const float *a, const int8_t *b, int32_t n) {
+  float acc[16] = {0};
+  int32_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int l = 0; l < 16; l++) acc[l] = fmaf(a[i + l], (float)b[i + l], acc[l]);
+  for (int l = 0; i + l < n; l++) acc[l] = fmaf(a[i + l], (float)b[i + l], acc[l]);
+  return reduce16(acc);
+}
+
+/* y += a x */
+VEC_CLONES static void axpy_f32(float a, const float *x, float *y, int32_t n) {
+  for (int32_t i = 0; i < n; i++) y[i] = fmaf(a, x[i], y[i]);
+}
+
+VEC_CLONES static void axpy_i8(float a, const int8_t *x, float *y, int32_t n) {
+  for (int32_t i = 0; i < n; i++) y[i] = fmaf(a, (float)x[i], y[i]);
+}
+
+/* exp(x) to about 2 ulp for finite x (range reduction by ln 2, degree-6 polynomial: the Cephes expf
+ * coefficients), written without calls or branches so the loops below vectorize. */
+static inline float exp_poly(float x) {
+  x = fminf(fmaxf(x, -87.3f), 88.3f); /* 2^-126 .. 2^127: normal results */
+  const float n = nearbyintf(x * 1.44269504088896341f);
+  float r = fmaf(n, -0.693359375f, x);
+  r = fmaf(n, 2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  p = fmaf(p, r, 1.3981999507e-3f);
+  p = fmaf(p, r, 8.3334519073e-3f);
+  p = fmaf(p, r, 4.1665795894e-2f);
+  p = fmaf(p, r, 1.6666665459e-1f);
+  p = fmaf(p, r, 5.0000001201e-1f);
+  p = fmaf(p, r * r, r) + 1.f;
+  int32_t bits = ((int32_t)n + 127) << 23;
+  float scale;
+  memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+VEC_CLONES void spqr_vec_exp(float *x, int64_t n) {
+  for (int64_t i = 0; i < n; i++) x[i] = exp_poly(x[i]);
+}
+
+VEC_CLONES void spqr_vec_silu_mul(float *gate, const float *up, int64_t n) {
+  for (int64_t i = 0; i < n; i++) gate[i] = gate[i] / (1.f + exp_poly(-gate[i])) * up[i];
+}
+
 typedef struct {
   const spqr_model *m;
   const int64_t *tokens, *positions, *rows;
@@ -102,54 +172,49 @@ static void rope_cache_task(void *p, int64_t b, int64_t e) {
   }
 }
 
-/* ---- attention: one query row, one head, keys 0 .. pos of its cache row -------------------------------- */
+/* ---- attention: one query token, one KV head (its group of query heads), keys 0 .. pos of its row ------- */
 static void attention_task(void *p, int64_t b, int64_t e) {
   const fwd_ctx *c = p;
   const spqr_model *m = c->m;
   const spqr_layer *L = c->layer;
   const int32_t hd = m->head_dim, kvh = m->n_kv_heads, group = m->n_heads / m->n_kv_heads;
   const float scale = 1.f / sqrtf((float)hd);
-  float *scores = malloc(sizeof(float) * (size_t)m->kv_max_seq);
+  const int int8 = m->kv_kind == SPQR_KV_INT8;
+  float *scores = malloc(sizeof(float) * (size_t)m->kv_max_seq * group);
   if (!scores) return;
   for (int64_t i = b; i < e; i++) {
-    const int64_t n = i / m->n_heads;
-    const int32_t h = (int32_t)(i % m->n_heads), g = h / group;
+    const int64_t n = i / kvh;
+    const int32_t g = (int32_t)(i % kvh);
     const int64_t pos = c->positions[n], row = c->rows ? c->rows[n / c->seq] : n / c->seq;
-    const float *q = c->proj + n * c->proj_stride + h * hd;
-    float *out = c->att + n * (int64_t)m->n_heads * hd + h * hd;
     const int64_t base = row * m->kv_max_seq * kvh + g; /* (row, s, g) = base + s * kvh */
-    float mx = -INFINITY;
-    for (int64_t s = 0; s <= pos; s++) {
+    const float *q = c->proj + n * c->proj_stride + (int64_t)g * group * hd;
+    float *out = c->att + n * (int64_t)m->n_heads * hd + (int64_t)g * group * hd;
+    const int64_t keys = pos + 1;
+    for (int64_t s = 0; s < keys; s++) { /* each key row read once for the whole group */
       const int64_t at = (base + s * kvh) * hd;
-      float dot = 0.f;
-      if (m->kv_kind == SPQR_KV_F32) {
-        const float *k = (const float *)L->k_cache + at;
-        for (int32_t d = 0; d < hd; d++) dot = fmaf(q[d], k[d], dot);
-      } else {
-        const int8_t *k = (const int8_t *)L->k_cache + at;
-        for (int32_t d = 0; d < hd; d++) dot = fmaf(q[d], (float)k[d], dot);
-        dot *= L->k_scale[base + s * kvh];
+      for (int32_t h = 0; h < group; h++) {
+        float dot = int8 ? dot_f32_i8(q + h * hd, (const int8_t *)L->k_cache + at, hd) * L->k_scale[base + s * kvh]
+                         : dot_f32(q + h * hd, (const float *)L->k_cache + at, hd);
+        scores[h * keys + s] = dot * scale;
       }
-      scores[s] = dot * scale;
-      mx = fmaxf(mx, scores[s]);
     }
-    float sum = 0.f;
-    for (int64_t s = 0; s <= pos; s++) {
-      scores[s] = expf(scores[s] - mx);
-      sum += scores[s];
+    for (int32_t h = 0; h < group; h++) {
+      float *sc = scores + h * keys, mx = -INFINITY, sum = 0.f;
+      for (int64_t s = 0; s < keys; s++) mx = fmaxf(mx, sc[s]);
+      for (int64_t s = 0; s < keys; s++) sc[s] -= mx;
+      spqr_vec_exp(sc, keys);
+      for (int64_t s = 0; s < keys; s++) sum += sc[s];
+      const float inv = 1.f / sum;
+      for (int64_t s = 0; s < keys; s++) sc[s] *= inv;
+      memset(out + h * hd, 0, sizeof(float) * hd);
     }
-    const float inv = 1.f / sum;
-    for (int32_t d = 0; d < hd; d++) out[d] = 0.f;
-    for (int64_t s = 0; s <= pos; s++) {
-      const float w = scores[s] * inv;
+    for (int64_t s = 0; s < keys; s++) {
       const int64_t at = (base + s * kvh) * hd;
-      if (m->kv_kind == SPQR_KV_F32) {
-        const float *v = (const float *)L->v_cache + at;
-        for (int32_t d = 0; d < hd; d++) out[d] = fmaf(w, v[d], out[d]);
-      } else {
-        const int8_t *v = (const int8_t *)L->v_cache + at;
-        const float ws = w * L->v_scale[base + s * kvh];
-        for (int32_t d = 0; d < hd; d++) out[d] = fmaf(ws, (float)v[d], out[d]);
+      for (int32_t h = 0; h < group; h++) {
+        if (int8)
+          axpy_i8(scores[h * keys + s] * L->v_scale[base + s * kvh], (const int8_t *)L->v_cache + at, out + h * hd, hd);
+        else
+          axpy_f32(scores[h * keys + s], (const float *)L->v_cache + at, out + h * hd, hd);
       }
     }
   }
@@ -223,7 +288,7 @@ int spqr_cpu_forward(const spqr_model *m, const int64_t *tokens, const int64_t *
       off += L->in_proj[i].out_features;
     }
     spqr_parallel_for(N, spqr_grain(N, 2), rope_cache_task, &c);
-    const int64_t pairs = N * m->n_heads;
+    const int64_t pairs = N * m->n_kv_heads;
     spqr_parallel_for(pairs, spqr_grain(pairs, 4), attention_task, &c);
     if (run_linear(&L->o_proj, c.att, qd, ao, H, (int32_t)N)) return -1;
     const float *mlp_in;
@@ -258,11 +323,3 @@ int spqr_cpu_forward(const spqr_model *m, const int64_t *tokens, const int64_t *
   return run_linear(&m->lm_head, c.h, H, logits, m->vocab, (int32_t)out_rows);
 }
 
-/* ---- elementwise math ---------------------------------------------------------------------------------- */
-void spqr_vec_silu_mul(float *gate, const float *up, int64_t n) {
-  for (int64_t i = 0; i < n; i++) gate[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
-}
-
-void spqr_vec_exp(float *x, int64_t n) {
-  for (int64_t i = 0; i < n; i++) x[i] = expf(x[i]);
-}
