@@ -15,6 +15,7 @@ model larger than host memory can be written and a crash never leaves a partial 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -41,14 +42,29 @@ _ST_DTYPES = {
 
 
 def write_spqr(
-    path: Path, header: dict[str, Any], tensors: Iterable[tuple[str, Callable[[], Tensor]]]
+    path: Path,
+    header: dict[str, Any],
+    tensors: Iterable[tuple[str, Callable[[], Tensor]]],
+    *,
+    specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]] | None = None,
 ) -> int:
     """Write a `.spqr` file: `header` (JSON-serialisable) and tensors given as (name, loader) pairs, loaded
-    one at a time. Returns the file size. The file appears under `path` only once complete."""
+    one at a time. Returns the file size in bytes. The file appears under `path` only once complete.
+
+    The header's index needs every tensor's dtype and shape before the first byte is written: a tensor named
+    in `specs` (name -> (dtype, shape)) is taken from there, any other is loaded once for its size and again
+    when written (memory stays at one tensor either way). A loader must return what its spec says."""
     path = Path(path)
+    specs = specs or {}
     entries: list[tuple[str, Callable[[], Tensor], str, list[int], int]] = []
     offset = 0
     for name, load in tensors:
+        if name in specs:
+            dtype, shape = specs[name]
+            nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+            entries.append((name, load, _ST_DTYPES[dtype], list(shape), nbytes))
+            offset += nbytes
+            continue
         t = load()  # loaded once for its size, then again when written (keeps memory at one tensor)
         nbytes = t.numel() * t.element_size()
         entries.append((name, load, _ST_DTYPES[t.dtype], list(t.shape), nbytes))
@@ -67,10 +83,10 @@ def write_spqr(
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
-            for name, load, _, shape, nbytes in entries:
+            for name, load, dtype, shape, nbytes in entries:
                 t = load().contiguous().cpu()
-                if list(t.shape) != shape:
-                    raise RuntimeError(f"tensor {name} changed shape while writing")
+                if list(t.shape) != shape or _ST_DTYPES[t.dtype] != dtype:
+                    raise RuntimeError(f"tensor {name} changed shape or dtype while writing")
                 data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
                 assert len(data) == nbytes
                 f.write(data)
