@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def load_runtime(
         kv_cache=kv_cache,
     )
     max_context = plan.max_context
-    model.setup_caches(rows, max_context, kind=kv_cache)
+    model.setup_caches(rows, max_context, kind=plan_kv_kind(plan))
     tok = source.tokenizer
     template = chat_template_for(
         tok.chat_template,
@@ -99,6 +100,28 @@ def load_runtime(
         eos_token=tok.eos_token,
     )
     return Runtime(source, model, template, dev, max_context, plan)
+
+
+def plan_kv_kind(plan: MemoryPlan) -> str:
+    """The `KVCache` kind a plan was made for ("int8" or "auto", the model's dtype)."""
+    return "int8" if plan.kv_dtype == "int8" else "auto"
+
+
+def load_transient_bytes(model: Decoder, *, quantized: bool) -> int:
+    """Bytes held above the final weights at the peak of loading `model` (`loading.build_decoder`): on the
+    native CPU path, the larger of the fp16 embedding and LM head while their int8 rows are made (a quantized
+    model) and the largest linear's CPU layout beside its records during the repack; 0 elsewhere."""
+    if getattr(model, "native", None) is None or not quantized:
+        return 0
+    cfg = model.config
+    tables = cfg.vocab_size * cfg.hidden_size * 2 * (1 if cfg.tie_word_embeddings else 2)  # fp16
+    from spqr_run.models.spqr_linear import SpQRLinear
+
+    repack = max(
+        (m.native.nbytes for m in model.modules() if isinstance(m, SpQRLinear) and m.native is not None),
+        default=0,
+    )
+    return max(tables, 2 * repack)
 
 
 def plan_context(
@@ -112,21 +135,55 @@ def plan_context(
     kv_cache: str = "auto",
 ) -> MemoryPlan:
     """The memory plan of a built `model` (its weights resident) with `rows` KV-cache rows: `ctx` tokens
-    each when asked for, else the longest context that fits, capped at `DEFAULT_CONTEXT`."""
+    each when asked for, else the longest context that fits, capped at `DEFAULT_CONTEXT`.
+
+    `kv_cache` "auto" keeps keys and values in the model's dtype when that fits; when it does not (the asked
+    `ctx` would be refused, or without `ctx` less than `DEFAULT_CONTEXT` (or the model's limit) fits) and an
+    int8 cache does better (fits the asked `ctx`, or a longer context), the plan takes int8 and says why in
+    `MemoryPlan.kv_note`; `plan_kv_kind` gives the cache kind to allocate. A ConfigError (one line) when not
+    even int8 fits."""
     weights, _ = resident_bytes(model)
     if kv_cache not in KV_CACHE_KINDS:
         raise ConfigError(f"invalid --kv-cache {kv_cache!r}: use one of {', '.join(KV_CACHE_KINDS)}")
-    kv_dtype = kv_dtype_of(kv_cache, model.dtype)
+    native = getattr(model, "native", None) is not None
     common = dict(
         weight_bytes=weights,
         budget_bytes=budget,
         batch=rows,
         quantized=quantized,
         name=name,
-        kv_dtype=kv_dtype,
+        weights_note="as loaded"
+        + (", spqr" if quantized else "")
+        + (", native CPU kernels" if native else ""),
+        native=native,
+        transient_bytes=load_transient_bytes(model, quantized=quantized),
     )
-    note = "as loaded" + (", spqr" if quantized else "")
-    plan = plan_memory(model.config, context=ctx, weights_note=note, **common)  # type: ignore[arg-type]
-    if ctx is None and plan.max_context > DEFAULT_CONTEXT:
-        plan = plan_memory(model.config, context=DEFAULT_CONTEXT, weights_note=note, **common)  # type: ignore[arg-type]
-    return plan
+    full = kv_dtype_of(kv_cache, model.dtype)
+
+    def plan(kv_dtype: str) -> MemoryPlan:
+        p = plan_memory(model.config, context=ctx, kv_dtype=kv_dtype, **common)  # type: ignore[arg-type]
+        if ctx is None and p.max_context > DEFAULT_CONTEXT:
+            p = plan_memory(model.config, context=DEFAULT_CONTEXT, kv_dtype=kv_dtype, **common)  # type: ignore[arg-type]
+        return p
+
+    if kv_cache != "auto" or full == "int8":
+        return plan(full)
+    target = ctx if ctx is not None else min(DEFAULT_CONTEXT, model.config.max_position_embeddings)
+    try:
+        first: MemoryPlan | None = plan(full)
+        refused: ConfigError | None = None
+    except ConfigError as e:
+        first, refused = None, e
+    if first is not None and first.max_context >= target:
+        return first
+    try:
+        small = plan("int8")
+    except ConfigError:
+        if refused is not None:
+            raise ConfigError(f"{refused} (an int8 KV cache does not fit either)") from None
+        return first  # type: ignore[return-value]
+    if first is not None and small.max_context <= first.max_context:
+        return first
+    had = "none" if first is None else f"only {first.max_context}"
+    why = f"--kv-cache auto chose int8: {full} fits {had} of {target} tokens"
+    return dataclasses.replace(small, kv_note=why)

@@ -174,16 +174,31 @@ def test_runtime_context_fits_the_budget():
     roomy = plan_context(model, budget=GiB, ctx=None, rows=3, quantized=False)
     assert roomy.max_context == DEFAULT_CONTEXT and roomy.batch == 3  # capped, though 32768 would fit
 
+    # fp32 fits 1000 tokens, rounded down to 768: short of the default 4096, so `--kv-cache auto` takes int8
+    # (2 * 2 * 2 * 16 codes + 2 * 2 * 2 fp32 scales = 160 bytes a token), where 3200 fit, rounded to 3072
+    kv8 = 2 * 2 * 2 * 16 + 2 * 2 * 2 * 4
     tight = plan_context(model, budget=fixed + 3 * 1000 * kv_tok, ctx=None, rows=3, quantized=False)
-    assert tight.context_fit == 1000 and tight.max_context == 768  # rounded down to 256
-    assert tight.headroom >= 0
+    assert tight.kv_dtype == "int8" and tight.context_fit == 3 * 1000 * kv_tok // (3 * kv8) == 3200
+    assert tight.max_context == 3072 and tight.headroom >= 0  # rounded down to 256
+    assert tight.kv_note == "--kv-cache auto chose int8: fp32 fits only 768 of 4096 tokens"
+    assert any("auto chose int8" in line for line in tight.lines())
+    budget = fixed + 3 * 1000 * kv_tok
+    fp32 = plan_memory(model.config, weight_bytes=weights, budget_bytes=budget, batch=3, kv_dtype="fp32")
+    assert fp32.context_fit == 1000 and fp32.max_context == 768  # what auto would have had in fp32
 
     asked = plan_context(model, budget=fixed + 3 * 1000 * kv_tok, ctx=1000, rows=3, quantized=False)
-    assert asked.max_context == 1000
+    assert asked.max_context == 1000 and asked.kv_dtype == "fp32" and asked.kv_note == ""  # fp32 fits
+    more = plan_context(model, budget=fixed + 3 * 1000 * kv_tok, ctx=1001, rows=3, quantized=False)
+    assert more.max_context == 1001 and more.kv_dtype == "int8"  # refused in fp32, fits in int8
     with pytest.raises(
-        ConfigError, match=r"^tiny does not fit a .* budget: .*KV cache .* for 1001 tokens x 3"
+        ConfigError, match=r"^tiny does not fit a .* budget: .*KV cache .* for 3201 tokens x 3"
     ):
-        plan_context(model, budget=fixed + 3 * 1000 * kv_tok, ctx=1001, rows=3, quantized=False, name="tiny")
+        plan_context(model, budget=fixed + 3 * 1000 * kv_tok, ctx=3201, rows=3, quantized=False, name="tiny")
+    with pytest.raises(ConfigError, match=r"for 1001 tokens x 3\) \(an int8 KV cache does not fit either\)$"):
+        plan_context(model, budget=fixed + 1000 * kv8, ctx=1001, rows=3, quantized=False, name="tiny")
+    # an explicit int8 cache is planned as asked, with no note
+    explicit = plan_context(model, budget=GiB, ctx=None, rows=3, quantized=False, kv_cache="int8")
+    assert explicit.kv_dtype == "int8" and explicit.kv_note == "" and explicit.max_context == DEFAULT_CONTEXT
 
     short = _tiny_decoder(300)  # the model's own limit wins over the memory
     assert plan_context(short, budget=GiB, ctx=None, rows=1, quantized=False).max_context == 300
@@ -205,7 +220,11 @@ def test_setup_caches_frees_or_reuses():
     [
         (["--gpu-memory", "lots"], "invalid --gpu-memory 'lots'"),
         (["--gpu-memory", "1MiB"], "does not fit a 0.00 GiB budget"),
-        (["--gpu-memory", "1GiB", "--ctx", "8192"], "KV cache 0.35 GiB for 8192 tokens x 1"),
+        # 1 GiB would hold 8192 tokens in int8, which `--kv-cache auto` then takes (test_runtime_context_...)
+        (
+            ["--gpu-memory", "0.9GiB", "--ctx", "8192"],
+            "KV cache 0.35 GiB for 8192 tokens x 1) (an int8 KV cache does not fit either)",
+        ),
     ],
 )
 def test_generate_cli_refuses_what_does_not_fit(tmp_path, flags, message):
@@ -242,3 +261,51 @@ def test_host_memory_counts_reclaimable_cache():
     available = host_available_bytes()
     assert 0 < available <= total
     assert available >= free * 0.9  # MemAvailable includes free memory (other processes move it a little)
+
+
+# ---- the native CPU path ------------------------------------------------------------------------------
+def test_native_workspace_hand_computed_for_llama33b():
+    """kernels/cpu: spqr_decoder.c's arena (x, h, h2, attention and MLP outputs, the in-projections' outputs,
+    the attention output; fp32) and spqr_matmul.c's for the widest input (fp32 + int8 copies, 3 fp32 per group
+    of 16); no mask, no dequantized weight; logits fp32."""
+    cfg = SYNTHETIC["llama-30b"]
+    proj = 6656 + 2 * 6656 + 2 * 17920  # q, k, v, gate, up: 55_808 columns
+    decoder = 512 * (5 * 6656 + proj + 6656) * 4
+    matmul = 512 * (5 * 17920 + 12 * 1120)  # down_proj's 17920 inputs, 1120 groups
+    ws = estimate_workspace(cfg, quantized=True, native=True)
+    assert (ws.activations, ws.mask, ws.dequant) == (decoder + matmul, 0, 0) == (248_840_192, 0, 0)
+    assert ws.logits == 512 * 32000 * 4 and ws.total == 314_376_192
+    assert ws.total < estimate_workspace(cfg, quantized=True).total / 2  # 762_839_040 on the PyTorch path
+
+
+def test_plan_peak_counts_the_load_transient():
+    cfg = SYNTHETIC["llama-7b"]
+    plan = plan_memory(cfg, weight_bytes=3 * GiB, budget_bytes=8 * GiB, native=True, transient_bytes=GiB // 2)
+    assert plan.peak == plan.total  # running holds more than loading here
+    assert any(
+        line.startswith("load peak") and "3.75 GiB" in line for line in plan.lines()
+    )  # 3 + 0.5 + margin
+    big = plan_memory(cfg, weight_bytes=3 * GiB, budget_bytes=8 * GiB, native=True, transient_bytes=4 * GiB)
+    assert big.peak == 3 * GiB + 4 * GiB + MARGIN > big.total
+
+
+def test_load_runtime_takes_int8_when_the_context_needs_it(tmp_path):
+    """A `.spqr` loaded as `spqr-run generate` does: with a budget where 4096 tokens fit in int8 only,
+    `--kv-cache auto` allocates an int8 cache and the banner says why; a roomy budget keeps fp32."""
+    from spqr_run.chat.info import describe, model_facts
+    from spqr_run.engine.synthetic_file import write_synthetic_spqr
+    from spqr_run.runtime import load_runtime
+
+    cfg = tiny_llama(vocab_size=256, intermediate_size=160, max_position_embeddings=4096, name="tiny-4k")
+    path = write_synthetic_spqr(tmp_path / "tiny.spqr", cfg).path
+    roomy = load_runtime(path, device="cpu", ctx=4096)
+    assert roomy.plan.kv_dtype == "fp32" and roomy.model.caches[0].kind == "auto"
+    fixed = roomy.plan.total - roomy.plan.kv_bytes
+    kv32, kv8 = 2 * 2 * 2 * 16 * 4, 2 * 2 * 2 * (16 + 4)  # k and v, 2 layers, 2 kv heads, head_dim 16
+    tight = load_runtime(path, device="cpu", ctx=4096, memory=fixed + 4096 * (kv8 + kv32) // 2)
+    assert tight.plan.kv_dtype == "int8" and tight.model.caches[0].kind == "int8"
+    assert tight.max_context == 4096 and tight.plan.kv_note.startswith("--kv-cache auto chose int8")
+    if tight.model.native is not None:  # the native kernels' workspace: no mask, no dequantized weight
+        assert tight.plan.workspace.dequant == 0 == tight.plan.workspace.mask
+    banner = dict(describe(model_facts(tight)))
+    assert "int8; --kv-cache auto chose int8: fp32 fits none of 4096 tokens" in banner["memory plan"]

@@ -30,7 +30,9 @@ class ModelFacts:
     max_context: int
     context_fit: int  # tokens of KV cache the budget had room for
     max_positions: int  # the model's own limit
-    kv_dtype: str  # how the KV cache stores keys and values: fp32, fp16, bf16, int8
+    kv_dtype: (
+        str  # how the KV cache stores keys and values: fp32, fp16, bf16, int8 (and why, if the planner chose)
+    )
     weights_held: str = ""  # how the weights sit in memory, e.g. "fp16 (decoded once from the packed .spqr)"
     kernels: str = ""  # which kernels run it: "native CPU (AVX-512 VNNI, 2 threads)", ...
 
@@ -58,7 +60,7 @@ def model_facts(runtime: Runtime) -> ModelFacts:
         max_context=runtime.max_context,
         context_fit=runtime.plan.context_fit,
         max_positions=cfg.max_position_embeddings,
-        kv_dtype=runtime.plan.kv_dtype,
+        kv_dtype=runtime.plan.kv_dtype + (f"; {runtime.plan.kv_note}" if runtime.plan.kv_note else ""),
         weights_held=weights_held(runtime.model),
         kernels=kernels_used(runtime.model),
     )

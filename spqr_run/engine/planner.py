@@ -13,9 +13,21 @@ All sizes are bytes (ints); GiB = 2**30. The arithmetic, as `plan_memory` does i
         dequant        = out * in * 2 of the largest linear as run      (quantized models: one fp16 weight
                                                                         buffer for the prefill GEMM; fused
                                                                         q/k/v, gate/up count as one linear)
+      on the native CPU kernels (`native=True`; kernels/cpu, one forward per call, no mask, no dequant):
+        activations    = tokens * (5 * hidden + P + q_dim) * 4          (spqr_decoder.c's arena: x, h, h2, attn
+                                                                        and mlp outputs, the in-projections'
+                                                                        P = q + 2 kv + (2 or 1) ffn columns,
+                                                                        attention output)
+                         + tokens * (5 * widest + 12 * widest / 16)     (spqr_matmul.c's arena for the widest
+                                                                        input: fp32 copy, int8 copy, 3 fp32 per
+                                                                        group of 16), tokens = batch * chunk
     free_for_kv        = budget - weights - workspace - margin
     context_fit        = free_for_kv // (batch * kv_bytes_per_token)
     max_context        = min(context_fit rounded down to 256, max_positions)
+
+`transient` (optional): bytes held above the final weights at the peak of loading (on the native CPU path:
+the fp16 embedding and LM head while their int8 rows are made, or one linear's records beside its CPU
+layout); `MemoryPlan.peak` is the larger of the running total and weights + transient + margin.
 """
 
 from __future__ import annotations
@@ -143,9 +155,22 @@ class Workspace:
 
 
 def estimate_workspace(
-    cfg: ModelConfig, *, prefill_chunk: int = 512, batch: int = 1, quantized: bool = False
+    cfg: ModelConfig,
+    *,
+    prefill_chunk: int = 512,
+    batch: int = 1,
+    quantized: bool = False,
+    native: bool = False,
 ) -> Workspace:
+    """Bytes of the transient buffers of a prefill of `batch` x `prefill_chunk` tokens (module docstring)."""
     tokens = batch * prefill_chunk
+    if native:
+        ffn_cols = (2 if cfg.mlp_type == "gated_silu" else 1) * cfg.intermediate_size
+        proj = cfg.q_dim + 2 * cfg.kv_dim + ffn_cols  # P: the in-projections' outputs side by side
+        widest = -(-max(cfg.hidden_size, cfg.q_dim, cfg.intermediate_size) // 16) * 16  # padded to groups
+        decoder = tokens * (5 * cfg.hidden_size + proj + cfg.q_dim) * 4
+        matmul = tokens * (5 * widest + 12 * (widest // 16))
+        return Workspace(activations=decoder + matmul, mask=0, logits=tokens * cfg.vocab_size * 4, dequant=0)
     # the largest linear as run: q/k/v and gate/up are fused into one each at load (`models.fused`)
     dequant = max(o * i for o, i in fused_linear_shapes(cfg).values()) * 2 if quantized else 0
     return Workspace(
@@ -171,6 +196,8 @@ class MemoryPlan:
     context_fit: int  # tokens per sequence that fit, before rounding and the model's cap
     max_context: int  # what to allocate: rounded, capped by the model's positions (or the request)
     max_positions: int
+    transient: int = 0  # bytes above the weights at the peak of loading (module docstring)
+    kv_note: str = ""  # why this KV storage, when the planner chose it (`--kv-cache auto` falling to int8)
 
     @property
     def kv_bytes(self) -> int:
@@ -181,6 +208,11 @@ class MemoryPlan:
         return self.weights + self.workspace.total + self.margin + self.kv_bytes
 
     @property
+    def peak(self) -> int:
+        """The most this plan holds at once: running (`total`) or loading (weights + transient + margin)."""
+        return max(self.total, self.weights + self.transient + self.margin)
+
+    @property
     def headroom(self) -> int:
         return self.budget - self.total
 
@@ -188,8 +220,17 @@ class MemoryPlan:
         w = self.workspace
         kv_note = (
             f"{self.max_context} tokens x {self.batch} seq, {self.kv_dtype}, "
-            f"{self.kv_bytes_per_token / MiB:.3f} MiB/token"
+            f"{self.kv_bytes_per_token / MiB:.3f} MiB/token" + (f" ({self.kv_note})" if self.kv_note else "")
         )
+        load = []
+        if self.transient:
+            load = [
+                (
+                    "load peak",
+                    fmt_gib(self.weights + self.transient + self.margin),
+                    f"weights + {fmt_gib(self.transient)} held while loading + margin",
+                )
+            ]
         return [
             ("budget", fmt_gib(self.budget), ""),
             ("weights", fmt_gib(self.weights), self.weights_note),
@@ -201,6 +242,7 @@ class MemoryPlan:
             ),
             ("margin", fmt_gib(self.margin), "allocator fragmentation, small buffers"),
             ("KV cache", fmt_gib(self.kv_bytes), kv_note),
+            *load,
             ("headroom", fmt_gib(self.headroom), ""),
             (
                 "context",
@@ -234,8 +276,12 @@ def plan_memory(
     margin_bytes: int = DEFAULT_MARGIN,
     name: str = "",
     weights_note: str = "",
+    native: bool = False,
+    transient_bytes: int = 0,
 ) -> MemoryPlan:
     """Plan one model on a budget; `context` asks for a fixed context (capped by the model's positions).
+    `native`: the workspace of the native CPU kernels (`estimate_workspace`); `transient_bytes`: held above
+    the weights while loading (`MemoryPlan.peak`, informational: loading is over when a plan is made).
 
     Raises ConfigError (one line naming the budget and the need) when not even `MIN_CONTEXT` tokens (or
     the requested context) fit.
@@ -243,7 +289,7 @@ def plan_memory(
     if batch < 1:
         raise ConfigError(f"invalid batch {batch}: must be at least 1")
     kv_tok = kv_bytes_per_token(cfg, kv_dtype)
-    ws = estimate_workspace(cfg, prefill_chunk=prefill_chunk, batch=batch, quantized=quantized)
+    ws = estimate_workspace(cfg, prefill_chunk=prefill_chunk, batch=batch, quantized=quantized, native=native)
     fixed = weight_bytes + ws.total + margin_bytes
     fit = max(0, (budget_bytes - fixed) // (batch * kv_tok))
     cap = cfg.max_position_embeddings
@@ -273,6 +319,7 @@ def plan_memory(
         context_fit=int(fit),
         max_context=int(max_ctx),
         max_positions=cap,
+        transient=transient_bytes,
     )
 
 
