@@ -1,21 +1,36 @@
 """`spqr-bench` core: SpQR against its dense counterpart on the same engine, side by side in one run.
 
-The dense baseline is called "fp16" in the JSON keys (its name on GPUs); each result's `dtype` says what it
-really ran in (fp32 on CPUs), and the table labels the row with it.
-
-For each method: build the model (a synthetic one, or a real file and a synthetic counterpart of the same
-config), check that it fits the memory budget (`engine.planner`), then time
-- prefill: the whole prompt (B, P) in one forward, median over repeats -> prefill tok/s;
+For each method ("spqr", and the dense baseline "fp16"): build the model (a synthetic one, or a real file
+and a synthetic counterpart of the same config), check that it fits the memory budget (`engine.planner`),
+then per repeat time
+- prefill: the whole prompt (B, P) in one forward -> prefill tok/s;
 - time to first token: prefill + greedy pick copied to the host, wall clock;
 - decode: N greedy steps fed back on the device (`GraphDecodeStep`, a CUDA graph on GPUs) -> tok/s,
-  ms/token, and effective GB/s = weight bytes read per step / time per step.
-On CUDA: device events, warm-up, medians over repeats, peak memory after the build. On CPU: perf_counter,
-so the command runs anywhere (numbers there only say that it works).
+  ms/token, and GB/s = bytes one step reads / time per step;
+and report medians over the repeats (after `warmup` untimed runs).
+
+Both methods run on the same engine. On a CPU with the native kernels (`spqr_run.cpu`) that is the native
+decoder: SpQR linears from their packed bytes (int8 embedding and LM head), and the FP16 row a model whose
+weight matrices are all fp16, read by the native dense kernel (fp32 arithmetic); the report names the path
+(instruction set) and thread count. There, when both models fit the memory at once, the methods alternate
+repeat by repeat (so a load change on a shared machine hits both), and between repeats the machine's read
+bandwidth is sampled (`engine.traffic.ReadBandwidth`, same threads): the bandwidth floor of a row is
+bytes read per token / that bandwidth, and "% of floor" is floor / measured time per token. Bytes read per
+token are what decode reads (`engine.traffic.decode_traffic`: the linears as held, the LM head whole, one
+embedding row, norms, and the KV cache up to each step's position), not what the file stores.
+
+`settings.llama_cpp` (a GGUF path) adds llama.cpp's `llama-bench` on that file with the same threads and
+tokens, alternated with the repeats (`engine.llama_cpp_peer`), and the ratio of decode speeds.
+
+On CUDA: device events, warm-up, medians over repeats, peak memory after the build; methods one at a time.
+Without the native kernels a CPU runs PyTorch (SpQR from a decoded dense copy, dense weights in fp32): the
+table says so, and its numbers only show that the command works.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -35,11 +50,19 @@ from spqr_run.engine.planner import (
     default_budget,
     dense_weight_bytes,
     kv_dtype_of,
-    module_weight_bytes,
+    linear_params,
     plan_memory,
     resident_bytes,
 )
 from spqr_run.engine.synthetic import build_synthetic, synthetic_config, synthetic_weight_bytes
+from spqr_run.engine.traffic import (
+    BANDWIDTH_BUFFER_BYTES,
+    MB,
+    ReadBandwidth,
+    decode_context,
+    decode_traffic,
+    linear_read_bytes,
+)
 from spqr_run.errors import ConfigError
 from spqr_run.models.decoder import Decoder
 
@@ -51,14 +74,16 @@ class BenchSettings:
     prompt_len: int = 32
     new_tokens: int = 128
     batch: int = 1
-    repeats: int | None = None  # default: 5 on CUDA, 1 on CPU
-    warmup: int | None = None  # default: 1 on CUDA, 0 on CPU
+    repeats: int | None = None  # default: 5 on CUDA, 3 on CPU
+    warmup: int | None = None  # default: 1
     graphs: bool = True
     layers: int | None = None
     wbits: int = 3
     outlier_rate: float = 0.01
     budget_bytes: int | None = None  # None: the device's free memory minus a reserve
     kv_cache: str = "auto"  # "int8": the 8-bit KV cache (models.kv_cache)
+    llama_cpp: str | None = None  # a GGUF file: run llama.cpp's llama-bench on it beside (CPU only)
+    build_llama_cpp: bool = False  # build llama.cpp when it is not cached (else a missing build is an error)
 
     @classmethod
     def from_args(cls, args: Any) -> BenchSettings:
@@ -70,10 +95,12 @@ class BenchSettings:
             "new_tokens",
             "batch",
             "repeats",
+            "warmup",
             "layers",
             "wbits",
             "outlier_rate",
             "kv_cache",
+            "llama_cpp",
         )
         kwargs = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
         memory = getattr(args, "gpu_memory", None)
@@ -89,28 +116,43 @@ class BenchSettings:
                 raise ConfigError(f"invalid --{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
         if self.repeats is not None and self.repeats < 1:
             raise ConfigError(f"invalid --repeats {self.repeats}: must be >= 1")
+        if self.warmup is not None and self.warmup < 0:
+            raise ConfigError(f"invalid --warmup {self.warmup}: must be >= 0")
 
 
 @dataclass
 class MethodResult:
     method: str
-    weight_bytes: int  # as stored (packed for spqr)
-    bytes_per_token: int  # weights read by one decode step (embedding table excluded unless tied)
-    bits_per_weight: float  # linears only, as stored
+    weight_bytes: int  # held by the built model (the CPU layout / int8 tables on the native path)
+    bytes_per_token: int  # what one decode step reads (`traffic`'s total)
+    traffic: dict[
+        str, int
+    ]  # `engine.traffic.DecodeTraffic` by kind: linears, head, embedding, norms, kv_cache
+    bits_per_weight: float  # the decoder blocks' linears as held (bias included)
     prefill_tok_s: float
     decode_tok_s: float
     ms_per_token: float
     ttft_ms: float
-    gb_s: float
+    gb_s: float  # bytes_per_token / time per token
     peak_bytes: int | None  # torch.cuda.max_memory_allocated after the build (None on CPU)
     kv_cache_bytes: int  # the KV cache allocated for batch x (prompt + new tokens)
     graphs: bool
     source: str  # "synthetic" or the model file
-    dtype: str = "fp16"  # what the dense weights and activations are held in: fp16 on GPUs, fp32 on CPUs
+    dtype: str = "fp16"  # what the dense baseline's weight matrices are held in ("spqr" rows: packed)
+    engine: str = ""  # "native CPU (AVX-512 VNNI, 2 threads)", "PyTorch CPU", "CUDA (...)"
+    decode_samples_ms: list[float] = field(default_factory=list)  # ms per token of every timed repeat
+    floor_ms: float | None = None  # bytes_per_token / the run's median read bandwidth (CPU, `set_floor`)
+    floor_pct: float | None = None  # floor_ms / ms_per_token * 100
+
+    def set_floor(self, bandwidth_gb_s: float) -> None:
+        """The bandwidth floor of this row at a read bandwidth in GB/s, and the share of it reached."""
+        self.floor_ms = self.bytes_per_token / (bandwidth_gb_s * 1e9) * 1e3
+        self.floor_pct = self.floor_ms / self.ms_per_token * 100
 
     @property
     def label(self) -> str:
-        """The table's name for this row: "spqr", or the dense baseline's real dtype ("fp32" on a CPU)."""
+        """The table's name for this row: "spqr", or the dense baseline's real dtype (fp16, or fp32 on a CPU
+        without the native kernels)."""
         return self.method if self.method == "spqr" else self.dtype
 
 
@@ -121,68 +163,121 @@ class BenchReport:
     settings: BenchSettings
     results: dict[str, MethodResult] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # method -> why (does not fit, ...)
+    engine: str = ""  # the path both rows ran on
+    isa: str | None = None  # native CPU: "AVX-512 VNNI", "AVX2", "portable C"
+    threads: int | None = None  # CPU threads of the run (the native pool)
+    alternated: bool = False  # the methods' repeats alternated (both models held at once)
+    bandwidth: dict[str, Any] | None = None  # CPU read bandwidth in GB/s: run threads and 1 thread
+    loadavg: dict[str, list[float]] = field(default_factory=dict)  # /proc/loadavg before / after
+    llama_cpp: dict[str, Any] | None = None  # `LlamaCppPeer.summary()`
 
     def ratios(self) -> dict[str, float]:
         s, f = self.results.get("spqr"), self.results.get("fp16")
-        if s is None or f is None:
-            return {}
-        r = {
-            "decode_tok_s": s.decode_tok_s / f.decode_tok_s,
-            "prefill_tok_s": s.prefill_tok_s / f.prefill_tok_s,
-            "ttft": s.ttft_ms / f.ttft_ms,
-            "weight_bytes": s.weight_bytes / f.weight_bytes,
-        }
-        if s.peak_bytes and f.peak_bytes:
-            r["peak_memory"] = s.peak_bytes / f.peak_bytes
+        r: dict[str, float] = {}
+        if s is not None and f is not None:
+            r = {
+                "decode_tok_s": s.decode_tok_s / f.decode_tok_s,
+                "prefill_tok_s": s.prefill_tok_s / f.prefill_tok_s,
+                "ttft": s.ttft_ms / f.ttft_ms,
+                "weight_bytes": s.weight_bytes / f.weight_bytes,
+                "bytes_per_token": s.bytes_per_token / f.bytes_per_token,
+            }
+            if s.peak_bytes and f.peak_bytes:
+                r["peak_memory"] = s.peak_bytes / f.peak_bytes
+        if s is not None and self.llama_cpp:
+            r["llama_cpp_decode_tok_s"] = s.decode_tok_s / self.llama_cpp["decode_tok_s"]
         return r
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"model": self.model, "device": self.device, "settings": asdict(self.settings)}
+        out |= {
+            "engine": self.engine,
+            "isa": self.isa,
+            "threads": self.threads,
+            "alternated": self.alternated,
+        }
+        out |= {"bandwidth": self.bandwidth, "loadavg": self.loadavg, "llama_cpp": self.llama_cpp}
         out |= {m: asdict(r) for m, r in self.results.items()}
         out["ratios"] = self.ratios()
         out["skipped"] = self.skipped
         return out
 
+    def title(self) -> str:
+        st = self.settings
+        text = (
+            f"{self.model} on {self.device}, {self.engine}: batch {st.batch}, prompt {st.prompt_len}, "
+            f"{st.new_tokens} new tokens" + (f", {st.kv_cache} KV cache" if st.kv_cache != "auto" else "")
+        )
+        if self.loadavg.get("before"):
+            text += f"; load average {' '.join(f'{x:.2f}' for x in self.loadavg['before'])}"
+        return text
+
+    def bandwidth_line(self) -> str:
+        """The read bandwidth the floors use, in words ("" on a GPU)."""
+        bw = self.bandwidth
+        if not bw:
+            return ""
+        line = (
+            f"read bandwidth {bw['gb_s']:.1f} GB/s on {bw['threads']} thread(s) (median of {len(bw['samples'])} "
+            f"samples between the timed runs, best {max(bw['samples']):.1f})"
+        )
+        if bw.get("single_gb_s") is not None:
+            line += f"; 1 thread {bw['single_gb_s']:.1f} GB/s"
+        return line + (", methods alternated" if self.alternated else ", methods one after the other")
+
     def table(self) -> Table:
         """The report as a rich Table (the model name is printed literally, never as markup)."""
-        st = self.settings
-        t = Table(
-            title=Text(
-                f"{self.model} on {self.device}: batch {st.batch}, prompt {st.prompt_len}, "
-                f"{st.new_tokens} new tokens" + (f", {st.kv_cache} KV cache" if st.kv_cache != "auto" else "")
-            )
-        )
-        cols = ["", "bits/w", "weights GiB", "prefill tok/s", "decode tok/s", "ms/token", "TTFT ms", "GB/s"]
-        for c in [*cols, "peak GiB", "graphs"]:
+        t = Table(title=Text(self.title()), caption=Text(self.bandwidth_line()) if self.bandwidth else None)
+        cols = ["", "bits/w", "weights GiB", "MB/token", "prefill tok/s", "decode tok/s", "ms/token"]
+        cols += ["floor ms", "% of floor", "GB/s", "TTFT ms", "peak GiB", "graphs"]
+        for c in cols:
             t.add_column(c, justify="left" if c == "" else "right")
         for r in self.results.values():
-            peak = "-" if r.peak_bytes is None else f"{r.peak_bytes / GiB:.2f}"
             t.add_row(
                 r.label,
                 f"{r.bits_per_weight:.2f}",
                 f"{r.weight_bytes / GiB:.2f}",
+                f"{r.bytes_per_token / MB:.1f}",
                 f"{r.prefill_tok_s:.1f}",
-                f"{r.decode_tok_s:.1f}",
+                f"{r.decode_tok_s:.2f}",
                 f"{r.ms_per_token:.2f}",
-                f"{r.ttft_ms:.1f}",
+                "-" if r.floor_ms is None else f"{r.floor_ms:.2f}",
+                "-" if r.floor_pct is None else f"{r.floor_pct:.0f}%",
                 f"{r.gb_s:.1f}",
-                peak,
+                f"{r.ttft_ms:.1f}",
+                "-" if r.peak_bytes is None else f"{r.peak_bytes / GiB:.2f}",
                 "yes" if r.graphs else "no",
             )
         ratios = self.ratios()
-        if ratios:
+        if "decode_tok_s" in ratios:
             t.add_row(
                 f"spqr/{self.results['fp16'].label}",
                 "",
                 f"{ratios['weight_bytes']:.2f}x",
+                f"{ratios['bytes_per_token']:.2f}x",
                 f"{ratios['prefill_tok_s']:.2f}x",
                 f"{ratios['decode_tok_s']:.2f}x",
                 "",
-                f"{ratios['ttft']:.2f}x",
                 "",
+                "",
+                "",
+                f"{ratios['ttft']:.2f}x",
                 f"{ratios['peak_memory']:.2f}x" if "peak_memory" in ratios else "",
                 "",
             )
+        if self.llama_cpp:
+            lc = self.llama_cpp
+            t.add_row(
+                Text(f"llama.cpp ({os.path.basename(lc['gguf'])})"),
+                "",
+                f"{(lc.get('model_size_bytes') or 0) / GiB:.2f}",
+                *[""] * 2,
+                f"{lc['decode_tok_s']:.2f}",
+                f"{1e3 / lc['decode_tok_s']:.2f}",
+                *[""] * 6,
+            )
+            if "llama_cpp_decode_tok_s" in ratios:
+                t.add_row("spqr/llama.cpp", *[""] * 4, f"{ratios['llama_cpp_decode_tok_s']:.2f}x", *[""] * 7)
         for m, why in self.skipped.items():
             t.add_row("spqr" if m == "spqr" else "dense", Text(f"skipped: {why}"))
         return t
@@ -214,85 +309,89 @@ def time_region(fn: Callable[[], object], device: torch.device, *, repeats: int,
     return statistics.median(times)
 
 
-def decode_bytes_per_token(model: Decoder) -> int:
-    """Weights one decode step reads: everything stored except the embedding table (one row of it is read),
-    which is read whole when it doubles as the LM head."""
-    total = module_weight_bytes(model)
-    if model.lm_head is not None:
-        emb = model.embed_tokens.weight
-        total -= emb.numel() * emb.element_size()
-    return total
+def held_linear_bits(model: Decoder) -> float:
+    """Bits per weight the decoder blocks' linears hold (what a decode step reads of them; bias included)."""
+    nbytes = sum(linear_read_bytes(m) for m in model.layers.modules())
+    return nbytes * 8 / linear_params(model.config)
 
 
-def linear_bits(model: Decoder) -> float:
-    """Stored bits per weight of the decoder blocks' linears."""
-    nbytes = module_weight_bytes(model.layers)
-    norms = sum(p.numel() * p.element_size() for n, p in model.layers.named_parameters() if "norm" in n)
-    params = sum(o * i for o, i in model.config.linear_shapes().values()) * len(model.layers)
-    return (nbytes - norms) * 8 / params
+class _Subject:
+    """One built model under test: its KV cache, prompt and decode step, and the samples taken of it."""
 
+    def __init__(
+        self, model: Decoder, method: str, st: BenchSettings, *, source: str, log: Callable[[str], None]
+    ) -> None:
+        self.model, self.method, self.st, self.source = model, method, st, source
+        device = model.device
+        b, p = st.batch, st.prompt_len
+        model.setup_caches(b, p + st.new_tokens, kind=st.kv_cache)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        gen = torch.Generator(device=device).manual_seed(1)
+        self.prompt = torch.randint(
+            0, model.config.vocab_size, (b, p), generator=gen, device=device
+        )  # (B, P)
+        self.positions = torch.arange(p, device=device).expand(b, p)  # (B, P)
+        self.start_pos = torch.full((b, 1), p, device=device)  # (B, 1)
+        self.step = _decode_step(model, b, st.graphs and device.type == "cuda", log)
+        self.prefill_s: list[float] = []
+        self.ttft_s: list[float] = []
+        self.decode_s: list[float] = []
 
-@torch.inference_mode()
-def bench_model(
-    model: Decoder,
-    method: str,
-    st: BenchSettings,
-    *,
-    source: str,
-    log: Callable[[str], None] = lambda _: None,
-) -> MethodResult:
-    """Time one built model (see the module docstring). Allocates its KV cache for prompt + new tokens."""
-    device = model.device
-    cuda = device.type == "cuda"
-    repeats = st.repeats or (5 if cuda else 1)
-    warmup = st.warmup if st.warmup is not None else int(cuda)
-    b, p, n = st.batch, st.prompt_len, st.new_tokens
-    model.setup_caches(b, p + n, kind=st.kv_cache)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    gen = torch.Generator(device=device).manual_seed(1)
-    prompt = torch.randint(0, model.config.vocab_size, (b, p), generator=gen, device=device)  # (B, P)
-    positions = torch.arange(p, device=device).expand(b, p)  # (B, P)
+    def _prefill(self) -> torch.Tensor:
+        return self.model(self.prompt, self.positions, kv_len=self.st.prompt_len, last_only=True)  # (B, 1, V)
 
-    def prefill() -> torch.Tensor:
-        return model(prompt, positions, kv_len=p, last_only=True)  # (B, 1, V)
-
-    prefill_s = time_region(prefill, device, repeats=repeats, warmup=warmup)
-    ttft = []
-    for _ in range(repeats):
+    @torch.inference_mode()
+    def run(self, *, record: bool = True) -> None:
+        """One repeat: prefill, time to first token, decode of `new_tokens` tokens."""
+        device = self.model.device
+        prefill = time_region(self._prefill, device, repeats=1, warmup=0)
         _sync(device)
         t0 = time.perf_counter()
-        first = prefill().argmax(dim=-1)  # (B, 1)
+        first = self._prefill().argmax(dim=-1)  # (B, 1)
         first.tolist()  # the token reaches the host
-        ttft.append(time.perf_counter() - t0)
-    step = _decode_step(model, b, st.graphs and device.type == "cuda", log)
-    start_pos = torch.full((b, 1), p, device=device)  # (B, 1)
+        ttft = time.perf_counter() - t0
 
-    def decode() -> None:
-        step.greedy(first, start_pos)
-        for _ in range(n - 1):
-            step.advance_greedy()
+        def decode() -> None:
+            self.step.greedy(first, self.start_pos)
+            for _ in range(self.st.new_tokens - 1):
+                self.step.advance_greedy()
 
-    decode_s = time_region(decode, device, repeats=repeats, warmup=warmup)
-    per_token = decode_s / n
-    read = decode_bytes_per_token(model)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return MethodResult(
-        method=method,
-        weight_bytes=module_weight_bytes(model),
-        bytes_per_token=read,
-        bits_per_weight=linear_bits(model),
-        prefill_tok_s=b * p / prefill_s,
-        decode_tok_s=b / per_token,
-        ms_per_token=per_token * 1e3,
-        ttft_ms=statistics.median(ttft) * 1e3,
-        gb_s=read / per_token / 1e9,
-        peak_bytes=peak,
-        kv_cache_bytes=resident_bytes(model)[1],
-        graphs=step.graphed,
-        source=source,
-        dtype=TORCH_KV_DTYPES.get(model.embed_tokens.weight.dtype, str(model.embed_tokens.weight.dtype)),
-    )
+        decode_s = time_region(decode, device, repeats=1, warmup=0)
+        if record:
+            self.prefill_s.append(prefill)
+            self.ttft_s.append(ttft)
+            self.decode_s.append(decode_s)
+
+    def result(self, engine: str) -> MethodResult:
+        model, st = self.model, self.st
+        b, n = st.batch, st.new_tokens
+        per_token = statistics.median(self.decode_s) / n
+        traffic = decode_traffic(model, context=decode_context(st.prompt_len, n))
+        read = traffic.total
+        device = model.device
+        head = model.lm_head if model.lm_head is not None else model.embed_tokens
+        weight = getattr(head, "weight", None)
+        dtype = "int8" if weight is None else TORCH_KV_DTYPES.get(weight.dtype, str(weight.dtype))
+        return MethodResult(
+            method=self.method,
+            weight_bytes=resident_bytes(model)[0],
+            bytes_per_token=read,
+            traffic=asdict(traffic),
+            bits_per_weight=held_linear_bits(model),
+            prefill_tok_s=b * st.prompt_len / statistics.median(self.prefill_s),
+            decode_tok_s=b / per_token,
+            ms_per_token=per_token * 1e3,
+            ttft_ms=statistics.median(self.ttft_s) * 1e3,
+            gb_s=read / per_token / 1e9,
+            peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            kv_cache_bytes=resident_bytes(model)[1],
+            graphs=self.step.graphed,
+            source=self.source,
+            dtype=dtype,
+            engine=engine,
+            decode_samples_ms=[s / n * 1e3 for s in self.decode_s],
+        )
 
 
 def _decode_step(model: Decoder, batch: int, graphs: bool, log: Callable[[str], None]) -> GraphDecodeStep:
@@ -311,7 +410,38 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _fits(cfg: ModelConfig, weight_bytes: int, st: BenchSettings, budget: int, quantized: bool) -> str | None:
+def _native_cpu(device: torch.device) -> bool:
+    if device.type != "cpu":
+        return False
+    from spqr_run.cpu import lib
+
+    return lib.load() is not None
+
+
+def engine_name(device: torch.device) -> tuple[str, str | None, int | None]:
+    """(the engine in words, the ISA, the threads) that models on `device` run on."""
+    if device.type == "cuda":
+        return f"CUDA ({torch.cuda.get_device_name(device)})", None, None
+    from spqr_run.cpu import lib
+
+    native = lib.load()
+    if native is None:
+        return f"PyTorch CPU ({lib.unavailable_reason()})", None, torch.get_num_threads()
+    threads = int(native.spqr_cpu_threads())
+    return f"native CPU ({lib.isa_name()}, {threads} threads)", lib.isa_name(), threads
+
+
+def _fits(
+    cfg: ModelConfig,
+    weight_bytes: int,
+    st: BenchSettings,
+    budget: int,
+    *,
+    quantized: bool,
+    device: torch.device,
+) -> str | None:
+    native = _native_cpu(device)
+    model_dtype = torch.float32 if device.type == "cpu" else torch.float16
     try:
         plan_memory(
             cfg,
@@ -319,12 +449,20 @@ def _fits(cfg: ModelConfig, weight_bytes: int, st: BenchSettings, budget: int, q
             budget_bytes=budget,
             batch=st.batch,
             quantized=quantized,
+            native=native,
             context=min(st.prompt_len + st.new_tokens, cfg.max_position_embeddings),
-            kv_dtype=kv_dtype_of(st.kv_cache, torch.float16),  # planned as on a GPU (CPU caches are fp32)
+            kv_dtype=kv_dtype_of(st.kv_cache, model_dtype),
         )
     except ConfigError as e:
         return str(e)
     return None
+
+
+def _loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
 
 
 def run_bench(
@@ -341,6 +479,8 @@ def run_bench(
     st.check()
     if (synthetic is None) == (model_path is None):
         raise ConfigError("give a model file or --synthetic NAME (one of them)")
+    if st.llama_cpp is not None and device.type != "cpu":
+        raise ConfigError("--llama-cpp compares CPU decode: use --device cpu")
     budget = st.budget_bytes if st.budget_bytes is not None else default_budget(device)
     if st.budget_bytes is not None:
         apply_budget(device, st.budget_bytes)
@@ -363,43 +503,118 @@ def run_bench(
             f"prompt + new tokens = {st.prompt_len + st.new_tokens} exceeds the model's "
             f"{cfg.max_position_embeddings} positions"
         )
-    report = BenchReport(model=name, device=_device_name(device), settings=st)
-    cpu_dense = 4 if device.type == "cpu" else 0  # CPUs keep fp32 dense copies (SpQR too)
+    native = _native_cpu(device)
+    engine, isa, threads = engine_name(device)
+    report = BenchReport(model=name, device=_device_name(device), settings=st, engine=engine, isa=isa)
+    report.threads = threads
+    needs: dict[str, int] = {}
     for method in METHODS:
         real = method == real_method
         if real and source is not None and source.kind == "spqr":
             need = int(source.info.get("file_bytes", 0))
-        elif real:
-            need = dense_weight_bytes(cfg)
+        elif real or method == "fp16":
+            need = dense_weight_bytes(cfg)  # fp16 (the native CPU path and GPUs hold fp16)
         else:
             need = synthetic_weight_bytes(cfg, method=method, wbits=st.wbits, outlier_rate=st.outlier_rate)
-        if cpu_dense:
-            need = dense_weight_bytes(cfg, cpu_dense) + (need if method == "spqr" else 0)
-        why = _fits(cfg, need, st, budget, quantized=method == "spqr")
+        if device.type == "cpu" and not native:  # PyTorch CPU path: fp32 dense copies (SpQR too)
+            need = dense_weight_bytes(cfg, 4) + (need if method == "spqr" else 0)
+        if device.type == "cpu":
+            need += BANDWIDTH_BUFFER_BYTES
+        why = _fits(cfg, need, st, budget, quantized=method == "spqr", device=device)
         if why is not None:
             report.skipped[method] = why
             log(f"{method}: skipped ({why})")
-            continue
+        else:
+            needs[method] = need
+    if not needs:
+        raise ConfigError(f"nothing fits: {'; '.join(report.skipped.values())}")
+
+    def build(method: str) -> Decoder:
+        real = method == real_method
         log(f"{method}: building {'from ' + str(model_path) if real else 'synthetic'} model on {device}")
         if real:
             from spqr_run.devices import default_dtype
             from spqr_run.loading import build_decoder
 
             assert source is not None
-            model = build_decoder(source, device=device, dtype=default_dtype(device))
-        else:
-            model = build_synthetic(
-                cfg, method=method, wbits=st.wbits, outlier_rate=st.outlier_rate, device=device
-            )
-        log(f"{method}: timing")
-        report.results[method] = bench_model(
-            model, method, st, source=str(model_path) if real else "synthetic", log=log
+            held = torch.float16 if native and method == "fp16" else None  # the FP16 row holds fp16
+            return build_decoder(source, device=device, dtype=default_dtype(device), weight_dtype=held)
+        return build_synthetic(
+            cfg, method=method, wbits=st.wbits, outlier_rate=st.outlier_rate, device=device
         )
-        del model
-        _release(device)
-    if not report.results:
-        raise ConfigError(f"nothing fits: {'; '.join(report.skipped.values())}")
+
+    def subject(method: str) -> _Subject:
+        src = str(model_path) if method == real_method else "synthetic"
+        return _Subject(build(method), method, st, source=src, log=log)
+
+    repeats = st.repeats or (5 if device.type == "cuda" else 3)
+    warmup = st.warmup if st.warmup is not None else 1
+    report.alternated = (
+        native
+        and len(needs) == 2
+        and _fits(cfg, sum(needs.values()), st, budget, quantized=True, device=device) is None
+    )
+    bw = ReadBandwidth(threads or 1) if device.type == "cpu" else None
+    peer = _llama_cpp_peer(st, threads or 1, log) if st.llama_cpp is not None else None
+    report.loadavg["before"] = _loadavg()
+
+    def sample_between() -> None:
+        if bw is not None:
+            bw.sample()
+        if peer is not None:
+            peer.sample()
+
+    try:
+        if report.alternated:
+            subjects = [subject(m) for m in needs]
+            for s in subjects:
+                for _ in range(warmup):
+                    s.run(record=False)
+            for r in range(repeats):
+                log(f"repeat {r + 1}/{repeats}")
+                for s in subjects:
+                    s.run()
+                sample_between()
+            for s in subjects:
+                report.results[s.method] = s.result(engine)
+            del subjects
+        else:
+            for method in needs:
+                s = subject(method)
+                for _ in range(warmup):
+                    s.run(record=False)
+                log(f"{method}: timing")
+                for _ in range(repeats):
+                    s.run()
+                    sample_between()
+                report.results[method] = s.result(engine)
+                del s  # freed before the next model is built
+                _release(device)
+        report.loadavg["after"] = _loadavg()
+        if bw is not None:
+            report.bandwidth = {"threads": bw.threads, "gb_s": bw.median, "samples": bw.samples}
+            if bw.threads > 1:
+                single = ReadBandwidth(1)
+                for _ in range(3):
+                    single.sample()
+                report.bandwidth |= {"single_gb_s": single.median, "single_samples": single.samples}
+                single.close()
+            for r in report.results.values():
+                r.set_floor(bw.median)
+        if peer is not None:
+            report.llama_cpp = peer.summary()
+    finally:
+        if bw is not None:
+            bw.close()
     return report
+
+
+def _llama_cpp_peer(st: BenchSettings, threads: int, log: Callable[[str], None]):
+    from spqr_run.engine.llama_cpp_peer import LlamaCppPeer
+
+    assert st.llama_cpp is not None
+    log(f"llama.cpp: llama-bench on {st.llama_cpp}, {threads} threads, {st.new_tokens} tokens a run")
+    return LlamaCppPeer(st.llama_cpp, threads=threads, n_gen=st.new_tokens, build=st.build_llama_cpp)
 
 
 def _device_name(device: torch.device) -> str:

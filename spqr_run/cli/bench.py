@@ -1,4 +1,5 @@
-"""spqr-bench: SpQR against FP16 on the same engine (prefill, decode, TTFT, GB/s, peak memory, ratios)."""
+"""spqr-bench: SpQR against FP16 on the same engine (prefill, decode, TTFT, bytes read per token, GB/s, the
+bandwidth floor on CPUs, peak memory, ratios), optionally beside llama.cpp's llama-bench."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch", type=int_arg(1), default=1, help="sequences prefilled and decoded together (default: 1)"
     )
     p.add_argument(
-        "--repeats", type=int_arg(1), default=None, help="timed repeats (default: 5 on GPUs, 1 on CPUs)"
+        "--repeats", type=int_arg(1), default=None, help="timed repeats (default: 5 on GPUs, 3 on CPUs)"
     )
     p.add_argument("--gpu-memory", default=None, help="memory budget, e.g. 24GiB (default: free memory)")
     p.add_argument("--layers", type=int_arg(1), default=None, help="truncate a synthetic model to N blocks")
@@ -62,8 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.01,
         help="synthetic SpQR outlier fraction in [0, 1] (default: 0.01)",
     )
+    p.add_argument(
+        "--warmup", type=int_arg(0), default=None, help="untimed runs of each method first (default: 1)"
+    )
     p.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graphs)")
     add_kv_cache_flag(p)
+    p.add_argument(
+        "--llama-cpp",
+        metavar="GGUF",
+        default=None,
+        help="also run llama.cpp's llama-bench on this GGUF with the same threads and tokens, alternated with "
+        "the repeats, and print the ratio (CPU; builds llama.cpp from the pinned sdist when not cached). "
+        "Default: the model itself when it is a GGUF, or the GGUF a .spqr was quantized from when it lies "
+        "beside it, if llama.cpp's build is cached (benchmarks/llama_cpp.py)",
+    )
+    p.add_argument("--no-llama-cpp", action="store_true", help="never run llama.cpp beside")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     return p
 
@@ -78,6 +92,11 @@ def _bench(args: argparse.Namespace) -> int:
     err = Console(stderr=True, highlight=False)
     device = resolve_device(args.device)
     settings = BenchSettings.from_args(args)
+    settings.build_llama_cpp = args.llama_cpp is not None  # asked for by name: build it if needed
+    if args.no_llama_cpp:
+        settings.llama_cpp = None
+    elif settings.llama_cpp is None and args.model is not None and device.type == "cpu":
+        settings.llama_cpp = _default_llama_cpp(args.model)
     report = run_bench(
         device=device,
         settings=settings,
@@ -90,6 +109,14 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         wide_console().print(report.table())  # piped: as wide as the table, not cut to 80 columns
     return 0
+
+
+def _default_llama_cpp(model: str) -> str | None:
+    """The GGUF to run llama.cpp on by default: only when its build is cached (no minutes-long build)."""
+    from spqr_run.engine.llama_cpp_peer import cached_build_exists, gguf_for
+
+    gguf = gguf_for(model)
+    return str(gguf) if gguf is not None and cached_build_exists() else None
 
 
 if __name__ == "__main__":

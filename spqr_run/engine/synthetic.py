@@ -25,6 +25,7 @@ from spqr_run.engine.planner import fp16_params, linear_params
 from spqr_run.errors import ConfigError
 from spqr_run.models.decoder import Decoder, Rotary
 from spqr_run.models.fused import fuse_linears, fusion_plan
+from spqr_run.models.linear import Linear
 from spqr_run.models.spqr_linear import SpQRLinear
 from spqr_run.quant import LinearMeta, QuantConfig, QuantizedLinear, tile_layout
 from spqr_run.quant.packing import encode_columns
@@ -192,11 +193,17 @@ def build_synthetic(
     dtype: torch.dtype | None = None,
     layers: int | None = None,
     seed: int = 0,
+    native: bool | None = None,
 ) -> Decoder:
     """A random-weight decoder of a synthetic (or given) config on `device`, built one linear at a time.
 
-    `dtype` (default fp16 on CUDA, fp32 on CPU) is the activation/dense-weight dtype. On CPU the SpQR
-    linears also keep a decoded dense copy (as `build_decoder` does), so the CPU path runs at dense speed.
+    `dtype` (default fp16 on CUDA, fp32 on CPU) is the activation dtype. On a CPU with the native kernels
+    (`native` None or True, fp32 activations; `spqr_run.cpu`) the model runs as `loading.build_decoder`
+    runs a file there: SpQR linears in the CPU layout computed from their packed bytes, with int8 embedding
+    and LM head (`cpu.embedding`); the dense ("fp16") model holds every weight matrix in fp16 (embedding and
+    LM head too), which the native dense kernel reads directly; `model.native` runs the forward. Without the
+    native kernels (`native=False` or the library missing) a CPU model holds its matrices in `dtype`, the
+    SpQR linears as a decoded dense copy (the decode-to-dense path).
     """
     if method not in METHODS:
         raise ConfigError(f"invalid method {method!r} (use {' or '.join(METHODS)})")
@@ -204,6 +211,10 @@ def build_synthetic(
         raise ConfigError(f"invalid outlier rate {outlier_rate}: must be in [0, 1)")
     dev = torch.device(device)
     dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
+    use_native = dev.type == "cpu" and dtype == torch.float32 and native is not False and _native_loads()
+    if native and not use_native:
+        raise ConfigError("native=True needs the native CPU kernels, a CPU device and fp32 activations")
+    matrix_dtype = torch.float16 if use_native else dtype  # the dense model's weight matrices
     cfg = synthetic_config(name, layers=layers)
     gen = torch.Generator(device=dev).manual_seed(seed)
     with torch.device("meta"):
@@ -229,11 +240,12 @@ def build_synthetic(
                     perm=perms[key],
                 )
                 new: nn.Module = SpQRLinear(q, b)
-                if dev.type == "cpu":
-                    new.materialize(dtype)  # the CPU path, as when a .spqr file loads
+                if dev.type == "cpu" and not use_native:
+                    new.materialize(dtype)  # the decode-to-dense CPU path, as when a .spqr file loads
             else:
-                new = nn.Linear(inp, out, bias=b is not None, device="meta")
-                new.weight = _param(_uniform((out, inp), 1.0 / math.sqrt(inp), gen, dev, dtype))  # (out, in)
+                new = Linear(inp, out, bias=b is not None, device="meta")
+                w = _uniform((out, inp), 1.0 / math.sqrt(inp), gen, dev, matrix_dtype)  # (out, in)
+                new.weight = _param(w)
                 if b is not None:
                     new.bias = _param(b)
             setattr(parent, attr, new)
@@ -245,7 +257,7 @@ def build_synthetic(
             # embeddings small (like LLaMA's init) so that, tied as the LM head, they do not simply
             # echo the input token; an untied head maps unit-RMS states to unit-std logits
             std = 0.02 if pname == "embed_tokens.weight" else 1.0 / math.sqrt(cfg.hidden_size)
-            t = _uniform(tuple(p.shape), std, gen, dev, dtype)
+            t = _uniform(tuple(p.shape), std, gen, dev, matrix_dtype)
         elif attr == "bias":
             t = torch.zeros(p.shape, device=dev, dtype=dtype)
         else:  # norm weights
@@ -254,7 +266,36 @@ def build_synthetic(
     model.rotary = Rotary(cfg).to(dev)
     if method == "spqr":
         fuse_linears(model)  # as `build_decoder` does: q/k/v and gate/up run as one linear each
+    if use_native:
+        _to_native(model, quantized=method == "spqr")
     return model.eval()
+
+
+def _native_loads() -> bool:
+    from spqr_run.cpu import lib
+
+    return lib.load() is not None
+
+
+def _to_native(model: Decoder, *, quantized: bool) -> None:
+    """Put a CPU model on the native kernels as `loading.build_decoder` does: SpQR linears repacked into the
+    CPU layout (their records freed), a quantized model's embedding / LM head in int8 rows, the native
+    forward."""
+    from spqr_run.cpu.decoder import NativeDecoder
+    from spqr_run.cpu.embedding import Q8Embedding, Q8Linear
+
+    for module in model.modules():
+        if isinstance(module, SpQRLinear):
+            module.to_native(keep_packed=False)
+    if quantized:
+        model.embed_tokens = Q8Embedding(model.embed_tokens.weight)
+        if model.lm_head is not None and model.lm_head.bias is None:
+            model.lm_head = Q8Linear(model.lm_head.weight)
+    model.native = NativeDecoder.for_model(model)
+    if model.native is None:
+        raise RuntimeError(
+            f"the native CPU decoder cannot run this model: {NativeDecoder.unsupported(model)}"
+        )
 
 
 def synthetic_weight_bytes(
