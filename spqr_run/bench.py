@@ -34,18 +34,16 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict
 
 import torch
-from rich.table import Table
-from rich.text import Text
 
+from spqr_run.bench_report import BenchReport, MethodResult
+from spqr_run.bench_settings import BenchSettings
 from spqr_run.config import ModelConfig
 from spqr_run.engine.graphs import GraphDecodeStep
 from spqr_run.engine.planner import (
     TORCH_KV_DTYPES,
-    GiB,
     apply_budget,
     default_budget,
     dense_weight_bytes,
@@ -57,7 +55,6 @@ from spqr_run.engine.planner import (
 from spqr_run.engine.synthetic import build_synthetic, synthetic_config, synthetic_weight_bytes
 from spqr_run.engine.traffic import (
     BANDWIDTH_BUFFER_BYTES,
-    MB,
     ReadBandwidth,
     decode_context,
     decode_traffic,
@@ -67,220 +64,7 @@ from spqr_run.errors import ConfigError
 from spqr_run.models.decoder import Decoder
 
 METHODS = ("spqr", "fp16")
-
-
-@dataclass
-class BenchSettings:
-    prompt_len: int = 32
-    new_tokens: int = 128
-    batch: int = 1
-    repeats: int | None = None  # default: 5 on CUDA, 3 on CPU
-    warmup: int | None = None  # default: 1
-    graphs: bool = True
-    layers: int | None = None
-    wbits: int = 3
-    outlier_rate: float = 0.01
-    budget_bytes: int | None = None  # None: the device's free memory minus a reserve
-    kv_cache: str = "auto"  # "int8": the 8-bit KV cache (models.kv_cache)
-    llama_cpp: str | None = None  # a GGUF file: run llama.cpp's llama-bench on it beside (CPU only)
-    build_llama_cpp: bool = False  # build llama.cpp when it is not cached (else a missing build is an error)
-
-    @classmethod
-    def from_args(cls, args: Any) -> BenchSettings:
-        """From parsed command-line flags (`--prompt-len`, ..., `--gpu-memory`); absent flags keep defaults."""
-        from spqr_run.engine.planner import parse_memory
-
-        names = (
-            "prompt_len",
-            "new_tokens",
-            "batch",
-            "repeats",
-            "warmup",
-            "layers",
-            "wbits",
-            "outlier_rate",
-            "kv_cache",
-            "llama_cpp",
-        )
-        kwargs = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-        memory = getattr(args, "gpu_memory", None)
-        return cls(
-            **kwargs,
-            graphs=not getattr(args, "no_graphs", False),
-            budget_bytes=None if memory is None else parse_memory(memory),
-        )
-
-    def check(self) -> None:
-        for name in ("prompt_len", "new_tokens", "batch"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"invalid --{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
-        if self.repeats is not None and self.repeats < 1:
-            raise ConfigError(f"invalid --repeats {self.repeats}: must be >= 1")
-        if self.warmup is not None and self.warmup < 0:
-            raise ConfigError(f"invalid --warmup {self.warmup}: must be >= 0")
-
-
-@dataclass
-class MethodResult:
-    method: str
-    weight_bytes: int  # held by the built model (the CPU layout / int8 tables on the native path)
-    bytes_per_token: int  # what one decode step reads (`traffic`'s total)
-    traffic: dict[
-        str, int
-    ]  # `engine.traffic.DecodeTraffic` by kind: linears, head, embedding, norms, kv_cache
-    bits_per_weight: float  # the decoder blocks' linears as held (bias included)
-    prefill_tok_s: float
-    decode_tok_s: float
-    ms_per_token: float
-    ttft_ms: float
-    gb_s: float  # bytes_per_token / time per token
-    peak_bytes: int | None  # torch.cuda.max_memory_allocated after the build (None on CPU)
-    kv_cache_bytes: int  # the KV cache allocated for batch x (prompt + new tokens)
-    graphs: bool
-    source: str  # "synthetic" or the model file
-    dtype: str = "fp16"  # what the dense baseline's weight matrices are held in ("spqr" rows: packed)
-    engine: str = ""  # "native CPU (AVX-512 VNNI, 2 threads)", "PyTorch CPU", "CUDA (...)"
-    decode_samples_ms: list[float] = field(default_factory=list)  # ms per token of every timed repeat
-    floor_ms: float | None = None  # bytes_per_token / the run's median read bandwidth (CPU, `set_floor`)
-    floor_pct: float | None = None  # floor_ms / ms_per_token * 100
-
-    def set_floor(self, bandwidth_gb_s: float) -> None:
-        """The bandwidth floor of this row at a read bandwidth in GB/s, and the share of it reached."""
-        self.floor_ms = self.bytes_per_token / (bandwidth_gb_s * 1e9) * 1e3
-        self.floor_pct = self.floor_ms / self.ms_per_token * 100
-
-    @property
-    def label(self) -> str:
-        """The table's name for this row: "spqr", or the dense baseline's real dtype (fp16, or fp32 on a CPU
-        without the native kernels)."""
-        return self.method if self.method == "spqr" else self.dtype
-
-
-@dataclass
-class BenchReport:
-    model: str
-    device: str
-    settings: BenchSettings
-    results: dict[str, MethodResult] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)  # method -> why (does not fit, ...)
-    engine: str = ""  # the path both rows ran on
-    isa: str | None = None  # native CPU: "AVX-512 VNNI", "AVX2", "portable C"
-    threads: int | None = None  # CPU threads of the run (the native pool)
-    alternated: bool = False  # the methods' repeats alternated (both models held at once)
-    bandwidth: dict[str, Any] | None = None  # CPU read bandwidth in GB/s: run threads and 1 thread
-    loadavg: dict[str, list[float]] = field(default_factory=dict)  # /proc/loadavg before / after
-    llama_cpp: dict[str, Any] | None = None  # `LlamaCppPeer.summary()`
-
-    def ratios(self) -> dict[str, float]:
-        s, f = self.results.get("spqr"), self.results.get("fp16")
-        r: dict[str, float] = {}
-        if s is not None and f is not None:
-            r = {
-                "decode_tok_s": s.decode_tok_s / f.decode_tok_s,
-                "prefill_tok_s": s.prefill_tok_s / f.prefill_tok_s,
-                "ttft": s.ttft_ms / f.ttft_ms,
-                "weight_bytes": s.weight_bytes / f.weight_bytes,
-                "bytes_per_token": s.bytes_per_token / f.bytes_per_token,
-            }
-            if s.peak_bytes and f.peak_bytes:
-                r["peak_memory"] = s.peak_bytes / f.peak_bytes
-        if s is not None and self.llama_cpp:
-            r["llama_cpp_decode_tok_s"] = s.decode_tok_s / self.llama_cpp["decode_tok_s"]
-        return r
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"model": self.model, "device": self.device, "settings": asdict(self.settings)}
-        out |= {
-            "engine": self.engine,
-            "isa": self.isa,
-            "threads": self.threads,
-            "alternated": self.alternated,
-        }
-        out |= {"bandwidth": self.bandwidth, "loadavg": self.loadavg, "llama_cpp": self.llama_cpp}
-        out |= {m: asdict(r) for m, r in self.results.items()}
-        out["ratios"] = self.ratios()
-        out["skipped"] = self.skipped
-        return out
-
-    def title(self) -> str:
-        st = self.settings
-        text = (
-            f"{self.model} on {self.device}, {self.engine}: batch {st.batch}, prompt {st.prompt_len}, "
-            f"{st.new_tokens} new tokens" + (f", {st.kv_cache} KV cache" if st.kv_cache != "auto" else "")
-        )
-        if self.loadavg.get("before"):
-            text += f"; load average {' '.join(f'{x:.2f}' for x in self.loadavg['before'])}"
-        return text
-
-    def bandwidth_line(self) -> str:
-        """The read bandwidth the floors use, in words ("" on a GPU)."""
-        bw = self.bandwidth
-        if not bw:
-            return ""
-        line = (
-            f"read bandwidth {bw['gb_s']:.1f} GB/s on {bw['threads']} thread(s) (median of {len(bw['samples'])} "
-            f"samples between the timed runs, best {max(bw['samples']):.1f})"
-        )
-        if bw.get("single_gb_s") is not None:
-            line += f"; 1 thread {bw['single_gb_s']:.1f} GB/s"
-        return line + (", methods alternated" if self.alternated else ", methods one after the other")
-
-    def table(self) -> Table:
-        """The report as a rich Table (the model name is printed literally, never as markup)."""
-        t = Table(title=Text(self.title()), caption=Text(self.bandwidth_line()) if self.bandwidth else None)
-        cols = ["", "bits/w", "weights GiB", "MB/token", "prefill tok/s", "decode tok/s", "ms/token"]
-        cols += ["floor ms", "% of floor", "GB/s", "TTFT ms", "peak GiB", "graphs"]
-        for c in cols:
-            t.add_column(c, justify="left" if c == "" else "right")
-        for r in self.results.values():
-            t.add_row(
-                r.label,
-                f"{r.bits_per_weight:.2f}",
-                f"{r.weight_bytes / GiB:.2f}",
-                f"{r.bytes_per_token / MB:.1f}",
-                f"{r.prefill_tok_s:.1f}",
-                f"{r.decode_tok_s:.2f}",
-                f"{r.ms_per_token:.2f}",
-                "-" if r.floor_ms is None else f"{r.floor_ms:.2f}",
-                "-" if r.floor_pct is None else f"{r.floor_pct:.0f}%",
-                f"{r.gb_s:.1f}",
-                f"{r.ttft_ms:.1f}",
-                "-" if r.peak_bytes is None else f"{r.peak_bytes / GiB:.2f}",
-                "yes" if r.graphs else "no",
-            )
-        ratios = self.ratios()
-        if "decode_tok_s" in ratios:
-            t.add_row(
-                f"spqr/{self.results['fp16'].label}",
-                "",
-                f"{ratios['weight_bytes']:.2f}x",
-                f"{ratios['bytes_per_token']:.2f}x",
-                f"{ratios['prefill_tok_s']:.2f}x",
-                f"{ratios['decode_tok_s']:.2f}x",
-                "",
-                "",
-                "",
-                "",
-                f"{ratios['ttft']:.2f}x",
-                f"{ratios['peak_memory']:.2f}x" if "peak_memory" in ratios else "",
-                "",
-            )
-        if self.llama_cpp:
-            lc = self.llama_cpp
-            t.add_row(
-                Text(f"llama.cpp ({os.path.basename(lc['gguf'])})"),
-                "",
-                f"{(lc.get('model_size_bytes') or 0) / GiB:.2f}",
-                *[""] * 2,
-                f"{lc['decode_tok_s']:.2f}",
-                f"{1e3 / lc['decode_tok_s']:.2f}",
-                *[""] * 6,
-            )
-            if "llama_cpp_decode_tok_s" in ratios:
-                t.add_row("spqr/llama.cpp", *[""] * 4, f"{ratios['llama_cpp_decode_tok_s']:.2f}x", *[""] * 7)
-        for m, why in self.skipped.items():
-            t.add_row("spqr" if m == "spqr" else "dense", Text(f"skipped: {why}"))
-        return t
+__all__ = ["METHODS", "BenchReport", "BenchSettings", "MethodResult", "run_bench", "time_region"]
 
 
 # ---- timing -------------------------------------------------------------------------------------
