@@ -256,18 +256,18 @@ def run_pair(args: argparse.Namespace) -> list[dict[str, Any]]:
 def pair_markdown(results: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| threads | row | decode tok/s | ms/token | MB read/token | GB/s | floor ms | % of floor | SpQR / FP16 "
-        "| read GB/s (median, samples) | alternated | load average before / after |",
-        "|" + "---|" * 12,
+        "| CPU share | read GB/s (median, samples) | alternated | load average before / after |",
+        "|" + "---|" * 13,
     ]
     for r in results:
         if "failed" in r:
-            lines.append(f"| {r['threads']} | failed: exit {r['failed']} |" + " |" * 10)
+            lines.append(f"| {r['threads']} | failed: exit {r['failed']} |" + " |" * 11)
             continue
         bw = r["bandwidth"]
         samples = ", ".join(f"{x:.1f}" for x in bw["samples"])
         for m in ("spqr", "fp16"):
             if m not in r:
-                lines.append(f"| {r['threads']} | {m} skipped: {r['skipped'].get(m)} |" + " |" * 10)
+                lines.append(f"| {r['threads']} | {m} skipped: {r['skipped'].get(m)} |" + " |" * 11)
                 continue
             x = r[m]
             ratio = (
@@ -279,7 +279,7 @@ def pair_markdown(results: list[dict[str, Any]]) -> list[str]:
             lines.append(
                 f"| {r['threads']} | {label} | {x['decode_tok_s']:.3f} | {x['ms_per_token']:.0f} "
                 f"| {x['bytes_per_token'] / 1e6:.0f} | {x['gb_s']:.1f} | {x['floor_ms']:.0f} | {x['floor_pct']:.0f}% "
-                f"| {ratio} | {bw['gb_s']:.1f} ({samples}) | {'yes' if r['alternated'] else 'no'} "
+                f"| {ratio} | {x['cpu_share']:.2f} | {bw['gb_s']:.1f} ({samples}) | {'yes' if r['alternated'] else 'no'} "
                 f"| {r['loadavg']['before']} / {r['loadavg']['after']} |"
             )
     return lines

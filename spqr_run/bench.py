@@ -121,6 +121,7 @@ class _Subject:
         self.prefill_s: list[float] = []
         self.ttft_s: list[float] = []
         self.decode_s: list[float] = []
+        self.decode_cpu_s: list[float] = []  # this process's CPU time (all threads) during each timed decode
 
     def _prefill(self) -> torch.Tensor:
         return self.model(self.prompt, self.positions, kv_len=self.st.prompt_len, last_only=True)  # (B, 1, V)
@@ -141,13 +142,16 @@ class _Subject:
             for _ in range(self.st.new_tokens - 1):
                 self.step.advance_greedy()
 
+        cpu0 = time.process_time()
         decode_s = time_region(decode, device, repeats=1, warmup=0)
+        decode_cpu = time.process_time() - cpu0
         if record:
             self.prefill_s.append(prefill)
             self.ttft_s.append(ttft)
             self.decode_s.append(decode_s)
+            self.decode_cpu_s.append(decode_cpu)
 
-    def result(self, engine: str) -> MethodResult:
+    def result(self, engine: str, threads: int | None = None) -> MethodResult:
         model, st = self.model, self.st
         b, n = st.batch, st.new_tokens
         per_token = statistics.median(self.decode_s) / n
@@ -175,6 +179,10 @@ class _Subject:
             dtype=dtype,
             engine=engine,
             decode_samples_ms=[s / n * 1e3 for s in self.decode_s],
+            cpu_share=None
+            if device.type != "cpu"
+            else statistics.median(c / w for c, w in zip(self.decode_cpu_s, self.decode_s, strict=True))
+            / (threads or 1),
         )
 
 
@@ -360,7 +368,7 @@ def run_bench(
                     s.run()
                 sample_between()
             for s in subjects:
-                report.results[s.method] = s.result(engine)
+                report.results[s.method] = s.result(engine, threads)
             del subjects
         else:
             for method in needs:
@@ -371,7 +379,7 @@ def run_bench(
                 for _ in range(repeats):
                     s.run()
                     sample_between()
-                report.results[method] = s.result(engine)
+                report.results[method] = s.result(engine, threads)
                 del s  # freed before the next model is built
                 _release(device)
         report.loadavg["after"] = _loadavg()

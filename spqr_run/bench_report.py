@@ -39,6 +39,9 @@ class MethodResult:
     dtype: str = "fp16"  # what the dense baseline's weight matrices are held in ("spqr" rows: packed)
     engine: str = ""  # "native CPU (AVX-512 VNNI, 2 threads)", "PyTorch CPU", "CUDA (...)"
     decode_samples_ms: list[float] = field(default_factory=list)  # ms per token of every timed repeat
+    # CPU time of this process (all threads) / (wall time x threads) while decoding, median over the repeats:
+    # 1.0 = every thread ran all the time; less = the cores were shared with other processes
+    cpu_share: float | None = None
     floor_ms: float | None = None  # bytes_per_token / the run's median read bandwidth (CPU, `set_floor`)
     floor_pct: float | None = None  # floor_ms / ms_per_token * 100
 

@@ -58,6 +58,7 @@ def test_spqr_bench_cli_json_subprocess():
         r = out[method]
         assert r["bytes_per_token"] == sum(r["traffic"].values())
         assert r["gb_s"] == pytest.approx(r["bytes_per_token"] / r["ms_per_token"] / 1e6)
+        assert 0 < r["cpu_share"] < 1.2  # CPU time / (wall x threads) while decoding
     if LIB is None:  # PyTorch CPU path: fp32 dense copies, stored bits
         assert out["fp16"]["dtype"] == "fp32" and out["engine"].startswith("PyTorch CPU")
         return
