@@ -128,15 +128,24 @@ def build_decoder(
     On a CPU with the native kernels (`native` None or True; `spqr_run.cpu.lib`), SpQR linears are repacked
     into the CPU layout and computed from their packed bytes, the embedding of a quantized model is held in
     int8 rows (`cpu.embedding.Q8Embedding`), and `Decoder.forward` runs natively (`cpu.decoder`); the file's
-    records are freed unless `keep_packed`. Otherwise (`native=False`, or the library is missing: a one-line
+    records are freed unless `keep_packed`, block by block as they are read (`_native_block`). Otherwise (`native=False`, or the library is missing: a one-line
     warning says why), quantized linears run from a dense copy decoded once (`SpQRLinear.materialize`);
     `keep_packed=False` then frees their packed form.
     """
     cfg = source.config
     held = weight_dtype or held_dtype(source, device, dtype)
+    on_cpu = torch.device(device).type == "cpu"
+    use_native = (
+        source.linear_factory is not None
+        and on_cpu
+        and dtype == torch.float32
+        and native is not False
+        and _native_available(native)
+    )
     with torch.device("meta"):
         model = Decoder(cfg)
     quantized: dict[str, nn.Module] = {}
+    replaced: set[str] = set()  # every linear the source gave a quantized module for (fused away or not)
     if source.linear_factory is not None:
         from spqr_run.models.linear import replace_linears
 
@@ -144,10 +153,21 @@ def build_decoder(
             module = source.linear_factory(name)  # type: ignore[misc]
             if module is not None:
                 quantized[name] = module
+                replaced.add(name)
             return module
 
-        replace_linears(model, swap)
-    expected = {n: tuple(t.shape) for n, t in model.state_dict().items() if not _inside(n, quantized)}
+        if use_native:  # block by block: one block's records are read, fused and repacked, then freed
+            for i, block in enumerate(model.layers):
+                prefix = f"layers.{i}."
+                replace_linears(block, lambda n, lin, p=prefix: swap(p + n, lin))
+                for name in [n for n in quantized if n.startswith(prefix)]:
+                    del quantized[name]  # no reference to a member outlives its fusion
+                converted = _native_block(block, prefix, cfg, held, keep_packed)
+                quantized |= converted
+                replaced |= set(converted)
+        else:
+            replace_linears(model, swap)
+    expected = {n: tuple(t.shape) for n, t in model.state_dict().items() if not _inside(n, replaced)}
     missing = sorted(set(expected) - set(source.weights))
     if missing:
         raise ModelFormatError(
@@ -175,9 +195,11 @@ def build_decoder(
         quantized.clear()  # no references to the members: each group's parts are freed as it fuses
         fuse_linears(model)
         quantized = {n: m for n, m in model.named_modules() if isinstance(m, SpQRLinear)}
-    on_cpu = torch.device(device).type == "cpu"
-    use_native = on_cpu and dtype == torch.float32 and native is not False and _native_available(native)
+    if not use_native:  # (with a quantized source, `use_native` was decided above; dense sources decide here)
+        use_native = on_cpu and dtype == torch.float32 and native is not False and _native_available(native)
     for module in quantized.values():
+        if module.native is not None or module.dense_weight is not None:  # type: ignore[union-attr]
+            continue  # converted with its block (`_native_block`)
         module.to(device)
         if use_native and module.meta.method == "spqr":  # type: ignore[union-attr]
             module.to_native(keep_packed=keep_packed)  # type: ignore[operator]
@@ -196,6 +218,29 @@ def build_decoder(
     return model.eval()
 
 
+def _native_block(
+    block: nn.Module, prefix: str, cfg: ModelConfig, held: torch.dtype, keep_packed: bool
+) -> dict[str, nn.Module]:
+    """Fuse one block's quantized linears and put them in their CPU form (spqr: the native layout; gptq/rtn:
+    a decoded dense copy in `held`), so that the file's records of this block (and the pages of the file's
+    memory map they were read from) are freed before the next block is read: the peak of loading a model is
+    then its final size plus about one block, not every record at once. Returns the block's quantized
+    linears (fused ones included) by full name."""
+    from spqr_run.models.fused import fuse_block
+    from spqr_run.models.spqr_linear import SpQRLinear
+
+    fuse_block(block, cfg)
+    out = {}
+    for name, module in block.named_modules():
+        if isinstance(module, SpQRLinear):
+            if module.meta.method == "spqr":
+                module.to_native(keep_packed=keep_packed)
+            else:
+                module.materialize(held, keep_packed=keep_packed)
+            out[prefix + name] = module
+    return out
+
+
 def _native_available(native: bool | None) -> bool:
     """Whether the native CPU kernels load; a one-line warning (once) when they do not and were wanted."""
     from spqr_run.cpu import lib
@@ -212,7 +257,7 @@ def _native_available(native: bool | None) -> bool:
     return False
 
 
-def _inside(name: str, modules: Mapping[str, Any]) -> bool:
+def _inside(name: str, modules: Mapping[str, Any] | set[str]) -> bool:
     prefix = name.rpartition(".")[0]
     return prefix in modules
 

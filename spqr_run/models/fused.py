@@ -134,17 +134,19 @@ def fuse_linears(model: nn.Module) -> int:
     """Fuse, in every block of a built `Decoder`, the SpQR linears that read the same input (module
     docstring); returns the number of fused linears made. Idempotent (fused members are gone). Call it
     before `SpQRLinear.materialize(keep_packed=False)`: a linear whose packed form was freed is not fused."""
-    count = 0
-    options = fusion_plan(model.config)  # type: ignore[arg-type]
-    for block in model.layers:  # type: ignore[union-attr]
-        for k, option in enumerate(options):
-            groups = [(n, ms) for n, ms in option if all(_present(block, m) for m in ms)]
-            last = k == len(options) - 1
-            if not last and not all(can_fuse([_member(block, m) for m in ms]) for _, ms in option):
-                continue  # a preferred option applies only whole: try the next one
-            count += sum(_try_fuse(block, n, ms) for n, ms in groups)
-            break
-    return count
+    return sum(fuse_block(block, model.config) for block in model.layers)  # type: ignore[arg-type, union-attr]
+
+
+def fuse_block(block: nn.Module, cfg: ModelConfig) -> int:
+    """`fuse_linears` for one decoder block of a model of config `cfg`; returns the fused linears made."""
+    options = fusion_plan(cfg)
+    for k, option in enumerate(options):
+        groups = [(n, ms) for n, ms in option if all(_present(block, m) for m in ms)]
+        last = k == len(options) - 1
+        if not last and not all(can_fuse([_member(block, m) for m in ms]) for _, ms in option):
+            continue  # a preferred option applies only whole: try the next one
+        return sum(_try_fuse(block, n, ms) for n, ms in groups)
+    return 0
 
 
 def _member(block: nn.Module, name: str) -> nn.Module | None:
