@@ -242,6 +242,8 @@ def run_pair(args: argparse.Namespace) -> list[dict[str, Any]]:
         cmd = [sys.executable, "-m", "spqr_run.cli.bench", "--synthetic", args.model, "--device", "cpu"]
         cmd += ["--threads", str(threads), "--prompt-len", str(args.prompt_len)]
         cmd += ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--json"]
+        if args.memory is not None:  # the planner's budget instead of the free memory minus 512 MiB
+            cmd += ["--gpu-memory", args.memory]
         print(f"$ {shlex.join(cmd)}", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         if proc.returncode != 0:
@@ -314,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     pair.add_argument("--prompt-len", type=int, default=32)
     pair.add_argument("--new-tokens", type=int, default=16)
     pair.add_argument("--repeats", type=int, default=3)
+    pair.add_argument("--memory", default=None, help="spqr-bench's memory budget (--gpu-memory), e.g. 14GiB")
     pair.add_argument("--json-out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.command == "measure":
