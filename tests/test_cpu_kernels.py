@@ -205,24 +205,27 @@ def test_rows_and_threads_do_not_change_a_rows_result(isa):
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_q8_rows_and_matmul(isa):
+    """Int8 codes with an fp16 scale per row and 64 columns (`weights.q8_quantize` defines them)."""
     LIB.spqr_cpu_set_isa(isa)
-    w = torch.randn(100, 72) * torch.rand(100, 1) * 3  # rows of different scales; 72 not a multiple of 64
+    w = torch.randn(100, 200) * torch.rand(100, 1) * 3  # rows of different scales; 200 = 3 x 64 + 8
     w[5] = 0.0
+    w[7, 64:128] = 0.0
     nw = W.q8_weight(w.half())
-    amax = w.half().float().abs().amax(1)
-    scale = amax / 127  # codes = round(w * (127 / amax)), nearest even
-    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, 0)  # a true fp32 division, as the C
-    codes = torch.round(w.half().float() * inv[:, None]).clamp(-127, 127)
-    assert torch.equal(nw.tensors["row_scale"], scale)
-    rows = W.q8_rows(nw, torch.tensor([0, 5, 99, 17]))
-    assert torch.equal(rows, (codes * scale[:, None])[[0, 5, 99, 17]])
-    x = torch.randn(6, 72)
+    codes, scales = W.q8_quantize(w.half())
+    s = scales.float().repeat_interleave(64, dim=1)[:, :200]
+    deq = codes.double()[:, :200] * s.double()  # (100, 200)
+    # the definition: scale = fp16(absmax / 127) per row and 64 columns, code = round(w / scale)
+    blocks = torch.nn.functional.pad(w.half().float(), (0, 56)).reshape(100, 4, 64)
+    assert torch.equal(scales, (blocks.abs().amax(-1) / 127).half())
+    assert (deq - w.half().double()).abs().le(s.double() / 2 + 1e-12).all()
+    ids = torch.tensor([0, 5, 7, 99, 17])
+    assert torch.equal(W.q8_rows(nw, ids).double(), deq[ids])
+    x = torch.randn(6, 200)
     xq, dx = quantize_reference(x)
-    xhat = (xq.double().reshape(6, -1, 16) * dx.double()[..., None]).reshape(6, -1)[:, :72]
-    want = xhat @ (codes.double() * scale.double()[:, None]).T
+    xhat = (xq.double().reshape(6, -1, 16) * dx.double()[..., None]).reshape(6, -1)[:, :200]
+    want = xhat @ deq.T
     y = run(nw, x)
-    terms = xhat.abs() @ (codes.double().abs() * scale.double()[:, None]).T
-    assert ((y.double() - want).abs() <= 2.0**-19 * terms + 1e-30).all()
+    assert ((y.double() - want).abs() <= 2.0**-19 * (xhat.abs() @ deq.abs().T) + 1e-30).all()
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -13,13 +13,9 @@
 
 #include "spqr_internal.h"
 
-/* Vector loops: one source, compiled for AVX-512, AVX2 and plain x86-64 and picked when the library loads
- * (GCC function multiversioning). Sums use 16 partial sums in a fixed order, so every clone rounds alike. */
-#if defined(SPQR_HAVE_X86) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_THREAD__)
-#define VEC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define VEC_CLONES
-#endif
+/* The attention loops (dot products over head_dim) are inlined into `attention_task`, which is cloned per
+ * instruction set once (SPQR_VEC_CLONES), not per call. Sums use 16 partial sums in a fixed order. */
+#define VEC_CLONES SPQR_VEC_CLONES
 
 static inline float reduce16(float acc[16]) {
   for (int w = 8; w >= 1; w /= 2)
@@ -28,7 +24,7 @@ static inline float reduce16(float acc[16]) {
 }
 
 /* sum_i a[i] b[i] */
-VEC_CLONES static float dot_f32(const float *a, const float *b, int32_t n) {
+static inline float dot_f32(const float *a, const float *b, int32_t n) {
   float acc[16] = {0};
   int32_t i = 0;
   for (; i + 16 <= n; i += 16)
@@ -37,7 +33,7 @@ VEC_CLONES static float dot_f32(const float *a, const float *b, int32_t n) {
   return reduce16(acc);
 }
 
-VEC_CLONES static float dot_f32_i8(const float *a, const int8_t *b, int32_t n) {
+static inline float dot_f32_i8(const float *a, const int8_t *b, int32_t n) {
   float acc[16] = {0};
   int32_t i = 0;
   for (; i + 16 <= n; i += 16)
@@ -47,11 +43,11 @@ VEC_CLONES static float dot_f32_i8(const float *a, const int8_t *b, int32_t n) {
 }
 
 /* y += a x */
-VEC_CLONES static void axpy_f32(float a, const float *x, float *y, int32_t n) {
+static inline void axpy_f32(float a, const float *x, float *y, int32_t n) {
   for (int32_t i = 0; i < n; i++) y[i] = fmaf(a, x[i], y[i]);
 }
 
-VEC_CLONES static void axpy_i8(float a, const int8_t *x, float *y, int32_t n) {
+static inline void axpy_i8(float a, const int8_t *x, float *y, int32_t n) {
   for (int32_t i = 0; i < n; i++) y[i] = fmaf(a, (float)x[i], y[i]);
 }
 
@@ -173,7 +169,7 @@ static void rope_cache_task(void *p, int64_t b, int64_t e) {
 }
 
 /* ---- attention: one query token, one KV head (its group of query heads), keys 0 .. pos of its row ------- */
-static void attention_task(void *p, int64_t b, int64_t e) {
+VEC_CLONES static void attention_task(void *p, int64_t b, int64_t e) {
   const fwd_ctx *c = p;
   const spqr_model *m = c->m;
   const spqr_layer *L = c->layer;

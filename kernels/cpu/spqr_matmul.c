@@ -46,19 +46,22 @@ int spqr_cpu_abi_version(void) { return SPQR_CPU_ABI_VERSION; }
 /* ---- activation quantization ------------------------------------------------------------------------ */
 /* One row: xst = x[perm] (stored order, zero beyond `in`), per group of 16: dx = absmax / 127,
  * xq = round(x / dx) (nearest even), X = dx * sum(xq). */
-static void quantize_row(const float *x, int32_t in, const uint16_t *perm, int32_t groups, float *xst,
-                         int8_t *xq, float *dx, float *xsum, int32_t *xqs) {
+SPQR_VEC_CLONES static void quantize_row(const float *x, int32_t in, const uint16_t *perm, int32_t groups,
+                                         float *xst, int8_t *xq, float *dx, float *xsum, int32_t *xqs) {
   for (int32_t g = 0; g < groups; g++) {
     float v[16], amax = 0.f;
     for (int k = 0; k < 16; k++) {
       int32_t j = 16 * g + k;
       v[k] = j < in ? x[perm ? perm[j] : j] : 0.f;
-      amax = fmaxf(amax, fabsf(v[k]));
+    }
+    for (int k = 0; k < 16; k++) {
+      const float a = fabsf(v[k]);
+      amax = a > amax ? a : amax;
     }
     float inv = amax > 0.f ? 127.f / amax : 0.f;
     int32_t sum = 0;
     for (int k = 0; k < 16; k++) {
-      float q = fminf(fmaxf(nearbyintf(v[k] * inv), -127.f), 127.f);
+      float q = nearbyintf(v[k] * inv); /* |v| <= amax, so |q| <= 127 */
       xq[16 * g + k] = (int8_t)q;
       sum += (int32_t)q;
       if (xst) xst[16 * g + k] = v[k];
@@ -80,7 +83,7 @@ void spqr_cpu_quantize_rows(const float *x, int64_t x_stride, int32_t rows, int3
 }
 
 /* ---- epilogue: outliers (exact x) and bias ------------------------------------------------------------ */
-void spqr_mm_epilogue(const spqr_mm_args *a, int64_t r0, int64_t r1) {
+SPQR_VEC_CLONES void spqr_mm_epilogue(const spqr_mm_args *a, int64_t r0, int64_t r1) {
   const spqr_weight *w = a->w;
   if (r1 > w->out_features) r1 = w->out_features;
   for (int32_t t = 0; t < a->rows; t++) {
@@ -89,10 +92,8 @@ void spqr_mm_epilogue(const spqr_mm_args *a, int64_t r0, int64_t r1) {
     if (w->kind == SPQR_W_SPQR && w->outlier_row_ptr) {
       for (int64_t r = r0; r < r1; r++) {
         float acc = y[r];
-        for (int32_t k = w->outlier_row_ptr[r]; k < w->outlier_row_ptr[r + 1]; k++) {
-          uint32_t word = (uint32_t)w->outliers[k];
-          acc = fmaf(spqr_half_to_float((uint16_t)(word & 0xFFFF)), xs[word >> 16], acc);
-        }
+        for (int32_t k = w->outlier_row_ptr[r]; k < w->outlier_row_ptr[r + 1]; k++)
+          acc = fmaf(w->outlier_vals[k], xs[w->outlier_cols[k]], acc);
         y[r] = acc;
       }
     }
@@ -192,25 +193,27 @@ void spqr_mm_spqr_portable(const spqr_mm_args *a, int64_t rt0, int64_t rt1) {
 
 void spqr_mm_q8_portable(const spqr_mm_args *a, int64_t rt0, int64_t rt1) {
   const spqr_weight *w = a->w;
-  const int32_t groups = w->k_blocks, quads = 4 * groups;
+  const int32_t kbn = w->k_blocks;
   for (int64_t rt = rt0; rt < rt1; rt++) {
-    const uint8_t *tile = w->codes + rt * quads * 64;
+    const uint8_t *tile = w->codes + rt * kbn * 16 * 64;
+    const uint16_t *scales = w->scales + rt * kbn * 16;
     for (int32_t t = 0; t < a->rows; t++) {
       float acc[16] = {0};
       const int8_t *xq = a->xq + t * a->xq_stride;
-      for (int32_t g = 0; g < groups; g++) {
-        const int64_t gi = t * a->g_stride + g;
-        const float dx = a->dx[gi];
-        const int32_t S = a->xqs[gi];
-        for (int r = 0; r < 16; r++) {
-          int32_t d = 0;
-          for (int i = 0; i < 4; i++)
-            for (int c = 0; c < 4; c++) d += (int32_t)tile[(4 * g + i) * 64 + 4 * r + c] * xq[16 * g + 4 * i + c];
-          acc[r] = fmaf((float)(d - 128 * S), dx, acc[r]);
+      for (int32_t kb = 0; kb < kbn; kb++) {
+        float blk[16] = {0};
+        for (int32_t g = 4 * kb; g < 4 * kb + 4; g++) {
+          const int64_t gi = t * a->g_stride + g;
+          for (int r = 0; r < 16; r++) {
+            int32_t d = 0;
+            for (int i = 0; i < 4; i++)
+              for (int c = 0; c < 4; c++) d += (int32_t)tile[(4 * g + i) * 64 + 4 * r + c] * xq[16 * g + 4 * i + c];
+            blk[r] = fmaf((float)(d - 128 * a->xqs[gi]), a->dx[gi], blk[r]);
+          }
         }
+        for (int r = 0; r < 16; r++) acc[r] = fmaf(blk[r], spqr_half_to_float(scales[16 * kb + r]), acc[r]);
       }
-      for (int r = 0; r < 16 && 16 * rt + r < w->out_features; r++)
-        a->y[t * a->y_stride + 16 * rt + r] = acc[r] * w->row_scale[16 * rt + r];
+      for (int r = 0; r < 16 && 16 * rt + r < w->out_features; r++) a->y[t * a->y_stride + 16 * rt + r] = acc[r];
     }
     spqr_mm_epilogue(a, 16 * rt, 16 * rt + 16);
   }
@@ -292,7 +295,7 @@ int spqr_cpu_matmul(const spqr_weight *w, const float *x, int64_t x_stride, floa
     return 0;
   }
   if (w->kind != SPQR_W_SPQR && w->kind != SPQR_W_Q8) return -1;
-  const int32_t groups = w->kind == SPQR_W_SPQR ? 4 * w->k_blocks : w->k_blocks;
+  const int32_t groups = 4 * w->k_blocks;
   const int64_t cols = 16 * (int64_t)groups;
   /* one scratch block: xst (fp32), dx, xsum (fp32), xq (int8), each row padded to whole groups */
   size_t bytes = (size_t)rows * (cols * 4 + 3 * groups * 4 + cols) + 256;

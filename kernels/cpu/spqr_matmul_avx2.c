@@ -192,23 +192,31 @@ INLINE __m256i q8_half_dot(const uint8_t *tile, int h, const int8_t *xq) {
 
 void spqr_mm_q8_avx2(const spqr_mm_args *a, int64_t rt0, int64_t rt1) {
   const spqr_weight *w = a->w;
-  const int32_t groups = w->k_blocks;
+  const int32_t kbn = w->k_blocks;
   for (int64_t rt = rt0; rt < rt1; rt++) {
     const int64_t left = w->out_features - 16 * rt;
+    const uint16_t *scales = w->scales + rt * kbn * 16;
     for (int32_t t = 0; t < a->rows; t++) {
-      const uint8_t *tile = w->codes + rt * groups * 256;
+      const uint8_t *tile = w->codes + rt * kbn * 16 * 64;
       __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-      for (int32_t g = 0; g < groups; g++, tile += 256) {
-        const int8_t *xq = a->xq + t * a->xq_stride + 16 * g;
-        const __m256 dx = _mm256_set1_ps(a->dx[t * a->g_stride + g]);
-        for (int h = 0; h < 2; h++)
-          acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_half_dot(tile, h, xq)), dx, acc[h]);
+      for (int32_t kb = 0; kb < kbn; kb++) {
+        __m256 blk[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int32_t g = 4 * kb; g < 4 * kb + 4; g++, tile += 256) {
+          const int8_t *xq = a->xq + t * a->xq_stride + 16 * g;
+          const __m256 dx = _mm256_set1_ps(a->dx[t * a->g_stride + g]);
+          for (int h = 0; h < 2; h++)
+            blk[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_half_dot(tile, h, xq)), dx, blk[h]);
+        }
+        for (int h = 0; h < 2; h++) {
+          const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + 16 * kb + 8 * h)));
+          acc[h] = _mm256_fmadd_ps(blk[h], s, acc[h]);
+        }
       }
       float tmp[16];
       _mm256_storeu_ps(tmp, acc[0]);
       _mm256_storeu_ps(tmp + 8, acc[1]);
       float *y = a->y + t * a->y_stride + 16 * rt;
-      for (int r = 0; r < 16 && r < left; r++) y[r] = tmp[r] * w->row_scale[16 * rt + r];
+      for (int r = 0; r < 16 && r < left; r++) y[r] = tmp[r];
     }
     spqr_mm_epilogue(a, 16 * rt, 16 * rt + 16);
   }

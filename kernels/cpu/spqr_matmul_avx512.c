@@ -157,32 +157,37 @@ void spqr_mm_spqr_avx512(const spqr_mm_args *a, int64_t rt0, int64_t rt1) {
   }
 }
 
-/* ---- Q8 (embedding / LM head): u8 codes = w + 128, one scale per row -------------------------------- */
+/* ---- Q8 (embedding / LM head): u8 codes = w + 128, an fp16 scale per row and 64 columns ---------------- */
 INLINE void q8_tile(const spqr_mm_args *a, const int64_t rt, const int32_t t0, const int NT) {
   const spqr_weight *w = a->w;
-  const int32_t groups = w->k_blocks;
-  const uint8_t *tile = w->codes + rt * groups * 4 * 64;
+  const int32_t kbn = w->k_blocks;
+  const uint8_t *tile = w->codes + rt * kbn * 16 * 64;
+  const uint16_t *scales = w->scales + rt * kbn * 16;
   __m512 acc[NT];
   _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
-  for (int32_t g = 0; g < groups; g++, tile += 256) {
-    const __m512i q0 = _mm512_loadu_si512(tile), q1 = _mm512_loadu_si512(tile + 64),
-                  q2 = _mm512_loadu_si512(tile + 128), q3 = _mm512_loadu_si512(tile + 192);
-    _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) {
-      const int8_t *xq = a->xq + (t0 + t) * a->xq_stride + 16 * g;
-      const int64_t gi = (t0 + t) * a->g_stride + g;
-      __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q0, bcast4(xq));
-      d = _mm512_dpbusd_epi32(d, q1, bcast4(xq + 4));
-      d = _mm512_dpbusd_epi32(d, q2, bcast4(xq + 8));
-      d = _mm512_dpbusd_epi32(d, q3, bcast4(xq + 12));
-      d = _mm512_sub_epi32(d, _mm512_set1_epi32(128 * a->xqs[gi]));
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(a->dx[gi]), acc[t]);
+  for (int32_t kb = 0; kb < kbn; kb++) {
+    __m512 blk[NT];
+    _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) blk[t] = _mm512_setzero_ps();
+    for (int32_t g = 4 * kb; g < 4 * kb + 4; g++, tile += 256) {
+      const __m512i q0 = _mm512_loadu_si512(tile), q1 = _mm512_loadu_si512(tile + 64),
+                    q2 = _mm512_loadu_si512(tile + 128), q3 = _mm512_loadu_si512(tile + 192);
+      _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) {
+        const int8_t *xq = a->xq + (t0 + t) * a->xq_stride + 16 * g;
+        const int64_t gi = (t0 + t) * a->g_stride + g;
+        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q0, bcast4(xq));
+        d = _mm512_dpbusd_epi32(d, q1, bcast4(xq + 4));
+        d = _mm512_dpbusd_epi32(d, q2, bcast4(xq + 8));
+        d = _mm512_dpbusd_epi32(d, q3, bcast4(xq + 12));
+        d = _mm512_sub_epi32(d, _mm512_set1_epi32(128 * a->xqs[gi]));
+        blk[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(a->dx[gi]), blk[t]);
+      }
     }
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + 16 * kb)));
+    _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) acc[t] = _mm512_fmadd_ps(blk[t], s, acc[t]);
   }
   const int64_t left = w->out_features - 16 * rt;
   const __mmask16 keep = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
-  const __m512 scale = _mm512_maskz_loadu_ps(keep, w->row_scale + 16 * rt);
-  for (int t = 0; t < NT; t++)
-    _mm512_mask_storeu_ps(a->y + (t0 + t) * a->y_stride + 16 * rt, keep, _mm512_mul_ps(acc[t], scale));
+  _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) _mm512_mask_storeu_ps(a->y + (t0 + t) * a->y_stride + 16 * rt, keep, acc[t]);
 }
 
 void spqr_mm_q8_avx512(const spqr_mm_args *a, int64_t rt0, int64_t rt1) {

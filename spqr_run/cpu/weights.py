@@ -3,8 +3,10 @@ file's records), int8 rows for the embedding / LM head, and dense fp32 / fp16 ma
 
 Each `NativeWeight` owns its tensors and the `spqr_weight` struct that points into them, so the struct stays
 valid while the object lives. The CPU layout (docs/FORMAT.md, "CPU layout"; kernels/cpu/spqr_internal.h)
-holds the same code bits as the file, nibble stat codes (+0.125 bits per weight over 3-bit stats) and the
-same fp16 second-order numbers: 2.7% (4-bit codes) to 4.8% (2-bit) more bytes than the stored records.
+holds the same code bits as the file, nibble stat codes (+0.125 bits per weight over 3-bit stats), the same
+fp16 second-order numbers, and outliers as uint16 columns + fp32 values (6 bytes instead of 4, so that adding
+them costs three loads and an fma): 2.7% (4-bit codes) to 4.8% (2-bit) more bytes than the stored records,
+plus 2 bytes an outlier.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from spqr_run.cpu import lib as native
 from spqr_run.quant import tile_layout
 from spqr_run.quant.quantized import QuantizedLinear
 
-ROWS, KCOLS, GROUP = 16, 64, 16
+ROWS, KCOLS = 16, 64
 
 
 def stat_group_bytes(stat_bits: int) -> int:
@@ -96,10 +98,13 @@ def spqr_weight(q: QuantizedLinear, bias: Tensor | None = None) -> NativeWeight:
         tiles.data_ptr(), rt, kb, m.wbits, m.stat_bits, codes.data_ptr(), stats.data_ptr()
     ):
         raise ValueError(f"spqr_cpu_repack refused wbits {m.wbits}, stat_bits {m.stat_bits}")
+    words = q.outliers.long() & 0xFFFFFFFF  # (nnz,) fp16 delta | column << 16
+    halves = (words & 0xFFFF).to(torch.int32).to(torch.int16)  # wraps to the 16-bit pattern
     tensors = {
         "codes": codes,
         "stats": stats,
-        "outliers": q.outliers.contiguous(),
+        "outlier_cols": (words >> 16).to(torch.int32).to(torch.int16).contiguous(),  # unsigned 16-bit
+        "outlier_vals": halves.view(torch.float16).float().contiguous(),  # exact
         "outlier_row_ptr": q.outlier_row_ptr.contiguous(),
     }
     if q.perm is not None:  # unsigned 16-bit column indices, as stored (int16 bit patterns)
@@ -117,7 +122,8 @@ def spqr_weight(q: QuantizedLinear, bias: Tensor | None = None) -> NativeWeight:
         k_blocks=kb,
         codes=codes.data_ptr(),
         stats=stats.data_ptr(),
-        outliers=tensors["outliers"].data_ptr(),
+        outlier_cols=tensors["outlier_cols"].data_ptr(),
+        outlier_vals=tensors["outlier_vals"].data_ptr(),
         outlier_row_ptr=tensors["outlier_row_ptr"].data_ptr(),
         perm=_ptr(tensors.get("perm")),
         bias=_ptr(b),
@@ -142,30 +148,51 @@ def dense_weight(w: Tensor, bias: Tensor | None = None) -> NativeWeight:
     return NativeWeight(struct, tensors)
 
 
+Q8_COLS = 64  # columns sharing one fp16 scale of a row
+
+
+def q8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w (out, in) -> codes int8 (out, in_pad) and fp16 scales (out, in_pad / 64): for each row and 64
+    columns, scale = fp16(max |w| / 127) and code = round(w / scale) (nearest even; 0 where the scale is 0).
+    in_pad = in rounded up to 64 (padding codes 0). This is the definition the kernels are tested against."""
+    out, in_ = w.shape
+    pad = -in_ % Q8_COLS
+    wb = torch.nn.functional.pad(w.float(), (0, pad)).reshape(out, -1, Q8_COLS)  # (out, KB, 64)
+    scale = (wb.abs().amax(-1) / 127).clamp_max(65504).half()  # (out, KB)
+    s = scale.float()[..., None]
+    codes = torch.where(s > 0, torch.round(wb / torch.where(s > 0, s, 1)), 0).clamp(-127, 127)
+    return codes.reshape(out, -1).to(torch.int8), scale
+
+
 def q8_weight(w: Tensor) -> NativeWeight:
-    """A dense (out, in) matrix quantized to int8 per row (scale = max |w| / 127), in quads of 16 rows x 4
-    columns (llama.cpp keeps its Q8_0 embedding the same way, with per-32 scales): the embedding / LM head.
-    Its rows are read back with `q8_rows`."""
-    lib = native.load()
-    assert lib is not None
+    """A dense (out, in) matrix in int8 with an fp16 scale per row and 64 columns (8.25 bits a weight;
+    llama.cpp keeps its Q8_0 embedding with one per 32), in quads of 16 rows x 4 columns: the embedding /
+    LM head. One scale per row instead costs +0.18% perplexity on SmolLM2 (BENCHMARKS.md "CPU decode").
+    Quantized in chunks of rows, so the fp32 transient stays small. Rows are read back with `q8_rows`."""
     if w.dtype not in (torch.float32, torch.float16) or w.dim() != 2:
         raise ValueError(f"q8 weights are made from 2-D fp32 or fp16, got {w.dtype} {tuple(w.shape)}")
-    w = w.detach().contiguous()
     out, in_ = w.shape
-    rt, groups = -(-out // ROWS), -(-in_ // GROUP)
-    codes = torch.empty(rt, groups * 4, 64, dtype=torch.uint8)
-    scale = torch.empty(out, dtype=torch.float32)
-    lib.spqr_cpu_quantize_q8(w.data_ptr(), w.element_size(), out, in_, codes.data_ptr(), scale.data_ptr())
+    rt, kb = -(-out // ROWS), -(-in_ // Q8_COLS)
+    codes = torch.full((rt * ROWS, kb * Q8_COLS), 128, dtype=torch.uint8)  # padding rows: code 128 = 0
+    scales = torch.zeros(rt * ROWS, kb, dtype=torch.float16)
+    step = max(ROWS, (1 << 22) // max(in_, 1) // ROWS * ROWS)
+    for r0 in range(0, out, step):
+        c, s = q8_quantize(w[r0 : r0 + step].detach())
+        codes[r0 : r0 + c.shape[0]] = (c.to(torch.int16) + 128).to(torch.uint8)
+        scales[r0 : r0 + s.shape[0]] = s
+    # (RT*16, KB*64) -> quads (RT, KB*16, 64): byte 4*r + c of quad q = row r, column 4q + c
+    quads = codes.reshape(rt, ROWS, kb * 16, 4).permute(0, 2, 1, 3).reshape(rt, kb * 16, 64).contiguous()
+    tile_scales = scales.reshape(rt, ROWS, kb).permute(0, 2, 1).contiguous()  # (RT, KB, 16)
     struct = native.Weight(
         kind=native.W_Q8,
         out_features=out,
         in_features=in_,
         row_tiles=rt,
-        k_blocks=groups,
-        codes=codes.data_ptr(),
-        row_scale=scale.data_ptr(),
+        k_blocks=kb,
+        codes=quads.data_ptr(),
+        scales=tile_scales.data_ptr(),
     )
-    return NativeWeight(struct, {"codes": codes, "row_scale": scale})
+    return NativeWeight(struct, {"codes": quads, "scales": tile_scales})
 
 
 def q8_rows(w: NativeWeight, ids: Tensor) -> Tensor:
