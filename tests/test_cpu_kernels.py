@@ -125,11 +125,12 @@ def _outliers(q):
 
 
 SHAPES = [(16, 64), (40, 80), (17, 65), (100, 200), (576, 576), (48, 1000)]
+SHAPE_IDS = [f"{o}x{i}" for o, i in SHAPES]  # the sanitizer builds skip the large ones (.ci/cpu-kernels)
 CONFIGS = [(wb, sb) for wb in (2, 3, 4) for sb in (1, 3, 4, 5, 8)]
 
 
 @pytest.mark.parametrize("wbits,stat_bits", CONFIGS)
-@pytest.mark.parametrize("shape", SHAPES[:4])
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=SHAPE_IDS[:4])
 def test_repack_is_the_specified_cpu_layout(wbits, stat_bits, shape):
     q = layer(*shape, wbits, stat_bits, seed=hash((wbits, stat_bits, shape)) % 1000)
     nw = W.spqr_weight(q)
@@ -155,7 +156,7 @@ def test_activation_quantization_is_its_torch_definition(inp, perm):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("wbits,stat_bits", [(2, 3), (3, 3), (4, 3), (3, 5), (4, 8), (2, 1)])
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_spqr_matmul_matches_the_references(isa, wbits, stat_bits, shape):
     LIB.spqr_cpu_set_isa(isa)
     seed = hash((isa, wbits, stat_bits, shape)) % 10_000
