@@ -9,7 +9,9 @@ with `--model`, `--compare-reuse` runs everything twice, with and without prefix
 per output token on the server against `spqr-run generate --stats` on the same model, prompt and `--threads`
 (target: at most 1.2x), and the total tok/s of 4 concurrent clients against 1 (target: at least 2.5x). The
 configurations alternate for `--repeats` rounds; it prints each round, the medians, the ratios and the load
-average. Server requests ban the end-of-text token (logit_bias) so each makes exactly `--max-tokens`.
+average, and the model's own decode step with 4 rows against 1 (in this process, before the server starts): what
+batching can gain in the model itself. Server requests ban the end-of-text token (logit_bias), so each makes
+exactly `--max-tokens`.
 
     python benchmarks/serve.py --model /path/to/model.gguf --parallel 8      # starts its own server
     python benchmarks/serve.py --url http://127.0.0.1:8000 --api-key KEY      # against a running server
@@ -166,6 +168,34 @@ def generate_ms_per_token(model: str, prompt: str, max_tokens: int, ctx: int, th
     return 1000 / float(m.group(3))
 
 
+def step_cost(
+    model: str, threads: int | None, ctx: int, rounds: int = 6, steps: int = 32
+) -> tuple[float, float]:
+    """Median ms of one decode step of the model alone (in this process, `threads` threads) with 1 row and
+    with 4 rows, alternating, at positions 32-63 of a prefilled cache: batching 4 requests gains 4 x the 1-row
+    step / the 4-row step in the model itself."""
+    import torch
+
+    from spqr_run.cpu import configure_threads
+    from spqr_run.loading import build_decoder, open_model
+
+    configure_threads(threads)
+    m = build_decoder(open_model(model))
+    m.setup_caches(4, min(ctx, 256))
+    gen = torch.Generator().manual_seed(0)
+    times: dict[int, list[float]] = {1: [], 4: []}
+    with torch.inference_mode():
+        m(torch.randint(0, 1000, (4, 32), generator=gen), rows=torch.arange(4))  # (4, 32) prompt per row
+        for r in range(rounds):
+            for b in (1, 4) if r % 2 == 0 else (4, 1):
+                tokens = torch.randint(0, 1000, (b, 1), generator=gen)  # (B, 1)
+                t0 = time.perf_counter()
+                for pos in range(32, 32 + steps):
+                    m(tokens, torch.full((b, 1), pos), rows=torch.arange(b))
+                times[b].append((time.perf_counter() - t0) / steps * 1000)
+    return statistics.median(times[1]), statistics.median(times[4])
+
+
 def loadavg() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -176,6 +206,7 @@ def loadavg() -> str:
 def run_targets(args: argparse.Namespace, threads: list[str]) -> None:
     """Issue 21 item 8: lone request vs `spqr-run generate` per token, 4 concurrent clients vs 1 in total tok/s.
     The three measurements alternate order every round; medians and their ratios at the end."""
+    step1, step4 = step_cost(args.model, args.threads, args.ctx)
     proc, url = start_server(args.model, args.parallel, args.ctx, *threads)
     rounds: list[tuple[float, float, float, float]] = []
     try:
@@ -209,6 +240,9 @@ def run_targets(args: argparse.Namespace, threads: list[str]) -> None:
     print(f"| median | {gen:.1f} | {tpot:.1f} | {one:.1f} | {four:.1f} |\n")
     print(f"lone request on the server / spqr-run generate, per token: {tpot / gen:.2f}x (target <= 1.2x)")
     print(f"4 concurrent clients / 1, total tok/s: {four / one:.2f}x (target >= 2.5x)")
+    print(f"the model's decode step alone, in-process: {step1:.1f} ms with 1 row, {step4:.1f} ms with 4 rows "
+          f"({step4 / step1:.2f}x): 4 rows per step give the model {4 * step1 / step4:.2f}x the tok/s of one "
+          "(the server's gain also counts prefill and per-request costs)")  # fmt: skip
     print(f"load average at the end: {loadavg()}")
 
 
