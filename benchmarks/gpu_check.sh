@@ -8,7 +8,7 @@
 #   2. build the extension (spqr_run.ops.ext.load_extension), for the GPUs present
 #   3. CUDA tests: tests/test_kernels.py -k cuda (every kernel path against the reference, graphs), and the
 #      real-model kernel check (tests/test_real_model_kernels.py -k cuda) when that file exists
-#   4. kernel benchmark, the table of issue #11: benchmarks/kernels.py --graph --batches 1 4 16 512 (every model
+#   4. kernel benchmark, the table of issue #11: benchmarks/kernel_bench.py --graph --batches 1 4 16 512 (every model
 #      shape; CUDA graphs of many back-to-back launches, weight sets rotated through more memory than L2,
 #      device-event timing, cuBLAS fp16 in the same run)
 #   5. compute-sanitizer memcheck and racecheck on the first few CUDA cases of the odd-shape test (found by
@@ -120,7 +120,7 @@ if [ -f tests/test_real_model_kernels.py ]; then
   step "real-model kernels" 60 "$py" -m pytest -q -p no:cacheprovider -x tests/test_real_model_kernels.py -k "cuda"
 fi
 
-step "kernel benchmark (issue #11 table, CUDA graphs)" 150 "$py" benchmarks/kernels.py --graph --batches 1 4 16 512
+step "kernel benchmark (issue #11 table, CUDA graphs)" 150 "$py" benchmarks/kernel_bench.py --graph --batches 1 4 16 512
 
 if command -v compute-sanitizer >/dev/null 2>&1 || [ "$dry_run" -eq 1 ]; then
   # Six CUDA cases of the odd-shape test spread over its list (bit widths, outliers, row counts), whatever its name.

@@ -229,7 +229,10 @@ def test_q8_rows_and_matmul(isa):
     inv2 = torch.where(dx > 0, torch.full_like(dx, 254.0) / dx, torch.zeros_like(dx))
     rq = torch.round(r * inv2[..., None]).clamp(-127, 127)
     assert (r.abs() <= dx[..., None] / 2 * (1 + 1e-6)).all()
-    parts = [xq.double().reshape(6, -1, 16) * dx.double()[..., None], rq.double() * (dx / 254).double()[..., None]]
+    parts = [
+        xq.double().reshape(6, -1, 16) * dx.double()[..., None],
+        rq.double() * (dx / 254).double()[..., None],
+    ]
     xhat = sum(p.reshape(6, -1)[:, :200] for p in parts)
     assert (xhat - x.double()).abs().max() <= dx.max() / 400  # the head sees x to ~2^-15 of its group max
     want = xhat @ deq.T

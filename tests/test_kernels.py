@@ -704,8 +704,8 @@ def test_fallback_when_the_extension_cannot_build(monkeypatch):
 
 
 def test_kernel_benchmark_dry_run(capsys):
-    """benchmarks/kernels.py runs end to end without a GPU (--dry-run: tiny shapes, CPU reference)."""
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernels.py")
+    """benchmarks/kernel_bench.py runs end to end without a GPU (--dry-run: tiny shapes, CPU reference)."""
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernel_bench.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
