@@ -116,7 +116,7 @@ def plan_context(
     weights, _ = resident_bytes(model)
     if kv_cache not in KV_CACHE_KINDS:
         raise ConfigError(f"invalid --kv-cache {kv_cache!r}: use one of {', '.join(KV_CACHE_KINDS)}")
-    kv_dtype = kv_dtype_of(kv_cache, model.dtype)
+    kv_dtype = kv_dtype_of(kv_cache, model.kv_cache_dtype)
     common = dict(
         weight_bytes=weights,
         budget_bytes=budget,

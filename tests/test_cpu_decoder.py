@@ -81,10 +81,11 @@ def test_dense_native_matches_the_python_decoder(name):
     ref, nat = pair(CONFIGS[name])
     tokens = torch.randint(0, ref.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        close(ref(tokens, use_cache=False), nat(tokens, use_cache=False), 1e-5)
-        for kind in ("auto", "int8"):
+        # without a cache the native path still stores keys and values in fp16, as its "auto" cache does
+        close(ref(tokens, use_cache=False), nat(tokens, use_cache=False), 2e-3)
+        for kind, dtype in (("auto", torch.float32), ("auto", torch.float16), ("int8", None)):
             for m in (ref, nat):
-                m.setup_caches(2, 32, kind=kind)
+                m.setup_caches(2, 32, kind=kind, dtype=dtype)
             want = [
                 ref(tokens[:, :6], kv_len=6),
                 ref(tokens[:, 6:], torch.arange(6, 11).expand(2, 5), kv_len=11),
@@ -94,8 +95,8 @@ def test_dense_native_matches_the_python_decoder(name):
                 nat(tokens[:, 6:], torch.arange(6, 11).expand(2, 5), kv_len=11),
             ]
             for w, g in zip(want, got, strict=True):
-                # int8: a value within fp32 rounding of a rounding boundary may take the other code (one step)
-                close(w, g, 1e-5 if kind == "auto" else 2e-3)
+                # fp16 / int8: a value within fp32 rounding of a rounding boundary may take the other code
+                close(w, g, 1e-5 if dtype == torch.float32 else 2e-3)
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "falcon40b", "llama_mha_odd"])
@@ -131,6 +132,32 @@ def test_rows_threads_and_batch_do_not_change_a_rows_logits():
         step = nat(nxt, pos, rows=torch.tensor([3, 2, 0]))
         for i, r in enumerate([3, 2, 0]):
             assert torch.equal(step[i : i + 1], nat(nxt[i : i + 1], pos[i : i + 1], rows=torch.tensor([r])))
+
+
+def test_native_kv_cache_is_fp16_by_default_and_converts_like_torch():
+    """`auto` KV cache under the native decoder: fp16 (half the bytes attention reads); the C conversion
+    rounds like torch's .half() (nearest even, subnormals, overflow to infinity)."""
+    import ctypes
+
+    _, nat = pair(CONFIGS["llama_gqa"])
+    nat.setup_caches(1, 8)
+    assert nat.caches[0].k.dtype == torch.float16 and nat.kv_cache_dtype == torch.float16
+    with torch.inference_mode():
+        nat(torch.tensor([[3, 4, 5]]))
+    k = nat.caches[1].k[0, :3]
+    assert k.abs().sum() > 0  # written, as fp16
+    # the conversion itself, through the library's store path: one position per value
+    values = torch.cat(
+        [
+            torch.randn(2000) * 10.0 ** torch.randint(-9, 5, (2000,)),
+            torch.tensor([65519.0, 65520.0, 1e9, -0.0, 6e-8, 3e-8, 2.9802322e-08]),
+        ]
+    )
+    f = LIB.cdll.spqr_float_to_half_array
+    f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    out = torch.empty(values.numel(), dtype=torch.int16)
+    f(values.data_ptr(), out.data_ptr(), values.numel())
+    assert torch.equal(out, values.half().view(torch.int16))
 
 
 def test_bad_input_raises_one_clear_error():

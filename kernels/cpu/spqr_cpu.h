@@ -29,7 +29,7 @@
 extern "C" {
 #endif
 
-#define SPQR_CPU_ABI_VERSION 3
+#define SPQR_CPU_ABI_VERSION 5
 
 /* ---- instruction sets ------------------------------------------------------------------------------- */
 enum spqr_isa {
@@ -67,6 +67,8 @@ typedef struct spqr_weight {
   int32_t out_features, in_features;
   int32_t wbits, stat_bits;      /* SPQR */
   int32_t row_tiles, k_blocks;   /* ceil(out/16), ceil(in/64) */
+  int32_t act_residual;          /* SPQR: 1 = a second int8 pass over the activations' rounding residual
+                                    (activations exact to ~2^-15 of their group maximum); Q8 always has it */
   const uint8_t *codes;          /* SPQR: (RT, KB, 128*wbits) bytes; Q8: (RT, 16*KB, 64) bytes (quads) */
   const uint8_t *stats;          /* SPQR: (RT, KB, stat_block_bytes) */
   const uint16_t *outlier_cols;  /* SPQR: (nnz,) stored column of each outlier, CSR order */
@@ -103,7 +105,7 @@ void spqr_cpu_quantize_rows(const float *x, int64_t x_stride, int32_t rows, int3
                             int8_t *xq, float *dx);
 
 /* ---- decoder (spqr_decoder.c) ----------------------------------------------------------------------- */
-enum spqr_kv_kind { SPQR_KV_F32 = 0, SPQR_KV_INT8 = 1 };
+enum spqr_kv_kind { SPQR_KV_F32 = 0, SPQR_KV_INT8 = 1, SPQR_KV_F16 = 2 };
 
 typedef struct spqr_layer {
   const float *attn_norm_w, *attn_norm_b; /* (hidden,) ; b NULL for RMSNorm */
@@ -115,7 +117,7 @@ typedef struct spqr_layer {
                               attention residual) */
   int32_t n_in_proj;
   spqr_weight o_proj, down_proj;
-  /* KV cache of this layer: (rows, max_seq, kv_heads, head_dim) fp32 or int8 (+ fp32 scales (.., 1)) */
+  /* KV cache of this layer: (rows, max_seq, kv_heads, head_dim) fp32, fp16, or int8 (+ fp32 scales (.., 1)) */
   void *k_cache, *v_cache;
   float *k_scale, *v_scale;
 } spqr_layer;

@@ -42,6 +42,19 @@ static inline float dot_f32_i8(const float *a, const int8_t *b, int32_t n) {
   return reduce16(acc);
 }
 
+static inline float dot_f32_f16(const float *a, const uint16_t *b, int32_t n) {
+  float acc[16] = {0};
+  int32_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int l = 0; l < 16; l++) acc[l] = fmaf(a[i + l], spqr_half_to_float(b[i + l]), acc[l]);
+  for (int l = 0; i + l < n; l++) acc[l] = fmaf(a[i + l], spqr_half_to_float(b[i + l]), acc[l]);
+  return reduce16(acc);
+}
+
+static inline void axpy_f16(float a, const uint16_t *x, float *y, int32_t n) {
+  for (int32_t i = 0; i < n; i++) y[i] = fmaf(a, spqr_half_to_float(x[i]), y[i]);
+}
+
 /* y += a x */
 static inline void axpy_f32(float a, const float *x, float *y, int32_t n) {
   for (int32_t i = 0; i < n; i++) y[i] = fmaf(a, x[i], y[i]);
@@ -89,6 +102,11 @@ typedef struct {
   float *norm_out;
   const spqr_layer *layer;
 } fwd_ctx;
+
+/* fp32 -> fp16 as the KV cache stores it (exported for the tests) */
+void spqr_float_to_half_array(const float *x, uint16_t *out, int64_t n) {
+  for (int64_t i = 0; i < n; i++) out[i] = spqr_float_to_half(x[i]);
+}
 
 /* ---- norms ------------------------------------------------------------------------------------------ */
 static void norm_row(const spqr_model *m, const float *x, const float *w, const float *b, float *out) {
@@ -158,6 +176,11 @@ static void rope_cache_task(void *p, int64_t b, int64_t e) {
     if (m->kv_kind == SPQR_KV_F32) {
       memcpy((float *)L->k_cache + at, k, sizeof(float) * kvd);
       memcpy((float *)L->v_cache + at, v, sizeof(float) * kvd);
+    } else if (m->kv_kind == SPQR_KV_F16) {
+      for (int64_t i = 0; i < kvd; i++) {
+        ((uint16_t *)L->k_cache)[at + i] = spqr_float_to_half(k[i]);
+        ((uint16_t *)L->v_cache)[at + i] = spqr_float_to_half(v[i]);
+      }
     } else {
       for (int32_t h = 0; h < m->n_kv_heads; h++) {
         const int64_t s = (row * m->kv_max_seq + pos) * m->n_kv_heads + h;
@@ -183,7 +206,7 @@ VEC_CLONES static void attend_one(const fwd_ctx *c, int64_t n, int32_t g, float 
   const spqr_layer *L = c->layer;
   const int32_t hd = m->head_dim, kvh = m->n_kv_heads, group = m->n_heads / m->n_kv_heads;
   const float scale = 1.f / sqrtf((float)hd);
-  const int int8 = m->kv_kind == SPQR_KV_INT8;
+  const int int8 = m->kv_kind == SPQR_KV_INT8, f16 = m->kv_kind == SPQR_KV_F16;
   const int64_t pos = c->positions[n], row = c->rows ? c->rows[n / c->seq] : n / c->seq;
   const int64_t base = row * m->kv_max_seq * kvh + g; /* (row, s, g) = base + s * kvh */
   const float *q = c->proj + n * c->proj_stride + (int64_t)g * group * hd;
@@ -193,7 +216,8 @@ VEC_CLONES static void attend_one(const fwd_ctx *c, int64_t n, int32_t g, float 
     const int64_t at = (base + s * kvh) * hd;
     for (int32_t h = 0; h < group; h++) {
       float dot = int8 ? dot_f32_i8(q + h * hd, (const int8_t *)L->k_cache + at, hd) * L->k_scale[base + s * kvh]
-                       : dot_f32(q + h * hd, (const float *)L->k_cache + at, hd);
+                  : f16 ? dot_f32_f16(q + h * hd, (const uint16_t *)L->k_cache + at, hd)
+                        : dot_f32(q + h * hd, (const float *)L->k_cache + at, hd);
       scores[h * keys + s] = dot * scale;
     }
   }
@@ -212,6 +236,8 @@ VEC_CLONES static void attend_one(const fwd_ctx *c, int64_t n, int32_t g, float 
     for (int32_t h = 0; h < group; h++) {
       if (int8)
         axpy_i8(scores[h * keys + s] * L->v_scale[base + s * kvh], (const int8_t *)L->v_cache + at, out + h * hd, hd);
+      else if (f16)
+        axpy_f16(scores[h * keys + s], (const uint16_t *)L->v_cache + at, out + h * hd, hd);
       else
         axpy_f32(scores[h * keys + s], (const float *)L->v_cache + at, out + h * hd, hd);
     }
@@ -230,7 +256,7 @@ __attribute__((optimize("fp-contract=fast"))) VEC_CLONES static void attend_bloc
   const spqr_layer *L = c->layer;
   const int32_t hd = m->head_dim, kvh = m->n_kv_heads, group = m->n_heads / m->n_kv_heads;
   const float scale = 1.f / sqrtf((float)hd);
-  const int int8 = m->kv_kind == SPQR_KV_INT8;
+  const int int8 = m->kv_kind == SPQR_KV_INT8, f16 = m->kv_kind == SPQR_KV_F16;
   const int64_t row = c->rows ? c->rows[n0 / c->seq] : n0 / c->seq;
   const int64_t base = row * m->kv_max_seq * kvh + g;
   int64_t maxpos = 0;
@@ -256,6 +282,11 @@ __attribute__((optimize("fp-contract=fast"))) VEC_CLONES static void attend_bloc
         for (int32_t d = 0; d < hd; d++) {
           LOAD16(qd, qt + d * QB);
           acc += (float)((const int8_t *)L->k_cache)[at + d] * qd;
+        }
+      } else if (f16) {
+        for (int32_t d = 0; d < hd; d++) {
+          LOAD16(qd, qt + d * QB);
+          acc += spqr_half_to_float(((const uint16_t *)L->k_cache)[at + d]) * qd;
         }
       } else {
         for (int32_t d = 0; d < hd; d++) {
@@ -284,6 +315,8 @@ __attribute__((optimize("fp-contract=fast"))) VEC_CLONES static void attend_bloc
         const int64_t at = (base + s * kvh) * hd;
         if (int8)
           axpy_i8(st[s * QB + l] * inv * L->v_scale[base + s * kvh], (const int8_t *)L->v_cache + at, out, hd);
+        else if (f16)
+          axpy_f16(st[s * QB + l] * inv, (const uint16_t *)L->v_cache + at, out, hd);
         else
           axpy_f32(st[s * QB + l] * inv, (const float *)L->v_cache + at, out, hd);
       }

@@ -18,6 +18,7 @@
 #ifndef SPQR_INTERNAL_H
 #define SPQR_INTERNAL_H
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -45,6 +46,23 @@ static inline float spqr_half_to_float(uint16_t h) {
   bits |= sign | ((h & 0x7C00) == 0x7C00 ? 0x7F800000u : 0u);
   memcpy(&f, &bits, 4);
   return f;
+}
+
+/* fp32 -> fp16 bits, rounded to nearest even (as torch's .half()): overflow to infinity, NaN kept quiet. */
+static inline uint16_t spqr_float_to_half(float f) {
+  uint32_t x;
+  memcpy(&x, &f, 4);
+  const uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+  const uint32_t a = x & 0x7FFFFFFFu;
+  if (a >= 0x7F800000u) return sign | (a > 0x7F800000u ? 0x7E00 : 0x7C00);
+  if (a < 0x38800000u) { /* below 2^-14: a multiple of 2^-24 in fp16, the rounding is nearbyintf's */
+    float m;
+    memcpy(&m, &a, 4);
+    return sign | (uint16_t)nearbyintf(m * 0x1p24f);
+  }
+  uint32_t r = a + 0x0FFFu + ((a >> 13) & 1u); /* round at bit 13, ties to even */
+  r = (r >> 13) - (112u << 10);                /* exponent bias 127 -> 15 */
+  return sign | (uint16_t)(r > 0x7C00u ? 0x7C00u : r);
 }
 
 /* Vector loops: one source compiled for x86-64-v4 (AVX-512), v3 (AVX2) and the baseline, picked when the
@@ -75,8 +93,9 @@ typedef struct spqr_mm_args {
   const float *dx;    /* (rows, g_stride): the dequantization step of each group (absmax / 127) */
   const float *xsum;  /* (rows, g_stride): dx * sum of the group's xq = the sum of the dequantized x */
   const int32_t *xqs; /* (rows, g_stride): the sum of the group's xq */
-  /* Q8 only: the residual x - dx * xq, quantized again with step dx2 = dx / 254 (its range is +-dx/2), so
-   * the LM head sees activations to about 2^-15 of their group maximum */
+  /* with act_residual (and Q8): the residual x - dx * xq, quantized again with step dx2 = dx / 254 (its
+   * range is +-dx/2), so the weight sees activations to about 2^-15 of their group maximum; NULL otherwise.
+   * xsum then sums both parts. */
   const int8_t *xq2;
   const float *dx2;
   const int32_t *xqs2;

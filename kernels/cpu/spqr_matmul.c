@@ -82,6 +82,7 @@ SPQR_VEC_CLONES static void quantize_row(const float *x, int32_t in, const uint1
       }
       dx2[g] = step;
       xqs2[g] = sum2;
+      xsum[g] = fmaf(step, (float)sum2, xsum[g]);
     }
   }
 }
@@ -184,14 +185,19 @@ void spqr_mm_spqr_portable(const spqr_mm_args *a, int64_t rt0, int64_t rt1) {
             z[r] = fmaf((float)zc[r], sz, -(sz * zz));
           }
           for (int t = 0; t < nt; t++) {
-            const int8_t *xq = a->xq + (t0 + t) * a->xq_stride + kb * 64 + 16 * j;
+            const int64_t xo = (t0 + t) * a->xq_stride + kb * 64 + 16 * j;
+            const int8_t *xq = a->xq + xo, *xr = a->xq2 ? a->xq2 + xo : NULL;
             const int64_t gi = (t0 + t) * a->g_stride + kb * 4 + j;
             const float dx = a->dx[gi], X = a->xsum[gi];
             for (int r = 0; r < 16; r++) {
-              int32_t d = 0;
+              int32_t d = 0, d2 = 0;
               for (int i = 0; i < 4; i++)
-                for (int c = 0; c < 4; c++) d += (int32_t)q[i][4 * r + c] * xq[4 * i + c];
+                for (int c = 0; c < 4; c++) {
+                  d += (int32_t)q[i][4 * r + c] * xq[4 * i + c];
+                  if (xr) d2 += (int32_t)q[i][4 * r + c] * xr[4 * i + c];
+                }
               float u = fmaf((float)d, dx, -(z[r] * X));
+              if (xr) u = fmaf((float)d2, a->dx2[gi], u);
               acc[t][r] = fmaf(s[r], u, acc[t][r]);
             }
           }
@@ -319,7 +325,7 @@ int spqr_cpu_matmul(const spqr_weight *w, const float *x, int64_t x_stride, floa
   const int32_t groups = 4 * w->k_blocks;
   const int64_t cols = 16 * (int64_t)groups;
   /* one scratch block: xst (fp32), dx, xsum (fp32), xq (int8), each row padded to whole groups */
-  const int residual = w->kind == SPQR_W_Q8;
+  const int residual = w->kind == SPQR_W_Q8 || w->act_residual;
   size_t bytes = (size_t)rows * (cols * 4 + 5 * groups * 4 + 2 * cols) + 256;
   uint8_t *s = spqr_scratch(SPQR_SCRATCH_MATMUL, bytes);
   if (!s) return -1;

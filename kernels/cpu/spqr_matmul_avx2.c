@@ -135,8 +135,15 @@ INLINE void spqr_tile(const spqr_mm_args *a, const int64_t rt, const int32_t t0,
         const __m256 X = _mm256_set1_ps(a->xsum[gi]), dx = _mm256_set1_ps(a->dx[gi]);
         const __m256i d[2] = {half_dot(q[0].lo, q[1].lo, q[2].lo, q[3].lo, xq),
                               half_dot(q[0].hi, q[1].hi, q[2].hi, q[3].hi, xq)};
+        __m256i e[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        if (a->xq2) { /* the activation residual, step dx2 */
+          const int8_t *xr = a->xq2 + (t0 + t) * a->xq_stride + kb * 64 + 16 * j;
+          e[0] = half_dot(q[0].lo, q[1].lo, q[2].lo, q[3].lo, xr);
+          e[1] = half_dot(q[0].hi, q[1].hi, q[2].hi, q[3].hi, xr);
+        }
         for (int h = 0; h < 2; h++) {
-          const __m256 u = _mm256_fmsub_ps(_mm256_cvtepi32_ps(d[h]), dx, _mm256_mul_ps(z[h], X));
+          __m256 u = _mm256_fmsub_ps(_mm256_cvtepi32_ps(d[h]), dx, _mm256_mul_ps(z[h], X));
+          if (a->xq2) u = _mm256_fmadd_ps(_mm256_cvtepi32_ps(e[h]), _mm256_set1_ps(a->dx2[gi]), u);
           acc[t][h] = _mm256_fmadd_ps(s[h], u, acc[t][h]);
         }
       }

@@ -77,7 +77,7 @@ INLINE void group_stats(const uint8_t *grp, const int nibbles, __m512 *sc, __m51
 
 /* Row tile `rt`, activation rows t0 .. t0 + NT - 1: y = codes x activations (outliers, bias: epilogue). */
 INLINE void spqr_tile(const spqr_mm_args *a, const int64_t rt, const int32_t t0, const int NT, const int b,
-                      const int nibbles) {
+                      const int nibbles, const int res) {
   const spqr_weight *w = a->w;
   const int kbn = w->k_blocks;
   const int64_t cbytes = 128 * b;
@@ -114,7 +114,15 @@ INLINE void spqr_tile(const spqr_mm_args *a, const int64_t rt, const int32_t t0,
         d = _mm512_dpbusd_epi32(d, q[2], bcast4(xq[t] + k + 8));
         d = _mm512_dpbusd_epi32(d, q[3], bcast4(xq[t] + k + 12));
         const __m512 zx = _mm512_mul_ps(z, _mm512_set1_ps(xs[t][g]));
-        const __m512 u = _mm512_fmsub_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(dx[t][g]), zx);
+        __m512 u = _mm512_fmsub_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(dx[t][g]), zx);
+        if (res) { /* the activation residual, step dx2 */
+          const int8_t *xr = a->xq2 + (t0 + t) * a->xq_stride + k;
+          __m512i e = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[0], bcast4(xr));
+          e = _mm512_dpbusd_epi32(e, q[1], bcast4(xr + 4));
+          e = _mm512_dpbusd_epi32(e, q[2], bcast4(xr + 8));
+          e = _mm512_dpbusd_epi32(e, q[3], bcast4(xr + 12));
+          u = _mm512_fmadd_ps(_mm512_cvtepi32_ps(e), _mm512_set1_ps(a->dx2[(t0 + t) * a->g_stride + g]), u);
+        }
         acc[t] = _mm512_fmadd_ps(s, u, acc[t]);
       }
     }
@@ -125,16 +133,17 @@ INLINE void spqr_tile(const spqr_mm_args *a, const int64_t rt, const int32_t t0,
     _mm512_mask_storeu_ps(a->y + (t0 + t) * a->y_stride + 16 * rt, keep, acc[t]);
 }
 
-#define NT_CASES(B, N)                                  \
-  switch (nt) {                                         \
-    case 1: spqr_tile(a, rt, t0, 1, B, N); break;       \
-    case 2: spqr_tile(a, rt, t0, 2, B, N); break;       \
-    case 3: spqr_tile(a, rt, t0, 3, B, N); break;       \
-    case 4: spqr_tile(a, rt, t0, 4, B, N); break;       \
-    case 5: spqr_tile(a, rt, t0, 5, B, N); break;       \
-    case 6: spqr_tile(a, rt, t0, 6, B, N); break;       \
-    case 7: spqr_tile(a, rt, t0, 7, B, N); break;       \
-    default: spqr_tile(a, rt, t0, 8, B, N); break;      \
+#define NT_CASES(B, N)                                          \
+  const int res = a->xq2 != NULL;                               \
+  switch (nt) {                                                 \
+    case 1: spqr_tile(a, rt, t0, 1, B, N, res); break;          \
+    case 2: spqr_tile(a, rt, t0, 2, B, N, res); break;          \
+    case 3: spqr_tile(a, rt, t0, 3, B, N, res); break;          \
+    case 4: spqr_tile(a, rt, t0, 4, B, N, res); break;          \
+    case 5: spqr_tile(a, rt, t0, 5, B, N, res); break;          \
+    case 6: spqr_tile(a, rt, t0, 6, B, N, res); break;          \
+    case 7: spqr_tile(a, rt, t0, 7, B, N, res); break;          \
+    default: spqr_tile(a, rt, t0, 8, B, N, res); break;         \
   }
 
 typedef void (*tile_fn)(const spqr_mm_args *, int64_t, int32_t, int);

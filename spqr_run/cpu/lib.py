@@ -18,14 +18,14 @@ from ctypes import POINTER, c_char_p, c_float, c_int, c_int32, c_int64, c_void_p
 from dataclasses import dataclass
 from pathlib import Path
 
-ABI_VERSION = 3
+ABI_VERSION = 5
 ISA_NAMES = {0: "portable C", 1: "AVX2", 2: "AVX-512 VNNI"}
 LIB_ENV = "SPQR_CPU_LIB"  # path of a library to load instead of the installed one (tests: sanitizer builds)
 
 # weight kinds (enum spqr_weight_kind)
 W_NONE, W_SPQR, W_F32, W_F16, W_Q8 = 0, 1, 2, 3, 4
 # KV cache kinds (enum spqr_kv_kind)
-KV_F32, KV_INT8 = 0, 1
+KV_F32, KV_INT8, KV_F16 = 0, 1, 2
 
 
 class Weight(ctypes.Structure):
@@ -39,6 +39,7 @@ class Weight(ctypes.Structure):
         ("stat_bits", c_int32),
         ("row_tiles", c_int32),
         ("k_blocks", c_int32),
+        ("act_residual", c_int32),
         ("codes", c_void_p),
         ("stats", c_void_p),
         ("outlier_cols", c_void_p),

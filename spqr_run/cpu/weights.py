@@ -81,8 +81,13 @@ def _bias(bias: Tensor | None) -> Tensor | None:
     return None if bias is None else bias.detach().to(torch.float32).contiguous()
 
 
-def spqr_weight(q: QuantizedLinear, bias: Tensor | None = None) -> NativeWeight:
+def spqr_weight(
+    q: QuantizedLinear, bias: Tensor | None = None, *, act_residual: bool = False
+) -> NativeWeight:
     """Repack an spqr `QuantizedLinear` (format 3 records) into the CPU layout (native, on the pool).
+
+    `act_residual`: the kernel also runs a second int8 pass over the activations' rounding residual (4 more
+    integer dot products a group and row), for inputs where int8 activations cost measurable perplexity.
 
     Raises ValueError for a gptq/rtn layout or bit widths the kernels lack (wbits 2-4, stat_bits 1-8)."""
     lib = native.load()
@@ -121,6 +126,7 @@ def spqr_weight(q: QuantizedLinear, bias: Tensor | None = None) -> NativeWeight:
         stat_bits=m.stat_bits,
         row_tiles=rt,
         k_blocks=kb,
+        act_residual=int(act_residual),
         codes=codes.data_ptr(),
         stats=stats.data_ptr(),
         outlier_cols=tensors["outlier_cols"].data_ptr(),
@@ -154,12 +160,16 @@ Q8_COLS = 64  # columns sharing one fp16 scale of a row
 
 def q8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
     """w (out, in) -> codes int8 (out, in_pad) and fp16 scales (out, in_pad / 64): for each row and 64
-    columns, scale = fp16(max |w| / 127) and code = round(w / scale) (nearest even; 0 where the scale is 0).
-    in_pad = in rounded up to 64 (padding codes 0). This is the definition the kernels are tested against."""
+    columns, scale = max |w| / 127 rounded to fp16, up to the next fp16 where rounding went below (so that no
+    code clips: every |w - code * scale| <= scale / 2), and code = round(w / scale) (nearest even; 0 where
+    the scale is 0). in_pad = in rounded up to 64 (padding codes 0). The kernels are tested against this."""
     out, in_ = w.shape
     pad = -in_ % Q8_COLS
     wb = torch.nn.functional.pad(w.float(), (0, pad)).reshape(out, -1, Q8_COLS)  # (out, KB, 64)
-    scale = (wb.abs().amax(-1) / 127).clamp_max(65504).half()  # (out, KB)
+    amax = wb.abs().amax(-1)  # (out, KB)
+    scale = (amax / 127).clamp_max(65504).half()
+    low = scale.float() * 127 < amax  # rounded down: one fp16 step up (positive: the next bit pattern)
+    scale = torch.where(low, (scale.view(torch.int16) + 1).view(torch.float16), scale)
     s = scale.float()[..., None]
     codes = torch.where(s > 0, torch.round(wb / torch.where(s > 0, s, 1)), 0).clamp(-127, 127)
     return codes.reshape(out, -1).to(torch.int8), scale

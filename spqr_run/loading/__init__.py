@@ -177,10 +177,11 @@ def build_decoder(
         quantized = {n: m for n, m in model.named_modules() if isinstance(m, SpQRLinear)}
     on_cpu = torch.device(device).type == "cpu"
     use_native = on_cpu and dtype == torch.float32 and native is not False and _native_available(native)
-    for module in quantized.values():
+    for name, module in quantized.items():
         module.to(device)
         if use_native and module.meta.method == "spqr":  # type: ignore[union-attr]
-            module.to_native(keep_packed=keep_packed)  # type: ignore[operator]
+            residual = name.rpartition(".")[2] in PRECISE_INPUTS
+            module.to_native(keep_packed=keep_packed, act_residual=residual)  # type: ignore[operator]
         elif on_cpu:  # no native kernels: quantized linears run from a once-decoded dense weight
             module.materialize(held, keep_packed=keep_packed)  # type: ignore[operator]
     model.rotary = Rotary(cfg).to(device)
@@ -212,6 +213,12 @@ def release_free_memory() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+# Linears whose input the native CPU kernels take to ~2^-15 instead of int8 (a second int8 pass over the
+# rounding residual): int8 activations cost +0.046% perplexity at the q/k/v input of SmolLM2-135M and
+# nothing measurable elsewhere (o, gate/up, down within +-0.03%; BENCHMARKS.md "CPU decode").
+PRECISE_INPUTS = ("qkv_proj", "q_proj", "k_proj", "v_proj", "in_proj")
 
 
 def _native_available(native: bool | None) -> bool:
