@@ -11,6 +11,7 @@ from rich.text import Text
 from spqr_run.bench import BenchSettings, run_bench
 from spqr_run.cli.common import (
     ArgumentParser,
+    add_checksum_flag,
     add_kv_cache_flag,
     check_dependencies,
     float_arg,
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="a .spqr file, Hugging Face folder or GGUF file")
     p.add_argument("--synthetic", choices=sorted(SYNTHETIC), help="random weights with a real model's shapes")
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_checksum_flag(p)
     p.add_argument(
         "--prompt-len",
         type=int_arg(1),

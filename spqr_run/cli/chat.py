@@ -121,7 +121,13 @@ def _main() -> int:
             progress.update(task, completed=done, total=total)
 
         runtime = load_runtime(
-            path, device=args.device, ctx=args.ctx, memory=memory, kv_cache=args.kv_cache, progress=on_weight
+            path,
+            device=args.device,
+            ctx=args.ctx,
+            memory=memory,
+            kv_cache=args.kv_cache,
+            progress=on_weight,
+            verify_checksums=not args.skip_checksums,
         )
         progress.update(task, description=f"loaded {path.name}")
     params = sampling_params(args, runtime.source.generation_defaults)

@@ -237,6 +237,17 @@ def add_model_flags(parser: argparse.ArgumentParser, *, model_required: bool = T
         help="a .spqr file, a Hugging Face model folder or a GGUF file",
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_checksum_flag(parser)
+
+
+def add_checksum_flag(parser: argparse.ArgumentParser) -> None:
+    """--skip-checksums: load a .spqr without checking its tensors against the checksums in its header."""
+    parser.add_argument(
+        "--skip-checksums",
+        action="store_true",
+        help="load a .spqr file without checking each tensor against the CRC-32 stored in its header "
+        "(a corrupt file is then not detected; the check costs a few percent of the load time)",
+    )
 
 
 def add_memory_flags(parser: argparse.ArgumentParser, *, per_sequence: bool = False) -> None:

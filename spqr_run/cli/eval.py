@@ -67,7 +67,7 @@ def _main(argv: list[str] | None) -> int:
     except UnicodeDecodeError:
         raise ConfigError(f"--text {text_path}: not UTF-8 text") from None
     device = resolve_device(args.device)
-    source = open_model(args.model)
+    source = open_model(args.model, verify_checksums=not args.skip_checksums)
     seqlen = args.seqlen or min(2048, source.config.max_position_embeddings)
     if not 2 <= seqlen <= source.config.max_position_embeddings:
         raise ConfigError(

@@ -68,7 +68,12 @@ def _generate(args: argparse.Namespace) -> int:
     schema = read_schema(args.json_schema) if args.json_schema else None  # a bad file fails before loading
     with err.status("loading model"):
         rt = load_runtime(
-            args.model, device=args.device, ctx=args.ctx, memory=memory_budget(args), kv_cache=args.kv_cache
+            args.model,
+            device=args.device,
+            ctx=args.ctx,
+            memory=memory_budget(args),
+            kv_cache=args.kv_cache,
+            verify_checksums=not args.skip_checksums,
         )
     flags = {name: getattr(args, name) for name in SAMPLING_FLAGS}  # flags > the model's > global defaults
     max_tokens = args.max_tokens if args.max_tokens is not None else DEFAULT_MAX_TOKENS

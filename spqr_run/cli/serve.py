@@ -104,6 +104,7 @@ def _serve(argv: list[str] | None) -> int:
         api_key=args.api_key or None,
         max_body_bytes=args.max_body_bytes,
         load_delay_s=args.load_delay,
+        verify_checksums=not args.skip_checksums,
     )
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

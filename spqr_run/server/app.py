@@ -58,6 +58,7 @@ class ServerConfig:
     api_key: str | None = None
     max_body_bytes: int = 4 * 1024 * 1024
     load_delay_s: float = 0.0  # test hook: stay in the loading state this long
+    verify_checksums: bool = True  # check a .spqr's tensors against its header's checksums
 
 
 class ServerState:
@@ -84,6 +85,7 @@ class ServerState:
                 rows=cfg.parallel,
                 memory=cfg.memory,
                 kv_cache=cfg.kv_cache,
+                verify_checksums=cfg.verify_checksums,
             )
             engine = Engine(
                 runtime.model,
