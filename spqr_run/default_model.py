@@ -73,20 +73,29 @@ def cache_dir() -> Path:
 
 
 def find_model(name: str, dirs: Sequence[Path] | None = None) -> Path:
-    """Resolve MODEL: an existing path, else a bare name (with or without suffix) in the model folders."""
+    """Resolve the MODEL argument of every command, one rule: MODEL as a path (from the current folder)
+    when it exists; else, when it is a bare name (no folder part), NAME, NAME.spqr or NAME.gguf in each of
+    the model folders (`model_dirs()`: $SPQR_RUN_MODELS, then the checkout's models/), first match wins.
+
+    Not found: DefaultModelError, one line naming the folders and the names looked for."""
     path = Path(name).expanduser()
     if path.exists():
         return path
+    if path.name != name or not name:  # a path with a folder part: not looked up by name
+        raise DefaultModelError(
+            f"model {name!r} not found: no such file or folder (a .spqr file, a Hugging Face folder or a "
+            ".gguf file; bare names without a folder part are looked up in the models folder)"
+        )
     searched = list(dirs) if dirs is not None else model_dirs()
-    if path.name == name:  # a bare name, not a path
-        for folder in searched:
-            for candidate in [folder / name, *(folder / (name + s) for s in MODEL_SUFFIXES)]:
-                if candidate.exists():
-                    return candidate
-    where = ", ".join(str(d) for d in searched)
+    candidates = [name, *(name + s for s in MODEL_SUFFIXES if not name.endswith(s))]
+    for folder in searched:
+        for candidate in candidates:
+            if (folder / candidate).exists():
+                return folder / candidate
+    where = " and ".join(str(d) for d in searched)
     raise DefaultModelError(
-        f"model {name!r} not found: not a file or folder, and not a name in {where} "
-        "(pass a .spqr file, a Hugging Face folder or a .gguf file)"
+        f"model {name!r} not found: no such file or folder here, and no {' / '.join(candidates)} in {where} "
+        "(bare names are looked up there; $SPQR_RUN_MODELS adds a folder)"
     )
 
 

@@ -332,7 +332,8 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     )
     assert out.returncode == 2
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "missing.gguf: no such file" in lines[0] and "Traceback" not in out.stderr
+    assert len(lines) == 1 and "missing.gguf' not found: no such file" in lines[0]
+    assert "Traceback" not in out.stderr
 
 
 def test_sliding_window_caps_context(tmp_path):

@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time SpQR and its FP16 counterpart side by side on one device.",
         epilog="examples: spqr-bench --synthetic llama-7b   |   spqr-bench models/llama-7b.spqr --json",
     )
-    p.add_argument("model", nargs="?", help="a .spqr file, Hugging Face folder or GGUF file")
+    p.add_argument(
+        "model", nargs="?", help="a .spqr file, Hugging Face folder or GGUF file, or its bare name in models/"
+    )
     p.add_argument("--synthetic", choices=sorted(SYNTHETIC), help="random weights with a real model's shapes")
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
     add_checksum_flag(p)
@@ -76,11 +78,16 @@ def _bench(args: argparse.Namespace) -> int:
     err = Console(stderr=True, highlight=False)
     device = resolve_device(args.device)
     settings = BenchSettings.from_args(args)
+    model = None
+    if args.model is not None:
+        from spqr_run.default_model import find_model
+
+        model = str(find_model(args.model))  # a path, or a bare name in the models folder
     report = run_bench(
         device=device,
         settings=settings,
         synthetic=args.synthetic,
-        model_path=args.model,
+        model_path=model,
         log=lambda msg: err.print(Text(printable(msg))),  # messages hold paths and exception text: literal
     )
     if args.json:

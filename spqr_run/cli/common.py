@@ -234,7 +234,8 @@ def add_model_flags(parser: argparse.ArgumentParser, *, model_required: bool = T
     parser.add_argument(
         "model",
         nargs=None if model_required else "?",
-        help="a .spqr file, a Hugging Face model folder or a GGUF file",
+        help="a .spqr file, a Hugging Face model folder or a GGUF file, or the bare name of one in models/ "
+        "or $SPQR_RUN_MODELS (NAME, NAME.spqr or NAME.gguf)",
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
     add_checksum_flag(parser)

@@ -54,11 +54,13 @@ def main(argv: list[str] | None = None) -> None:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     check_dependencies()
+    from spqr_run.default_model import find_model
     from spqr_run.devices import default_dtype, resolve_device
     from spqr_run.eval import perplexity
     from spqr_run.loading import build_decoder, open_model
 
     console = wide_console(stderr_=args.json)
+    model_path = find_model(args.model)  # a path, or a bare name in the models folder
     text_path = Path(args.text)
     try:
         text = text_path.read_text(encoding="utf-8")
@@ -67,7 +69,7 @@ def _main(argv: list[str] | None) -> int:
     except UnicodeDecodeError:
         raise ConfigError(f"--text {text_path}: not UTF-8 text") from None
     device = resolve_device(args.device)
-    source = open_model(args.model, verify_checksums=not args.skip_checksums)
+    source = open_model(model_path, verify_checksums=not args.skip_checksums)
     seqlen = args.seqlen or min(2048, source.config.max_position_embeddings)
     if not 2 <= seqlen <= source.config.max_position_embeddings:
         raise ConfigError(
@@ -92,7 +94,7 @@ def _main(argv: list[str] | None) -> int:
             kv_cache=None if args.kv_cache == "auto" else args.kv_cache,  # auto: no cache, the same numbers
             progress=lambda i, n: bar.update(task, completed=i, total=n),
         )
-    table = Table(title=Text(f"perplexity of {Path(args.model).name}"))  # a file name: literal, not markup
+    table = Table(title=Text(f"perplexity of {model_path.name}"))  # a file name: literal, not markup
     for col in ("text", "tokens scored", "windows x seqlen", "ppl", "seconds"):
         table.add_column(col)
     table.add_row(

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from spqr_run.calibration import sample_from_model, windows_from_text
 from spqr_run.cli.common import run_cli
+from spqr_run.default_model import find_model
 from spqr_run.devices import resolve_device
 from spqr_run.errors import ConfigError
 from spqr_run.loading import open_model
@@ -53,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  spqr-quantize model.gguf -o gptq.spqr --method gptq --wbits 4 --groupsize 128",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("source", help="a Hugging Face model folder or a GGUF file")
+    p.add_argument(
+        "source", help="a Hugging Face model folder or a GGUF file, or the bare name of one in models/"
+    )
     p.add_argument("-o", "--output", required=True, help="the .spqr file to write")
     p.add_argument(
         "--preset",
@@ -147,7 +150,7 @@ def _main(argv: list[str] | None) -> int:
     qcfg = quant_config_from_args(args)
     check_interrupted(out, args.resume)  # before loading or sampling anything
     device = resolve_device(args.device)
-    source = open_model(args.source)
+    source = open_model(find_model(args.source))  # a path, or a bare name in the models folder
     if source.kind == "spqr":
         raise ConfigError(f"{args.source}: already a .spqr file; quantize the original model instead")
     seqlen = min(args.seqlen, source.config.max_position_embeddings)

@@ -59,16 +59,18 @@ def main(argv: list[str] | None = None) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     check_dependencies()
+    from spqr_run.default_model import find_model
     from spqr_run.runtime import load_runtime
     from spqr_run.sampling import resolve_sampling
     from spqr_run.structured import GrammarEngine, read_schema
 
     err = Console(stderr=True, highlight=False)
+    model = find_model(args.model)  # a path, or a bare name in the models folder (one line when neither)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     schema = read_schema(args.json_schema) if args.json_schema else None  # a bad file fails before loading
     with err.status("loading model"):
         rt = load_runtime(
-            args.model,
+            model,
             device=args.device,
             ctx=args.ctx,
             memory=memory_budget(args),

@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 from spqr_run.cli.common import (
     CORE_MODULES,
@@ -22,7 +21,6 @@ from spqr_run.cli.common import (
     print_error,
     run_cli,
 )
-from spqr_run.errors import ModelFormatError
 
 DESCRIPTION = """\
 Serve a model over HTTP with OpenAI's API, so any OpenAI client can use it:
@@ -86,11 +84,10 @@ def _serve(argv: list[str] | None) -> int:
     check_dependencies((*CORE_MODULES, *SERVER_MODULES))
     import uvicorn
 
+    from spqr_run.default_model import find_model
     from spqr_run.server.app import ServerConfig, create_app
 
-    path = Path(args.model).expanduser()
-    if not path.exists():
-        raise ModelFormatError(f"{path}: no such file or folder")
+    path = find_model(args.model)  # a path, or a bare name in the models folder (one line when neither)
     config = ServerConfig(
         model_path=str(path),
         model_name=args.model_name or path.stem,
