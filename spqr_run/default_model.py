@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 
 from rich.progress import Progress, TaskID
 
-from spqr_run.errors import SpqrError
+from spqr_run.errors import DiskFullError, SpqrError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # Sequences x tokens sampled from the model to quantize the default model: 16 x 256 halves the first-use time
@@ -196,16 +196,20 @@ def finish_default_model(gguf: Path, progress: Progress | None = None, *, models
         if progress is not None and blocks[0] is not None:
             progress.update(blocks[0], completed=i)
 
-    quantize_model(
-        source,
-        target,
-        qcfg=PRESETS["near-lossless"],
-        calib_tokens=calibration,
-        calib_desc=f"sampled from the model: {nsamples} x {seqlen} tokens (seed 0)",
-        device=device,
-        resume=resume,
-        on_block_start=on_block_start,
-    )
+    try:
+        quantize_model(
+            source,
+            target,
+            qcfg=PRESETS["near-lossless"],
+            calib_tokens=calibration,
+            calib_desc=f"sampled from the model: {nsamples} x {seqlen} tokens (seed 0)",
+            device=device,
+            resume=resume,
+            on_block_start=on_block_start,
+        )
+    except DiskFullError as e:
+        e.resume = "the same command (the preparation continues where it stopped)"
+        raise
     if blocks:
         _done(progress, blocks[0], source.config.num_layers)
     return target

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -25,7 +27,7 @@ from spqr_run.calibration import sample_from_model, windows_from_text
 from spqr_run.cli.common import run_cli
 from spqr_run.default_model import find_model
 from spqr_run.devices import resolve_device
-from spqr_run.errors import ConfigError
+from spqr_run.errors import ConfigError, DiskFullError
 from spqr_run.loading import open_model
 from spqr_run.quant import QuantConfig
 from spqr_run.quantize_model import PRESETS, QuantizeSummary, check_interrupted, quantize_model
@@ -137,7 +139,21 @@ def main(argv: list[str] | None = None) -> None:
     run_cli(lambda: _main(argv))
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this run: the same arguments with --resume."""
+    return shlex.join(["spqr-quantize", *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
 def _main(argv: list[str] | None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _quantize(argv)
+    except DiskFullError as e:
+        e.resume = resume_command(argv)
+        raise
+
+
+def _quantize(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     console = Console(stderr=args.json, highlight=False)
     out = Path(args.output)

@@ -32,7 +32,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from spqr_run.config import ModelConfig
-from spqr_run.errors import ModelFormatError
+from spqr_run.errors import DiskFullError, ModelFormatError, check_free_space, is_disk_full
 
 FORMAT_NAME = "spqr"
 # 2 (written): spqr linears in 16 x 64 mma-fragment records (docs/FORMAT.md);
@@ -53,7 +53,9 @@ def write_spqr(
     """Write a `.spqr` file: `header` (JSON-serialisable) and tensors given as (name, loader) pairs, loaded
     one at a time. Returns the file size. The file appears under `path` only once complete.
 
-    The header gets a `checksums` field with each tensor's CRC-32 (replacing any `checksums` in `header`)."""
+    The header gets a `checksums` field with each tensor's CRC-32 (replacing any `checksums` in `header`).
+    The free space is checked before anything is written; DiskFullError (one line: the file, the bytes
+    needed, those free) when there is too little, or when the disk fills up meanwhile."""
     path = Path(path)
     entries: list[tuple[str, Callable[[], Tensor], str, list[int], int]] = []
     sums: dict[str, str] = {}
@@ -79,6 +81,8 @@ def write_spqr(
         start += nbytes
     blob = json.dumps(index, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+    total = 8 + len(blob) + offset
+    check_free_space(path, total)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -94,6 +98,10 @@ def write_spqr(
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if is_disk_full(e):
+            raise DiskFullError(path, total) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
