@@ -345,7 +345,7 @@ def test_progress_bars_show_an_eta():
     from spqr_run.cli.quantize import progress_columns
 
     assert any(isinstance(c, TimeRemainingColumn) for c in progress_columns())
-    assert any(isinstance(c, TimeRemainingColumn) for c in _progress(Console()).columns)
+    assert any(isinstance(c, TimeRemainingColumn) for c in _progress(Console(force_terminal=True)).columns)
 
 
 def test_one_hessian_per_group_equals_each_linears_own(tiny_model):

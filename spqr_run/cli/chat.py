@@ -27,6 +27,7 @@ from spqr_run.cli.common import (
     memory_budget,
     run_cli,
 )
+from spqr_run.cli.progress import make_progress
 from spqr_run.sampling import SamplingParams, resolve_sampling
 
 DESCRIPTION = """\
@@ -85,7 +86,8 @@ def sampling_params(args: argparse.Namespace, defaults: dict) -> SamplingParams:
 
 
 def _progress(console: Console) -> Progress:
-    return Progress(
+    """Bars on a terminal, plain lines elsewhere (`cli.progress.make_progress`)."""
+    return make_progress(
         SpinnerColumn(),
         TextColumn("{task.description}", markup=False),  # descriptions hold file names: printed literally
         BarColumn(),

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
@@ -19,6 +20,7 @@ from spqr_run.cli.common import (
     run_cli,
     wide_console,
 )
+from spqr_run.cli.progress import make_progress
 from spqr_run.errors import ConfigError
 
 
@@ -81,12 +83,13 @@ def _main(argv: list[str] | None) -> int:
     if len(ids) < 2:
         raise ConfigError(f"--text {text_path}: fewer than 2 tokens to score")
     dtype = default_dtype(device)
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("loading", total=None)
+    status = Console(stderr=True, highlight=False)  # progress: bars on a terminal, else plain lines
+    with make_progress(*Progress.get_default_columns(), console=status, transient=True) as bar:
+        task = bar.add_task(f"loading {model_path.name}", total=None)
         model = build_decoder(
             source, device=device, dtype=dtype, progress=lambda i, n: bar.update(task, completed=i, total=n)
         )
-        bar.update(task, description="scoring", completed=0, total=None)
+        bar.update(task, description=f"scoring {text_path.name}", completed=0, total=None)
         result = perplexity(
             model,
             ids,

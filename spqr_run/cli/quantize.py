@@ -13,7 +13,6 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
@@ -25,6 +24,7 @@ from torch import Tensor
 
 from spqr_run.calibration import sample_from_model, windows_from_text
 from spqr_run.cli.common import run_cli
+from spqr_run.cli.progress import make_progress
 from spqr_run.default_model import find_model
 from spqr_run.devices import resolve_device
 from spqr_run.errors import ConfigError, DiskFullError
@@ -155,7 +155,8 @@ def _main(argv: list[str] | None) -> int:
 
 def _quantize(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(stderr=args.json, highlight=False)
+    console = Console(stderr=args.json, highlight=False)  # the summary
+    status = Console(stderr=True, highlight=False)  # progress: bars on a terminal, else plain lines
     out = Path(args.output)
     if out.suffix != ".spqr":
         raise ConfigError(f"--output {out}: the file name must end in .spqr")
@@ -170,7 +171,7 @@ def _quantize(argv: list[str]) -> int:
     if source.kind == "spqr":
         raise ConfigError(f"{args.source}: already a .spqr file; quantize the original model instead")
     seqlen = min(args.seqlen, source.config.max_position_embeddings)
-    with Progress(*progress_columns(), console=console) as bar:
+    with make_progress(*progress_columns(), console=status) as bar:
         if args.calib:
             desc = f"{Path(args.calib).name}: {args.nsamples} x {seqlen} tokens (seed {args.seed})"
 
@@ -197,11 +198,13 @@ def _quantize(argv: list[str]) -> int:
         started: list[int] = []
 
         def on_block_start(i: int, n: int) -> None:
+            what = f"quantizing block {i + 1}/{n}"
             if not started:  # start the clock (and the ETA) when quantizing starts, after calibration
                 started.append(i)
-                bar.reset(blocks, completed=i, visible=True)
-            bar.update(blocks, completed=i, description=f"quantizing block {i + 1}/{n}")
-            bar.reset(layer_task, total=linears_per_block, visible=True)
+                bar.reset(blocks, completed=i, visible=True, description=what)
+            else:
+                bar.update(blocks, completed=i, description=what)
+            bar.reset(layer_task, total=linears_per_block, visible=True, description="  linears")
 
         summary = quantize_model(
             source, out, qcfg=qcfg, calib_tokens=calibration, calib_desc=desc, device=device,

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from rich.console import Console
+from rich.progress import Progress
 
 from spqr_run.cli.common import (
     SAMPLING_FLAGS,
@@ -18,6 +19,7 @@ from spqr_run.cli.common import (
     memory_budget,
     run_cli,
 )
+from spqr_run.cli.progress import make_progress
 
 DEFAULT_MAX_TOKENS = 128
 
@@ -68,9 +70,11 @@ def _generate(args: argparse.Namespace) -> int:
     model = find_model(args.model)  # a path, or a bare name in the models folder (one line when neither)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     schema = read_schema(args.json_schema) if args.json_schema else None  # a bad file fails before loading
-    with err.status("loading model"):
+    with make_progress(*Progress.get_default_columns(), console=err, transient=True) as bar:
+        task = bar.add_task(f"loading {model.name}", total=None)
         rt = load_runtime(
             model,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
             device=args.device,
             ctx=args.ctx,
             memory=memory_budget(args),
