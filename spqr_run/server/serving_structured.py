@@ -26,11 +26,11 @@ class ChatPlan:
     tool_format: ToolFormat | None = None  # set when the output is to be read for tool calls
     tool_names: list[str] = field(default_factory=list)
 
-    def parse(self, text: str) -> tuple[str | None, list[ToolCallText]]:
-        """(content, tool calls) of a finished output."""
+    def parse(self, text: str, *, cut: bool = False) -> tuple[str | None, list[ToolCallText]]:
+        """(content, tool calls) of a finished output (`cut`: max_tokens ended it, maybe inside a call)."""
         if self.tool_format is None:
             return text, []
-        return self.tool_format.parse(text, self.tool_names)
+        return self.tool_format.parse(text, self.tool_names, cut=cut)
 
     def stream(self) -> ToolStream | None:
         return ToolStream(self.tool_format, self.tool_names) if self.tool_format is not None else None
