@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from spqr_run.errors import ConfigError
+from spqr_run.text import decode_text, valid_json_warn
 from spqr_run.tokenizer import Tokenizer
 
 # JSON layout the grammar allows: one separator form, no free whitespace (a free-whitespace grammar lets a
@@ -371,18 +372,22 @@ def _node_at(schema: Any, path: tuple[str | int, ...]) -> dict[str, Any]:
     return {"oneOf": node["oneOf"]}
 
 
-def read_schema(source: str) -> tuple[dict[str, Any], str]:
+def read_schema(source: str, *, warn: Callable[[str], None] | None = None) -> tuple[dict[str, Any], str]:
     """The schema a command-line argument names, and a name for messages: "json" is any JSON object, else
-    `source` is the path of a JSON schema file. ConfigError names the file when it is missing or not JSON."""
+    `source` is the path of a JSON schema file. ConfigError names the file when it is missing or not JSON.
+    Text that is not valid Unicode in it is replaced with U+FFFD, and `warn` is told (`spqr_run.text`)."""
     if source.strip().lower() == "json":
         return {"type": "object"}, "JSON object format"
     path = Path(source).expanduser()
     try:
-        schema = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the JSON schema ({e.strerror or e})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    try:
+        schema = json.loads(decode_text(raw, str(path), warn))
+    except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not a JSON file ({e})") from None
+    schema = valid_json_warn(schema, str(path), warn)
     if not isinstance(schema, dict):
         raise ConfigError(f"{path}: a JSON schema must be a JSON object, not {type(schema).__name__}")
     return schema, f"JSON schema {path}"

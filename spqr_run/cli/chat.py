@@ -26,6 +26,7 @@ from spqr_run.cli.common import (
     int_arg,
     memory_budget,
     run_cli,
+    text_arg,
 )
 from spqr_run.cli.progress import make_progress
 from spqr_run.sampling import SamplingParams, resolve_sampling
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_flags(p, model_required=False)
     add_memory_flags(p)
-    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--system", type=text_arg("--system"), default=None, help="system prompt")
     add_sampling_flags(p)
     p.add_argument(
         "--max-tokens",

@@ -75,6 +75,28 @@ def print_error(message: str, console: Console | None = None) -> None:
     (console or stderr).print(Text.assemble(("error:", "bold red"), " ", printable(message)), soft_wrap=True)
 
 
+def print_warning(message: str, console: Console | None = None) -> None:
+    """Print 'warning: MESSAGE' on one line (literally)."""
+    (console or stderr).print(
+        Text.assemble(("warning:", "bold yellow"), " ", printable(message)), soft_wrap=True
+    )
+
+
+def text_arg(flag: str) -> Callable[[str], str]:
+    """An argparse `type` for free text (a prompt, a system prompt, a name): text that is not valid Unicode
+    (bytes of the command line that are not UTF-8) is replaced with U+FFFD, with a warning (`spqr_run.text`)."""
+    from spqr_run.text import replaced_note, valid_text
+
+    def parse(text: str) -> str:
+        clean, n = valid_text(text)
+        if n:
+            print_warning(replaced_note(flag, n))
+        return clean
+
+    parse.__name__ = "text"
+    return parse
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run a command's body: user errors print one line and exit 2; Ctrl-C exits 130 without a traceback."""
     try:

@@ -17,6 +17,7 @@ from spqr_run.cli.common import (
     add_model_flags,
     check_dependencies,
     int_arg,
+    print_warning,
     run_cli,
     wide_console,
 )
@@ -60,16 +61,14 @@ def _main(argv: list[str] | None) -> int:
     from spqr_run.devices import default_dtype, resolve_device
     from spqr_run.eval import perplexity
     from spqr_run.loading import build_decoder, open_model
+    from spqr_run.text import read_text_file
 
     console = wide_console(stderr_=args.json)
     model_path = find_model(args.model)  # a path, or a bare name in the models folder
     text_path = Path(args.text)
-    try:
-        text = text_path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"--text {text_path}: file not found") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"--text {text_path}: not UTF-8 text") from None
+    text = read_text_file(
+        text_path, f"--text {text_path}", warn=print_warning
+    )  # not UTF-8: U+FFFD, a warning
     device = resolve_device(args.device)
     source = open_model(model_path, verify_checksums=not args.skip_checksums)
     seqlen = args.seqlen or min(2048, source.config.max_position_embeddings)

@@ -23,7 +23,7 @@ from rich.text import Text
 from torch import Tensor
 
 from spqr_run.calibration import sample_from_model, windows_from_text
-from spqr_run.cli.common import run_cli
+from spqr_run.cli.common import print_warning, run_cli
 from spqr_run.cli.progress import make_progress
 from spqr_run.default_model import find_model
 from spqr_run.devices import resolve_device
@@ -177,8 +177,9 @@ def _quantize(argv: list[str]) -> int:
 
             def calibration() -> Tensor:
                 return windows_from_text(
-                    Path(args.calib), source, nsamples=args.nsamples, seqlen=seqlen, seed=args.seed
-                )
+                    Path(args.calib), source, nsamples=args.nsamples, seqlen=seqlen, seed=args.seed,
+                    warn=lambda note: print_warning(note, status),
+                )  # fmt: skip
         else:
             desc = f"sampled from the model: {args.nsamples} x {seqlen} tokens (seed {args.seed})"
 

@@ -20,6 +20,7 @@ from spqr_run.cli.common import (
     memory_budget,
     print_error,
     run_cli,
+    text_arg,
 )
 
 DESCRIPTION = """\
@@ -62,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_memory_flags(p, per_sequence=True)
     p.add_argument(
-        "--model-name", default=None, help="the model id clients send and see (default: file name stem)"
+        "--model-name",
+        type=text_arg("--model-name"),
+        default=None,
+        help="the model id clients send and see (default: file name stem)",
     )
     p.add_argument(
         "--log-level",
