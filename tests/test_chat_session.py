@@ -112,6 +112,34 @@ def test_too_large_message_is_an_error_and_history_survives(tmp_path: Path) -> N
     assert [m.content for m in session.conversation.messages] == ["hi", "w0 w1 w2 w3 "]
 
 
+def test_a_bug_in_one_turn_never_ends_the_chat() -> None:
+    """Issue 23: whatever fails while a message is answered (here the model step) is one error line; the
+    message is taken back, the conversation kept and the chat goes on."""
+    session, runtime, buf = make_session()
+    real = runtime.gen.stream
+    calls: list[int] = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise TypeError("TextInputSequence must be str")
+        return real(*args, **kwargs)
+
+    runtime.gen.stream = flaky  # type: ignore[method-assign]
+    repl = Repl(session, iter_reader(["first", "second", "third", "/exit"]), PlainOutput(buf))
+    assert repl.run() == 0
+    out = buf.getvalue()
+    assert (
+        "error: internal error (TypeError: TextInputSequence must be str)" in out and "Traceback" not in out
+    )
+    assert [m.content for m in session.conversation.messages] == [
+        "first",
+        "w0 w1 w2 w3 ",
+        "third",
+        "w0 w1 w2 w3 ",
+    ]
+
+
 def test_repl_commands(tmp_path: Path) -> None:
     session, runtime, buf = make_session()
     saved = tmp_path / "c.json"
