@@ -92,6 +92,26 @@ class StopFlag:
             signal.signal(signal.SIGINT, previous)
 
 
+def context_use(session: ChatSession) -> str:
+    """/stats' context row: tokens the conversation takes as the next prompt (the chat template's markup and
+    the next turn's opening included) of the context. When the last reply filled the context that count can
+    exceed it (the reply ran to the last slot, and closing it adds markup): then it says so, and what the next
+    message does, instead of printing "166 of 160"."""
+    used, size = session.context_tokens(), session.runtime.max_context
+    messages = f"{len(session.conversation.messages)} messages"
+    if used <= size:
+        return f"{used} of {size} tokens ({messages})"
+    stats = session.last_stats
+    if stats is not None and stats.context_full:
+        head = f"full: the last reply used all {size} tokens"
+    else:
+        head = f"full: the conversation needs more than the {size} tokens"
+    return (
+        f"{head}; with the chat template the {messages} take {used}, so the oldest are dropped when you send "
+        "the next message (/clear starts afresh)"
+    )
+
+
 class Repl:
     def __init__(self, session: ChatSession, reader: InputReader, out: Output) -> None:
         self.session, self.reader, self.out = session, reader, out
@@ -196,14 +216,10 @@ class Repl:
     def _stats(self) -> None:
         s = self.session
         last = stats_line(s.last_finish or "", s.last_stats) if s.last_stats else "no reply yet"
-        used = s.context_tokens()
         self.out.table(
             [
                 ("last reply", last),
                 ("replies", f"{s.replies} ({s.total_completion_tokens} tokens generated)"),
-                (
-                    "context",
-                    f"{used} of {s.runtime.max_context} tokens ({len(s.conversation.messages)} messages)",
-                ),
+                ("context", context_use(s)),
             ]
         )
