@@ -31,9 +31,15 @@ Serve a model over HTTP with OpenAI's API, so any OpenAI client can use it:
        -d '{"messages": [{"role": "user", "content": "Hello"}]}'
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST /tokenize,
-POST /detokenize, GET /health (503 while the model loads), GET /metrics (Prometheus text).
+POST /detokenize, GET /tokenizer_info, GET /health, GET /metrics (Prometheus text).
 
-The socket opens at once and the model loads in the background. Up to --parallel sequences generate together
+Ready: the socket opens once Python has started (a few seconds) and the model then loads in the background;
+GET /health answers 503 (code "model_loading") until it is loaded, then 200 {"status": "ok"}, and the log
+says "ready: model ... loaded". To wait for it in a script:
+
+  curl -s --retry 120 --retry-delay 1 --retry-connrefused localhost:8000/health
+
+Up to --parallel sequences generate together
 (continuous batching; each holds one KV-cache row of --ctx tokens, sized to fit --gpu-memory); more requests
 wait in a queue and get 429 when it is full. Greedy output (temperature 0) is the same whether a request runs alone or batched.
 """

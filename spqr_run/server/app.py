@@ -107,7 +107,10 @@ class ServerState:
             self.engine = engine
             self.serving = OpenAIServing(runtime, engine, cfg.model_name)
             log.info(
-                "model %s loaded: %d slots of %d tokens", cfg.model_name, cfg.parallel, engine.max_context
+                "ready: model %s loaded, %d slots of %d tokens (GET /health answers 200)",
+                cfg.model_name,
+                cfg.parallel,
+                engine.max_context,
             )
         except Exception as e:  # noqa: BLE001 - a user error (bad file) or a bug: either way the server must stop
             self.error = str(e) if isinstance(e, SpqrError) else f"{type(e).__name__}: {e}"

@@ -1,0 +1,67 @@
+"""The README's examples as a new user pastes them (issue 23 item 8): the serve example, run by bash exactly as
+written (the model file and port swapped for the test's), prints an answer; and it says how to know the
+server is ready, as `spqr-serve --help` does."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_server_support import MODEL, free_port, needs_model
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text(encoding="utf-8")
+DEMO = "models/SmolLM2-135M-Instruct.spqr"
+
+
+def serve_example() -> str:
+    """The README's bash block that starts spqr-serve in the background and asks it a question."""
+    blocks = re.findall(r"```bash\n(.*?)```", README, re.DOTALL)
+    found = [b for b in blocks if "spqr-serve " in b and "&\n" in b and "curl" in b]
+    assert len(found) == 1, "the README has one serve example"
+    return found[0]
+
+
+def test_the_readme_and_help_say_how_to_know_the_server_is_ready() -> None:
+    from spqr_run.cli.serve import DESCRIPTION
+
+    for text in (README, DESCRIPTION):
+        assert "/health" in text and "503" in text and "200" in text
+    assert "--retry-connrefused" in serve_example()
+
+
+@needs_model
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the README example uses curl")
+def test_the_serve_example_works_as_pasted(tmp_path: Path) -> None:
+    port = free_port()
+    script = serve_example()
+    assert DEMO in script and "localhost:8000" in script and "--port" not in script
+    script = script.replace(DEMO, f"{MODEL} --port {port} --device cpu").replace(
+        "localhost:8000", f"localhost:{port}"
+    )
+    bin_dir = str(Path(sys.executable).parent)  # spqr-serve of this checkout's environment
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
+    if shutil.which("spqr-serve", path=env["PATH"]) is None:
+        pytest.skip("spqr-serve is not installed in this environment (pip install -e .)")
+    out_file, err_file = (tmp_path / "out.txt").open("w"), (tmp_path / "err.txt").open("w")
+    # files, not pipes: the server the example leaves in the background keeps its output open after bash ends
+    proc = subprocess.Popen(
+        ["bash", "-c", script], cwd=tmp_path, env=env, stdout=out_file, stderr=err_file,
+        start_new_session=True,  # its own process group: the background server is stopped below
+    )  # fmt: skip
+    try:
+        proc.wait(timeout=300)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # the server the example left running in the background
+        out_file.close(), err_file.close()
+    out, err = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
+    assert proc.returncode == 0, err[-3000:]
+    answer = out.strip().splitlines()[-1]
+    assert '"choices"' in answer and '"content"' in answer and '"model":"smol"' in answer, out
