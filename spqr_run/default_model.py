@@ -15,6 +15,7 @@ interrupted run never leaves a half-written model behind.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -172,6 +173,8 @@ def finish_default_model(gguf: Path, progress: Progress | None = None, *, models
         _note(progress, f"continuing the interrupted preparation in {target.name}.partial")
     source = open_model(gguf)
     source.generation_defaults = {**DEFAULT_MODEL_GENERATION, **source.generation_defaults}
+    # the name the README and the file use, not the GGUF's general.name ("Smollm2 135M 8k Lc100K Mix1 Ep2")
+    source.config = dataclasses.replace(source.config, name=DEFAULT_MODEL_NAME)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     nsamples, seqlen = DEFAULT_CALIBRATION
 

@@ -400,6 +400,7 @@ def test_default_model_preparation_resumes_without_sampling_again(tiny_model, tm
     )
     full = dm.finish_default_model(tiny_model, models_dir=tmp_path / "once")
     assert len(samples) == 1
+    assert read_header(full)["model_config"]["name"] == "SmolLM2-135M-Instruct"  # the demo's name, issue 23
     interrupt = _Interrupt(monkeypatch, 6)
     with pytest.raises(KeyboardInterrupt):
         dm.finish_default_model(tiny_model, models_dir=tmp_path / "twice")

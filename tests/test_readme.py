@@ -36,6 +36,23 @@ def test_the_readme_and_help_say_how_to_know_the_server_is_ready() -> None:
     assert "--retry-connrefused" in serve_example()
 
 
+def test_every_route_is_in_the_help_and_the_readme() -> None:
+    """Issue 23: `spqr-serve --help` left out /tokenizer_info."""
+    from spqr_run.cli.serve import DESCRIPTION
+    from spqr_run.server.app import ROUTES
+
+    for route in ROUTES:
+        assert route in DESCRIPTION and f"`{route}`" in README, route
+
+
+def test_the_readme_says_what_the_demo_leaves_in_models_and_why_the_spqr_is_larger() -> None:
+    """Issue 23: the downloaded GGUF stays in models/ beside the .spqr, and the .spqr is the larger file
+    because of its fp16 embeddings."""
+    text = " ".join(README.split())
+    assert "`SmolLM2-135M-Instruct.Q4_1.gguf` (94 MiB) beside it" in text
+    assert "holds the token embeddings (49,152 x 576, shared with the output layer) in fp16" in text
+
+
 @needs_model
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("curl") is None, reason="the README example uses curl")
