@@ -108,14 +108,3 @@ def valid_json_warn(value: Any, what: str, warn: Warn | None = None) -> Any:
     if changed and warn is not None:
         warn(fields_note(what, changed))
     return value
-
-
-def read_json_file(path: str | Path, what: str, warn: Warn | None = None) -> Any:
-    """A JSON file parsed, its text made valid (bytes that are not UTF-8 and "\\ud800" escapes replaced with
-    U+FFFD, `warn` told); ConfigError naming `what` when it cannot be read or is not JSON."""
-    text = read_text_file(path, what, warn)
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{what}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    return valid_json_warn(value, what, warn)
