@@ -33,6 +33,7 @@ class ModelFacts:
     max_positions: int  # the model's own limit
     kv_dtype: str  # how the KV cache stores keys and values: fp32, fp16, bf16, int8
     weights_held: str = ""  # how the weights sit in memory, e.g. "fp16 (decoded once from the packed .spqr)"
+    kernels: str = ""  # which kernels run it: "native CPU (AVX-512 VNNI, 2 threads)", ...
     metadata_name: str = ""  # the name in the model's own metadata, when it is another than `name`
 
 
@@ -76,6 +77,7 @@ def model_facts(runtime: Runtime) -> ModelFacts:
         max_positions=cfg.max_position_embeddings,
         kv_dtype=runtime.plan.kv_dtype,
         weights_held=weights_held(runtime.model),
+        kernels=kernels_used(runtime.model),
     )
 
 
@@ -87,10 +89,12 @@ def weights_held(model: nn.Module) -> str:
     run from a decoded copy (the CPU path) or packed, and the dtype it computes in."""
     from spqr_run.models.spqr_linear import SpQRLinear
 
-    emb = model.embed_tokens.weight.dtype  # type: ignore[union-attr]
     compute = DTYPE_NAMES.get(model.dtype, str(model.dtype))  # type: ignore[arg-type]
     quantized = [m for m in model.modules() if isinstance(m, SpQRLinear)]
-    name = DTYPE_NAMES.get(emb, str(emb))
+    weight = getattr(model.embed_tokens, "weight", None)
+    name = "int8 rows" if weight is None else DTYPE_NAMES.get(weight.dtype, str(weight.dtype))
+    if quantized and all(m.native is not None for m in quantized):
+        return f"packed SpQR (CPU layout), embeddings {name}, computed from the packed bytes in {compute}"
     if not quantized:
         return f"{name}, computed in {compute}"
     if all(m.dense_weight is not None for m in quantized):
@@ -98,6 +102,18 @@ def weights_held(model: nn.Module) -> str:
         packed = "packed form freed" if all(m.packed_released for m in quantized) else "packed form kept"
         return f"{dense}, quantized layers decoded once at load ({packed}), computed in {compute}"
     return f"packed SpQR, dequantized on the fly; embeddings {name}, computed in {compute}"
+
+
+def kernels_used(model: nn.Module) -> str:
+    """Which kernels run the model, in words: on a CPU the native path (ISA, threads) or why not."""
+    if model.device.type != "cpu":  # type: ignore[union-attr]
+        return ""
+    from spqr_run.cpu import lib
+
+    if getattr(model, "native", None) is not None:
+        return f"native CPU ({lib.isa_name()}, {lib.load().spqr_cpu_threads()} threads)"  # type: ignore[union-attr]
+    reason = lib.unavailable_reason() or "a layer without a CPU layout"
+    return f"PyTorch ({reason})"
 
 
 def _weight_file_bytes(path: Path) -> int:
@@ -141,6 +157,7 @@ def describe(facts: ModelFacts) -> list[tuple[str, str]]:
         ("bits/param", bits),
         ("device", facts.device),
         *([("weights held as", facts.weights_held)] if facts.weights_held else []),
+        *([("kernels", facts.kernels)] if facts.kernels else []),
         (
             "memory plan",
             f"weights {human_bytes(facts.weights_bytes)} + workspace {human_bytes(facts.workspace_bytes)} "

@@ -13,6 +13,8 @@ from spqr_run.cli.common import (
     ArgumentParser,
     add_checksum_flag,
     add_kv_cache_flag,
+    add_threads_flag,
+    apply_threads,
     check_dependencies,
     float_arg,
     int_arg,
@@ -36,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic", choices=sorted(SYNTHETIC), help="random weights with a real model's shapes")
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
     add_checksum_flag(p)
+    add_threads_flag(p)
     p.add_argument(
         "--prompt-len",
         type=int_arg(1),
@@ -75,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     check_dependencies()
+    apply_threads(args)
     err = Console(stderr=True, highlight=False)
     device = resolve_device(args.device)
     settings = BenchSettings.from_args(args)

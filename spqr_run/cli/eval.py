@@ -15,6 +15,7 @@ from spqr_run.cli.common import (
     ArgumentParser,
     add_kv_cache_flag,
     add_model_flags,
+    apply_threads,
     check_dependencies,
     int_arg,
     print_warning,
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     check_dependencies()
+    apply_threads(args)
     from spqr_run.default_model import find_model
     from spqr_run.devices import default_dtype, resolve_device
     from spqr_run.eval import perplexity
