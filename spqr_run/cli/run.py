@@ -85,6 +85,7 @@ def _generate(args: argparse.Namespace) -> int:
     schema = (
         read_schema(args.json_schema, warn=print_warning) if args.json_schema else None
     )  # a bad file fails before loading
+    memory = memory_budget(args)  # a malformed --gpu-memory too
     with make_progress(*Progress.get_default_columns(), console=err, transient=True) as bar:
         task = bar.add_task(f"loading {model.name}", total=None)
         rt = load_runtime(
@@ -92,7 +93,7 @@ def _generate(args: argparse.Namespace) -> int:
             progress=lambda done, total: bar.update(task, completed=done, total=total),
             device=args.device,
             ctx=args.ctx,
-            memory=memory_budget(args),
+            memory=memory,
             kv_cache=args.kv_cache,
             verify_checksums=not args.skip_checksums,
         )
