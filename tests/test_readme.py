@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,14 @@ def serve_example() -> str:
     found = [b for b in blocks if "spqr-serve " in b and "&\n" in b and "curl" in b]
     assert len(found) == 1, "the README has one serve example"
     return found[0]
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_the_readme_and_help_say_how_to_know_the_server_is_ready() -> None:
@@ -76,7 +85,14 @@ def test_the_serve_example_works_as_pasted(tmp_path: Path) -> None:
     try:
         proc.wait(timeout=300)
     finally:
-        os.killpg(proc.pid, signal.SIGINT)  # the server the example left running in the background
+        # the server the example left running in the background: SIGTERM (a non-interactive shell starts
+        # background jobs with SIGINT ignored), then wait until none of the group is left
+        os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _group_alive(proc.pid):
+            time.sleep(0.1)
+        if _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
         out_file.close(), err_file.close()
     out, err = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
     assert proc.returncode == 0, err[-3000:]
