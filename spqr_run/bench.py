@@ -59,6 +59,7 @@ class BenchSettings:
     outlier_rate: float = 0.01
     budget_bytes: int | None = None  # None: the device's free memory minus a reserve
     kv_cache: str = "auto"  # "int8": the 8-bit KV cache (models.kv_cache)
+    verify_checksums: bool = True  # check a .spqr's tensors against its header's checksums when loading
 
     @classmethod
     def from_args(cls, args: Any) -> BenchSettings:
@@ -80,6 +81,7 @@ class BenchSettings:
         return cls(
             **kwargs,
             graphs=not getattr(args, "no_graphs", False),
+            verify_checksums=not getattr(args, "skip_checksums", False),
             budget_bytes=None if memory is None else parse_memory(memory),
         )
 
@@ -350,7 +352,7 @@ def run_bench(
             raise ConfigError("--layers only applies to --synthetic models")
         from spqr_run.loading import open_model
 
-        source = open_model(model_path)
+        source = open_model(model_path, verify_checksums=st.verify_checksums)
         cfg = source.config
         real_method = "spqr" if source.kind == "spqr" else "fp16"
         name = cfg.name or model_path

@@ -55,6 +55,7 @@ def load_runtime(
     rows: int = 1,
     memory: int | None = None,
     kv_cache: str = "auto",
+    verify_checksums: bool = True,
 ) -> Runtime:
     """Open and build a model with a KV cache of `rows` sequences sized by the memory planner.
 
@@ -62,13 +63,14 @@ def load_runtime(
     plus what the weights took); on CUDA it also caps this process's allocations. `ctx` asks for a context
     (a ConfigError names the shortfall when it does not fit); without it the context is the longest that fits,
     at most the model's and `DEFAULT_CONTEXT`; a `ctx` above the model's limit is a ConfigError. `kv_cache` "int8" stores the cache in 8 bits (`kv_cache`).
+    `verify_checksums=False` loads a `.spqr` without checking its tensors' checksums (`--skip-checksums`).
     """
     dev = resolve_device(device)
     if ctx is not None and ctx < 16:
         raise ConfigError(f"invalid --ctx {ctx}: must be at least 16 tokens")
     if memory is not None:
         apply_budget(dev, memory)
-    source = open_model(path)
+    source = open_model(path, verify_checksums=verify_checksums)
     cfg = source.config
     if ctx is not None and ctx > cfg.max_position_embeddings:  # refused before the weights load, not clamped
         raise ConfigError(

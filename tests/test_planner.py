@@ -229,7 +229,9 @@ def test_generate_cli_refuses_what_does_not_fit(tmp_path, flags, message):
     proc = subprocess.run([*cmd, *flags], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert all(line.startswith("loading ") for line in lines[:-1]) and lines[-1] == errors[0], proc.stderr
 
 
 def test_host_memory_counts_reclaimable_cache():

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.append(
+    str(Path(__file__).resolve().parents[1] / "benchmarks")
+)  # last: benchmarks/kernels.py must not shadow the `kernels` package
 import sass_report as sr  # noqa: E402
 
 SOURCE = """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,20 @@ class ModelFacts:
     kv_dtype: str  # how the KV cache stores keys and values: fp32, fp16, bf16, int8
     weights_held: str = ""  # how the weights sit in memory, e.g. "fp16 (decoded once from the packed .spqr)"
     kernels: str = ""  # which kernels run it: "native CPU (AVX-512 VNNI, 2 threads)", ...
+    metadata_name: str = ""  # the name in the model's own metadata, when it is another than `name`
+
+
+def display_name(path: Path, metadata_name: str) -> tuple[str, str]:
+    """(the model's name, the other name its metadata gives or ""): a model is named by its file or folder
+    (what the user typed, and what the README and `spqr-serve` call it); a GGUF's `general.name` or a
+    config's `_name_or_path` is often another label (a training run: "Smollm2 135M 8k Lc100K Mix1 Ep2"),
+    kept beside it when it is one (ignoring case, spaces and punctuation)."""
+    name = path.name if path.is_dir() else path.stem
+
+    def key(s: str) -> str:
+        return re.sub(r"[\W_]+", "", s).lower()
+
+    return name, (metadata_name if metadata_name and key(metadata_name) != key(name) else "")
 
 
 def model_facts(runtime: Runtime) -> ModelFacts:
@@ -43,8 +58,10 @@ def model_facts(runtime: Runtime) -> ModelFacts:
         size = _weight_file_bytes(source.path)
         bits, note = (size * 8 / params, f"{source.kind} file size") if size and params else (None, "")
     weights, kv = resident_bytes(runtime.model)
+    name, metadata_name = display_name(source.path, cfg.name)
     return ModelFacts(
-        name=cfg.name or source.path.stem,
+        name=name,
+        metadata_name=metadata_name,
         file=str(source.path),
         arch=cfg.arch,
         parameters=params,
@@ -130,7 +147,11 @@ def describe(facts: ModelFacts) -> list[tuple[str, str]]:
     else:
         bits = f"{facts.bits_per_param:.2f}" + (f" (from the {facts.bits_note})" if facts.bits_note else "")
     return [
-        ("model", f"{facts.name} ({facts.file})"),
+        (
+            "model",
+            f"{facts.name} ({facts.file}"
+            + (f'; its metadata calls it "{facts.metadata_name}")' if facts.metadata_name else ")"),
+        ),
         ("architecture", facts.arch),
         ("parameters", human_count(facts.parameters)),
         ("bits/param", bits),

@@ -11,6 +11,7 @@ from rich.text import Text
 from spqr_run.bench import BenchSettings, run_bench
 from spqr_run.cli.common import (
     ArgumentParser,
+    add_checksum_flag,
     add_kv_cache_flag,
     add_threads_flag,
     apply_threads,
@@ -31,9 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time SpQR and its FP16 counterpart side by side on one device.",
         epilog="examples: spqr-bench --synthetic llama-7b   |   spqr-bench models/llama-7b.spqr --json",
     )
-    p.add_argument("model", nargs="?", help="a .spqr file, Hugging Face folder or GGUF file")
+    p.add_argument(
+        "model", nargs="?", help="a .spqr file, Hugging Face folder or GGUF file, or its bare name in models/"
+    )
     p.add_argument("--synthetic", choices=sorted(SYNTHETIC), help="random weights with a real model's shapes")
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_checksum_flag(p)
     add_threads_flag(p)
     p.add_argument(
         "--prompt-len",
@@ -78,11 +82,16 @@ def _bench(args: argparse.Namespace) -> int:
     err = Console(stderr=True, highlight=False)
     device = resolve_device(args.device)
     settings = BenchSettings.from_args(args)
+    model = None
+    if args.model is not None:
+        from spqr_run.default_model import find_model
+
+        model = str(find_model(args.model))  # a path, or a bare name in the models folder
     report = run_bench(
         device=device,
         settings=settings,
         synthetic=args.synthetic,
-        model_path=args.model,
+        model_path=model,
         log=lambda msg: err.print(Text(printable(msg))),  # messages hold paths and exception text: literal
     )
     if args.json:

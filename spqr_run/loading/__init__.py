@@ -36,8 +36,11 @@ class ModelSource:
     info: dict[str, Any] = field(default_factory=dict)  # display facts: bits/param, quantization config
 
 
-def open_model(path: str | Path) -> ModelSource:
-    """Open a model folder or file; raises ModelFormatError with one line on any problem."""
+def open_model(path: str | Path, *, verify_checksums: bool = True) -> ModelSource:
+    """Open a model folder or file; raises ModelFormatError with one line on any problem.
+
+    A `.spqr` file's tensors are checked against the checksums in its header as they are read (a corrupt
+    tensor is a ModelFormatError naming it); `verify_checksums=False` skips that."""
     p = Path(path).expanduser()
     if not p.exists():
         raise ModelFormatError(f"{p}: no such file or folder")
@@ -50,7 +53,7 @@ def open_model(path: str | Path) -> ModelSource:
     if p.suffix == ".spqr":
         from spqr_run.loading.spqr_file import open_spqr
 
-        return open_spqr(p)
+        return open_spqr(p, verify=verify_checksums)
     raise ModelFormatError(f"{p}: not a model (expected a Hugging Face folder, a .gguf or a .spqr file)")
 
 
