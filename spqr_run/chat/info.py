@@ -32,6 +32,7 @@ class ModelFacts:
     max_positions: int  # the model's own limit
     kv_dtype: str  # how the KV cache stores keys and values: fp32, fp16, bf16, int8
     weights_held: str = ""  # how the weights sit in memory, e.g. "fp16 (decoded once from the packed .spqr)"
+    gpu_kernels: str = ""  # which GPU kernel path the SpQR layers take and why ("" when none runs on a GPU)
 
 
 def model_facts(runtime: Runtime) -> ModelFacts:
@@ -59,7 +60,16 @@ def model_facts(runtime: Runtime) -> ModelFacts:
         max_positions=cfg.max_position_embeddings,
         kv_dtype=runtime.plan.kv_dtype,
         weights_held=weights_held(runtime.model),
+        gpu_kernels=gpu_kernels(runtime.model),
     )
+
+
+def gpu_kernels(model: nn.Module) -> str:
+    """The GPU path of the model's packed SpQR layers, e.g. "prebuilt cubin (sm_86: ...)", or "" (none on a GPU)."""
+    from spqr_run.ops import model_kernel_path
+
+    path = model_kernel_path(model)
+    return "" if path is None else str(path)
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -120,6 +130,7 @@ def describe(facts: ModelFacts) -> list[tuple[str, str]]:
         ("bits/param", bits),
         ("device", facts.device),
         *([("weights held as", facts.weights_held)] if facts.weights_held else []),
+        *([("GPU kernels", facts.gpu_kernels)] if facts.gpu_kernels else []),
         (
             "memory plan",
             f"weights {human_bytes(facts.weights_bytes)} + workspace {human_bytes(facts.workspace_bytes)} "

@@ -42,7 +42,7 @@ class KernelPath:
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.name}: {self.reason}"
+        return f"{self.name} ({self.reason})"
 
 
 @dataclass(frozen=True)

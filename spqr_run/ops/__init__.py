@@ -9,6 +9,7 @@ from spqr_run.gpu.modules import KernelPath
 from spqr_run.ops.spqr_matmul import (
     kernel_path,
     kernels_support,
+    model_kernel_path,
     prepare_kernels,
     spqr_matmul,
     spqr_matmul_stored,
@@ -18,6 +19,7 @@ __all__ = [
     "KernelPath",
     "kernel_path",
     "kernels_support",
+    "model_kernel_path",
     "prepare_kernels",
     "spqr_matmul",
     "spqr_matmul_stored",

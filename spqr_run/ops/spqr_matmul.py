@@ -175,17 +175,30 @@ def kernel_path(device: torch.device | str | None = None, bits: tuple[int, int] 
     return modules.predict(dev.arch, bits, nvrtc_loader=dev.nvrtc_loader, driver_cuda=dev.driver_cuda)
 
 
+def _packed_cuda_layers(model: nn.Module) -> list[tuple[torch.device, tuple[int, int]]]:
+    """(device, (wbits, stat_bits)) of every packed SpQR layer on CUDA that has kernels, in module order."""
+    out = []
+    for m in model.modules():
+        meta, tiles = getattr(m, "meta", None), getattr(m, "tiles", None)
+        if meta is None or not isinstance(tiles, Tensor) or not tiles.is_cuda or meta.method != "spqr":
+            continue
+        if (meta.groupsize, meta.stat_groupsize) == (TILE, TILE) and (meta.wbits, meta.stat_bits) in _BITS:
+            out.append((tiles.device, (meta.wbits, meta.stat_bits)))
+    return out
+
+
+def model_kernel_path(model: nn.Module) -> KernelPath | None:
+    """The GPU path of the model's packed SpQR layers (the first (device, bits) they use), None when it has no
+    packed SpQR layer on a GPU (a CPU model, a dense model)."""
+    layers = _packed_cuda_layers(model)
+    return kernel_path(*layers[0]) if layers else None
+
+
 def prepare_kernels(model: nn.Module) -> dict[tuple[str, tuple[int, int]], KernelPath]:
     """Loads (or NVRTC-compiles, once, into the cache) the kernels of every (wbits, stat_bits) the model's packed
     CUDA layers use, before any CUDA graph capture. Returns {(device, bits): the path each takes}; a pair without
     kernels warns once and runs the reference."""
-    wanted: set[tuple[torch.device, tuple[int, int]]] = set()
-    for m in model.modules():
-        meta, tiles = getattr(m, "meta", None), getattr(m, "tiles", None)
-        if meta is None or tiles is None or not tiles.is_cuda or meta.method != "spqr":
-            continue
-        if (meta.groupsize, meta.stat_groupsize) == (TILE, TILE) and (meta.wbits, meta.stat_bits) in _BITS:
-            wanted.add((tiles.device, (meta.wbits, meta.stat_bits)))
+    wanted = set(_packed_cuda_layers(model))
     out = {}
     for device, bits in sorted(wanted, key=str):
         gpu_kernels(device, bits)

@@ -96,6 +96,10 @@ class ServerState:
             )
             engine.start()
             self.engine = engine
+            from spqr_run.ops import model_kernel_path
+
+            path = model_kernel_path(runtime.model)
+            self.metrics.gpu_kernels = None if path is None else (path.name, path.reason)
             self.serving = OpenAIServing(runtime, engine, cfg.model_name)
             log.info(
                 "model %s loaded: %d slots of %d tokens", cfg.model_name, cfg.parallel, engine.max_context
