@@ -73,15 +73,18 @@
 // and sums fp32. The dequantize kernel takes k per record and writes fp16(w'' * 2^k) plus the outlier delta
 // (one more fp16 rounding).
 //
-// SASS, nvcc 13.0 -O3, hot loop = the unrolled steady-state loop (3 stages x 2 records = 192 weights per
-// thread), thread instructions per weight / registers / resident blocks per SM (x 4 warps); no spills, no local
-// memory (benchmarks/sass_report.py):
+// SASS of the shipped cubins (nvcc 13.0 -O3 -cubin, spqr_run/gpu/build.py), hot loop = the unrolled steady-state
+// loop (3 stages x 2 records = 192 weights per thread), thread instructions per weight / registers / resident
+// blocks per SM (x 4 warps); no spills, no local memory (benchmarks/sass_report.py):
 //                     sm_80              sm_86, sm_89       sm_90
-//   W3 SB3, 1-8 rows  2.38 / 81 / 5      2.38 / 81 / 4      2.36 / 81 / 5
-//   W3 SB3, 9-16 rows 2.62 / 96 / 5      2.62 / 96 / 3      2.60 / 108 / 4
+//   W3 SB3, 1-8 rows  2.39 / 81 / 5      2.39 / 81 / 4      2.36 / 83 / 5
+//   W3 SB3, 9-16 rows 2.60 / 98 / 4      2.60 / 98 / 3      2.59 / 108 / 4
 //   W4 SB3, 1-8 rows  2.28 / 76 / 6      2.28 / 76 / 3      2.26 / 78 / 6
-//   W4 SB3, 9-16 rows 2.54 / 96 / 4      2.54 / 96 / 2      2.54 / 96 / 5
+//   W4 SB3, 9-16 rows 2.47 / 91 / 4      2.47 / 91 / 2      2.46 / 94 / 5
 //   W2 SB3, 1-8 rows  2.44 / 80 / 6      2.44 / 80 / 5      2.43 / 80 / 6
+// (issue 22's 32-bit shared addresses, for NVRTC: 2.38 / 81, 2.62 / 96 (5 blocks on sm_80), 2.28, 2.54, 2.44
+// before. NVRTC 13.0's cubins of this source: within 0.5% and 4 registers of these at 1-8 rows; at 9-16 rows
+// 2-/3-bit within 0.4% on sm_80-89, sm_90 3-bit +1.2%, 4-bit +1.5-1.7% / +4-6: sass_report.py --compare.)
 // (session 4's kernel: 4.03, 4.52, 3.72, 4.23, 3.67 on sm_80; format 2's: 2.76, 3.09, 2.38, 2.77, 2.51.) Per
 // record and thread (32 weights), W3 SB3 sm_80, 76 instructions: 16 HFMA2 (one per pair) + 18 LOP3 + 5 shifts
 // (codes), 18 for the stats (6 HMUL2, 2 HFMA2, 2 HADD2, 3 LOP3, 3 shifts and the funnel, 2 loads), 4 HMMA + 2

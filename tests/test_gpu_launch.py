@@ -15,7 +15,9 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -344,6 +346,12 @@ def test_packaging_step_keeps_an_up_to_date_build():
     m = _shipped()
     if build.find_nvcc() is None:
         pytest.skip("no nvcc")
+    if m.sources_sha256 != build.sources_digest(
+        build.read_sources()
+    ):  # not rebuilt here: that takes a minute
+        if IN_CI:
+            pytest.fail("the shipped cubins are older than the kernel sources right after the install")
+        pytest.skip("the kernel sources changed since the cubins were built (pip install -e . rebuilds them)")
     lines: list[str] = []
     again = build.package_kernels(build.SHIPPED_CUBINS, log=lines.append)
     assert again is not None and again.cubin_sha256 == m.cubin_sha256 and "up to date" in lines[0]
@@ -406,3 +414,38 @@ def test_prepare_kernels_without_packed_gpu_layers_does_nothing():
         warnings.simplefilter("error")
         assert prepare_kernels(model) == {}
     assert model_kernel_path(model) is None
+
+
+# ---- the GPU scripts, without a GPU ------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_dry_run_installs_as_a_user_without_the_toolkit(tmp_path):
+    import subprocess
+
+    out = tmp_path / "check.txt"
+    res = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", "--out", str(out), "--budget", "480"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    steps = [line.split(" (limit")[0].removeprefix("[dry-run] ") for line in res.stdout.splitlines()
+             if line.startswith("[dry-run]")]  # fmt: skip
+    for name in ("package (pip wheel: nvcc cubins for sm_80/86/89/90)", "user install (no CUDA toolkit on PATH)",
+                 "prebuilt path taken", "delivery: module load, first-use NVRTC, launch cost",
+                 "CUDA tests (installed wheel)", "CUDA tests on the NVRTC path"):  # fmt: skip
+        assert name in steps
+    user_path = re.search(r"PATH=(\S+)", res.stdout.split("[dry-run] prebuilt path taken")[1]).group(1)
+    assert not [d for d in user_path.split(":") if (Path(d) / "nvcc").exists()]
+    assert "PYTHONPATH" not in out.read_text()  # the user's steps import the installed wheel
+
+
+@needs_shim
+@plain_only
+def test_gpu_delivery_dry_run_walks_its_steps(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_delivery", ROOT / "benchmarks" / "gpu_delivery.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line[:2] for line in lines] == ["1.", "2.", "3.", "4.", "5."]

@@ -41,8 +41,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 KERNELS = HERE.parent
 ROOT = KERNELS.parent
-if str(ROOT) not in sys.path:  # the package (spqr_run.gpu) when this file is loaded by path
-    sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:  # the package (spqr_run.gpu) when this file is loaded by path; an installed
+    sys.path.append(str(ROOT))  # one comes first
 
 from spqr_run.gpu import build as gpu_build  # noqa: E402
 from spqr_run.gpu import modules  # noqa: E402

@@ -10,7 +10,8 @@ In order, for a GPU of architecture `arch` and a model's (wbits, stat_bits):
    instances, NVRTC's options, the arch and NVRTC's version; written atomically (temporary file + rename);
 3. **reference**: else none; the one-line reason names what is missing and the command that fixes it.
 
-Standard library only: the caller gives the arch, torch's CUDA major version and the driver's CUDA version.
+$SPQR_RUN_KERNELS=nvrtc skips the prebuilt cubins (to time or test the NVRTC path on a GPU that has them),
+=prebuilt skips NVRTC. Standard library only: the caller gives the arch, NVRTC and the driver's CUDA version.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ PREBUILT = "prebuilt cubin"
 NVRTC = "NVRTC cache"
 REFERENCE = "reference"
 CACHE_FORMAT = 1
+SOURCE_ENV = "SPQR_RUN_KERNELS"  # "nvrtc" or "prebuilt": only that source
 
 
 @dataclass(frozen=True)
@@ -209,15 +211,22 @@ def candidates(
     """The images to try in order (prebuilt, then NVRTC), each found only when the previous one is not taken;
     the reasons the skipped ones gave are appended to `reasons`."""
     reasons = reasons if reasons is not None else []
+    only = os.environ.get(SOURCE_ENV, "").strip().lower()
     try:
         sources = build.read_sources()
     except build.BuildError as e:
         reasons.append(str(e))
         return
-    try:
-        yield prebuilt(arch, bits, sources=sources, driver_cuda=driver_cuda)
-    except KernelsUnavailable as e:
-        reasons.append(str(e))
+    if only == "nvrtc":
+        reasons.append(f"{SOURCE_ENV}=nvrtc: the prebuilt cubins are not used")
+    else:
+        try:
+            yield prebuilt(arch, bits, sources=sources, driver_cuda=driver_cuda)
+        except KernelsUnavailable as e:
+            reasons.append(str(e))
+    if only == "prebuilt":
+        reasons.append(f"{SOURCE_ENV}=prebuilt: NVRTC is not used")
+        return
     try:
         yield nvrtc_image(
             arch, bits, nvrtc_loader=nvrtc_loader, sources=sources, compile_missing=compile_missing
@@ -239,6 +248,8 @@ def predict(
     try:
         sources = build.read_sources()
         try:
+            if os.environ.get(SOURCE_ENV, "").strip().lower() == "nvrtc":
+                raise KernelsUnavailable(f"{SOURCE_ENV}=nvrtc: the prebuilt cubins are not used")
             img = prebuilt(arch, bits, sources=sources, driver_cuda=driver_cuda)
             return KernelPath(PREBUILT, img.origin)
         except KernelsUnavailable as e:
