@@ -256,6 +256,14 @@ def test_predicted_path_names_the_missing_piece_and_the_fix(tmp_path, monkeypatc
         assert modules.predict("sm_89", (3, 3), nvrtc_loader=no_nvrtc).name == modules.PREBUILT
 
 
+def test_a_gpu_older_than_sm80_gets_the_reference_with_why():
+    path = modules.predict("sm_75", (3, 3), nvrtc_loader=lambda: pytest.fail("NVRTC is not asked"))
+    assert path.name == modules.REFERENCE and "sm_80 or newer" in path.reason and "sm_75" in path.reason
+    reasons: list[str] = []
+    assert list(modules.candidates("sm_75", (3, 3), nvrtc_loader=lambda: None, reasons=reasons)) == []
+    assert "sm_75" in reasons[0]
+
+
 def test_kernel_path_without_a_gpu_is_the_reference_with_why():
     from spqr_run.ops import kernel_path
 

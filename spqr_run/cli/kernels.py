@@ -31,9 +31,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ks = k.add_subparsers(dest="kernels_command", required=True)
     b = ks.add_parser("build", help="write cubins and their name table (manifest.json) to --out")
     b.add_argument("--arch", nargs="+", default=None, help="e.g. sm_86 (default: sm_80 sm_86 sm_89 sm_90)")
-    b.add_argument("--compiler", choices=("nvcc", "nvrtc"), default="nvcc")
+    b.add_argument(
+        "--compiler",
+        choices=("nvcc", "nvrtc"),
+        default="nvcc",
+        help="nvcc (what ships) or NVRTC (default: nvcc)",
+    )
     b.add_argument("--wbits", type=int, choices=(2, 3, 4), default=None, help="only this pair's kernels")
-    b.add_argument("--stat-bits", type=int, choices=(2, 3, 4), default=None)
+    b.add_argument(
+        "--stat-bits", type=int, choices=(2, 3, 4), default=None, help="with --wbits: that pair only"
+    )
     b.add_argument("--out", type=Path, required=True, help="directory for the cubins and manifest.json")
     b.add_argument("--strict", action="store_true", help="nvcc: fail on any warning")
     s = ks.add_parser("show", help="which GPU path this machine takes, and why")

@@ -75,6 +75,15 @@ def arch_of(capability: tuple[int, int]) -> str:
     return f"sm_{capability[0]}{capability[1]}"
 
 
+def supported(arch: str) -> bool:
+    """Whether the kernels can run on `arch` (sm_80 or newer)."""
+    try:
+        build.check_arch(arch)
+        return True
+    except ValueError:
+        return False
+
+
 def _arch_numbers(arch: str) -> tuple[int, int]:
     digits = re.sub(r"\D", "", arch)
     return int(digits[:-1]), int(digits[-1])
@@ -212,6 +221,9 @@ def candidates(
     the reasons the skipped ones gave are appended to `reasons`."""
     reasons = reasons if reasons is not None else []
     only = os.environ.get(SOURCE_ENV, "").strip().lower()
+    if not supported(arch):
+        reasons.append(f"the kernels need sm_80 or newer (mma.sync m16n8k16, cp.async); this GPU is {arch}")
+        return
     try:
         sources = build.read_sources()
     except build.BuildError as e:
@@ -244,6 +256,10 @@ def predict(
 ) -> KernelPath:
     """The path a GPU of `arch` would take for `bits` (default: the 3-bit pair), without compiling anything."""
     bits = bits or (3, 3)
+    if not supported(arch):
+        return KernelPath(
+            REFERENCE, f"the kernels need sm_80 or newer (mma.sync m16n8k16, cp.async); this GPU is {arch}"
+        )
     reasons: list[str] = []
     try:
         sources = build.read_sources()

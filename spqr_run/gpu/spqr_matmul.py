@@ -19,6 +19,7 @@ Kernel arguments (spqr_matmul.h; byte layout by ctypes, one pointer per argument
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
 import weakref
@@ -151,6 +152,10 @@ class GpuDevice:
         """Whether a CUDA graph is being captured on the current stream (module loading is not capturable)."""
         return False
 
+    def current(self) -> contextlib.AbstractContextManager:
+        """This device made current while its modules load (they load into the current context)."""
+        return contextlib.nullcontext()
+
     # kernels
     def kernels(self, bits: tuple[int, int]) -> Kernels:
         """The loaded kernels for `bits`: loaded (or compiled, then cached) on first use. Raises
@@ -167,16 +172,21 @@ class GpuDevice:
                 raise RuntimeError(f"spqr: the wbits={bits[0]}, stat_bits={bits[1]} kernels were not loaded before "
                                    "CUDA graph capture (spqr_run.ops.prepare_kernels(model) loads them)")  # fmt: skip
             reasons: list[str] = []
-            for image in self.images(bits, reasons):
-                try:
-                    k = self._load(bits, image)
-                except Exception as e:  # a cubin this driver refuses: try the next source
-                    reasons.append(f"{image.origin}: {str(e).splitlines()[0]}")
-                    continue
-                self._kernels[bits] = k
-                return k
-            self._failed[bits] = "; ".join(reasons) or "no kernel image"
-            raise modules.KernelsUnavailable(self._failed[bits])
+            with self.current():
+                return self._first_loadable(bits, reasons)
+
+    def _first_loadable(self, bits: tuple[int, int], reasons: list[str]) -> Kernels:
+        """Loads the first image of `images(bits)` the driver takes (lock held)."""
+        for image in self.images(bits, reasons):
+            try:
+                k = self._load(bits, image)
+            except Exception as e:  # a cubin this driver refuses: try the next source
+                reasons.append(f"{image.origin}: {str(e).splitlines()[0]}")
+                continue
+            self._kernels[bits] = k
+            return k
+        self._failed[bits] = "; ".join(reasons) or "no kernel image"
+        raise modules.KernelsUnavailable(self._failed[bits])
 
     def prepare(self, bits: tuple[int, int]) -> Kernels:
         """`kernels(bits)`: load and resolve before any CUDA graph capture."""
@@ -233,6 +243,9 @@ class CudaGpu(GpuDevice):
 
     def capturing(self) -> bool:
         return torch.cuda.is_current_stream_capturing()
+
+    def current(self) -> contextlib.AbstractContextManager:
+        return torch.cuda.device(self.device)
 
     def images(self, bits: tuple[int, int], reasons: list[str]):
         torch.empty(0, device=self.device)  # torch's primary context is current here before a module loads

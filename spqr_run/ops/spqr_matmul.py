@@ -22,6 +22,7 @@ reference instead, so they run (and `torch.library.opcheck` passes) anywhere. GP
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import warnings
@@ -153,6 +154,14 @@ def gpu_kernels(device: torch.device, bits: tuple[int, int]) -> launcher.GpuDevi
     return None
 
 
+def _device_guard(device: torch.device):
+    """The device current for the launch (the driver launches into the current context): a no-op when it
+    already is, as on a one-GPU machine."""
+    if device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
 def kernel_path(device: torch.device | str | None = None, bits: tuple[int, int] | None = None) -> KernelPath:
     """Which GPU path runs on `device` (default cuda:0) for `bits` (default: whatever is loaded there, else the
     3-bit pair) and why: the kernels already loaded say where they came from; otherwise the path is predicted
@@ -169,7 +178,7 @@ def kernel_path(device: torch.device | str | None = None, bits: tuple[int, int] 
         )
     loaded = [k for k in dev.loaded() if bits is None or k.bits == tuple(bits)]
     if loaded:
-        return KernelPath(loaded[0].image.path, f"{dev.arch}: {loaded[0].image.origin}")
+        return KernelPath(loaded[0].image.path, loaded[0].image.origin)
     if bits is not None and tuple(bits) in dev._failed:
         return KernelPath(modules.REFERENCE, dev._failed[tuple(bits)])
     return modules.predict(dev.arch, bits, nvrtc_loader=dev.nvrtc_loader, driver_cuda=dev.driver_cuda)
@@ -225,7 +234,8 @@ def matmul_small(
     numbers = (wbits, stat_bits, out_features, in_features)
     dev = gpu_kernels(x_stored.device, (wbits, stat_bits)) if x_stored.is_cuda else None
     if dev is not None:
-        return launcher.matmul_small(dev, x_stored, *packed, bias, *numbers)
+        with _device_guard(x_stored.device):
+            return launcher.matmul_small(dev, x_stored, *packed, bias, *numbers)
 
     def rows(t0: int, t1: int) -> Tensor:
         return reference_weight(*packed, *numbers, row_tiles=slice(t0, t1))
@@ -254,7 +264,8 @@ def dequantize(
     numbers = (wbits, stat_bits, out_features, in_features)
     dev = gpu_kernels(tiles.device, (wbits, stat_bits)) if tiles.is_cuda else None
     if dev is not None:
-        return launcher.dequantize(dev, *packed, *numbers)
+        with _device_guard(tiles.device):
+            return launcher.dequantize(dev, *packed, *numbers)
     return reference_weight(*packed, *numbers).to(torch.float16)
 
 
