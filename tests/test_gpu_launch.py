@@ -348,6 +348,14 @@ def test_packaging_step_without_nvcc_warns_in_one_line_and_ships_the_sources(tmp
         build.package_kernels(tmp_path / "cubins", log=lines.append)
     monkeypatch.setenv(build.CUBINS_ENV, "skip")
     assert build.package_kernels(tmp_path / "cubins", log=lines.append) is None and "skip" in lines[-1]
+    monkeypatch.delenv(build.CUBINS_ENV)
+
+    def no_sources():
+        raise build.BuildError("the CUDA kernel sources are not found")
+
+    monkeypatch.setattr(build, "sources_dir", no_sources)  # an sdist without kernels/
+    assert build.package_kernels(tmp_path / "cubins", log=lines.append) is None
+    assert lines[-1].startswith("warning:") and "reference" in lines[-1]
 
 
 def test_packaging_step_keeps_an_up_to_date_build():
