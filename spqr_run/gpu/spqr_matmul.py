@@ -2,7 +2,7 @@
 per layer, one driver launch per call. No torch C++ extension: the kernels are cubins (`spqr_run.gpu.modules`)
 and the launch is `cuLaunchKernel` through ctypes (`spqr_run.gpu.driver`) on torch's current stream.
 
-    dev = cuda_device(torch.device("cuda:0"))      # per device: driver, SM count, loaded kernels
+    dev = spqr_run.ops.spqr_matmul.cuda_gpu(0)     # per device: driver, SM count, loaded kernels
     dev.prepare((3, 3))                            # load (or NVRTC-compile) a model's kernels before capture
     y = matmul_small(dev, x_stored, tiles, outliers, outlier_row_ptr, bias, 3, 3, out, in)
 
