@@ -247,7 +247,7 @@ def bench_model(
     log: Callable[[str], None] = lambda _: None,
 ) -> MethodResult:
     """Time one built model (see the module docstring). Allocates its KV cache for prompt + new tokens."""
-    device = model.embed_tokens.weight.device
+    device = model.device
     cuda = device.type == "cuda"
     repeats = st.repeats or (5 if cuda else 1)
     warmup = st.warmup if st.warmup is not None else int(cuda)

@@ -48,7 +48,7 @@ def perplexity(
     `kv_cache` None runs each window without a cache; a kind ("auto", "int8") writes the window into a cache
     of that kind and attends to what the cache gives back, as generation does (for "int8": its rounding)."""
     t0 = time.perf_counter()
-    device = model.embed_tokens.weight.device
+    device = model.device
     windows = [token_ids[i : i + seqlen] for i in range(0, len(token_ids), seqlen)]
     windows = [w for w in windows if len(w) >= 2]
     total_nll, scored = 0.0, 0

@@ -193,7 +193,7 @@ class Generator:
             model.setup_caches(1, max_seq_len or model.config.max_position_embeddings)
         self.max_seq_len = model.max_seq_len
         self.prefill_chunk = prefill_chunk
-        self.device = model.embed_tokens.weight.device
+        self.device = model.device
         self.decode_step = decode_step or self._eager_step
         self.eos_ids = model.config.eos_token_ids
         self._cached: list[int] = []  # tokens whose keys/values are in cache row 0, in order

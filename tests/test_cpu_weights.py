@@ -1,6 +1,7 @@
-"""What a `.spqr` model holds on a CPU (issue 14, defect 8): weight matrices in fp16 (quantized linears decoded
-once to fp16, their packed form freed by the runtime), compute in fp32, and the same outputs as the old fp32
-copies within tolerance."""
+"""What a `.spqr` model holds on a CPU: with the native kernels (issue 21) the packed bytes in the CPU layout
+and int8 embeddings, never a dense copy; without them (issue 14, defect 8) weight matrices in fp16 (quantized
+linears decoded once, their packed form freed), compute in fp32, and the same outputs as the old fp32 copies
+within tolerance."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def tiny_spqr(tiny_hf: Path, tmp_path_factory) -> Path:
 
 def _old_layout(path: Path):
     """The model as loaded before: every weight in fp32, packed form kept."""
-    return build_decoder(open_model(path), weight_dtype=torch.float32)
+    return build_decoder(open_model(path), weight_dtype=torch.float32, native=False)
 
 
 def test_held_linear_multi_row_is_the_fp32_product() -> None:
@@ -56,9 +57,9 @@ def test_held_linear_chunks_do_not_change_the_result(monkeypatch: pytest.MonkeyP
     assert torch.allclose(held_linear(x, w), whole, rtol=1e-6, atol=1e-6)
 
 
-def test_cpu_spqr_holds_fp16_weights_below_the_old_memory(tiny_spqr: Path) -> None:
+def test_cpu_spqr_fallback_holds_fp16_weights_below_the_old_memory(tiny_spqr: Path) -> None:
     old = _old_layout(tiny_spqr)
-    new = build_decoder(open_model(tiny_spqr), keep_packed=False)  # what the runtime does on a CPU
+    new = build_decoder(open_model(tiny_spqr), keep_packed=False, native=False)  # no native kernels
     assert new.dtype == torch.float32 and new.embed_tokens.weight.dtype == torch.float16
     spqr = [m for m in new.modules() if isinstance(m, SpQRLinear)]
     assert spqr and all(m.dense_weight.dtype == torch.float16 and m.packed_released for m in spqr)
@@ -71,9 +72,9 @@ def test_cpu_spqr_holds_fp16_weights_below_the_old_memory(tiny_spqr: Path) -> No
         spqr[0].quantized()
 
 
-def test_cpu_spqr_outputs_match_the_fp32_layout(tiny_spqr: Path) -> None:
+def test_cpu_spqr_fallback_outputs_match_the_fp32_layout(tiny_spqr: Path) -> None:
     old = _old_layout(tiny_spqr)
-    new = build_decoder(open_model(tiny_spqr), keep_packed=False)
+    new = build_decoder(open_model(tiny_spqr), keep_packed=False, native=False)
     tokens = torch.randint(0, old.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         a, b = old(tokens, use_cache=False), new(tokens, use_cache=False)  # prefill: fp32 products
@@ -90,13 +91,35 @@ def test_cpu_spqr_outputs_match_the_fp32_layout(tiny_spqr: Path) -> None:
     assert all(int(x.argmax()) == int(y.argmax()) for x, y in steps)
 
 
+def test_native_cpu_spqr_holds_the_packed_bytes_and_int8_embeddings(tiny_spqr: Path) -> None:
+    """The runtime's CPU load with the native kernels: every SpQR linear in the CPU layout (no dense copy,
+    the file's records freed, within 10% of their stored bytes), the embedding in int8 rows."""
+    from spqr_run.cpu.embedding import Q8Embedding, Q8Linear
+
+    packed = build_decoder(open_model(tiny_spqr), native=False)  # keeps the stored records
+    stored = {n: m.quantized().nbytes for n, m in packed.named_modules() if isinstance(m, SpQRLinear)}
+    model = build_decoder(open_model(tiny_spqr), keep_packed=False)
+    assert model.native is not None and isinstance(model.embed_tokens, Q8Embedding)
+    assert isinstance(model.lm_head, Q8Linear)
+    spqr = {n: m for n, m in model.named_modules() if isinstance(m, SpQRLinear)}
+    assert spqr.keys() == stored.keys()
+    for name, m in spqr.items():
+        assert m.dense_weight is None and m.packed_released and m.native is not None
+        assert stored[name] <= m.native.nbytes <= 1.10 * stored[name], name
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    assert model.embed_tokens.native.nbytes <= -(-vocab // 16) * 16 * hidden + 4 * vocab
+
+
 def test_banner_says_what_the_cpu_path_holds(tiny_spqr: Path) -> None:
     from spqr_run.chat.info import describe, model_facts
+    from spqr_run.cpu import lib
     from spqr_run.runtime import load_runtime
 
     runtime = load_runtime(tiny_spqr, device="cpu", ctx=32)
     rows = dict(describe(model_facts(runtime)))
     assert rows["weights held as"] == (
-        "fp16, quantized layers decoded once at load (packed form freed), computed in fp32"
+        "packed SpQR (CPU layout), embeddings int8 rows, computed from the packed bytes in fp32"
     )
-    assert resident_bytes(runtime.model)[0] < 2.1 * runtime.source.config.num_parameters()
+    assert rows["kernels"] == f"native CPU ({lib.isa_name()}, {lib.load().spqr_cpu_threads()} threads)"
+    # under one byte a parameter even at this size (fp32 norms and the rotary tables are much of it)
+    assert resident_bytes(runtime.model)[0] < 1.0 * runtime.source.config.num_parameters()

@@ -111,6 +111,8 @@ def _unfused(monkeypatch) -> None:
 
 
 def _build(source, monkeypatch, *, fuse: bool, packed_path: bool, **kw):
+    """The Python decoder (fused or not); the native CPU decoder is tested in tests/test_cpu_decoder.py."""
+    kw.setdefault("native", False)
     with monkeypatch.context() as m:
         if not fuse:
             _unfused(m)
@@ -240,12 +242,12 @@ def test_fused_weights_are_the_members_rows(quantized, monkeypatch):
     assert shared_perms * hidden * 6 <= saved <= shared_perms * (hidden * 6 + 4), (saved, shared_perms)
 
 
-def test_cpu_path_fuses_and_frees_the_packed_form(quantized, monkeypatch):
-    """The runtime's CPU load (`keep_packed=False`): one fp16 dense matrix per fused linear, packed form freed,
-    and outputs within fp16 rounding of the packed reference."""
+def test_cpu_fallback_path_fuses_and_frees_the_packed_form(quantized, monkeypatch):
+    """The CPU load without the native kernels (`keep_packed=False`): one fp16 dense matrix per fused linear,
+    packed form freed, and outputs within fp16 rounding of the packed reference."""
     name, source, packed = quantized
     qsource = quantized_source(source, packed)
-    model = build_decoder(qsource, dtype=torch.float32, keep_packed=False)
+    model = build_decoder(qsource, dtype=torch.float32, keep_packed=False, native=False)
     fused = [model.layers[0].get_submodule(f) for f in EXPECTED_FUSED[name]]
     for f in fused:
         assert f.packed_released and f.dense_weight.dtype == torch.float16

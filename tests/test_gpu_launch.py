@@ -389,8 +389,8 @@ def test_banner_row_and_kernels_show(capsys):
     from spqr_run.cli import run as cli_run
 
     facts = ModelFacts("m", "m.spqr", "llama", 1, 3.9, "", "cuda:0", 1, 1, 1, 1, 16, 16, 16, "fp16",
-                       gpu_kernels="prebuilt cubin (sm_86: ...)")  # fmt: skip
-    assert ("GPU kernels", "prebuilt cubin (sm_86: ...)") in describe(facts)
+                       kernels="GPU prebuilt cubin (sm_86 cubin shipped with the package)")  # fmt: skip
+    assert ("kernels", "GPU prebuilt cubin (sm_86 cubin shipped with the package)") in describe(facts)
     with pytest.raises(SystemExit) as code:
         cli_run.main(["kernels", "show"])
     assert code.value.code == 0

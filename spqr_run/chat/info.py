@@ -32,7 +32,7 @@ class ModelFacts:
     max_positions: int  # the model's own limit
     kv_dtype: str  # how the KV cache stores keys and values: fp32, fp16, bf16, int8
     weights_held: str = ""  # how the weights sit in memory, e.g. "fp16 (decoded once from the packed .spqr)"
-    gpu_kernels: str = ""  # which GPU kernel path the SpQR layers take and why ("" when none runs on a GPU)
+    kernels: str = ""  # which kernels run it: "native CPU (AVX-512 VNNI, 2 threads)", ...
 
 
 def model_facts(runtime: Runtime) -> ModelFacts:
@@ -60,16 +60,8 @@ def model_facts(runtime: Runtime) -> ModelFacts:
         max_positions=cfg.max_position_embeddings,
         kv_dtype=runtime.plan.kv_dtype,
         weights_held=weights_held(runtime.model),
-        gpu_kernels=gpu_kernels(runtime.model),
+        kernels=kernels_used(runtime.model),
     )
-
-
-def gpu_kernels(model: nn.Module) -> str:
-    """The GPU path of the model's packed SpQR layers, e.g. "prebuilt cubin (sm_86: ...)", or "" (none on a GPU)."""
-    from spqr_run.ops import model_kernel_path
-
-    path = model_kernel_path(model)
-    return "" if path is None else str(path)
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -80,10 +72,12 @@ def weights_held(model: nn.Module) -> str:
     run from a decoded copy (the CPU path) or packed, and the dtype it computes in."""
     from spqr_run.models.spqr_linear import SpQRLinear
 
-    emb = model.embed_tokens.weight.dtype  # type: ignore[union-attr]
     compute = DTYPE_NAMES.get(model.dtype, str(model.dtype))  # type: ignore[arg-type]
     quantized = [m for m in model.modules() if isinstance(m, SpQRLinear)]
-    name = DTYPE_NAMES.get(emb, str(emb))
+    weight = getattr(model.embed_tokens, "weight", None)
+    name = "int8 rows" if weight is None else DTYPE_NAMES.get(weight.dtype, str(weight.dtype))
+    if quantized and all(m.native is not None for m in quantized):
+        return f"packed SpQR (CPU layout), embeddings {name}, computed from the packed bytes in {compute}"
     if not quantized:
         return f"{name}, computed in {compute}"
     if all(m.dense_weight is not None for m in quantized):
@@ -91,6 +85,22 @@ def weights_held(model: nn.Module) -> str:
         packed = "packed form freed" if all(m.packed_released for m in quantized) else "packed form kept"
         return f"{dense}, quantized layers decoded once at load ({packed}), computed in {compute}"
     return f"packed SpQR, dequantized on the fly; embeddings {name}, computed in {compute}"
+
+
+def kernels_used(model: nn.Module) -> str:
+    """Which kernels run the model, in words: on a CPU the native path (ISA, threads) or why not; on a GPU the
+    SpQR layers' path (prebuilt cubin, NVRTC cache, reference) and why ("" without packed SpQR layers)."""
+    if model.device.type != "cpu":  # type: ignore[union-attr]
+        from spqr_run.ops import model_kernel_path
+
+        path = model_kernel_path(model)
+        return "" if path is None else f"GPU {path}"
+    from spqr_run.cpu import lib
+
+    if getattr(model, "native", None) is not None:
+        return f"native CPU ({lib.isa_name()}, {lib.load().spqr_cpu_threads()} threads)"  # type: ignore[union-attr]
+    reason = lib.unavailable_reason() or "a layer without a CPU layout"
+    return f"PyTorch ({reason})"
 
 
 def _weight_file_bytes(path: Path) -> int:
@@ -130,7 +140,7 @@ def describe(facts: ModelFacts) -> list[tuple[str, str]]:
         ("bits/param", bits),
         ("device", facts.device),
         *([("weights held as", facts.weights_held)] if facts.weights_held else []),
-        *([("GPU kernels", facts.gpu_kernels)] if facts.gpu_kernels else []),
+        *([("kernels", facts.kernels)] if facts.kernels else []),
         (
             "memory plan",
             f"weights {human_bytes(facts.weights_bytes)} + workspace {human_bytes(facts.workspace_bytes)} "

@@ -12,6 +12,8 @@ from spqr_run.bench import BenchSettings, run_bench
 from spqr_run.cli.common import (
     ArgumentParser,
     add_kv_cache_flag,
+    add_threads_flag,
+    apply_threads,
     check_dependencies,
     float_arg,
     int_arg,
@@ -32,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="a .spqr file, Hugging Face folder or GGUF file")
     p.add_argument("--synthetic", choices=sorted(SYNTHETIC), help="random weights with a real model's shapes")
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_threads_flag(p)
     p.add_argument(
         "--prompt-len",
         type=int_arg(1),
@@ -71,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     check_dependencies()
+    apply_threads(args)
     err = Console(stderr=True, highlight=False)
     device = resolve_device(args.device)
     settings = BenchSettings.from_args(args)

@@ -22,6 +22,7 @@ from spqr_run.cli.common import (
     add_memory_flags,
     add_model_flags,
     add_sampling_flags,
+    apply_threads,
     check_dependencies,
     int_arg,
     memory_budget,
@@ -101,6 +102,7 @@ def _progress(console: Console) -> Progress:
 def _main() -> int:
     args = build_parser().parse_args()
     check_dependencies()  # a broken install fails now, before anything is downloaded or loaded
+    apply_threads(args)
     # imported here so that --help is instant
     from spqr_run.chat.input import make_reader
     from spqr_run.chat.render import PlainOutput, RichOutput

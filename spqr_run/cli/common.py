@@ -237,6 +237,23 @@ def add_model_flags(parser: argparse.ArgumentParser, *, model_required: bool = T
         help="a .spqr file, a Hugging Face model folder or a GGUF file",
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_threads_flag(parser)
+
+
+def add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=int_arg(1, 256),
+        default=None,
+        help="CPU threads, in one pool (default: the cores this process may use)",
+    )
+
+
+def apply_threads(args: argparse.Namespace) -> int:
+    """Size the process's one CPU thread pool from --threads (`spqr_run.cpu.configure_threads`)."""
+    from spqr_run.cpu import configure_threads
+
+    return configure_threads(getattr(args, "threads", None))
 
 
 def add_memory_flags(parser: argparse.ArgumentParser, *, per_sequence: bool = False) -> None:

@@ -14,6 +14,7 @@ from spqr_run.cli.common import (
     ArgumentParser,
     add_kv_cache_flag,
     add_model_flags,
+    apply_threads,
     check_dependencies,
     int_arg,
     run_cli,
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     check_dependencies()
+    apply_threads(args)
     from spqr_run.devices import default_dtype, resolve_device
     from spqr_run.eval import perplexity
     from spqr_run.loading import build_decoder, open_model

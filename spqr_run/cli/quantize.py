@@ -22,7 +22,8 @@ from rich.text import Text
 from torch import Tensor
 
 from spqr_run.calibration import sample_from_model, windows_from_text
-from spqr_run.cli.common import run_cli
+from spqr_run.cli.common import add_threads_flag, run_cli
+from spqr_run.cpu import configure_threads
 from spqr_run.devices import resolve_device
 from spqr_run.errors import ConfigError
 from spqr_run.loading import open_model
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sequence (paper: 2048)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling")
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_threads_flag(p)
     p.add_argument(
         "--resume", action="store_true", help="continue an interrupted run from its last finished block"
     )
@@ -145,6 +147,7 @@ def _main(argv: list[str] | None) -> int:
     if args.nsamples < 1 or args.seqlen < 16:
         raise ConfigError("--nsamples must be >= 1 and --seqlen >= 16")
     qcfg = quant_config_from_args(args)
+    configure_threads(args.threads, torch_work=True)
     check_interrupted(out, args.resume)  # before loading or sampling anything
     device = resolve_device(args.device)
     source = open_model(args.source)

@@ -14,6 +14,7 @@ from spqr_run.cli.common import (
     add_memory_flags,
     add_model_flags,
     add_sampling_flags,
+    apply_threads,
     check_dependencies,
     int_arg,
     memory_budget,
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     check_dependencies()
+    apply_threads(args)
     from spqr_run.runtime import load_runtime
     from spqr_run.sampling import resolve_sampling
     from spqr_run.structured import GrammarEngine, read_schema

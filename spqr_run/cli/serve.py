@@ -15,6 +15,7 @@ from spqr_run.cli.common import (
     LiteralLogArgs,
     add_memory_flags,
     add_model_flags,
+    apply_threads,
     check_dependencies,
     float_arg,
     int_arg,
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)  # numeric flags are checked here, before anything loads
     check_dependencies((*CORE_MODULES, *SERVER_MODULES))
+    apply_threads(args)
     import uvicorn
 
     from spqr_run.server.app import ServerConfig, create_app

@@ -36,7 +36,7 @@ class GraphDecodeStep:
         if not 1 <= batch <= rows:
             raise ValueError(f"batch {batch} is not within the cache's {rows} rows")
         self.model, self.batch = model, batch
-        self.device = model.embed_tokens.weight.device
+        self.device = model.device
         vocab = model.config.vocab_size
         kw = {"device": self.device}
         with torch.inference_mode():

@@ -4,6 +4,7 @@ then build a `Decoder` from it. Sources: a Hugging Face folder, a GGUF file, a `
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,14 +117,20 @@ def build_decoder(
     progress: Callable[[int, int], None] | None = None,
     weight_dtype: torch.dtype | None = None,
     keep_packed: bool = True,
+    native: bool | None = None,
 ) -> Decoder:
     """Build the decoder on `device`, reading weights one at a time (no second full copy in host memory).
 
     It computes in `dtype`; weight matrices (embedding, LM head, linears, dense or decoded from a `.spqr`) are
-    held in `weight_dtype` (None: `held_dtype`), norms and biases in `dtype`. On a CPU, quantized linears run
-    from a copy decoded once; `keep_packed=False` then frees their packed form (what a runtime that only
-    generates needs; keep it to read the stored bits back from `state_dict()`, as `spqr-bench` does). The
-    SpQR linears that read the same input are fused into one each (`models.fused.fuse_linears`) first.
+    held in `weight_dtype` (None: `held_dtype`), norms and biases in `dtype`. The SpQR linears that read the
+    same input are fused into one each (`models.fused.fuse_linears`) first.
+
+    On a CPU with the native kernels (`native` None or True; `spqr_run.cpu.lib`), SpQR linears are repacked
+    into the CPU layout and computed from their packed bytes, the embedding of a quantized model is held in
+    int8 rows (`cpu.embedding.Q8Embedding`), and `Decoder.forward` runs natively (`cpu.decoder`); the file's
+    records are freed unless `keep_packed`. Otherwise (`native=False`, or the library is missing: a one-line
+    warning says why), quantized linears run from a dense copy decoded once (`SpQRLinear.materialize`);
+    `keep_packed=False` then frees their packed form.
     """
     cfg = source.config
     held = weight_dtype or held_dtype(source, device, dtype)
@@ -168,12 +175,41 @@ def build_decoder(
         quantized.clear()  # no references to the members: each group's parts are freed as it fuses
         fuse_linears(model)
         quantized = {n: m for n, m in model.named_modules() if isinstance(m, SpQRLinear)}
+    on_cpu = torch.device(device).type == "cpu"
+    use_native = on_cpu and dtype == torch.float32 and native is not False and _native_available(native)
     for module in quantized.values():
         module.to(device)
-        if torch.device(device).type == "cpu":  # CPUs run quantized linears from a once-decoded dense weight
+        if use_native and module.meta.method == "spqr":  # type: ignore[union-attr]
+            module.to_native(keep_packed=keep_packed)  # type: ignore[operator]
+        elif on_cpu:  # no native kernels: quantized linears run from a once-decoded dense weight
             module.materialize(held, keep_packed=keep_packed)  # type: ignore[operator]
     model.rotary = Rotary(cfg).to(device)
+    if use_native:
+        from spqr_run.cpu.decoder import NativeDecoder
+        from spqr_run.cpu.embedding import Q8Embedding, Q8Linear
+
+        if quantized:  # a quantized model keeps its embedding and LM head in int8 rows
+            model.embed_tokens = Q8Embedding(model.embed_tokens.weight)
+            if model.lm_head is not None and model.lm_head.bias is None:
+                model.lm_head = Q8Linear(model.lm_head.weight)
+        model.native = NativeDecoder.for_model(model)
     return model.eval()
+
+
+def _native_available(native: bool | None) -> bool:
+    """Whether the native CPU kernels load; a one-line warning (once) when they do not and were wanted."""
+    from spqr_run.cpu import lib
+
+    if lib.load() is not None:
+        return True
+    if native is None:
+        warnings.warn(
+            f"spqr-run: CPU decode from the packed weights unavailable: {lib.unavailable_reason()}; "
+            "decoding each layer to fp16 at load instead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
 
 
 def _inside(name: str, modules: Mapping[str, Any]) -> bool:

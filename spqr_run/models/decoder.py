@@ -189,6 +189,9 @@ class Decoder(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else make_linear(cfg.hidden_size, cfg.vocab_size)
         self.rotary = Rotary(cfg)
         self.caches: nn.ModuleList | None = None
+        # set by `loading.build_decoder` on a CPU with the native kernels: `forward` runs there, every layer
+        # in one call (`spqr_run.cpu.decoder.NativeDecoder`)
+        self.native = None
 
     # ---- KV cache -------------------------------------------------------------------------------
     def setup_caches(
@@ -202,7 +205,7 @@ class Decoder(nn.Module):
         if max_seq_len > cfg.max_position_embeddings:
             max_seq_len = cfg.max_position_embeddings
         dtype = dtype or self.dtype
-        device = self.embed_tokens.weight.device
+        device = self.device
         if kind is None:
             kind = self.caches[0].kind if self.caches is not None else "auto"
         if self.caches is not None:
@@ -216,6 +219,13 @@ class Decoder(nn.Module):
             KVCache(rows, max_seq_len, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device, kind=kind)
             for _ in range(cfg.num_layers)
         )
+        if self.native is not None:
+            self.native.bind_caches(self.caches)
+
+    @property
+    def device(self) -> torch.device:
+        """The device the model computes on."""
+        return self.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -247,6 +257,8 @@ class Decoder(nn.Module):
         b, t = tokens.shape
         if positions is None:
             positions = torch.arange(t, device=tokens.device).expand(b, t)  # (B, T)
+        if self.native is not None:
+            return self.native.forward(tokens, positions, rows=rows, use_cache=use_cache, last_only=last_only)
         cached = use_cache and self.caches is not None
         mask = None
         if cached:
@@ -260,6 +272,8 @@ class Decoder(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
-        if self.lm_head is None:
+        if self.lm_head is not None:
+            return self.lm_head(x).float()
+        if isinstance(self.embed_tokens, nn.Embedding):
             return held_linear(x, self.embed_tokens.weight).float()
-        return self.lm_head(x).float()
+        return self.embed_tokens.head(x)  # a quantized table computes its own tied head (`cpu.embedding`)

@@ -39,6 +39,7 @@ class SpQRLinear(nn.Module):
             raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
         self.register_buffer("bias", bias)
         self.register_buffer("dense_weight", None, persistent=False)  # set by materialize()
+        self.native = None  # set by to_native(): the CPU layout the native kernels read (`spqr_run.cpu`)
         # the stored column order as int32 indices, decoded once: forward gathers x[..., perm] with it
         perm = quantized.perm_indices()
         self.register_buffer("perm_index", None if perm is None else perm.int(), persistent=False)
@@ -53,8 +54,33 @@ class SpQRLinear(nn.Module):
 
     @property
     def packed_released(self) -> bool:
-        """True after `materialize(keep_packed=False)`."""
+        """True after `materialize(keep_packed=False)` or `to_native()`."""
         return any(getattr(self, name) is None for name in self._packed_names)
+
+    def to_native(self, *, keep_packed: bool = False) -> None:
+        """Repack the weight into the CPU layout of the native kernels (`spqr_run.cpu.weights.spqr_weight`)
+        and free the file's records: from now on `forward` computes from the packed bytes on the CPU
+        (fp32 activations), and the layer holds 2.7-4.8% more bytes than stored, never a dense copy.
+        `keep_packed=True` keeps the file's records too (to read the stored bits back; twice the memory).
+
+        Raises ValueError for a layout without CPU kernels (gptq/rtn) and RuntimeError when the native
+        library is unavailable (`spqr_run.cpu.lib.unavailable_reason`)."""
+        from spqr_run.cpu import lib as native_lib
+        from spqr_run.cpu.weights import spqr_weight
+
+        if native_lib.load() is None:
+            raise RuntimeError(native_lib.unavailable_reason())
+        if _device_of(self.quantized()).type != "cpu":
+            raise ValueError("to_native() needs the layer on the CPU")
+        weight = spqr_weight(self.quantized(), self.bias)
+        if not keep_packed:
+            for name in self._packed_names:
+                setattr(self, name, None)
+            self.perm_index = None
+        for name, tensor in weight.tensors.items():  # buffers: counted by `resident_bytes`, not saved
+            if name != "bias":
+                self.register_buffer(f"native_{name}", tensor, persistent=False)
+        self.native = weight
 
     def materialize(self, dtype: torch.dtype = torch.float16, *, keep_packed: bool = True) -> None:
         """Keep a dense copy of the weight (original column order) in `dtype` and use it in `forward`.
@@ -90,6 +116,8 @@ class SpQRLinear(nn.Module):
         Packed weights: x is gathered into the stored column order once (`x[..., perm]`) and multiplied in one
         call (`ops.spqr_matmul_stored`: the CUDA kernels by row count, else the reference). A fused linear
         (q/k/v or gate/up, `models.fused`) thus permutes its input once for all its members."""
+        if self.native is not None:  # the CPU layout: native kernels, fp32 activations (bias included)
+            return self.native.matmul(x.float()).to(x.dtype)
         if self.dense_weight is not None:
             return held_linear(x, self.dense_weight, self.bias)
         if x.shape[-1] != self.in_features:
@@ -103,7 +131,12 @@ class SpQRLinear(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> SpQRLinear:
         before = {name: getattr(self, name) for name in self._packed_names}
+        native_ptrs = {n: b.data_ptr() for n, b in self.named_buffers() if n.startswith("native_")}
         super()._apply(fn, recurse)
+        if any(getattr(self, n).data_ptr() != p for n, p in native_ptrs.items()):
+            raise RuntimeError(
+                "a layer in the native CPU layout cannot be moved or cast (load it again instead)"
+            )
         for name, old in before.items():
             new = getattr(self, name)
             # a module-wide dtype cast: keep the packed bits, follow the device

@@ -94,7 +94,7 @@ class Engine:
         self.prefill_chunk, self.kv_bucket, self.prefix_reuse = prefill_chunk, kv_bucket, prefix_reuse
         model.setup_caches(slots, max_context)
         self.max_context = model.max_seq_len
-        self.device = model.embed_tokens.weight.device
+        self.device = model.device
         self.eos_ids = tuple(model.config.eos_token_ids)
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: dict[int, Job] = {}  # slot -> job (prefilling or decoding)

@@ -1,0 +1,321 @@
+/* spqr_decoder.c: one decoder forward on the CPU, every layer in one call (no Python per layer).
+ *
+ * The same computation as spqr_run/models/decoder.py (LLaMA family and Falcon as config flags), for B rows
+ * of T tokens each, with the KV cache written in place:
+ *   h = norm(x);  [q | k | v | gate | up] = in_proj(h);  rotary(q, k);  cache[row, pos] = k, v
+ *   a = o_proj(attention(q, cache[row, 0 .. pos]))
+ *   sequential: x += a; x += down(act(norm'(x)))      parallel: x += a + down(act(norm'(x_in)))
+ * and the final norm + LM head on every token (or each row's last). Every token's result depends only on its
+ * own row's tokens and cache (bit-identical whatever else runs in the batch; attention reads keys 0 .. pos).
+ */
+#include <math.h>
+#include <stdlib.h>
+
+#include "spqr_internal.h"
+
+/* The attention loops (dot products over head_dim) are inlined into `attention_task`, which is cloned per
+ * instruction set once (SPQR_VEC_CLONES), not per call. Sums use 16 partial sums in a fixed order. */
+#define VEC_CLONES SPQR_VEC_CLONES
+
+static inline float reduce16(float acc[16]) {
+  for (int w = 8; w >= 1; w /= 2)
+    for (int l = 0; l < w; l++) acc[l] += acc[l + w];
+  return acc[0];
+}
+
+/* sum_i a[i] b[i] */
+static inline float dot_f32(const float *a, const float *b, int32_t n) {
+  float acc[16] = {0};
+  int32_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int l = 0; l < 16; l++) acc[l] = fmaf(a[i + l], b[i + l], acc[l]);
+  for (int l = 0; i + l < n; l++) acc[l] = fmaf(a[i + l], b[i + l], acc[l]);
+  return reduce16(acc);
+}
+
+static inline float dot_f32_i8(const float *a, const int8_t *b, int32_t n) {
+  float acc[16] = {0};
+  int32_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int l = 0; l < 16; l++) acc[l] = fmaf(a[i + l], (float)b[i + l], acc[l]);
+  for (int l = 0; i + l < n; l++) acc[l] = fmaf(a[i + l], (float)b[i + l], acc[l]);
+  return reduce16(acc);
+}
+
+/* y += a x */
+static inline void axpy_f32(float a, const float *x, float *y, int32_t n) {
+  for (int32_t i = 0; i < n; i++) y[i] = fmaf(a, x[i], y[i]);
+}
+
+static inline void axpy_i8(float a, const int8_t *x, float *y, int32_t n) {
+  for (int32_t i = 0; i < n; i++) y[i] = fmaf(a, (float)x[i], y[i]);
+}
+
+/* exp(x) to about 2 ulp for finite x (range reduction by ln 2, degree-6 polynomial: the Cephes expf
+ * coefficients), written without calls or branches so the loops below vectorize. */
+static inline float exp_poly(float x) {
+  x = fminf(fmaxf(x, -87.3f), 88.3f); /* 2^-126 .. 2^127: normal results */
+  const float n = nearbyintf(x * 1.44269504088896341f);
+  float r = fmaf(n, -0.693359375f, x);
+  r = fmaf(n, 2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  p = fmaf(p, r, 1.3981999507e-3f);
+  p = fmaf(p, r, 8.3334519073e-3f);
+  p = fmaf(p, r, 4.1665795894e-2f);
+  p = fmaf(p, r, 1.6666665459e-1f);
+  p = fmaf(p, r, 5.0000001201e-1f);
+  p = fmaf(p, r * r, r) + 1.f;
+  int32_t bits = ((int32_t)n + 127) << 23;
+  float scale;
+  memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+VEC_CLONES void spqr_vec_exp(float *x, int64_t n) {
+  for (int64_t i = 0; i < n; i++) x[i] = exp_poly(x[i]);
+}
+
+VEC_CLONES void spqr_vec_silu_mul(float *gate, const float *up, int64_t n) {
+  for (int64_t i = 0; i < n; i++) gate[i] = gate[i] / (1.f + exp_poly(-gate[i])) * up[i];
+}
+
+typedef struct {
+  const spqr_model *m;
+  const int64_t *tokens, *positions, *rows;
+  int32_t batch, seq;
+  float *x, *h, *h2, *proj, *att;
+  int64_t proj_stride;
+  const float *nw, *nb; /* the norm being applied */
+  float *norm_out;
+  const spqr_layer *layer;
+} fwd_ctx;
+
+/* ---- norms ------------------------------------------------------------------------------------------ */
+static void norm_row(const spqr_model *m, const float *x, const float *w, const float *b, float *out) {
+  const int32_t n = m->hidden;
+  if (m->norm_rms) {
+    float ss = 0.f;
+    for (int32_t i = 0; i < n; i++) ss = fmaf(x[i], x[i], ss);
+    const float r = 1.f / sqrtf(ss / (float)n + m->norm_eps);
+    for (int32_t i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
+  } else {
+    float mean = 0.f, var = 0.f;
+    for (int32_t i = 0; i < n; i++) mean += x[i];
+    mean /= (float)n;
+    for (int32_t i = 0; i < n; i++) var = fmaf(x[i] - mean, x[i] - mean, var);
+    const float r = 1.f / sqrtf(var / (float)n + m->norm_eps);
+    for (int32_t i = 0; i < n; i++) out[i] = (x[i] - mean) * r * w[i] + (b ? b[i] : 0.f);
+  }
+}
+
+static void norm_task(void *p, int64_t b, int64_t e) {
+  const fwd_ctx *c = p;
+  const int32_t n = c->m->hidden;
+  for (int64_t i = b; i < e; i++) norm_row(c->m, c->x + i * n, c->nw, c->nb, c->norm_out + i * n);
+}
+
+static void apply_norm(fwd_ctx *c, const float *w, const float *b, float *out, int64_t tokens) {
+  c->nw = w;
+  c->nb = b;
+  c->norm_out = out;
+  spqr_parallel_for(tokens, spqr_grain(tokens, 2), norm_task, c);
+}
+
+/* ---- rotary + cache write ----------------------------------------------------------------------------- */
+static void rope(float *v, int32_t heads, int32_t hd, const float *cos, const float *sin) {
+  const int32_t half = hd / 2;
+  for (int32_t h = 0; h < heads; h++) {
+    float *x = v + h * hd;
+    for (int32_t i = 0; i < half; i++) {
+      const float x1 = x[i], x2 = x[i + half];
+      x[i] = x1 * cos[i] - x2 * sin[i];
+      x[i + half] = x2 * cos[i] + x1 * sin[i];
+    }
+  }
+}
+
+/* int8 cache: one fp32 scale per (token, head), symmetric absmax (spqr_run/models/kv_cache.py) */
+static void store_int8(const float *x, int32_t hd, int8_t *codes, float *scale) {
+  float amax = 0.f;
+  for (int32_t i = 0; i < hd; i++) amax = fmaxf(amax, fabsf(x[i]));
+  const float s = amax / 127.f, safe = s > 1.17549435e-38f ? s : 1.17549435e-38f;
+  *scale = s;
+  for (int32_t i = 0; i < hd; i++) codes[i] = (int8_t)fminf(fmaxf(nearbyintf(x[i] / safe), -127.f), 127.f);
+}
+
+static void rope_cache_task(void *p, int64_t b, int64_t e) {
+  const fwd_ctx *c = p;
+  const spqr_model *m = c->m;
+  const spqr_layer *L = c->layer;
+  const int32_t hd = m->head_dim, kvd = m->n_kv_heads * hd, qd = m->n_heads * hd;
+  for (int64_t n = b; n < e; n++) {
+    const int64_t pos = c->positions[n], row = c->rows ? c->rows[n / c->seq] : n / c->seq;
+    float *q = c->proj + n * c->proj_stride, *k = q + qd, *v = k + kvd;
+    const float *cos = m->rope_cos + pos * (hd / 2), *sin = m->rope_sin + pos * (hd / 2);
+    rope(q, m->n_heads, hd, cos, sin);
+    rope(k, m->n_kv_heads, hd, cos, sin);
+    const int64_t at = (row * m->kv_max_seq + pos) * kvd;
+    if (m->kv_kind == SPQR_KV_F32) {
+      memcpy((float *)L->k_cache + at, k, sizeof(float) * kvd);
+      memcpy((float *)L->v_cache + at, v, sizeof(float) * kvd);
+    } else {
+      for (int32_t h = 0; h < m->n_kv_heads; h++) {
+        const int64_t s = (row * m->kv_max_seq + pos) * m->n_kv_heads + h;
+        store_int8(k + h * hd, hd, (int8_t *)L->k_cache + at + h * hd, L->k_scale + s);
+        store_int8(v + h * hd, hd, (int8_t *)L->v_cache + at + h * hd, L->v_scale + s);
+      }
+    }
+  }
+}
+
+/* ---- attention: one query token, one KV head (its group of query heads), keys 0 .. pos of its row ------- */
+VEC_CLONES static void attention_task(void *p, int64_t b, int64_t e) {
+  const fwd_ctx *c = p;
+  const spqr_model *m = c->m;
+  const spqr_layer *L = c->layer;
+  const int32_t hd = m->head_dim, kvh = m->n_kv_heads, group = m->n_heads / m->n_kv_heads;
+  const float scale = 1.f / sqrtf((float)hd);
+  const int int8 = m->kv_kind == SPQR_KV_INT8;
+  float *scores = malloc(sizeof(float) * (size_t)m->kv_max_seq * group);
+  if (!scores) return;
+  for (int64_t i = b; i < e; i++) {
+    const int64_t n = i / kvh;
+    const int32_t g = (int32_t)(i % kvh);
+    const int64_t pos = c->positions[n], row = c->rows ? c->rows[n / c->seq] : n / c->seq;
+    const int64_t base = row * m->kv_max_seq * kvh + g; /* (row, s, g) = base + s * kvh */
+    const float *q = c->proj + n * c->proj_stride + (int64_t)g * group * hd;
+    float *out = c->att + n * (int64_t)m->n_heads * hd + (int64_t)g * group * hd;
+    const int64_t keys = pos + 1;
+    for (int64_t s = 0; s < keys; s++) { /* each key row read once for the whole group */
+      const int64_t at = (base + s * kvh) * hd;
+      for (int32_t h = 0; h < group; h++) {
+        float dot = int8 ? dot_f32_i8(q + h * hd, (const int8_t *)L->k_cache + at, hd) * L->k_scale[base + s * kvh]
+                         : dot_f32(q + h * hd, (const float *)L->k_cache + at, hd);
+        scores[h * keys + s] = dot * scale;
+      }
+    }
+    for (int32_t h = 0; h < group; h++) {
+      float *sc = scores + h * keys, mx = -INFINITY, sum = 0.f;
+      for (int64_t s = 0; s < keys; s++) mx = fmaxf(mx, sc[s]);
+      for (int64_t s = 0; s < keys; s++) sc[s] -= mx;
+      spqr_vec_exp(sc, keys);
+      for (int64_t s = 0; s < keys; s++) sum += sc[s];
+      const float inv = 1.f / sum;
+      for (int64_t s = 0; s < keys; s++) sc[s] *= inv;
+      memset(out + h * hd, 0, sizeof(float) * hd);
+    }
+    for (int64_t s = 0; s < keys; s++) {
+      const int64_t at = (base + s * kvh) * hd;
+      for (int32_t h = 0; h < group; h++) {
+        if (int8)
+          axpy_i8(scores[h * keys + s] * L->v_scale[base + s * kvh], (const int8_t *)L->v_cache + at, out + h * hd, hd);
+        else
+          axpy_f32(scores[h * keys + s], (const float *)L->v_cache + at, out + h * hd, hd);
+      }
+    }
+  }
+  free(scores);
+}
+
+/* ---- MLP activation, in place in the gate (gated) or up columns of proj -------------------------------- */
+static void act_task(void *p, int64_t b, int64_t e) {
+  const fwd_ctx *c = p;
+  const spqr_model *m = c->m;
+  const int64_t off = (int64_t)m->n_heads * m->head_dim + 2 * (int64_t)m->n_kv_heads * m->head_dim;
+  for (int64_t n = b; n < e; n++) {
+    float *g = c->proj + n * c->proj_stride + off;
+    if (m->mlp_gated) {
+      spqr_vec_silu_mul(g, g + m->ffn, m->ffn);
+    } else {
+      for (int32_t i = 0; i < m->ffn; i++) g[i] = 0.5f * g[i] * (1.f + erff(g[i] * 0.70710678118654752f));
+    }
+  }
+}
+
+static int run_linear(const spqr_weight *w, const float *x, int64_t xs, float *y, int64_t ys, int32_t rows) {
+  return spqr_cpu_matmul(w, x, xs, y, ys, rows);
+}
+
+int spqr_cpu_forward(const spqr_model *m, const int64_t *tokens, const int64_t *positions, const int64_t *rows,
+                     int32_t batch, int32_t seq, int32_t last_only, float *logits) {
+  const int64_t N = (int64_t)batch * seq;
+  const int32_t H = m->hidden, hd = m->head_dim;
+  const int64_t qd = (int64_t)m->n_heads * hd, kvd = (int64_t)m->n_kv_heads * hd;
+  const int64_t P = qd + 2 * kvd + (m->mlp_gated ? 2 : 1) * (int64_t)m->ffn;
+  if (N <= 0) return 0;
+  for (int64_t n = 0; n < N; n++) {
+    if (tokens[n] < 0 || tokens[n] >= m->vocab) return -1;
+    if (positions[n] < 0 || positions[n] >= m->kv_max_seq || positions[n] >= m->rope_max_pos) return -1;
+  }
+  if (rows)
+    for (int32_t b = 0; b < batch; b++)
+      if (rows[b] < 0 || rows[b] >= m->kv_rows) return -1;
+  /* activations: x, h, h2, ao, mo (N, H); proj (N, P); att (N, qd) */
+  size_t bytes = sizeof(float) * (size_t)N * (5 * (size_t)H + (size_t)P + (size_t)qd) + 64 * 8;
+  float *buf = spqr_scratch(SPQR_SCRATCH_DECODER, bytes);
+  if (!buf) return -1;
+  fwd_ctx c = {.m = m, .tokens = tokens, .positions = positions, .rows = rows, .batch = batch, .seq = seq};
+  c.x = buf;
+  c.h = c.x + N * H;
+  c.h2 = c.h + N * H;
+  float *ao = c.h2 + N * H, *mo = ao + N * H;
+  c.proj = mo + N * H;
+  c.proj_stride = P;
+  c.att = c.proj + N * P;
+
+  /* embedding */
+  if (m->embed.kind == SPQR_W_Q8) {
+    spqr_cpu_q8_rows(&m->embed, tokens, (int32_t)N, c.x);
+  } else {
+    for (int64_t n = 0; n < N; n++)
+      for (int32_t i = 0; i < H; i++)
+        c.x[n * H + i] = m->embed.kind == SPQR_W_F32
+                             ? ((const float *)m->embed.dense)[tokens[n] * H + i]
+                             : spqr_half_to_float(((const uint16_t *)m->embed.dense)[tokens[n] * H + i]);
+  }
+
+  for (int32_t li = 0; li < m->n_layers; li++) {
+    const spqr_layer *L = &m->layers[li];
+    c.layer = L;
+    apply_norm(&c, L->attn_norm_w, L->attn_norm_b, c.h, N);
+    int64_t off = 0;
+    for (int i = 0; i < L->n_in_proj; i++) {
+      if (L->in_proj_src[i] == 0 && run_linear(&L->in_proj[i], c.h, H, c.proj + off, P, (int32_t)N)) return -1;
+      off += L->in_proj[i].out_features;
+    }
+    spqr_parallel_for(N, spqr_grain(N, 2), rope_cache_task, &c);
+    const int64_t pairs = N * m->n_kv_heads;
+    spqr_parallel_for(pairs, spqr_grain(pairs, 4), attention_task, &c);
+    if (run_linear(&L->o_proj, c.att, qd, ao, H, (int32_t)N)) return -1;
+    const float *mlp_in;
+    if (m->parallel) {
+      if (L->mlp_norm_w) apply_norm(&c, L->mlp_norm_w, L->mlp_norm_b, c.h2, N);
+      mlp_in = L->mlp_norm_w ? c.h2 : c.h;
+    } else {
+      for (int64_t i = 0; i < N * H; i++) c.x[i] += ao[i];
+      apply_norm(&c, L->mlp_norm_w, L->mlp_norm_b, c.h2, N);
+      mlp_in = c.h2;
+    }
+    off = 0;
+    for (int i = 0; i < L->n_in_proj; i++) {
+      if (L->in_proj_src[i] == 1 && run_linear(&L->in_proj[i], mlp_in, H, c.proj + off, P, (int32_t)N)) return -1;
+      off += L->in_proj[i].out_features;
+    }
+    spqr_parallel_for(N, spqr_grain(N, 2), act_task, &c);
+    if (run_linear(&L->down_proj, c.proj + qd + 2 * kvd, P, mo, H, (int32_t)N)) return -1;
+    if (m->parallel) {
+      for (int64_t i = 0; i < N * H; i++) c.x[i] = c.x[i] + ao[i] + mo[i];
+    } else {
+      for (int64_t i = 0; i < N * H; i++) c.x[i] += mo[i];
+    }
+  }
+
+  /* final norm and LM head, on every token or each row's last */
+  const int64_t out_rows = last_only ? batch : N;
+  for (int64_t r = 0; r < out_rows; r++) {
+    const int64_t n = last_only ? r * seq + (seq - 1) : r;
+    norm_row(m, c.x + n * H, m->final_norm_w, m->final_norm_b, c.h + r * H);
+  }
+  return run_linear(&m->lm_head, c.h, H, logits, m->vocab, (int32_t)out_rows);
+}
+
