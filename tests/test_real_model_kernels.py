@@ -98,7 +98,9 @@ def recorded(real_spqr):
     """(name, packed linear, bias, its real input (PREFILL, in) fp16) for every quantized linear of the model
     as the runtime loads it, inputs recorded from a forward pass over a wiki-test passage."""
     source = open_model(real_spqr)
-    model = build_decoder(source, dtype=torch.float32)  # CPU path, packed form kept
+    model = build_decoder(
+        source, dtype=torch.float32, native=False
+    )  # PyTorch CPU path: modules run, packed kept
     text = WIKI_TEST.read_text(encoding="utf-8")[:2000]
     tokens = torch.tensor([source.tokenizer.encode(text, add_bos=False, special=False)[:PREFILL]])
     assert tokens.shape == (1, PREFILL)
