@@ -18,7 +18,7 @@
 #   5. CUDA tests of the installed package (a copy of tests/, kernels/testing/, benchmarks/ outside the checkout,
 #      so `import spqr_run` is the wheel): tests/test_kernels.py -k cuda (every kernel path against the
 #      reference, graphs), test_gpu_launch.py, the real-model kernel check when that file exists
-#   6. kernel benchmark, the table of issue #11: benchmarks/kernels.py --graph --batches 1 4 16 512
+#   6. kernel benchmark, the table of issue #11: benchmarks/kernel_bench.py --graph --batches 1 4 16 512
 #   7. spqr-bench --synthetic llama-7b, and --synthetic llama-30b --gpu-memory 24GiB (they print the GPU path)
 #   8. the CUDA tests on the NVRTC path (SPQR_RUN_KERNELS=nvrtc): model shapes and bias cases
 #   9. compute-sanitizer memcheck and racecheck on the first few CUDA cases of the odd-shape test, when the tool
@@ -164,7 +164,7 @@ if [ -f tests/test_real_model_kernels.py ]; then
     "cd '$work/co' && python -m pytest -q -p no:cacheprovider -x tests/test_real_model_kernels.py -k cuda"
 fi
 
-step "kernel benchmark (issue #11 table, CUDA graphs)" 150 "${as_user[@]}" python benchmarks/kernels.py --graph --batches 1 4 16 512
+step "kernel benchmark (issue #11 table, CUDA graphs)" 150 "${as_user[@]}" python benchmarks/kernel_bench.py --graph --batches 1 4 16 512
 
 step "spqr-bench llama-7b" 40 "${as_user[@]}" bash -c "cd '$work' && spqr-bench --synthetic llama-7b"
 step "spqr-bench llama-30b 24GiB" 40 "${as_user[@]}" bash -c "cd '$work' && spqr-bench --synthetic llama-30b --gpu-memory 24GiB"

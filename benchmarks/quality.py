@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-# appended, not first: benchmarks/kernels.py must not shadow Hugging Face's `kernels`, which transformers imports
+# appended, not first: a benchmarks/ module must not shadow an installed package (as kernels.py once did)
 sys.path.append(str(Path(__file__).resolve().parent))
 from texts import TextError, fetch_text  # noqa: E402 - benchmarks/ is not a package
 

@@ -4,8 +4,10 @@
   LayerNorm + GELU, parallel residual with one or two norms, biases, RoPE scaling) matches the Python
   decoder's logits to fp32 rounding, with and without the KV cache, fp32 and int8 cache.
 - A quantized `.spqr` model: within the int8-activation tolerance of the Python reference path.
-- Exact properties of the native path: a prefill of T tokens gives bit for bit the logits of T decode steps;
-  a row's logits do not depend on the other rows of the batch nor on the thread count; bad input raises.
+- Exact properties of the native path: a row's logits do not depend on the other rows of the batch nor on the
+  thread count, and a prefill without the cache equals one through it; a prefill of T tokens gives the logits
+  of T decode steps (to fp32 rounding: several queries share a pass over the keys, one query takes dot
+  products); bad input raises.
 """
 
 from __future__ import annotations
@@ -92,11 +94,12 @@ def test_dense_native_matches_the_python_decoder(name):
                 nat(tokens[:, 6:], torch.arange(6, 11).expand(2, 5), kv_len=11),
             ]
             for w, g in zip(want, got, strict=True):
-                close(w, g, 1e-5)
+                # int8: a value within fp32 rounding of a rounding boundary may take the other code (one step)
+                close(w, g, 1e-5 if kind == "auto" else 2e-3)
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "falcon40b"])
-def test_prefill_equals_decode_steps_bit_for_bit(name):
+@pytest.mark.parametrize("name", ["llama_gqa", "falcon40b", "llama_mha_odd"])
+def test_prefill_equals_decode_steps(name):
     _, nat = pair(CONFIGS[name], seed=3)
     tokens = torch.randint(0, nat.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
@@ -104,7 +107,7 @@ def test_prefill_equals_decode_steps_bit_for_bit(name):
         whole = nat(tokens)  # (1, 9, V)
         nat.setup_caches(1, 16)
         steps = torch.cat([nat(tokens[:, i : i + 1], torch.tensor([[i]])) for i in range(9)], dim=1)
-        assert torch.equal(whole, steps)
+        close(whole, steps, 1e-5)
         assert torch.equal(nat(tokens, use_cache=False), whole)
 
 

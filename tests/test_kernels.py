@@ -720,8 +720,8 @@ def test_a_gpu_without_kernels_warns_once_in_one_line_and_runs_the_reference(mon
 
 
 def test_kernel_benchmark_dry_run(capsys):
-    """benchmarks/kernels.py runs end to end without a GPU (--dry-run: tiny shapes, CPU reference)."""
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernels.py")
+    """benchmarks/kernel_bench.py runs end to end without a GPU (--dry-run: tiny shapes, CPU reference)."""
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernel_bench.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)

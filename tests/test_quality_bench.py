@@ -20,7 +20,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# appended, not first: benchmarks/kernels.py must not shadow Hugging Face's `kernels`, which transformers imports
+# appended, not first: a benchmarks/ module must not shadow an installed package (as kernels.py once did)
 sys.path.append(str(ROOT / "benchmarks"))
 
 import quality  # noqa: E402

@@ -54,7 +54,7 @@ static inline void axpy_i8(float a, const int8_t *x, float *y, int32_t n) {
 /* exp(x) to about 2 ulp for finite x (range reduction by ln 2, degree-6 polynomial: the Cephes expf
  * coefficients), written without calls or branches so the loops below vectorize. */
 static inline float exp_poly(float x) {
-  x = fminf(fmaxf(x, -87.3f), 88.3f); /* 2^-126 .. 2^127: normal results */
+  x = x < -87.3f ? -87.3f : x > 88.3f ? 88.3f : x; /* 2^-126 .. 2^127: normal results */
   const float n = nearbyintf(x * 1.44269504088896341f);
   float r = fmaf(n, -0.693359375f, x);
   r = fmaf(n, 2.12194440e-4f, r);
@@ -168,53 +168,148 @@ static void rope_cache_task(void *p, int64_t b, int64_t e) {
   }
 }
 
-/* ---- attention: one query token, one KV head (its group of query heads), keys 0 .. pos of its row ------- */
-VEC_CLONES static void attention_task(void *p, int64_t b, int64_t e) {
-  const fwd_ctx *c = p;
+/* ---- attention ----------------------------------------------------------------------------------------
+ * A task is one row b, one KV head g and a block of up to QB of the row's query tokens; each query attends to
+ * its row's keys 0 .. its position. One query (decode): dot products over head_dim. Several (prefill): the
+ * queries are transposed once, then for each key the scores of all of them come from head_dim fmas with
+ * the queries in the lanes (each key row read once, no horizontal sums), and softmax runs across the lanes
+ * too. The two orders of summation differ in the last bits; a given call shape always takes the same one. */
+#define QB 16
+
+static inline float key_scale(const spqr_layer *L, int int8, int64_t at) { return int8 ? L->k_scale[at] : 1.f; }
+
+VEC_CLONES static void attend_one(const fwd_ctx *c, int64_t n, int32_t g, float *scores) {
   const spqr_model *m = c->m;
   const spqr_layer *L = c->layer;
   const int32_t hd = m->head_dim, kvh = m->n_kv_heads, group = m->n_heads / m->n_kv_heads;
   const float scale = 1.f / sqrtf((float)hd);
   const int int8 = m->kv_kind == SPQR_KV_INT8;
-  float *scores = malloc(sizeof(float) * (size_t)m->kv_max_seq * group);
-  if (!scores) return;
-  for (int64_t i = b; i < e; i++) {
-    const int64_t n = i / kvh;
-    const int32_t g = (int32_t)(i % kvh);
-    const int64_t pos = c->positions[n], row = c->rows ? c->rows[n / c->seq] : n / c->seq;
-    const int64_t base = row * m->kv_max_seq * kvh + g; /* (row, s, g) = base + s * kvh */
-    const float *q = c->proj + n * c->proj_stride + (int64_t)g * group * hd;
-    float *out = c->att + n * (int64_t)m->n_heads * hd + (int64_t)g * group * hd;
-    const int64_t keys = pos + 1;
-    for (int64_t s = 0; s < keys; s++) { /* each key row read once for the whole group */
-      const int64_t at = (base + s * kvh) * hd;
-      for (int32_t h = 0; h < group; h++) {
-        float dot = int8 ? dot_f32_i8(q + h * hd, (const int8_t *)L->k_cache + at, hd) * L->k_scale[base + s * kvh]
-                         : dot_f32(q + h * hd, (const float *)L->k_cache + at, hd);
-        scores[h * keys + s] = dot * scale;
-      }
-    }
+  const int64_t pos = c->positions[n], row = c->rows ? c->rows[n / c->seq] : n / c->seq;
+  const int64_t base = row * m->kv_max_seq * kvh + g; /* (row, s, g) = base + s * kvh */
+  const float *q = c->proj + n * c->proj_stride + (int64_t)g * group * hd;
+  float *out = c->att + n * (int64_t)m->n_heads * hd + (int64_t)g * group * hd;
+  const int64_t keys = pos + 1;
+  for (int64_t s = 0; s < keys; s++) { /* each key row read once for the whole group */
+    const int64_t at = (base + s * kvh) * hd;
     for (int32_t h = 0; h < group; h++) {
-      float *sc = scores + h * keys, mx = -INFINITY, sum = 0.f;
-      for (int64_t s = 0; s < keys; s++) mx = fmaxf(mx, sc[s]);
-      for (int64_t s = 0; s < keys; s++) sc[s] -= mx;
-      spqr_vec_exp(sc, keys);
-      for (int64_t s = 0; s < keys; s++) sum += sc[s];
-      const float inv = 1.f / sum;
-      for (int64_t s = 0; s < keys; s++) sc[s] *= inv;
-      memset(out + h * hd, 0, sizeof(float) * hd);
+      float dot = int8 ? dot_f32_i8(q + h * hd, (const int8_t *)L->k_cache + at, hd) * L->k_scale[base + s * kvh]
+                       : dot_f32(q + h * hd, (const float *)L->k_cache + at, hd);
+      scores[h * keys + s] = dot * scale;
     }
+  }
+  for (int32_t h = 0; h < group; h++) {
+    float *sc = scores + h * keys, mx = -INFINITY, sum = 0.f;
+    for (int64_t s = 0; s < keys; s++) mx = sc[s] > mx ? sc[s] : mx;
+    for (int64_t s = 0; s < keys; s++) sc[s] -= mx;
+    spqr_vec_exp(sc, keys);
+    for (int64_t s = 0; s < keys; s++) sum += sc[s];
+    const float inv = 1.f / sum;
+    for (int64_t s = 0; s < keys; s++) sc[s] *= inv;
+    memset(out + h * hd, 0, sizeof(float) * hd);
+  }
+  for (int64_t s = 0; s < keys; s++) {
+    const int64_t at = (base + s * kvh) * hd;
+    for (int32_t h = 0; h < group; h++) {
+      if (int8)
+        axpy_i8(scores[h * keys + s] * L->v_scale[base + s * kvh], (const int8_t *)L->v_cache + at, out + h * hd, hd);
+      else
+        axpy_f32(scores[h * keys + s], (const float *)L->v_cache + at, out + h * hd, hd);
+    }
+  }
+}
+
+/* 16 fp32 lanes (one zmm, two ymm or four xmm, per clone) */
+typedef float lanes16 __attribute__((vector_size(64)));
+
+#define LOAD16(dst, p) memcpy(&(dst), (p), sizeof(lanes16))
+
+/* Queries n0 .. n0 + nq - 1 (one row, nq <= QB), KV head g. buf: hd*QB + keys*QB floats. Contraction on here
+ * only (acc += k * q becomes one fma where the clone has them). */
+__attribute__((optimize("fp-contract=fast"))) VEC_CLONES static void attend_block(const fwd_ctx *c, int64_t n0, int32_t nq, int32_t g, float *buf) {
+  const spqr_model *m = c->m;
+  const spqr_layer *L = c->layer;
+  const int32_t hd = m->head_dim, kvh = m->n_kv_heads, group = m->n_heads / m->n_kv_heads;
+  const float scale = 1.f / sqrtf((float)hd);
+  const int int8 = m->kv_kind == SPQR_KV_INT8;
+  const int64_t row = c->rows ? c->rows[n0 / c->seq] : n0 / c->seq;
+  const int64_t base = row * m->kv_max_seq * kvh + g;
+  int64_t maxpos = 0;
+  float limit[QB]; /* last key of each lane's query (-1: an empty lane) */
+  for (int l = 0; l < QB; l++) {
+    const int64_t p = l < nq ? c->positions[n0 + l] : -1;
+    limit[l] = (float)p;
+    maxpos = p > maxpos ? p : maxpos;
+  }
+  const int64_t keys = maxpos + 1;
+  float *qt = buf, *st = buf + hd * QB; /* qt[d][lane]; st[s][lane] */
+  for (int32_t h = 0; h < group; h++) {
+    const int64_t qoff = (int64_t)(g * group + h) * hd;
+    for (int32_t d = 0; d < hd; d++)
+      for (int l = 0; l < QB; l++) qt[d * QB + l] = l < nq ? c->proj[(n0 + l) * c->proj_stride + qoff + d] : 0.f;
+    float mx[QB], sum[QB];
+    for (int l = 0; l < QB; l++) mx[l] = -INFINITY, sum[l] = 0.f;
     for (int64_t s = 0; s < keys; s++) {
       const int64_t at = (base + s * kvh) * hd;
-      for (int32_t h = 0; h < group; h++) {
+      const float ks = key_scale(L, int8, base + s * kvh);
+      lanes16 acc = {0}, qd;
+      if (int8) {
+        for (int32_t d = 0; d < hd; d++) {
+          LOAD16(qd, qt + d * QB);
+          acc += (float)((const int8_t *)L->k_cache)[at + d] * qd;
+        }
+      } else {
+        for (int32_t d = 0; d < hd; d++) {
+          LOAD16(qd, qt + d * QB);
+          acc += ((const float *)L->k_cache)[at + d] * qd;
+        }
+      }
+      for (int l = 0; l < QB; l++) {
+        const float v = (float)s <= limit[l] ? acc[l] * ks * scale : -INFINITY;
+        st[s * QB + l] = v;
+        mx[l] = v > mx[l] ? v : mx[l];
+      }
+    }
+    for (int64_t s = 0; s < keys; s++) {
+      for (int l = 0; l < QB; l++) {
+        const float v = (float)s <= limit[l] ? exp_poly(st[s * QB + l] - mx[l]) : 0.f;
+        st[s * QB + l] = v;
+        sum[l] += v;
+      }
+    }
+    for (int l = 0; l < nq; l++) {
+      float *out = c->att + (n0 + l) * (int64_t)m->n_heads * hd + qoff;
+      const float inv = 1.f / sum[l];
+      memset(out, 0, sizeof(float) * hd);
+      for (int64_t s = 0; s <= (int64_t)limit[l]; s++) {
+        const int64_t at = (base + s * kvh) * hd;
         if (int8)
-          axpy_i8(scores[h * keys + s] * L->v_scale[base + s * kvh], (const int8_t *)L->v_cache + at, out + h * hd, hd);
+          axpy_i8(st[s * QB + l] * inv * L->v_scale[base + s * kvh], (const int8_t *)L->v_cache + at, out, hd);
         else
-          axpy_f32(scores[h * keys + s], (const float *)L->v_cache + at, out + h * hd, hd);
+          axpy_f32(st[s * QB + l] * inv, (const float *)L->v_cache + at, out, hd);
       }
     }
   }
-  free(scores);
+}
+
+static void attention_task(void *p, int64_t b, int64_t e) {
+  const fwd_ctx *c = p;
+  const spqr_model *m = c->m;
+  const int64_t blocks = (c->seq + QB - 1) / QB, kvh = m->n_kv_heads;
+  const int32_t group = m->n_heads / m->n_kv_heads;
+  const size_t floats = c->seq == 1 ? (size_t)m->kv_max_seq * group : (size_t)(m->head_dim + m->kv_max_seq) * QB;
+  float *buf = malloc(sizeof(float) * floats);
+  if (!buf) return;
+  for (int64_t i = b; i < e; i++) { /* i = (row b, query block, kv head) */
+    const int32_t g = (int32_t)(i % kvh);
+    const int64_t blk = i / kvh % blocks, rowb = i / kvh / blocks;
+    const int64_t n0 = rowb * c->seq + blk * QB;
+    const int32_t nq = (int32_t)(c->seq - blk * QB < QB ? c->seq - blk * QB : QB);
+    if (c->seq == 1)
+      attend_one(c, n0, g, buf);
+    else
+      attend_block(c, n0, nq, g, buf);
+  }
+  free(buf);
 }
 
 /* ---- MLP activation, in place in the gate (gated) or up columns of proj -------------------------------- */
@@ -284,8 +379,8 @@ int spqr_cpu_forward(const spqr_model *m, const int64_t *tokens, const int64_t *
       off += L->in_proj[i].out_features;
     }
     spqr_parallel_for(N, spqr_grain(N, 2), rope_cache_task, &c);
-    const int64_t pairs = N * m->n_kv_heads;
-    spqr_parallel_for(pairs, spqr_grain(pairs, 4), attention_task, &c);
+    const int64_t tasks = (int64_t)batch * ((seq + QB - 1) / QB) * m->n_kv_heads;
+    spqr_parallel_for(tasks, spqr_grain(tasks, 4), attention_task, &c);
     if (run_linear(&L->o_proj, c.att, qd, ao, H, (int32_t)N)) return -1;
     const float *mlp_in;
     if (m->parallel) {

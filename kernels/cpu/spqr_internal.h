@@ -75,6 +75,11 @@ typedef struct spqr_mm_args {
   const float *dx;    /* (rows, g_stride): the dequantization step of each group (absmax / 127) */
   const float *xsum;  /* (rows, g_stride): dx * sum of the group's xq = the sum of the dequantized x */
   const int32_t *xqs; /* (rows, g_stride): the sum of the group's xq */
+  /* Q8 only: the residual x - dx * xq, quantized again with step dx2 = dx / 254 (its range is +-dx/2), so
+   * the LM head sees activations to about 2^-15 of their group maximum */
+  const int8_t *xq2;
+  const float *dx2;
+  const int32_t *xqs2;
   int64_t g_stride;
   const float *xst;   /* (rows, xst_stride): exact x in stored order (outliers, dense weights) */
   int64_t xst_stride;

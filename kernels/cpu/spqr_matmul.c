@@ -47,7 +47,8 @@ int spqr_cpu_abi_version(void) { return SPQR_CPU_ABI_VERSION; }
 /* One row: xst = x[perm] (stored order, zero beyond `in`), per group of 16: dx = absmax / 127,
  * xq = round(x / dx) (nearest even), X = dx * sum(xq). */
 SPQR_VEC_CLONES static void quantize_row(const float *x, int32_t in, const uint16_t *perm, int32_t groups,
-                                         float *xst, int8_t *xq, float *dx, float *xsum, int32_t *xqs) {
+                                         float *xst, int8_t *xq, float *dx, float *xsum, int32_t *xqs,
+                                         int8_t *xq2, float *dx2, int32_t *xqs2) {
   for (int32_t g = 0; g < groups; g++) {
     float v[16], amax = 0.f;
     for (int k = 0; k < 16; k++) {
@@ -69,6 +70,19 @@ SPQR_VEC_CLONES static void quantize_row(const float *x, int32_t in, const uint1
     dx[g] = amax / 127.f;
     xsum[g] = dx[g] * (float)sum;
     if (xqs) xqs[g] = sum;
+    if (xq2) { /* the residual, |x - dx q| <= dx / 2, in steps of dx / 254 */
+      const float step = dx[g] / 254.f, inv2 = dx[g] > 0.f ? 254.f / dx[g] : 0.f;
+      int32_t sum2 = 0;
+      for (int k = 0; k < 16; k++) {
+        const float r = v[k] - dx[g] * (float)xq[16 * g + k];
+        float q = nearbyintf(r * inv2);
+        q = q > 127.f ? 127.f : q < -127.f ? -127.f : q;
+        xq2[16 * g + k] = (int8_t)q;
+        sum2 += (int32_t)q;
+      }
+      dx2[g] = step;
+      xqs2[g] = sum2;
+    }
   }
 }
 
@@ -78,7 +92,7 @@ void spqr_cpu_quantize_rows(const float *x, int64_t x_stride, int32_t rows, int3
   float *xsum = malloc(sizeof(float) * groups);
   for (int32_t t = 0; t < rows; t++)
     quantize_row(x + t * x_stride, in, perm, groups, NULL, xq + (int64_t)t * groups * 16,
-                 dx + (int64_t)t * groups, xsum, NULL);
+                 dx + (int64_t)t * groups, xsum, NULL, NULL, NULL, NULL);
   free(xsum);
 }
 
@@ -204,11 +218,16 @@ void spqr_mm_q8_portable(const spqr_mm_args *a, int64_t rt0, int64_t rt1) {
         float blk[16] = {0};
         for (int32_t g = 4 * kb; g < 4 * kb + 4; g++) {
           const int64_t gi = t * a->g_stride + g;
+          const int8_t *xq2 = a->xq2 + t * a->xq_stride;
           for (int r = 0; r < 16; r++) {
-            int32_t d = 0;
+            int32_t d = 0, d2 = 0;
             for (int i = 0; i < 4; i++)
-              for (int c = 0; c < 4; c++) d += (int32_t)tile[(4 * g + i) * 64 + 4 * r + c] * xq[16 * g + 4 * i + c];
+              for (int c = 0; c < 4; c++) {
+                d += (int32_t)tile[(4 * g + i) * 64 + 4 * r + c] * xq[16 * g + 4 * i + c];
+                d2 += (int32_t)tile[(4 * g + i) * 64 + 4 * r + c] * xq2[16 * g + 4 * i + c];
+              }
             blk[r] = fmaf((float)(d - 128 * a->xqs[gi]), a->dx[gi], blk[r]);
+            blk[r] = fmaf((float)(d2 - 128 * a->xqs2[gi]), a->dx2[gi], blk[r]);
           }
         }
         for (int r = 0; r < 16; r++) acc[r] = fmaf(blk[r], spqr_half_to_float(scales[16 * kb + r]), acc[r]);
@@ -265,7 +284,9 @@ static void quant_task(void *p, int64_t b, int64_t e) {
     quantize_row(c->x + t * c->x_stride, c->w->in_features, c->w->kind == SPQR_W_SPQR ? c->w->perm : NULL,
                  c->groups, (float *)a->xst + t * a->xst_stride, (int8_t *)a->xq + t * a->xq_stride,
                  (float *)a->dx + t * a->g_stride, (float *)a->xsum + t * a->g_stride,
-                 (int32_t *)a->xqs + t * a->g_stride);
+                 (int32_t *)a->xqs + t * a->g_stride, a->xq2 ? (int8_t *)a->xq2 + t * a->xq_stride : NULL,
+                 a->xq2 ? (float *)a->dx2 + t * a->g_stride : NULL,
+                 a->xq2 ? (int32_t *)a->xqs2 + t * a->g_stride : NULL);
 }
 
 static spqr_mm_fn pick(int kind) {
@@ -298,7 +319,8 @@ int spqr_cpu_matmul(const spqr_weight *w, const float *x, int64_t x_stride, floa
   const int32_t groups = 4 * w->k_blocks;
   const int64_t cols = 16 * (int64_t)groups;
   /* one scratch block: xst (fp32), dx, xsum (fp32), xq (int8), each row padded to whole groups */
-  size_t bytes = (size_t)rows * (cols * 4 + 3 * groups * 4 + cols) + 256;
+  const int residual = w->kind == SPQR_W_Q8;
+  size_t bytes = (size_t)rows * (cols * 4 + 5 * groups * 4 + 2 * cols) + 256;
   uint8_t *s = spqr_scratch(SPQR_SCRATCH_MATMUL, bytes);
   if (!s) return -1;
   a.xst = (float *)s;
@@ -307,7 +329,10 @@ int spqr_cpu_matmul(const spqr_weight *w, const float *x, int64_t x_stride, floa
   a.xsum = a.dx + (int64_t)rows * groups;
   a.xqs = (const int32_t *)(a.xsum + (int64_t)rows * groups);
   a.g_stride = groups;
-  a.xq = (int8_t *)(a.xqs + (int64_t)rows * groups);
+  a.dx2 = (const float *)(a.xqs + (int64_t)rows * groups);
+  a.xqs2 = (const int32_t *)(a.dx2 + (int64_t)rows * groups);
+  a.xq = (int8_t *)(a.xqs2 + (int64_t)rows * groups);
+  a.xq2 = residual ? a.xq + (int64_t)rows * cols : NULL;
   a.xq_stride = cols;
   quant_ctx qc = {x, x_stride, w, &a, groups};
   spqr_parallel_for(rows, spqr_grain(rows, 2), quant_task, &qc);

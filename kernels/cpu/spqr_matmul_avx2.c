@@ -202,10 +202,13 @@ void spqr_mm_q8_avx2(const spqr_mm_args *a, int64_t rt0, int64_t rt1) {
       for (int32_t kb = 0; kb < kbn; kb++) {
         __m256 blk[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
         for (int32_t g = 4 * kb; g < 4 * kb + 4; g++, tile += 256) {
-          const int8_t *xq = a->xq + t * a->xq_stride + 16 * g;
+          const int8_t *xq = a->xq + t * a->xq_stride + 16 * g, *xr = a->xq2 + t * a->xq_stride + 16 * g;
           const __m256 dx = _mm256_set1_ps(a->dx[t * a->g_stride + g]);
-          for (int h = 0; h < 2; h++)
+          const __m256 dx2 = _mm256_set1_ps(a->dx2[t * a->g_stride + g]);
+          for (int h = 0; h < 2; h++) {
             blk[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_half_dot(tile, h, xq)), dx, blk[h]);
+            blk[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_half_dot(tile, h, xr)), dx2, blk[h]);
+          }
         }
         for (int h = 0; h < 2; h++) {
           const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + 16 * kb + 8 * h)));

@@ -180,6 +180,13 @@ INLINE void q8_tile(const spqr_mm_args *a, const int64_t rt, const int32_t t0, c
         d = _mm512_dpbusd_epi32(d, q3, bcast4(xq + 12));
         d = _mm512_sub_epi32(d, _mm512_set1_epi32(128 * a->xqs[gi]));
         blk[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(a->dx[gi]), blk[t]);
+        const int8_t *xr = a->xq2 + (t0 + t) * a->xq_stride + 16 * g; /* the activation residual */
+        __m512i e = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q0, bcast4(xr));
+        e = _mm512_dpbusd_epi32(e, q1, bcast4(xr + 4));
+        e = _mm512_dpbusd_epi32(e, q2, bcast4(xr + 8));
+        e = _mm512_dpbusd_epi32(e, q3, bcast4(xr + 12));
+        e = _mm512_sub_epi32(e, _mm512_set1_epi32(128 * a->xqs2[gi]));
+        blk[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(e), _mm512_set1_ps(a->dx2[gi]), blk[t]);
       }
     }
     const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + 16 * kb)));

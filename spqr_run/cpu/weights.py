@@ -105,10 +105,11 @@ def spqr_weight(q: QuantizedLinear, bias: Tensor | None = None) -> NativeWeight:
         "stats": stats,
         "outlier_cols": (words >> 16).to(torch.int32).to(torch.int16).contiguous(),  # unsigned 16-bit
         "outlier_vals": halves.view(torch.float16).float().contiguous(),  # exact
-        "outlier_row_ptr": q.outlier_row_ptr.contiguous(),
+        # copies, so that no tensor keeps the file's memory map (and its resident pages) alive
+        "outlier_row_ptr": q.outlier_row_ptr.clone(memory_format=torch.contiguous_format),
     }
     if q.perm is not None:  # unsigned 16-bit column indices, as stored (int16 bit patterns)
-        tensors["perm"] = q.perm.contiguous()
+        tensors["perm"] = q.perm.clone(memory_format=torch.contiguous_format)
     b = _bias(bias)
     if b is not None:
         tensors["bias"] = b
@@ -168,21 +169,25 @@ def q8_weight(w: Tensor) -> NativeWeight:
     """A dense (out, in) matrix in int8 with an fp16 scale per row and 64 columns (8.25 bits a weight;
     llama.cpp keeps its Q8_0 embedding with one per 32), in quads of 16 rows x 4 columns: the embedding /
     LM head. One scale per row instead costs +0.18% perplexity on SmolLM2 (BENCHMARKS.md "CPU decode").
-    Quantized in chunks of rows, so the fp32 transient stays small. Rows are read back with `q8_rows`."""
+    Quantized straight into that layout a chunk of row tiles at a time (a few MB of transients, never a second
+    copy of the table). Rows are read back with `q8_rows`."""
     if w.dtype not in (torch.float32, torch.float16) or w.dim() != 2:
         raise ValueError(f"q8 weights are made from 2-D fp32 or fp16, got {w.dtype} {tuple(w.shape)}")
     out, in_ = w.shape
     rt, kb = -(-out // ROWS), -(-in_ // Q8_COLS)
-    codes = torch.full((rt * ROWS, kb * Q8_COLS), 128, dtype=torch.uint8)  # padding rows: code 128 = 0
-    scales = torch.zeros(rt * ROWS, kb, dtype=torch.float16)
-    step = max(ROWS, (1 << 22) // max(in_, 1) // ROWS * ROWS)
-    for r0 in range(0, out, step):
-        c, s = q8_quantize(w[r0 : r0 + step].detach())
-        codes[r0 : r0 + c.shape[0]] = (c.to(torch.int16) + 128).to(torch.uint8)
-        scales[r0 : r0 + s.shape[0]] = s
-    # (RT*16, KB*64) -> quads (RT, KB*16, 64): byte 4*r + c of quad q = row r, column 4q + c
-    quads = codes.reshape(rt, ROWS, kb * 16, 4).permute(0, 2, 1, 3).reshape(rt, kb * 16, 64).contiguous()
-    tile_scales = scales.reshape(rt, ROWS, kb).permute(0, 2, 1).contiguous()  # (RT, KB, 16)
+    quads = torch.empty(rt, kb * 16, 64, dtype=torch.uint8)  # byte 4*r + c of quad q = row r, column 4q + c
+    tile_scales = torch.zeros(rt, kb, ROWS, dtype=torch.float16)  # (RT, KB, 16)
+    step = max(1, (1 << 22) // max(kb * Q8_COLS * ROWS, 1))  # row tiles a chunk: ~4M weights of transients
+    for t0 in range(0, rt, step):
+        t1 = min(rt, t0 + step)
+        rows = w[t0 * ROWS : t1 * ROWS].detach()
+        c, sc = q8_quantize(rows)  # (rows, KB*64) int8, (rows, KB) fp16
+        pad = (t1 - t0) * ROWS - rows.shape[0]  # the last tile's padding rows: code 0 (byte 128), scale 0
+        c = torch.nn.functional.pad(c, (0, 0, 0, pad)).to(torch.int16).add_(128).to(torch.uint8)
+        quads[t0:t1] = c.reshape(t1 - t0, ROWS, kb * 16, 4).permute(0, 2, 1, 3).reshape(t1 - t0, kb * 16, 64)
+        tile_scales[t0:t1] = (
+            torch.nn.functional.pad(sc, (0, 0, 0, pad)).reshape(t1 - t0, ROWS, kb).transpose(1, 2)
+        )
     struct = native.Weight(
         kind=native.W_Q8,
         out_features=out,

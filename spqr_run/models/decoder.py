@@ -234,6 +234,14 @@ class Decoder(nn.Module):
         return self.norm.weight.dtype
 
     @property
+    def batch_invariant(self) -> bool:
+        """Whether a row's logits are bit for bit the same whatever else is in the batch and however many
+        keys `kv_len` reads: true when the native CPU kernels run the forward (per-row arithmetic, attention
+        over keys 0 .. position; `NativeDecoder.batch_invariant`), false for torch's kernels, whose fp32 matmul
+        and attention results depend on the number of rows and on the key length."""
+        return bool(getattr(self.native, "batch_invariant", False))
+
+    @property
     def max_seq_len(self) -> int:
         return self.caches[0].max_seq_len if self.caches is not None else self.config.max_position_embeddings
 
