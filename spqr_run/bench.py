@@ -123,6 +123,7 @@ class BenchReport:
     settings: BenchSettings
     results: dict[str, MethodResult] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # method -> why (does not fit, ...)
+    gpu_kernels: str = ""  # the SpQR layers' GPU kernel path and why (spqr_run.ops.kernel_path), on a GPU
 
     def ratios(self) -> dict[str, float]:
         s, f = self.results.get("spqr"), self.results.get("fp16")
@@ -143,6 +144,8 @@ class BenchReport:
         out |= {m: asdict(r) for m, r in self.results.items()}
         out["ratios"] = self.ratios()
         out["skipped"] = self.skipped
+        if self.gpu_kernels:
+            out["gpu_kernels"] = self.gpu_kernels
         return out
 
     def table(self) -> Table:
@@ -187,6 +190,8 @@ class BenchReport:
             )
         for m, why in self.skipped.items():
             t.add_row("spqr" if m == "spqr" else "dense", Text(f"skipped: {why}"))
+        if self.gpu_kernels:
+            t.caption = Text(f"GPU kernels: {self.gpu_kernels}")
         return t
 
 
@@ -393,6 +398,13 @@ def run_bench(
             model = build_synthetic(
                 cfg, method=method, wbits=st.wbits, outlier_rate=st.outlier_rate, device=device
             )
+        if method == "spqr" and device.type == "cuda":
+            from spqr_run.ops import model_kernel_path, prepare_kernels
+
+            prepare_kernels(model)
+            path = model_kernel_path(model)
+            report.gpu_kernels = str(path) if path is not None else "no packed SpQR layer"
+            log(f"spqr: GPU kernels: {report.gpu_kernels}")
         log(f"{method}: timing")
         report.results[method] = bench_model(
             model, method, st, source=str(model_path) if real else "synthetic", log=log

@@ -80,6 +80,10 @@ def load_runtime(
     model = build_decoder(
         source, device=dev, dtype=default_dtype(dev), progress=progress, keep_packed=False
     )  # on a CPU: fp16 weights (`loading.held_dtype`), the packed form freed once decoded
+    if dev.type == "cuda":  # load (or NVRTC-compile, once) the SpQR kernels now, not inside a graph capture
+        from spqr_run.ops import prepare_kernels
+
+        prepare_kernels(model)
     plan = plan_context(
         model,
         budget=memory if memory is not None else default_budget(dev) + resident_bytes(model)[0],

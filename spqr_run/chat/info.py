@@ -105,9 +105,13 @@ def weights_held(model: nn.Module) -> str:
 
 
 def kernels_used(model: nn.Module) -> str:
-    """Which kernels run the model, in words: on a CPU the native path (ISA, threads) or why not."""
+    """Which kernels run the model, in words: on a CPU the native path (ISA, threads) or why not; on a GPU the
+    SpQR layers' path (prebuilt cubin, NVRTC cache, reference) and why ("" without packed SpQR layers)."""
     if model.device.type != "cpu":  # type: ignore[union-attr]
-        return ""
+        from spqr_run.ops import model_kernel_path
+
+        path = model_kernel_path(model)
+        return "" if path is None else f"GPU {path}"
     from spqr_run.cpu import lib
 
     if getattr(model, "native", None) is not None:

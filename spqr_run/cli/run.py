@@ -1,4 +1,4 @@
-"""spqr-run: one-shot commands (`spqr-run generate MODEL --prompt ...`)."""
+"""spqr-run: one-shot commands (`spqr-run generate MODEL --prompt ...`, `spqr-run kernels build|show`)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from rich.console import Console
 from rich.progress import Progress
 
+from spqr_run.cli import kernels
 from spqr_run.cli.common import (
     SAMPLING_FLAGS,
     ArgumentParser,
@@ -60,11 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_memory_flags(g)
     g.add_argument("--stats", action="store_true", help="print timings to standard error")
+    kernels.add_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_cli(lambda: _generate(build_parser().parse_args(argv)))
+    def run() -> int:
+        args = build_parser().parse_args(argv)
+        return kernels.run(args) if args.command == "kernels" else _generate(args)
+
+    run_cli(run)
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -105,6 +105,10 @@ class ServerState:
             )
             engine.start()
             self.engine = engine
+            from spqr_run.ops import model_kernel_path
+
+            path = model_kernel_path(runtime.model)
+            self.metrics.gpu_kernels = None if path is None else (path.name, path.reason)
             self.serving = OpenAIServing(runtime, engine, cfg.model_name)
             log.info(
                 "ready: model %s loaded, %d slots of %d tokens (GET /health answers 200)",
