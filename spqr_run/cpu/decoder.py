@@ -170,7 +170,7 @@ class NativeDecoder:
 
         With the cache, keys and values are written at `positions` of cache rows `rows` (B,) (None: 0..B-1)
         and each token attends to its row's keys 0 .. its position. Without it (`use_cache=False`), the T
-        tokens attend to each other causally in an fp16 cache of their own (as an "auto" cache stores them). Raises ValueError for a token, position
+        tokens attend to each other causally in an fp32 cache of their own (no cache rounding). Raises ValueError for a token, position
         or row out of range."""
         lib = native.load()
         assert lib is not None
@@ -188,9 +188,9 @@ class NativeDecoder:
                          [(x.k_cache, x.v_cache, x.k_scale, x.v_scale) for x in self.layers])  # fmt: skip
                 seq = int(positions.max()) + 1 if positions.numel() else 1
                 shape = (b, seq, cfg.num_kv_heads, cfg.head_dim)
-                # fp16, as an "auto" cache: the same numbers as a prefill through the model's own cache
-                temp = [torch.empty(shape, dtype=torch.float16) for _ in range(2 * cfg.num_layers)]
-                self.struct.kv_kind, self.struct.kv_rows, self.struct.kv_max_seq = native.KV_F16, b, seq
+                # fp32: no cache means no cache rounding (as the Python decoder; spqr-eval's default)
+                temp = [torch.empty(shape) for _ in range(2 * cfg.num_layers)]
+                self.struct.kv_kind, self.struct.kv_rows, self.struct.kv_max_seq = native.KV_F32, b, seq
                 for i, layer in enumerate(self.layers):
                     layer.k_cache, layer.v_cache = temp[2 * i].data_ptr(), temp[2 * i + 1].data_ptr()
                 rows_t = None
