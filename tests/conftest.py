@@ -69,3 +69,24 @@ def client(server):
     from test_server_support import API_KEY
 
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def tiny_spqr_file(tmp_path_factory):
+    """`tiny_spqr_file(wbits)`: a tiny LLaMA (tests/test_quantize_model.py's Hugging Face folder) quantized with
+    SpQR at `wbits` (outlier threshold 0.2) into a `.spqr` file, made once per session and width."""
+    from spqr_run.quant import QuantConfig
+    from tests import test_quantize_model as tq
+    from tests.tiny_configs import write_tiny_hf_llama
+
+    made: dict[int, Path] = {}
+
+    def get(wbits: int) -> Path:
+        if wbits not in made:
+            folder = write_tiny_hf_llama(tmp_path_factory.mktemp("tiny-llama"), tq.CORPUS)
+            out = tmp_path_factory.mktemp("spqr") / f"tiny-{wbits}bit.spqr"
+            tq._quantize(folder, out, qcfg=QuantConfig(method="spqr", wbits=wbits, outlier_threshold=0.2))
+            made[wbits] = out
+        return made[wbits]
+
+    return get

@@ -171,20 +171,9 @@ def test_bad_input_raises_one_clear_error():
 
 
 # ---- a quantized model ----------------------------------------------------------------------------------
-from tests import test_quantize_model  # noqa: E402
-
-tiny_hf = test_quantize_model.tiny_model  # module-scoped fixture: a tiny LLaMA Hugging Face folder
-
-
 @pytest.fixture(scope="module")
-def tiny_spqr(tiny_hf: Path, tmp_path_factory) -> Path:
-    from spqr_run.quant import QuantConfig
-
-    out = tmp_path_factory.mktemp("spqr") / "tiny.spqr"
-    test_quantize_model._quantize(
-        tiny_hf, out, qcfg=QuantConfig(method="spqr", wbits=3, outlier_threshold=0.2)
-    )
-    return out
+def tiny_spqr(tiny_spqr_file) -> Path:
+    return tiny_spqr_file(3)
 
 
 def test_quantized_native_matches_the_reference_path(tiny_spqr: Path):

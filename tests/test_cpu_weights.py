@@ -16,18 +16,11 @@ from spqr_run.loading import build_decoder, open_model
 from spqr_run.models import linear
 from spqr_run.models.linear import held_linear
 from spqr_run.models.spqr_linear import SpQRLinear
-from spqr_run.quant import QuantConfig
-from tests import test_quantize_model
-
-tiny_hf = test_quantize_model.tiny_model  # the module-scoped fixture: a tiny LLaMA HF folder
 
 
 @pytest.fixture(scope="module")
-def tiny_spqr(tiny_hf: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("spqr") / "tiny.spqr"
-    qcfg = QuantConfig(method="spqr", wbits=4, outlier_threshold=0.2)
-    test_quantize_model._quantize(tiny_hf, out, qcfg=qcfg)
-    return out
+def tiny_spqr(tiny_spqr_file) -> Path:
+    return tiny_spqr_file(4)
 
 
 def _old_layout(path: Path):

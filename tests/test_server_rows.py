@@ -26,13 +26,10 @@ from spqr_run.cpu import lib as native
 from spqr_run.generation import GenerationChunk
 from spqr_run.loading import build_decoder, open_model
 from spqr_run.models.decoder import Decoder
-from spqr_run.quant import QuantConfig
 from spqr_run.sampling import SamplingParams
 from spqr_run.server.engine import Engine, Job
 from spqr_run.server.metrics import Metrics
 from tests import test_quantize_model
-
-tiny_hf = test_quantize_model.tiny_model  # module-scoped fixture: a tiny LLaMA Hugging Face folder
 
 SLOTS, CHUNK, BUCKET = 4, 16, 64
 needs_native = pytest.mark.skipif(
@@ -41,12 +38,8 @@ needs_native = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def tiny_spqr(tiny_hf: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("spqr") / "tiny.spqr"
-    test_quantize_model._quantize(
-        tiny_hf, out, qcfg=QuantConfig(method="spqr", wbits=3, outlier_threshold=0.2)
-    )
-    return out
+def tiny_spqr(tiny_spqr_file) -> Path:
+    return tiny_spqr_file(3)
 
 
 @dataclass

@@ -25,6 +25,14 @@ INLINE __m512i bcast4(const int8_t *p) {
   return _mm512_set1_epi32(v);
 }
 
+/* The exact integer dot products of a group's 16 rows (four quads) with 16 activation bytes: 16 int32 lanes. */
+INLINE __m512i group_dot(__m512i q0, __m512i q1, __m512i q2, __m512i q3, const int8_t *x) {
+  __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q0, bcast4(x));
+  d = _mm512_dpbusd_epi32(d, q1, bcast4(x + 4));
+  d = _mm512_dpbusd_epi32(d, q2, bcast4(x + 8));
+  return _mm512_dpbusd_epi32(d, q3, bcast4(x + 12));
+}
+
 /* q[i] = quad 4j + i of a k-block's codes, as u8 (byte 4r + c = row r, column 4(4j+i) + c). */
 INLINE void group_codes(const uint8_t *c, const int b, const int j, __m512i q[4]) {
   if (b == 4) {
@@ -109,18 +117,11 @@ INLINE void spqr_tile(const spqr_mm_args *a, const int64_t rt, const int32_t t0,
       const __m512 z = _mm512_fmsub_ps(zc, _mm512_set1_ps(pq[4 * j + 2]), _mm512_set1_ps(pq[16 + 4 * j + 3]));
       const int64_t k = kb * 64 + 16 * j, g = kb * 4 + j;
       _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) {
-        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[0], bcast4(xq[t] + k));
-        d = _mm512_dpbusd_epi32(d, q[1], bcast4(xq[t] + k + 4));
-        d = _mm512_dpbusd_epi32(d, q[2], bcast4(xq[t] + k + 8));
-        d = _mm512_dpbusd_epi32(d, q[3], bcast4(xq[t] + k + 12));
+        const __m512i d = group_dot(q[0], q[1], q[2], q[3], xq[t] + k);
         const __m512 zx = _mm512_mul_ps(z, _mm512_set1_ps(xs[t][g]));
         __m512 u = _mm512_fmsub_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(dx[t][g]), zx);
         if (res) { /* the activation residual, step dx2 */
-          const int8_t *xr = a->xq2 + (t0 + t) * a->xq_stride + k;
-          __m512i e = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[0], bcast4(xr));
-          e = _mm512_dpbusd_epi32(e, q[1], bcast4(xr + 4));
-          e = _mm512_dpbusd_epi32(e, q[2], bcast4(xr + 8));
-          e = _mm512_dpbusd_epi32(e, q[3], bcast4(xr + 12));
+          const __m512i e = group_dot(q[0], q[1], q[2], q[3], a->xq2 + (t0 + t) * a->xq_stride + k);
           u = _mm512_fmadd_ps(_mm512_cvtepi32_ps(e), _mm512_set1_ps(a->dx2[(t0 + t) * a->g_stride + g]), u);
         }
         acc[t] = _mm512_fmadd_ps(s, u, acc[t]);
@@ -183,18 +184,10 @@ INLINE void q8_tile(const spqr_mm_args *a, const int64_t rt, const int32_t t0, c
       _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) {
         const int8_t *xq = a->xq + (t0 + t) * a->xq_stride + 16 * g;
         const int64_t gi = (t0 + t) * a->g_stride + g;
-        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q0, bcast4(xq));
-        d = _mm512_dpbusd_epi32(d, q1, bcast4(xq + 4));
-        d = _mm512_dpbusd_epi32(d, q2, bcast4(xq + 8));
-        d = _mm512_dpbusd_epi32(d, q3, bcast4(xq + 12));
-        d = _mm512_sub_epi32(d, _mm512_set1_epi32(128 * a->xqs[gi]));
+        __m512i d = _mm512_sub_epi32(group_dot(q0, q1, q2, q3, xq), _mm512_set1_epi32(128 * a->xqs[gi]));
         blk[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(a->dx[gi]), blk[t]);
         const int8_t *xr = a->xq2 + (t0 + t) * a->xq_stride + 16 * g; /* the activation residual */
-        __m512i e = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q0, bcast4(xr));
-        e = _mm512_dpbusd_epi32(e, q1, bcast4(xr + 4));
-        e = _mm512_dpbusd_epi32(e, q2, bcast4(xr + 8));
-        e = _mm512_dpbusd_epi32(e, q3, bcast4(xr + 12));
-        e = _mm512_sub_epi32(e, _mm512_set1_epi32(128 * a->xqs2[gi]));
+        const __m512i e = _mm512_sub_epi32(group_dot(q0, q1, q2, q3, xr), _mm512_set1_epi32(128 * a->xqs2[gi]));
         blk[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(e), _mm512_set1_ps(a->dx2[gi]), blk[t]);
       }
     }
