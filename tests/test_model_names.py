@@ -16,6 +16,7 @@ import pytest
 from test_cli import REPO, cli, one_error_line
 from test_server_support import free_port
 
+from spqr_run import default_model
 from spqr_run.default_model import DefaultModelError, find_model
 from tests.test_quantize_model import CORPUS
 from tests.tiny_configs import write_tiny_hf_llama
@@ -34,14 +35,16 @@ def models_dir(tmp_path_factory) -> Path:
 
 def test_the_error_says_where_it_looked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPQR_RUN_MODELS", str(tmp_path))
+    checkout = tmp_path / "checkout"  # not the real models/: a prepared demo model there would be found
+    monkeypatch.setattr(default_model, "CHECKOUT_ROOT", checkout)
     with pytest.raises(DefaultModelError) as e:
         find_model("SmolLM2-135M-Instruct.spqr")
     message = str(e.value)
-    assert "\n" not in message and str(tmp_path) in message and str(REPO / "models") in message
+    assert "\n" not in message and str(tmp_path) in message and str(checkout / "models") in message
     assert "SmolLM2-135M-Instruct.spqr" in message
     with pytest.raises(DefaultModelError, match="no such file or folder") as e:
         find_model(str(tmp_path / "sub" / "x.spqr"))  # a path is not looked up by name
-    assert str(REPO / "models") not in str(e.value)  # and no folder was searched
+    assert str(checkout / "models") not in str(e.value)  # and no folder was searched
 
 
 COMMANDS = {
