@@ -87,8 +87,8 @@ MUTATIONS = {
     ),
     "v2_swapped_ldmatrix_halves": (
         "small: ldmatrix row addresses swap the tile and the k half (B fragments of the wrong columns)",
-        "16 * (2 * jp + (m >> 1)) + 8 * (m & 1)]",
-        "16 * (2 * jp + (m & 1)) + 8 * (m >> 1)]",
+        "16 * (m >> 1) + 8 * (m & 1));",
+        "16 * (m & 1) + 8 * (m >> 1));",
     ),
     "v2_mma_in_divergent_code": (
         "small: lane 31 skips the mma (a warp collective in divergent code)",

@@ -39,7 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# appended, not first: a benchmarks/ module must not shadow an installed package (as kernels.py, now kernel_bench.py, once did)
+sys.path.append(str(Path(__file__).resolve().parent))
 from texts import TextError, fetch_text  # noqa: E402 - benchmarks/ is not a package
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -1,20 +1,25 @@
-"""Static performance report of the CUDA kernels: ptxas resource use and the SASS of each kernel's hot loop.
+"""Static performance report of the CUDA kernels: resource use and the SASS of each kernel's hot loop, read from
+the cubins the package ships (or any build of them).
 
-    python benchmarks/sass_report.py                 # table (markdown) for BENCHMARKS.md
-    python benchmarks/sass_report.py --check         # also fail (exit 1) when a kernel misses its target
-    python benchmarks/sass_report.py --rev HEAD~3    # the kernels of another git revision ("before" column)
-    python benchmarks/sass_report.py --ptxas-check   # CI: fail on register spills or local memory (.ci/kernel-shim)
+    python benchmarks/sass_report.py                       # table (markdown) of the shipped cubins
+    python benchmarks/sass_report.py --check               # also fail (exit 1) when a kernel misses its target
+    python benchmarks/sass_report.py --ptxas-check         # CI: fail on register spills or local memory
+    python benchmarks/sass_report.py --compare DIR         # NVRTC (or other) cubins in DIR against the shipped
+    python benchmarks/sass_report.py --cubins DIR          # another build (`spqr-run kernels build --out DIR`)
+    python benchmarks/sass_report.py --rev HEAD~3          # the kernels of another git revision ("before" column)
 
-Compiles kernels/spqr_matmul.cu with nvcc for sm_80, sm_86, sm_89 and sm_90 (`-Xptxas -v`), then, when
-`cuobjdump` and `nvdisasm` are available (the toolkit's, or the `nvidia-cuda-cuobjdump` and
-`nvidia-cuda-nvdisasm` wheels installed with `pip install --target build/tools/<name>`), disassembles each
-kernel. Nothing here knows the kernels by name: every `__global__` kernel of the object is reported, its
-template parameter names are read from the source (`template <int W, int SB, int NT> __global__ ... name(`),
-its block size from the source's `SPQR_LAUNCH(grid, block, ...)` of that kernel (or its `__launch_bounds__`),
-with `constexpr int` constants of the source substituted. Columns, per kernel instantiation and architecture:
+The cubins are what `nvcc -cubin` (or NVRTC) produced, with their manifest.json (spqr_run/gpu/build.py):
+spqr_run/gpu/cubins/ after `pip install`, one per arch (sm_80, sm_86, sm_89, sm_90). Registers, shared memory,
+stack and local memory come from `cuobjdump -res-usage`, the SASS from `cuobjdump -sass` (the toolkit's, or the
+`nvidia-cuda-cuobjdump` and `nvidia-cuda-nvdisasm` wheels installed with `pip install --target
+build/tools/<name>`); `--rev` builds the other revision's cubins with nvcc first (revisions before the cubin
+build: an object file and `ptxas -v`, as before). Nothing here knows the kernels by name: every kernel of the
+cubin is reported, its template parameter names read from the source (`template <int W, int SB, int NT>
+__global__ ... name(`), its block size from its `__launch_bounds__` (or a `SPQR_LAUNCH(grid, block, ...)`), with
+`constexpr int` constants of the source substituted. Columns, per kernel instantiation and architecture:
 
-- regs: registers per thread (ptxas); smem: static shared memory per block in bytes; spills: ptxas spill bytes
-  (stores/loads) or local memory;
+- regs: registers per thread; smem: static shared memory per block in bytes; spills: a stack frame or local memory
+  (ptxas spill bytes, stores/loads, on the object path);
 - blocks/SM and occ: resident blocks per SM at the launch's block size, the minimum of the register,
   shared-memory, thread and block limits of that architecture (the occupancy calculator's formula: registers
   allocated per warp in units of 256, 1 KiB of shared memory reserved per block), and the resulting share of the
@@ -39,7 +44,10 @@ with `constexpr int` constants of the source substituted. Columns, per kernel in
   (wait: BAR / DEPBAR / LDGDEPBAR), X (shuffle), in issue order, e.g. `W2 G1 S8 M40 S2 M16`.
 
 `--check` exits 1 when a kernel with a target misses it, when any kernel spills or uses local memory, or when
-the SASS cannot be read (no cuobjdump): it cannot check what it cannot see.
+the SASS cannot be read (no cuobjdump): it cannot check what it cannot see. With `--compare DIR` it prints, per
+small-batch kernel and arch, instructions per weight and registers of both builds, and `--check` then fails when
+DIR's build is more than 1% more instructions per weight or 4 registers more than the shipped one at 1-8 rows
+(9-16 rows are reported, not enforced: BENCHMARKS.md says why).
 """
 
 from __future__ import annotations
@@ -60,6 +68,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "kernels" / "spqr_matmul.cu"
+sys.path.insert(0, str(ROOT))
+from spqr_run.gpu import build as gpu_build  # noqa: E402  (standard library only)
+
+CUBINS = gpu_build.SHIPPED_CUBINS
+COMPARE_INSTS = 0.01  # --compare: at most 1% more instructions per weight ...
+COMPARE_REGS = 4  # ... and 4 more registers than the shipped build (1-8 rows)
 ARCHS = ("80", "86", "89", "90")
 # per-SM limits (CUDA C Programming Guide, "Compute Capabilities" table): registers, shared memory usable by
 # blocks (bytes), threads, blocks
@@ -133,7 +147,8 @@ def kernel_sources(text: str) -> dict[str, KernelSource]:
     )
     for m in decl.finditer(text):
         params = [p.split()[-1] for p in (m.group("tpl") or "").split(",") if p.strip()]
-        out[m.group("name")] = KernelSource(params, m.group("lb"))
+        bounds = m.group("lb")  # __launch_bounds__(threads[, min blocks]): the block size is the first
+        out[m.group("name")] = KernelSource(params, bounds.split(",")[0].strip() if bounds else None)
     launch = re.compile(r"SPQR_LAUNCH\(\s*([^,]+?)\s*,\s*([^,]+?)\s*,\s*[^,]+?\s*,\s*[^,]+?\s*,\s*(\w+)")
     for m in launch.finditer(text):
         if m.group(3) in out:
@@ -383,95 +398,204 @@ def checkout(rev: str, into: Path) -> Path:
     return into / "kernels" / "spqr_matmul.cu"
 
 
+def cubin_kernels(cuobjdump: str, cubin: Path, arch: str) -> list[Kernel]:
+    """The kernels of a cubin with their resources (`cuobjdump -res-usage`: REG, STACK, SHARED, LOCAL)."""
+    res = subprocess.run([cuobjdump, "-res-usage", str(cubin)], capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.exit(f"sass_report: cuobjdump -res-usage {cubin} failed: {res.stderr.strip()}")
+    out = []
+    pattern = r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)"
+    for m in re.finditer(pattern, res.stdout):
+        name, args = parse_mangled(m.group(1))
+        k = Kernel(
+            arch, m.group(1), name, args, regs=int(m.group(2)), smem=int(m.group(4)), stack=int(m.group(3))
+        )
+        k.lmem = int(m.group(5)) > 0
+        out.append(k)
+    return out
+
+
+@dataclass
+class Build:
+    """One set of cubins (or an object file) with what the report needs: kernels, SASS, the source text."""
+
+    title: str
+    kernels: list[Kernel]
+    sass: dict[str, dict[str, list[tuple[int, str]]]]  # arch -> mangled -> instructions
+    text: str
+
+
+def load_cubins(directory: Path, cuobjdump: str | None, nvdisasm: str | None, title: str) -> Build:
+    """The cubins of `directory` (its manifest.json) with their SASS when cuobjdump is there."""
+    manifest = gpu_build.read_manifest(directory)
+    if manifest is None:
+        sys.exit(f"sass_report: no cubins in {directory} (pip install -e . builds them with nvcc; "
+                 "spqr-run kernels build --out DIR for another build)")  # fmt: skip
+    kernels, sass = [], {}
+    for arch, name in sorted(manifest.cubins.items()):
+        a = arch.removeprefix("sm_")
+        if cuobjdump:
+            kernels += cubin_kernels(cuobjdump, directory / name, a)
+            sass[a] = sass_of(cuobjdump, nvdisasm, directory / name, a)
+    text = (gpu_build.sources_dir() / gpu_build.MAIN_SOURCE).read_text()
+    return Build(f"{title} ({manifest.compiler}, {', '.join(sorted(manifest.cubins))})", kernels, sass, text)
+
+
+@dataclass
+class Row:
+    kernel: Kernel
+    args_text: str
+    params: list[str]
+    per_weight: float | None
+    cells: list[str]
+
+
+def rows_of(b: Build) -> tuple[list[Row], list[str]]:
+    """Table rows of a build, and the target misses."""
+    sources, consts = kernel_sources(b.text), source_constants(b.text)
+    rows, misses = [], []
+    for k in sorted(b.kernels, key=lambda k: (k.name, k.args, k.arch)):
+        src = sources.get(k.name)
+        params = src.params if src else []
+        args_text = ", ".join(f"{p}={v}" for p, v in zip(params, k.args, strict=False)) if params else ", ".join(
+            map(str, k.args))  # fmt: skip
+        occ = occupancy(k, block_threads(k, src, consts, b.text))
+        occ_cells = [str(occ[0]), f"{occ[1]:.0%}"] if occ else ["?", "?"]
+        spills = (f"{k.spill_stores}/{k.spill_loads} B" if k.spill_stores or k.spill_loads else
+                  f"stack {k.stack} B" + (", lmem" if k.lmem else "")) if k.spills() else "none"  # fmt: skip
+        insts = b.sass.get(k.arch, {}).get(k.mangled)
+        per_weight = None
+        if insts:
+            st = loop_stats(*hot_loop(insts))
+            w, rule = weights_per_iter(k, params, st)
+            per_weight = st.insts / w if w else None
+            target = target_of(k, params, rule)
+            verdict = "-" if target is None else ("ok" if per_weight <= target else "MISS")
+            if verdict == "MISS":
+                misses.append(f"{k.name}<{args_text}> sm_{k.arch}: {per_weight:.2f} > {target}")
+            cells = [f"{st.insts}" + ("" if st.is_loop else " (no loop)"),
+                     f"{w:g} ({rule})" if w else "?", f"{per_weight:.2f}" if per_weight else "?",
+                     "-" if target is None else f"<= {target} {verdict}",
+                     *(str(st.counts[c]) for c in COUNTED), st.gload_widths, st.loads_first, st.order]  # fmt: skip
+        else:
+            cells = ["n/a"] * 12
+        cells = [k.name, args_text, f"sm_{k.arch}", str(k.regs), str(k.smem), spills, *occ_cells, *cells]
+        rows.append(Row(k, args_text, params, per_weight, cells))
+    return rows, misses
+
+
+def print_table(rows: list[Row]) -> None:
+    print("| kernel | args | arch | regs | smem (B) | spills | blocks/SM | occ | loop insts | weights/iter "
+          "| insts/weight | target | HMMA | LOP3 | HFMA2 | I2F | SHFL | gload | loads first | issue order |")  # fmt: skip
+    print("|" + "---|" * 20)
+    for r in rows:
+        print("| " + " | ".join(r.cells) + " |")
+
+
+def compare(base: list[Row], other: list[Row]) -> list[str]:
+    """Prints the small-batch kernels of two builds side by side; returns the enforced misses (1-8 rows)."""
+    theirs = {(r.kernel.mangled, r.kernel.arch): r for r in other}
+    print("| kernel | args | arch | insts/weight | compared | delta | regs | compared | delta | verdict |")
+    print("|" + "---|" * 10)
+    misses = []
+    for r in base:
+        o = theirs.get((r.kernel.mangled, r.kernel.arch))
+        nt = dict(zip(r.params, r.kernel.args, strict=False)).get("NT")
+        if o is None or r.per_weight is None or o.per_weight is None or nt is None:
+            continue
+        d_insts = o.per_weight / r.per_weight - 1
+        d_regs = o.kernel.regs - r.kernel.regs
+        bad = d_insts > COMPARE_INSTS + 1e-9 or d_regs > COMPARE_REGS
+        verdict = "ok" if not bad else ("MISS" if nt == 1 else "over (9-16 rows: reported)")
+        if bad and nt == 1:
+            misses.append(f"{r.kernel.name}<{r.args_text}> sm_{r.kernel.arch}: {o.per_weight:.3f} vs "
+                          f"{r.per_weight:.3f} insts/weight, {o.kernel.regs} vs {r.kernel.regs} registers")  # fmt: skip
+        print(f"| {r.kernel.name} | {r.args_text} | sm_{r.kernel.arch} | {r.per_weight:.3f} | {o.per_weight:.3f} | "
+              f"{d_insts:+.2%} | {r.kernel.regs} | {o.kernel.regs} | {d_regs:+d} | {verdict} |")  # fmt: skip
+    return misses
+
+
+def legacy_build(
+    nvcc: str, source: Path, out: Path, cuobjdump: str | None, nvdisasm: str | None, title: str
+) -> Build:
+    """An object file compiled from a revision before the cubin build (its own host launchers instantiate the
+    kernels), with ptxas's resource report."""
+    kernels, obj = compile_ptxas(nvcc, source, out)
+    sass = {a: sass_of(cuobjdump, nvdisasm, obj, a) for a in ARCHS} if cuobjdump else {}
+    return Build(title, kernels, sass, source.read_text())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ptxas-check", action="store_true", help="only check: fail on spills or local memory")
     ap.add_argument("--check", action="store_true", help="exit 1 when a kernel misses its target or spills")
-    ap.add_argument("--rev", help="report on the kernels of this git revision instead of the working tree")
     ap.add_argument(
-        "--source", type=Path, default=SOURCE, help="the CUDA source (default kernels/spqr_matmul.cu)"
+        "--cubins", type=Path, default=CUBINS, help="the cubins to report (default: the shipped ones)"
+    )
+    ap.add_argument("--compare", type=Path, help="cubins (e.g. NVRTC's) to compare with --cubins")
+    ap.add_argument(
+        "--rev", help="report on the kernels of this git revision instead (built with nvcc first)"
     )
     ap.add_argument(
         "--tools", type=Path, default=ROOT / "build" / "tools", help="where to look for cuobjdump"
     )
-    ap.add_argument(
-        "--keep", type=Path, help="keep (and reuse) the object file and ptxas log in this directory"
-    )
+    ap.add_argument("--keep", type=Path, help="--rev: keep (and reuse) the build in this directory")
     args = ap.parse_args()
     nvcc = find_nvcc()
-    if nvcc is None:
-        print("sass_report: nvcc not found (PATH, $CUDA_HOME, /usr/local/cuda*): skipping", file=sys.stderr)
-        return 1 if args.check else 0
+    cuobjdump = find_tool("cuobjdump", nvcc or "/nonexistent/nvcc", args.tools)
+    nvdisasm = find_tool("nvdisasm", nvcc or "/nonexistent/nvcc", args.tools)
+    if cuobjdump is None:
+        print("sass_report: cuobjdump not found (the toolkit's, or pip install --target build/tools/cuobjdump "
+              "nvidia-cuda-cuobjdump, and build/tools/nvdisasm nvidia-cuda-nvdisasm)", file=sys.stderr)  # fmt: skip
+        return 1 if args.check or args.ptxas_check else 0
     with tempfile.TemporaryDirectory() as tmp:
-        source = checkout(args.rev, Path(tmp)) if args.rev else args.source
-        if not source.exists():
-            sys.exit(f"sass_report: no CUDA source at {source}")
-        if args.keep:
-            args.keep.mkdir(parents=True, exist_ok=True)
-        kernels, obj = compile_ptxas(nvcc, source, args.keep or Path(tmp))
-        bad = [k for k in kernels if k.spills()]
+        if args.rev:
+            if nvcc is None:
+                sys.exit("sass_report: --rev needs nvcc (PATH, $CUDA_HOME, /usr/local/cuda*)")
+            source = checkout(args.rev, Path(tmp))
+            out = args.keep or Path(tmp) / "out"
+            out.mkdir(parents=True, exist_ok=True)
+            if "namespace spqr {" in source.read_text():
+                gpu_build.build_cubins(out, gpu_build.ARCHS, source_dir=source.parent)
+                b = load_cubins(
+                    out, cuobjdump, nvdisasm, f"SASS report of kernels/spqr_matmul.cu at {args.rev}"
+                )
+            else:
+                b = legacy_build(nvcc, source, out, cuobjdump, nvdisasm, f"SASS report of kernels/spqr_matmul.cu "
+                                 f"at {args.rev}")  # fmt: skip
+        else:
+            b = load_cubins(args.cubins, cuobjdump, nvdisasm, f"SASS report of {args.cubins}")
+        bad = [k for k in b.kernels if k.spills()]
         if args.ptxas_check:
             for k in bad:
                 print(f"ptxas: {k.name}<{', '.join(map(str, k.args))}> sm_{k.arch}: {k.stack} bytes stack frame, "
-                      f"{k.spill_stores} bytes spill stores, {k.spill_loads} bytes spill loads (local memory)",
-                      file=sys.stderr)  # fmt: skip
-            print(f"ptxas check: {len(kernels)} kernels x archs, {len(bad)} with spills or local memory")
-            return 1 if bad or not kernels else 0
-        text = source.read_text()
-        sources, consts = kernel_sources(text), source_constants(text)
-        cuobjdump = find_tool("cuobjdump", nvcc, args.tools)
-        nvdisasm = find_tool("nvdisasm", nvcc, args.tools)
-        sass = {a: sass_of(cuobjdump, nvdisasm, obj, a) for a in ARCHS} if cuobjdump else {}
-        print(
-            f"SASS report of {source.relative_to(source.parents[1])}"
-            + (f" at {args.rev}" if args.rev else "")
-        )
-        print()
-        print(
-            "| kernel | args | arch | regs | smem (B) | spills | blocks/SM | occ | loop insts | weights/iter "
-            "| insts/weight | target | HMMA | LOP3 | HFMA2 | I2F | SHFL | gload | loads first | issue order |"
-        )
-        print("|" + "---|" * 20)
-        misses = []
-        for k in sorted(kernels, key=lambda k: (k.name, k.args, k.arch)):
-            src = sources.get(k.name)
-            params = src.params if src else []
-            args_text = ", ".join(f"{p}={v}" for p, v in zip(params, k.args, strict=False)) if params else ", ".join(
-                map(str, k.args))  # fmt: skip
-            occ = occupancy(k, block_threads(k, src, consts, text))
-            occ_cells = [str(occ[0]), f"{occ[1]:.0%}"] if occ else ["?", "?"]
-            spills = f"{k.spill_stores}/{k.spill_loads} B" if k.spills() else "none"
-            insts = sass.get(k.arch, {}).get(k.mangled)
-            target = None
-            if insts:
-                st = loop_stats(*hot_loop(insts))
-                w, rule = weights_per_iter(k, params, st)
-                per_weight = st.insts / w if w else None
-                target = target_of(k, params, rule)
-                verdict = "-" if target is None else ("ok" if per_weight <= target else "MISS")
-                if verdict == "MISS":
-                    misses.append(f"{k.name}<{args_text}> sm_{k.arch}: {per_weight:.2f} > {target}")
-                cells = [f"{st.insts}" + ("" if st.is_loop else " (no loop)"),
-                         f"{w:g} ({rule})" if w else "?", f"{per_weight:.2f}" if per_weight else "?",
-                         "-" if target is None else f"<= {target} {verdict}",
-                         *(str(st.counts[c]) for c in COUNTED), st.gload_widths, st.loads_first, st.order]  # fmt: skip
-            else:
-                cells = ["n/a"] * 12
-            print(f"| {k.name} | {args_text} | sm_{k.arch} | {k.regs} | {k.smem} | {spills} | "
-                  + " | ".join(occ_cells + cells) + " |")  # fmt: skip
-        if not cuobjdump:
-            print("\n(cuobjdump not found: SASS columns n/a; pip install --target build/tools/cuobjdump "
-                  "nvidia-cuda-cuobjdump, and build/tools/nvdisasm nvidia-cuda-nvdisasm)", file=sys.stderr)  # fmt: skip
+                      f"{k.spill_stores} bytes spill stores, {k.spill_loads} bytes spill loads, local memory "
+                      f"{'yes' if k.lmem else 'no'}", file=sys.stderr)  # fmt: skip
+            print(
+                f"ptxas check of {b.title}: {len(b.kernels)} kernels x archs, {len(bad)} with spills or local memory"
+            )
+            return 1 if bad or not b.kernels else 0
+        rows, misses = rows_of(b)
+        problems = list(misses)
+        if args.compare:
+            other = load_cubins(args.compare, cuobjdump, nvdisasm, f"{args.compare}")
+            print(f"Small-batch kernels: {b.title} against {other.title}")
+            print()
+            other_rows, _ = rows_of(other)
+            problems = compare(rows, other_rows)
+            bad = [k for k in other.kernels if k.spills()]
+        else:
+            print(b.title)
+            print()
+            print_table(rows)
         if args.check:
-            problems = misses + [f"{k.name}<{', '.join(map(str, k.args))}> sm_{k.arch}: spills" for k in bad]
-            if not cuobjdump:
-                problems.append("no SASS (cuobjdump not found): the targets cannot be checked")
-            if not kernels:
-                problems.append("no kernels compiled")
+            problems += [f"{k.name}<{', '.join(map(str, k.args))}> sm_{k.arch}: spills" for k in bad]
+            if not b.kernels:
+                problems.append("no kernels")
             for p in problems:
                 print(f"sass_report: {p}", file=sys.stderr)
             print(
-                f"sass_report --check: {len(kernels)} kernels x archs, {len(problems)} problems",
+                f"sass_report --check: {len(b.kernels)} kernels x archs, {len(problems)} problems",
                 file=sys.stderr,
             )
             return 1 if problems else 0

@@ -1,14 +1,16 @@
 // SpQR v2 kernels: the small-batch tensor-core matmul (1..16 activation rows) and the one-launch dequantization
-// used by prefill (fp16 W, then cuBLAS). Pure CUDA C++ (no torch), sm_80+. Launchers: spqr_matmul.h. The
-// reference they must match: spqr_run/quant/spqr_matmul.py; the layout: spqr_run/quant/tile_layout.py.
+// used by prefill (fp16 W, then cuBLAS). Device code only (no torch, no host code), sm_80+; the parameter structs
+// are in spqr_matmul.h, and the Python launcher (spqr_run/gpu/spqr_matmul.py) plans, builds the argument block
+// and calls cuLaunchKernel on cubins built by nvcc or NVRTC (spqr_run/gpu/build.py). The reference they must
+// match: spqr_run/quant/spqr_matmul.py; the layout: spqr_run/quant/tile_layout.py.
 //
 // ==== Design (issue #11; KERNELS_V2_SPEC.md) =====================================================================
 //
 // Work split. A block is 4 warps = 4 consecutive row tiles (64 output rows) x one k-range of records; warp w owns
 // row tile 4*blockIdx.x + w and walks the records kb0..kb1-1 of that row tile (one contiguous run of memory).
 // Grid (ceil(RT/4), S): S splits the KB records of a row tile into near-equal k-ranges (sizes differ by at most
-// one record, so S need not divide KB). S is chosen on the host (spqr_matmul_small_plan) from the SM count and
-// the kernel's resident blocks per SM (both from the device): the smallest S <= 32 minimising
+// one record, so S need not divide KB). S is chosen by the launcher (spqr_run/gpu/spqr_matmul.py, small_plan)
+// from the SM count and the kernel's resident blocks per SM (both from the device): the smallest S <= 32 minimising
 //   waves(S) * (ceil(KB / S) + 2) + [S > 1],   waves(S) = ceil(ceil(RT/4) * S / (SMs * blocks per SM)),
 // (2: a block's pipeline fill, in record times; 1: the reduction), i.e. whole waves of equal-length blocks. On
 // 132 SMs x 9 blocks every LLaMA-7B..65B / Falcon-7B/40B shape gets one wave filling 86-97% of the block slots
@@ -71,15 +73,18 @@
 // and sums fp32. The dequantize kernel takes k per record and writes fp16(w'' * 2^k) plus the outlier delta
 // (one more fp16 rounding).
 //
-// SASS, nvcc 13.0 -O3, hot loop = the unrolled steady-state loop (3 stages x 2 records = 192 weights per
-// thread), thread instructions per weight / registers / resident blocks per SM (x 4 warps); no spills, no local
-// memory (benchmarks/sass_report.py):
+// SASS of the shipped cubins (nvcc 13.0 -O3 -cubin, spqr_run/gpu/build.py), hot loop = the unrolled steady-state
+// loop (3 stages x 2 records = 192 weights per thread), thread instructions per weight / registers / resident
+// blocks per SM (x 4 warps); no spills, no local memory (benchmarks/sass_report.py):
 //                     sm_80              sm_86, sm_89       sm_90
-//   W3 SB3, 1-8 rows  2.38 / 81 / 5      2.38 / 81 / 4      2.36 / 81 / 5
-//   W3 SB3, 9-16 rows 2.62 / 96 / 5      2.62 / 96 / 3      2.60 / 108 / 4
+//   W3 SB3, 1-8 rows  2.39 / 81 / 5      2.39 / 81 / 4      2.36 / 83 / 5
+//   W3 SB3, 9-16 rows 2.60 / 98 / 4      2.60 / 98 / 3      2.59 / 108 / 4
 //   W4 SB3, 1-8 rows  2.28 / 76 / 6      2.28 / 76 / 3      2.26 / 78 / 6
-//   W4 SB3, 9-16 rows 2.54 / 96 / 4      2.54 / 96 / 2      2.54 / 96 / 5
+//   W4 SB3, 9-16 rows 2.47 / 91 / 4      2.47 / 91 / 2      2.46 / 94 / 5
 //   W2 SB3, 1-8 rows  2.44 / 80 / 6      2.44 / 80 / 5      2.43 / 80 / 6
+// (issue 22's 32-bit shared addresses, for NVRTC: 2.38 / 81, 2.62 / 96 (5 blocks on sm_80), 2.28, 2.54, 2.44
+// before. NVRTC 13.0's cubins of this source: within 0.5% and 4 registers of these at 1-8 rows; at 9-16 rows
+// 2-/3-bit within 0.4% on sm_80-89, sm_90 3-bit +1.2%, 4-bit +1.5-1.7% / +4-6: sass_report.py --compare.)
 // (session 4's kernel: 4.03, 4.52, 3.72, 4.23, 3.67 on sm_80; format 2's: 2.76, 3.09, 2.38, 2.77, 2.51.) Per
 // record and thread (32 weights), W3 SB3 sm_80, 76 instructions: 16 HFMA2 (one per pair) + 18 LOP3 + 5 shifts
 // (codes), 18 for the stats (6 HMUL2, 2 HFMA2, 2 HADD2, 3 LOP3, 3 shifts and the funnel, 2 loads), 4 HMMA + 2
@@ -92,9 +97,6 @@
 // ===============================================================================================================
 
 #include "spqr_matmul.h"
-
-#include <cstring>
-
 #include "spqr_ptx.cuh"
 
 #if defined(SPQR_SHIM)
@@ -114,7 +116,9 @@ T __ldcg(const T* p) {
 }  // namespace
 #endif
 
-namespace {
+// A named namespace: the kernels' mangled names (_ZN4spqr...) are the same under nvcc, NVRTC and g++ and do
+// not depend on the compiling process (anonymous namespaces get a per-compilation tag under NVRTC).
+namespace spqr {
 
 constexpr int kRows = 16;      // rows of a row tile (beta2)
 constexpr int kCols = 64;      // stored columns of a record (4 groups of beta1 = 16)
@@ -368,6 +372,12 @@ __global__ void __launch_bounds__(kWarps * 32, 4)
   const int kb1 = static_cast<int>((static_cast<long long>(split + 1) * kblocks) / splits);
   const int items = kb1 - kb0;  // >= 1: splits <= kblocks
   const uint32_t* tiles = reinterpret_cast<const uint32_t*>(layer.tiles);
+  // cp.async destinations and ldmatrix rows as 32-bit shared addresses taken once (SmemAddr, spqr_ptx.cuh), each
+  // stage kRecStage / kXStage bytes further: NVRTC then computes them as nvcc does (it would use 64-bit generic
+  // addresses: +16 registers, +3% instructions at 9-16 rows).
+  constexpr int kRecStage = kWarps * kRecs * R * 4, kXStage = NB * kXPitch * 2;
+  const SmemAddr rec_s0 = smem_addr(&rec_s[0][warp][0]);  // this warp's records of stage 0
+  const SmemAddr x_s0 = smem_addr(&x_s[0][0][0]);
 
   // A warp past the last row tile (the last group of a layer whose RT is not a multiple of 4) streams and
   // decodes the last row tile again and discards the result: no divergent branch around the warp collectives.
@@ -383,13 +393,13 @@ __global__ void __launch_bounds__(kWarps * 32, 4)
   constexpr int kXChunks = (NB * 16 + kWarps * 32 - 1) / (kWarps * 32);  // 16-byte x chunks per thread and stage
   const __half* x_lane[kXChunks];
   bool x_copies[kXChunks];
-  int x_dst[kXChunks];  // the chunk's offset in a stage of x_s, in halves
+  SmemAddr x_dst[kXChunks];  // the chunk's destination in stage 0 of x_s
 #pragma unroll
   for (int i = 0; i < kXChunks; ++i) {
     const int q = i * kWarps * 32 + threadIdx.x, xb = q >> 4, xc = q & 15;  // row xb, 16-byte chunk xc
     x_copies[i] = q < NB * 16 && xb < rows;
     x_lane[i] = x + static_cast<size_t>(x_copies[i] ? xb : 0) * ldx + kb0 * kCols + 8 * xc;
-    x_dst[i] = xb * kXPitch + 8 * xc;
+    x_dst[i] = x_s0 + 2 * (xb * kXPitch + 8 * xc);
   }
   // Copy stage p (records from `recs`, x from `xs`, both already advanced to stage p) into slot `stage`: lane c
   // copies the 16-byte chunks c, c + 32, ... of the stage's records, only the first record's when `both` is false
@@ -399,13 +409,13 @@ __global__ void __launch_bounds__(kWarps * 32, 4)
     for (int c0 = 0; c0 < kRecs * R / 4; c0 += 32) {
       const bool full_chunk = c0 + 32 <= R / 4 || (both && c0 + 32 <= kRecs * R / 4);  // compile time when both
       if (full_chunk || c0 + lane < (both ? kRecs : 1) * (R / 4)) {
-        cp_async_16(&rec_s[stage][warp][4 * (c0 + lane)], recs + 4 * c0);
+        cp_async_16_at(rec_s0 + stage * kRecStage + 16 * (c0 + lane), recs + 4 * c0);
       }
     }
 #pragma unroll
     for (int i = 0; i < kXChunks; ++i) {
       const int q = i * kWarps * 32 + threadIdx.x;
-      if (x_copies[i] && (both || (q & 15) < kCols / 8)) cp_async_16(&x_s[stage][0][0] + x_dst[i], xs[i]);
+      if (x_copies[i] && (both || (q & 15) < kCols / 8)) cp_async_16_at(x_dst[i] + stage * kXStage, xs[i]);
     }
   };
   auto issue = [&](int stage, int p) {  // any stage: sources from the k-range's start
@@ -474,6 +484,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4)
   // constant offset and no record needs a bounds test; the remaining stages (the last one possibly holding one
   // record) run in a rolled tail loop.
   const int m = lane >> 3;  // ldmatrix: lane gives row (lane & 7) of matrix m = (tile + m/2, k half m%2)
+  const SmemAddr x_row = x_s0 + 2 * ((lane & 7) * kXPitch + 16 * (m >> 1) + 8 * (m & 1));  // stage 0, n 0, r 0
   auto record = [&](int stage, int r) {
     uint32_t a[4][4];
     decode_record<W, SB>(&rec_s[stage][warp][r * R], lane, pow12, xch_s[warp][r], a);
@@ -482,7 +493,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4)
 #pragma unroll
       for (int jp = 0; jp < 2; ++jp) {
         uint32_t bq[4];
-        ldmatrix_x4(bq, &x_s[stage][8 * n + (lane & 7)][kCols * r + 16 * (2 * jp + (m >> 1)) + 8 * (m & 1)]);
+        ldmatrix_x4_at(bq, x_row + stage * kXStage + 2 * (8 * n * kXPitch + kCols * r + 32 * jp));
 #pragma unroll
         for (int jj = 0; jj < 2; ++jj) {
           const uint32_t bf[2] = {bq[2 * jj], bq[2 * jj + 1]};
@@ -649,124 +660,4 @@ __global__ void __launch_bounds__(kWarps * 32) spqr_dequantize_kernel(const Spqr
   }
 }
 
-// ---- dispatch on (wbits, stat_bits) -----------------------------------------------------------------------------
-template <int W, int SB>
-struct SmallLaunch {
-  static void run(const SpqrLayer& layer, const __half* x, int rows, SpqrBias bias, __half* y,
-                  const SpqrSmallPlan& plan, float* workspace, int* counters, int ldx, cudaStream_t stream) {
-    const int row_tiles = (layer.out_features + kRows - 1) / kRows;
-    const dim3 grid((row_tiles + kWarps - 1) / kWarps, plan.splits);
-    if (rows <= 8) {
-      SPQR_LAUNCH(grid, kWarps * 32, 0, stream, spqr_matmul_small_kernel<W, SB, 1>)
-      (layer, x, rows, ldx, bias, y, workspace, counters);
-    } else {
-      SPQR_LAUNCH(grid, kWarps * 32, 0, stream, spqr_matmul_small_kernel<W, SB, 2>)
-      (layer, x, rows, ldx, bias, y, workspace, counters);
-    }
-  }
-};
-
-template <int W, int SB>
-struct OccupancyQuery {
-  static void run(int rows, int* blocks) {
-#if defined(SPQR_SHIM)
-    (void)rows;
-    *blocks = 4;
-#else
-    if (rows <= 8) {
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, spqr_matmul_small_kernel<W, SB, 1>, kWarps * 32, 0);
-    } else {
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, spqr_matmul_small_kernel<W, SB, 2>, kWarps * 32, 0);
-    }
-#endif
-  }
-};
-
-template <int W, int SB>
-struct DequantizeLaunch {
-  static void run(const SpqrLayer& layer, __half* w, cudaStream_t stream) {
-    const int row_tiles = (layer.out_features + kRows - 1) / kRows;
-    const int kblocks = (layer.in_features + kCols - 1) / kCols;
-    const dim3 grid(kblocks, (row_tiles + kWarps - 1) / kWarps);
-    SPQR_LAUNCH(grid, kWarps * 32, 0, stream, spqr_dequantize_kernel<W, SB>)(layer, w);
-  }
-};
-
-// Launch<W, SB>::run(args...) for the runtime pair; false when that pair is not compiled.
-template <template <int, int> class Launch, typename... Args>
-bool dispatch_bits(int wbits, int stat_bits, Args&&... args) {
-#define SPQR_CASE(W, SB)                \
-  if (wbits == W && stat_bits == SB) {  \
-    Launch<W, SB>::run(args...);        \
-    return true;                        \
-  }
-  SPQR_CASE(2, 2) SPQR_CASE(2, 3) SPQR_CASE(2, 4)
-  SPQR_CASE(3, 2) SPQR_CASE(3, 3) SPQR_CASE(3, 4)
-  SPQR_CASE(4, 2) SPQR_CASE(4, 3) SPQR_CASE(4, 4)
-#undef SPQR_CASE
-  return false;
-}
-
-bool layer_ok(const SpqrLayer& layer) {
-  return layer.out_features > 0 && layer.in_features > 0 && layer.in_features <= 65536 &&
-         spqr_kernels_support(layer.wbits, layer.stat_bits);
-}
-
-}  // namespace
-
-bool spqr_kernels_support(int wbits, int stat_bits) {
-  return wbits >= 2 && wbits <= 4 && stat_bits >= 2 && stat_bits <= 4;
-}
-
-int spqr_matmul_small_blocks_per_sm(int wbits, int stat_bits, int rows) {
-  int blocks = 0;
-  if (!dispatch_bits<OccupancyQuery>(wbits, stat_bits, rows, &blocks) || blocks < 1) blocks = 1;
-  return blocks;
-}
-
-SpqrSmallPlan spqr_matmul_small_plan(const SpqrLayer& layer, int num_sms, int blocks_per_sm) {
-  const long long row_tiles = (layer.out_features + kRows - 1) / kRows;
-  const long long groups = (row_tiles + kWarps - 1) / kWarps;
-  const long long kblocks = (layer.in_features + kCols - 1) / kCols;
-  const long long slots = static_cast<long long>(num_sms > 0 ? num_sms : 1) * (blocks_per_sm > 0 ? blocks_per_sm : 1);
-  // Cost in record times: waves x (records per block + kFill, the pipeline fill of a block), + 1 for the
-  // reduction pass when split. Ties keep the smaller split.
-  constexpr long long kFill = 2, kMaxSplits = 32;
-  int best = 1;
-  long long best_cost = ((groups + slots - 1) / slots) * (kblocks + kFill);
-  const long long max_splits = kblocks < kMaxSplits ? kblocks : kMaxSplits;
-  for (long long s = 2; s <= max_splits; ++s) {
-    const long long cost = ((groups * s + slots - 1) / slots) * ((kblocks + s - 1) / s + kFill) + 1;
-    if (cost < best_cost) best = static_cast<int>(s), best_cost = cost;
-  }
-  SpqrSmallPlan plan;
-  plan.splits = best;
-  plan.workspace_floats = best == 1 ? 0 : static_cast<size_t>(groups) * best * kWarps * 32 * 8;
-  plan.counters = best == 1 ? 0 : static_cast<int>(groups);
-  return plan;
-}
-
-cudaError_t spqr_matmul_small(const SpqrLayer& layer, const __half* x_stored, int ldx, int rows, SpqrBias bias,
-                              __half* y, const SpqrSmallPlan& plan, float* workspace, int* counters,
-                              cudaStream_t stream) {
-  const int kblocks = (layer.in_features + kCols - 1) / kCols;
-  if (rows < 1 || rows > 16 || !layer_ok(layer) || plan.splits < 1 || plan.splits > kblocks ||
-      plan.splits > 65535 || (plan.splits > 1 && (workspace == nullptr || counters == nullptr)) ||
-      ldx < kblocks * kCols || ldx % 8 != 0 || reinterpret_cast<uintptr_t>(x_stored) % 16 != 0) {
-    return cudaErrorInvalidValue;
-  }
-  if (!dispatch_bits<SmallLaunch>(layer.wbits, layer.stat_bits, layer, x_stored, rows, bias, y, plan, workspace,
-                                  counters, ldx, stream)) {
-    return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
-}
-
-cudaError_t spqr_dequantize(const SpqrLayer& layer, __half* w, cudaStream_t stream) {
-  const int row_tiles = (layer.out_features + kRows - 1) / kRows;
-  if (!layer_ok(layer) || (row_tiles + kWarps - 1) / kWarps > 65535) return cudaErrorInvalidValue;
-  if (!dispatch_bits<DequantizeLaunch>(layer.wbits, layer.stat_bits, layer, w, stream)) {
-    return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
-}
+}  // namespace spqr

@@ -20,7 +20,9 @@
 // Register formats: an f16x2 register holds two halves, the lower column / lower k index in bits 0-15.
 #pragma once
 
+#if !defined(__CUDACC_RTC__)  // NVRTC: spqr_matmul.h gives the fixed-width types
 #include <cstdint>
+#endif
 #if defined(SPQR_SHIM)
 #include <cstring>
 #endif
@@ -36,6 +38,25 @@ using Loc = cuda_shim::Loc;
 #define SPQR_PTX_LOC , const ::spqr_ptx::Loc &loc = ::spqr_ptx::Loc::current()
 #else
 #define SPQR_PTX_LOC
+#endif
+
+// ---- shared-memory addresses -------------------------------------------------------------------------------
+// SmemAddr: a shared-memory address. On the GPU, 32 bits in the shared window, taken once from a generic pointer
+// (`smem_addr`, cvta.to.shared) and then moved by integer adds: nvcc and NVRTC alike keep each address in one
+// 32-bit register and fold constant offsets into the instruction (NVRTC left alone computes generic shared
+// addresses in 64 bits: +16 registers and +3% instructions at 9-16 rows; issue 22). Under the shim, a plain byte
+// pointer, so the same `base + bytes` arithmetic works. The kernels use it for cp.async destinations and ldmatrix
+// rows; their plain loads of shared memory stay C++ (inline-PTX loads cost nvcc and NVRTC alike ~3% more).
+#if defined(SPQR_SHIM)
+using SmemAddr = unsigned char*;
+__device__ __forceinline__ SmemAddr smem_addr(const void* p) {
+  return static_cast<SmemAddr>(const_cast<void*>(p));
+}
+#else
+using SmemAddr = uint32_t;
+__device__ __forceinline__ SmemAddr smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
 #endif
 
 // ---- mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 -------------------------------------------------------
@@ -114,15 +135,23 @@ inline void ldmatrix(uint32_t* r, int n, bool trans, const void* row_addr, const
 
 // Four 8x8 b16 matrices from shared memory: lane i gives the (16-byte aligned) address of row i % 8 of matrix
 // i / 8; r[j] = matrix j's halves (row L / 4, cols 2 (L % 4), 2 (L % 4) + 1) of lane L. Warp collective.
+__device__ __forceinline__ void ldmatrix_x4_at(uint32_t r[4], SmemAddr row_addr SPQR_PTX_LOC) {
+#if defined(SPQR_SHIM)
+  detail::ldmatrix(r, 4, false, row_addr, "ldmatrix_x4", loc);
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(row_addr)
+               : "memory");
+#endif
+}
+
+// The same with a generic pointer to the row.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* smem_row_addr SPQR_PTX_LOC) {
 #if defined(SPQR_SHIM)
   detail::ldmatrix(r, 4, false, smem_row_addr, "ldmatrix_x4", loc);
 #else
-  const auto s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row_addr));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s)
-               : "memory");
+  ldmatrix_x4_at(r, smem_addr(smem_row_addr));
 #endif
 }
 
@@ -171,12 +200,20 @@ inline void cp_async(void* dst, const void* src, size_t bytes, const char* name,
 #endif
 
 // cp.async.cg.shared.global, 16 bytes (L2 only); both addresses 16-byte aligned.
+__device__ __forceinline__ void cp_async_16_at(SmemAddr dst, const void* gmem_src SPQR_PTX_LOC) {
+#if defined(SPQR_SHIM)
+  detail::cp_async(dst, gmem_src, 16, "cp_async_16", loc);
+#else
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src) : "memory");
+#endif
+}
+
+// The same with a generic pointer to the destination.
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src SPQR_PTX_LOC) {
 #if defined(SPQR_SHIM)
   detail::cp_async(smem_dst, gmem_src, 16, "cp_async_16", loc);
 #else
-  const auto s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem_src) : "memory");
+  cp_async_16_at(smem_addr(smem_dst), gmem_src);
 #endif
 }
 
@@ -270,13 +307,17 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t select
 
 // The contract's names at global scope too (kernels call them unqualified).
 using spqr_ptx::cp_async_16;
+using spqr_ptx::cp_async_16_at;
 using spqr_ptx::cp_async_4;
 using spqr_ptx::cp_async_8;
 using spqr_ptx::cp_async_commit;
 using spqr_ptx::cp_async_wait;
 using spqr_ptx::ldmatrix_x2;
 using spqr_ptx::ldmatrix_x4;
+using spqr_ptx::ldmatrix_x4_at;
 using spqr_ptx::ldmatrix_x4_trans;
 using spqr_ptx::lop3;
 using spqr_ptx::mma_m16n8k16_f16f32;
 using spqr_ptx::prmt;
+using spqr_ptx::smem_addr;
+using spqr_ptx::SmemAddr;

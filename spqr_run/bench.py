@@ -282,7 +282,7 @@ def run_bench(
             raise ConfigError("--layers only applies to --synthetic models")
         from spqr_run.loading import open_model
 
-        source = open_model(model_path)
+        source = open_model(model_path, verify_checksums=st.verify_checksums)
         cfg = source.config
         real_method = "spqr" if source.kind == "spqr" else "fp16"
         name = cfg.name or model_path
@@ -330,10 +330,19 @@ def run_bench(
 
             assert source is not None
             held = torch.float16 if native and method == "fp16" else None  # the FP16 row holds fp16
-            return build_decoder(source, device=device, dtype=default_dtype(device), weight_dtype=held)
-        return build_synthetic(
-            cfg, method=method, wbits=st.wbits, outlier_rate=st.outlier_rate, device=device
-        )
+            model = build_decoder(source, device=device, dtype=default_dtype(device), weight_dtype=held)
+        else:
+            model = build_synthetic(
+                cfg, method=method, wbits=st.wbits, outlier_rate=st.outlier_rate, device=device
+            )
+        if method == "spqr" and device.type == "cuda":
+            from spqr_run.ops import model_kernel_path, prepare_kernels
+
+            prepare_kernels(model)
+            path = model_kernel_path(model)
+            report.gpu_kernels = str(path) if path is not None else "no packed SpQR layer"
+            log(f"spqr: GPU kernels: {report.gpu_kernels}")
+        return model
 
     def subject(method: str) -> _Subject:
         src = str(model_path) if method == real_method else "synthetic"

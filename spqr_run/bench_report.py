@@ -71,6 +71,7 @@ class BenchReport:
     bandwidth: dict[str, Any] | None = None  # CPU read bandwidth in GB/s: run threads and 1 thread
     loadavg: dict[str, list[float]] = field(default_factory=dict)  # /proc/loadavg before / after
     llama_cpp: dict[str, Any] | None = None  # `LlamaCppPeer.summary()`
+    gpu_kernels: str = ""  # the SpQR layers' GPU kernel path and why (spqr_run.ops.kernel_path), on a GPU
 
     def ratios(self) -> dict[str, float]:
         s, f = self.results.get("spqr"), self.results.get("fp16")
@@ -98,6 +99,8 @@ class BenchReport:
             "alternated": self.alternated,
         }
         out |= {"bandwidth": self.bandwidth, "loadavg": self.loadavg, "llama_cpp": self.llama_cpp}
+        if self.gpu_kernels:
+            out["gpu_kernels"] = self.gpu_kernels
         out |= {m: asdict(r) for m, r in self.results.items()}
         out["ratios"] = self.ratios()
         out["skipped"] = self.skipped
@@ -128,7 +131,10 @@ class BenchReport:
 
     def table(self) -> Table:
         """The report as a rich Table (the model name is printed literally, never as markup)."""
-        t = Table(title=Text(self.title()), caption=Text(self.bandwidth_line()) if self.bandwidth else None)
+        captions = [self.bandwidth_line()] if self.bandwidth else []
+        if self.gpu_kernels:
+            captions.append(f"GPU kernels: {self.gpu_kernels}")
+        t = Table(title=Text(self.title()), caption=Text("\n".join(captions)) if captions else None)
         cols = ["", "bits/w", "weights GiB", "MB/token", "prefill tok/s", "decode tok/s", "ms/token"]
         cols += ["floor ms", "% of floor", "GB/s", "TTFT ms", "peak GiB", "graphs"]
         for c in cols:

@@ -24,6 +24,7 @@ class BenchSettings:
     kv_cache: str = "auto"  # "int8": the 8-bit KV cache (models.kv_cache)
     llama_cpp: str | None = None  # a GGUF file: run llama.cpp's llama-bench on it beside (CPU only)
     build_llama_cpp: bool = False  # build llama.cpp when it is not cached (else a missing build is an error)
+    verify_checksums: bool = True  # check a .spqr's tensors against its header's checksums when loading
 
     @classmethod
     def from_args(cls, args: Any) -> BenchSettings:
@@ -47,6 +48,7 @@ class BenchSettings:
         return cls(
             **kwargs,
             graphs=not getattr(args, "no_graphs", False),
+            verify_checksums=not getattr(args, "skip_checksums", False),
             budget_bytes=None if memory is None else parse_memory(memory),
         )
 

@@ -21,18 +21,21 @@ from torch import Tensor
 
 from spqr_run.errors import ConfigError
 from spqr_run.loading import ModelSource, build_decoder
+from spqr_run.text import read_text_file
 
 
 def windows_from_text(
-    path: Path, source: ModelSource, *, nsamples: int, seqlen: int, seed: int = 0
+    path: Path,
+    source: ModelSource,
+    *,
+    nsamples: int,
+    seqlen: int,
+    seed: int = 0,
+    warn: Callable[[str], None] | None = None,
 ) -> Tensor:
-    """(nsamples, seqlen) token ids from random windows of a text file."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"--calib {path}: file not found") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"--calib {path}: not UTF-8 text") from None
+    """(nsamples, seqlen) token ids from random windows of a text file; bytes that are not UTF-8 are
+    replaced with U+FFFD and `warn` is told (`spqr_run.text`)."""
+    text = read_text_file(path, f"--calib {path}", warn)
     ids = source.tokenizer.encode(text, add_bos=False, special=False)
     need = nsamples * seqlen
     if len(ids) < need:

@@ -15,6 +15,7 @@ interrupted run never leaves a half-written model behind.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -26,7 +27,7 @@ from pathlib import Path, PurePosixPath
 
 from rich.progress import Progress, TaskID
 
-from spqr_run.errors import SpqrError
+from spqr_run.errors import DiskFullError, SpqrError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # Sequences x tokens sampled from the model to quantize the default model: 16 x 256 halves the first-use time
@@ -73,20 +74,29 @@ def cache_dir() -> Path:
 
 
 def find_model(name: str, dirs: Sequence[Path] | None = None) -> Path:
-    """Resolve MODEL: an existing path, else a bare name (with or without suffix) in the model folders."""
+    """Resolve the MODEL argument of every command, one rule: MODEL as a path (from the current folder)
+    when it exists; else, when it is a bare name (no folder part), NAME, NAME.spqr or NAME.gguf in each of
+    the model folders (`model_dirs()`: $SPQR_RUN_MODELS, then the checkout's models/), first match wins.
+
+    Not found: DefaultModelError, one line naming the folders and the names looked for."""
     path = Path(name).expanduser()
     if path.exists():
         return path
+    if path.name != name or not name:  # a path with a folder part: not looked up by name
+        raise DefaultModelError(
+            f"model {name!r} not found: no such file or folder (a .spqr file, a Hugging Face folder or a "
+            ".gguf file; bare names without a folder part are looked up in the models folder)"
+        )
     searched = list(dirs) if dirs is not None else model_dirs()
-    if path.name == name:  # a bare name, not a path
-        for folder in searched:
-            for candidate in [folder / name, *(folder / (name + s) for s in MODEL_SUFFIXES)]:
-                if candidate.exists():
-                    return candidate
-    where = ", ".join(str(d) for d in searched)
+    candidates = [name, *(name + s for s in MODEL_SUFFIXES if not name.endswith(s))]
+    for folder in searched:
+        for candidate in candidates:
+            if (folder / candidate).exists():
+                return folder / candidate
+    where = " and ".join(str(d) for d in searched)
     raise DefaultModelError(
-        f"model {name!r} not found: not a file or folder, and not a name in {where} "
-        "(pass a .spqr file, a Hugging Face folder or a .gguf file)"
+        f"model {name!r} not found: no such file or folder here, and no {' / '.join(candidates)} in {where} "
+        "(bare names are looked up there; $SPQR_RUN_MODELS adds a folder)"
     )
 
 
@@ -163,6 +173,8 @@ def finish_default_model(gguf: Path, progress: Progress | None = None, *, models
         _note(progress, f"continuing the interrupted preparation in {target.name}.partial")
     source = open_model(gguf)
     source.generation_defaults = {**DEFAULT_MODEL_GENERATION, **source.generation_defaults}
+    # the name the README and the file use, not the GGUF's general.name ("Smollm2 135M 8k Lc100K Mix1 Ep2")
+    source.config = dataclasses.replace(source.config, name=DEFAULT_MODEL_NAME)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     nsamples, seqlen = DEFAULT_CALIBRATION
 
@@ -187,16 +199,20 @@ def finish_default_model(gguf: Path, progress: Progress | None = None, *, models
         if progress is not None and blocks[0] is not None:
             progress.update(blocks[0], completed=i)
 
-    quantize_model(
-        source,
-        target,
-        qcfg=PRESETS["near-lossless"],
-        calib_tokens=calibration,
-        calib_desc=f"sampled from the model: {nsamples} x {seqlen} tokens (seed 0)",
-        device=device,
-        resume=resume,
-        on_block_start=on_block_start,
-    )
+    try:
+        quantize_model(
+            source,
+            target,
+            qcfg=PRESETS["near-lossless"],
+            calib_tokens=calibration,
+            calib_desc=f"sampled from the model: {nsamples} x {seqlen} tokens (seed 0)",
+            device=device,
+            resume=resume,
+            on_block_start=on_block_start,
+        )
+    except DiskFullError as e:
+        e.resume = "the same command (the preparation continues where it stopped)"
+        raise
     if blocks:
         _done(progress, blocks[0], source.config.num_layers)
     return target

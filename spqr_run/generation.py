@@ -40,6 +40,10 @@ class GenerationStats:
     ttft_s: float = 0.0  # request start -> first token sampled
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    # why a "length" finish happened: the context (KV cache) was full, or max_tokens was reached; and that
+    # limit in tokens (the context size, or max_tokens)
+    context_full: bool = False
+    token_limit: int = 0
 
     @property
     def prefill_tok_s(self) -> float:
@@ -263,12 +267,15 @@ class Generator:
                 tail = state.finish("length")
                 chunk.text += tail.text
                 chunk.finish_reason = tail.finish_reason
+                stats.context_full, stats.token_limit = tail.finish_reason == "length", self.max_seq_len
             elif not state.finished and should_stop is not None and should_stop():
                 tail = state.finish("cancelled")
                 chunk.text += tail.text
                 chunk.finish_reason = tail.finish_reason
             if state.finished:
                 stats.decode_s = time.perf_counter() - (t0 + stats.ttft_s)
+                if state.finish_reason == "length" and not stats.context_full:
+                    stats.token_limit = params.max_tokens
                 chunk.stats = stats
                 yield chunk
                 return

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from spqr_run.config import ModelConfig
-from spqr_run.errors import ConfigError
+from spqr_run.errors import ConfigError, DiskFullError, is_disk_full
 from spqr_run.loading import ModelSource
 from spqr_run.loading.spqr_file import DENSE_DTYPE, FORMAT_VERSION, write_spqr
 from spqr_run.models.decoder import Block, Rotary
@@ -343,12 +343,16 @@ class Checkpoint:
         Built as `OUT.partial.tmp/` and renamed: the folder appears complete or not at all."""
         tmp = self.dir.with_name(self.dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({"tokens": calib_tokens.to(torch.int64).contiguous()}, str(tmp / self.calib_path.name))
-        (tmp / self.state_path.name).write_text(
-            json.dumps({"fingerprint": self.fingerprint, "next_block": 0})
-        )
-        os.replace(tmp, self.dir)
+        try:
+            tmp.mkdir(parents=True)
+            _save({"tokens": calib_tokens.to(torch.int64).contiguous()}, tmp / self.calib_path.name, {})
+            _write_text(
+                tmp / self.state_path.name, json.dumps({"fingerprint": self.fingerprint, "next_block": 0})
+            )
+            os.replace(tmp, self.dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back
+            raise
 
     def load_calibration(self) -> Tensor:
         """The stored calibration token ids (N, T) int64."""
@@ -362,8 +366,23 @@ class Checkpoint:
 
     def _write_state(self, next_block: int) -> None:
         tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "next_block": next_block}))
+        _write_text(tmp, json.dumps({"fingerprint": self.fingerprint, "next_block": next_block}))
         os.replace(tmp, self.state_path)
+
+    def finished_blocks(self) -> int | None:
+        """How many blocks the folder holds (None when it does not exist or its state is unreadable)."""
+        try:
+            return int(json.loads(self.state_path.read_text())["next_block"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def kept(self, num_layers: int) -> str:
+        """What an interrupted run leaves for --resume, in words (for DiskFullError)."""
+        done = self.finished_blocks()
+        if done is None:
+            return f"nothing yet (no file under {self.out} either)"
+        blocks = f"all {num_layers} blocks" if done == num_layers else f"{done} of {num_layers} blocks"
+        return f"{blocks} and the calibration in {self.dir} (no file under {self.out} yet)"
 
     def save_block(
         self,
@@ -408,8 +427,32 @@ class Checkpoint:
 
 def _atomic_save(tensors: dict[str, Tensor], path: Path, meta: dict[str, str]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
+    _save(tensors, tmp, meta, final=path)
     os.replace(tmp, path)
+
+
+def _save(tensors: dict[str, Tensor], path: Path, meta: dict[str, str], *, final: Path | None = None) -> None:
+    """safetensors' `save_file`; a write that fails for lack of space removes what it wrote and becomes a
+    DiskFullError naming `final` (default `path`) and the bytes it needed."""
+    try:
+        save_file(tensors, str(path), metadata=meta)
+    except Exception as e:
+        path.unlink(missing_ok=True)
+        if is_disk_full(e):
+            needed = sum(t.numel() * t.element_size() for t in tensors.values())
+            raise DiskFullError(final or path, needed) from None
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    """`path.write_text(text)`; lack of space becomes a DiskFullError (the partial file removed)."""
+    try:
+        path.write_text(text)
+    except OSError as e:
+        path.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise DiskFullError(path, len(text.encode())) from None
+        raise
 
 
 def quantize_block(
@@ -489,9 +532,12 @@ def quantize_model(
     reported as `QuantizeSummary.calibration_seconds`. An interrupted run (`OUT.partial/`) raises
     ConfigError naming `--resume` unless `resume`; with `resume` it continues from its last finished block
     with the calibration it stored. `calib_desc` and `fingerprint_extra` must match the stored run's.
+
+    A full disk (while a block is saved, or found before the final write) raises DiskFullError saying what
+    failed, the space needed and what was kept for `--resume`; a caller that knows the exact command to
+    continue sets its `resume`.
     """
     t0 = time.perf_counter()
-    cfg = source.config
     out = Path(out)
     ckpt = Checkpoint(
         out,
@@ -503,6 +549,29 @@ def quantize_model(
             **(fingerprint_extra or {}),
         ),
     )
+    try:
+        return _quantize(source, out, ckpt, qcfg, calib_tokens, calib_desc, device, resume, t0,
+                         on_block_start, on_linear)  # fmt: skip
+    except DiskFullError as e:
+        e.kept = ckpt.kept(source.config.num_layers)
+        e.resume = e.resume or "the same command with --resume"
+        raise
+
+
+def _quantize(
+    source: ModelSource,
+    out: Path,
+    ckpt: Checkpoint,
+    qcfg: QuantConfig,
+    calib_tokens: Tensor | Callable[[], Tensor],
+    calib_desc: str,
+    device: torch.device,
+    resume: bool,
+    t0: float,
+    on_block_start: Callable[[int, int], None] | None,
+    on_linear: Callable[[str], None] | None,
+) -> QuantizeSummary:
+    cfg = source.config
     start = ckpt.next_block(resume)
     calib_seconds = 0.0
     if start is None:  # a fresh run: make the calibration now, then create the partial folder

@@ -56,6 +56,7 @@ def load_runtime(
     rows: int = 1,
     memory: int | None = None,
     kv_cache: str = "auto",
+    verify_checksums: bool = True,
 ) -> Runtime:
     """Open and build a model with a KV cache of `rows` sequences sized by the memory planner.
 
@@ -63,13 +64,14 @@ def load_runtime(
     plus what the weights took); on CUDA it also caps this process's allocations. `ctx` asks for a context
     (a ConfigError names the shortfall when it does not fit); without it the context is the longest that fits,
     at most the model's and `DEFAULT_CONTEXT`; a `ctx` above the model's limit is a ConfigError. `kv_cache` "int8" stores the cache in 8 bits (`kv_cache`).
+    `verify_checksums=False` loads a `.spqr` without checking its tensors' checksums (`--skip-checksums`).
     """
     dev = resolve_device(device)
     if ctx is not None and ctx < 16:
         raise ConfigError(f"invalid --ctx {ctx}: must be at least 16 tokens")
     if memory is not None:
         apply_budget(dev, memory)
-    source = open_model(path)
+    source = open_model(path, verify_checksums=verify_checksums)
     cfg = source.config
     if ctx is not None and ctx > cfg.max_position_embeddings:  # refused before the weights load, not clamped
         raise ConfigError(
@@ -79,6 +81,10 @@ def load_runtime(
     model = build_decoder(
         source, device=dev, dtype=default_dtype(dev), progress=progress, keep_packed=False
     )  # on a CPU: fp16 weights (`loading.held_dtype`), the packed form freed once decoded
+    if dev.type == "cuda":  # load (or NVRTC-compile, once) the SpQR kernels now, not inside a graph capture
+        from spqr_run.ops import prepare_kernels
+
+        prepare_kernels(model)
     plan = plan_context(
         model,
         budget=memory if memory is not None else default_budget(dev) + resident_bytes(model)[0],
@@ -137,7 +143,7 @@ def plan_context(
     """The memory plan of a built `model` (its weights resident) with `rows` KV-cache rows: `ctx` tokens
     each when asked for, else the longest context that fits, capped at `DEFAULT_CONTEXT`.
 
-    `kv_cache` "auto" keeps keys and values in the model's dtype when that fits; when it does not (the asked
+    `kv_cache` "auto" keeps keys and values in `Decoder.kv_cache_dtype` when that fits; when it does not (the asked
     `ctx` would be refused, or without `ctx` less than `DEFAULT_CONTEXT` (or the model's limit) fits) and an
     int8 cache does better (fits the asked `ctx`, or a longer context), the plan takes int8 and says why in
     `MemoryPlan.kv_note`; `plan_kv_kind` gives the cache kind to allocate. A ConfigError (one line) when not
@@ -158,7 +164,7 @@ def plan_context(
         native=native,
         transient_bytes=load_transient_bytes(model, quantized=quantized),
     )
-    full = kv_dtype_of(kv_cache, model.dtype)
+    full = kv_dtype_of(kv_cache, model.kv_cache_dtype)  # fp16 on the native CPU path
 
     def plan(kv_dtype: str) -> MemoryPlan:
         p = plan_memory(model.config, context=ctx, kv_dtype=kv_dtype, **common)  # type: ignore[arg-type]

@@ -6,8 +6,14 @@ It was picked over xgrammar by measurement on SmolLM2's 49,152-token vocabulary 
 xgrammar computes a mask faster (~0.01 ms against ~0.05-0.17 ms of CPU a token, both far below SmolLM2's
 ~85 ms decode step on one core), but it compiles a schema ~10x slower (14 ms against 1.5 ms for a five-field schema),
 and it silently ignores keywords it cannot enforce (`uniqueItems`, `not`,
-`contains`, `if`/`then`), so its output may not validate; llguidance refuses them with a message naming the
-keyword, which a server turns into a 400. xgrammar also pulls in transformers and triton.
+`contains`, `if`/`then`), so its output may not validate; llguidance refuses them, which a server turns into a
+400. xgrammar also pulls in transformers and triton.
+
+Refusals name the keyword and its JSON path in one sentence (`explain_refusal`), found by walking the
+schema: llguidance names the keyword but not where it is. `oneOf` is enforced when its alternatives exclude
+each other (llguidance proves it: different types, or a property with a different `const` in each); one
+whose alternatives a single value could match at once is refused, because approximating it with `anyOf`
+(llguidance's `coerce_one_of`, which no request can set) would let through values that match two.
 
 Pieces:
 - `token_bytes`: every token's own bytes (byte-level BPE alphabet or SentencePiece pieces decoded), what the
@@ -22,8 +28,9 @@ Pieces:
 from __future__ import annotations
 
 import json
+import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,6 +40,7 @@ import torch
 from torch import Tensor
 
 from spqr_run.errors import ConfigError
+from spqr_run.text import decode_text, valid_json_warn
 from spqr_run.tokenizer import Tokenizer
 
 # JSON layout the grammar allows: one separator form, no free whitespace (a free-whitespace grammar lets a
@@ -180,8 +188,12 @@ class GrammarEngine:
             raise GrammarError(f"cannot compile the {description}: {_first_line(matcher.get_error())}")
         return Constraint(matcher, self.vocab_size, description)
 
-    def compile_json_schema(self, schema: Any, *, what: str = "JSON schema") -> Constraint:
-        """A constraint to JSON text valid under `schema` (a dict, or True for any JSON value)."""
+    def compile_json_schema(self, schema: Any, *, what: str = "JSON schema", where: str = "$") -> Constraint:
+        """A constraint to JSON text valid under `schema` (a dict, or True for any JSON value).
+
+        GrammarError when the engine cannot enforce it: one sentence naming the keyword and its JSON path,
+        written from `where` (the schema's own path in a request, e.g. "response_format.json_schema.schema";
+        default "$", the schema's root)."""
         if not isinstance(schema, (dict, bool)):
             raise GrammarError(f"the {what} must be a JSON object, not {type(schema).__name__}")
         text = json.dumps(schema)
@@ -189,9 +201,22 @@ class GrammarEngine:
             raise GrammarError(f"the {what} is larger than {MAX_SCHEMA_CHARS} characters")
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
+            matcher = llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0)
+            problem = matcher.get_error() if matcher.is_error() else None
         except ValueError as e:
-            raise GrammarError(f"cannot compile the {what}: {_first_line(str(e))}") from None
-        return self._matcher(grammar, what)
+            problem = str(e)
+        if problem is not None:
+            why = explain_refusal(schema, problem, where, self.compiles) or _first_line(problem)
+            raise GrammarError(f"cannot compile the {what}: {why}")
+        return Constraint(matcher, self.vocab_size, what)
+
+    def compiles(self, schema: Any) -> bool:
+        """Whether the engine can enforce `schema` (no error)."""
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
+        except ValueError:
+            return False
+        return not llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0).is_error()
 
     def compile_json_object(self) -> Constraint:
         """A constraint to any JSON object (`response_format: {"type": "json_object"}`)."""
@@ -251,26 +276,118 @@ def _fill_all(constraints: list[Constraint]) -> None:
             c.allowed = None
 
 
+_GRAMMAR_LISTING = re.compile(r"^\s*\d+\s*\|")  # "  4 | fn0: %json {...}": the grammar source, quoted
+
+
 def _first_line(message: str) -> str:
-    """The engine's message on one line (regex errors span several: pattern, caret, reason), bounded."""
+    """The engine's message on one line (regex errors span several: pattern, caret, reason), without the
+    grammar source it quotes, bounded."""
+    lines = [line.strip() for line in message.splitlines()]
     text = " ".join(
-        line.strip() for line in message.splitlines() if line.strip() and set(line.strip()) != {"^"}
+        line for line in lines if line and set(line) != {"^"} and not _GRAMMAR_LISTING.match(line)
     )
     return (text[:400] + "...") if len(text) > 400 else (text or "unknown error")
 
 
-def read_schema(source: str) -> tuple[dict[str, Any], str]:
+# JSON Schema keywords whose values are schemas (maps of them, lists of them, or one): where a keyword can be
+SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+SUBSCHEMA_LISTS = ("anyOf", "allOf", "oneOf", "prefixItems")
+SUBSCHEMA_ONE = (
+    "items", "additionalItems", "additionalProperties", "not", "if", "then", "else", "contains",
+    "propertyNames", "unevaluatedItems", "unevaluatedProperties",
+)  # fmt: skip
+
+
+def schema_nodes(schema: Any, path: tuple[str | int, ...] = ()) -> Any:
+    """Every (path, subschema) of a JSON schema, depth first in document order, the root first."""
+    if not isinstance(schema, dict):
+        return
+    yield path, schema
+    for key, value in schema.items():
+        if key in SUBSCHEMA_MAPS and isinstance(value, dict):
+            for name, sub in value.items():
+                yield from schema_nodes(sub, (*path, key, name))
+        elif key in SUBSCHEMA_LISTS and isinstance(value, list):
+            for i, sub in enumerate(value):
+                yield from schema_nodes(sub, (*path, key, i))
+        elif key in SUBSCHEMA_ONE:
+            subs = enumerate(value) if isinstance(value, list) else [(None, value)]
+            for i, sub in subs:
+                yield from schema_nodes(sub, (*path, key) if i is None else (*path, key, i))
+
+
+def json_path(where: str, path: tuple[str | int, ...]) -> str:
+    """`where` plus `path` as a readable path: .name, ["odd name"], [3]."""
+    out = where
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif re.fullmatch(r"[A-Za-z_$][A-Za-z0-9_$-]*", part):
+            out += f".{part}"
+        else:
+            out += f"[{json.dumps(part)}]"
+    return out
+
+
+def explain_refusal(schema: Any, problem: str, where: str, compiles: Any) -> str | None:
+    """One sentence for llguidance's refusal `problem` of `schema`: the keyword and its JSON path (from
+    `where`), and what to do; None when the problem is not one it knows. `compiles(schema) -> bool` tests a
+    part of the schema (to find which `oneOf` the engine refused)."""
+    m = re.search(r"Unimplemented keys: (\[[^\]]*\])", problem)
+    if m:
+        try:
+            keys = [k for k in json.loads(m.group(1)) if isinstance(k, str)]
+        except ValueError:
+            keys = []
+        for key in keys:
+            path = next((p for p, node in schema_nodes(schema) if key in node), None)
+            if path is not None:
+                others = [k for k in keys if k != key]
+                also = f" (so are {', '.join(repr(k) for k in others)})" if others else ""
+                return (
+                    f'"{key}" at {json_path(where, (*path, key))} is a JSON Schema keyword the grammar engine '
+                    f"cannot enforce{also}, so the output could break it; remove it and check that part "
+                    "after generating"
+                )
+        return None
+    if "oneOf" in problem:
+        defs = {k: schema[k] for k in ("$defs", "definitions") if isinstance(schema, dict) and k in schema}
+        found = [p for p, node in schema_nodes(schema) if isinstance(node.get("oneOf"), list)]
+        if not found:
+            return None
+        bad = next((p for p in found if not compiles({**defs, **_node_at(schema, p)})), found[0])
+        return (
+            f'"oneOf" at {json_path(where, (*bad, "oneOf"))} has alternatives that one value could match at '
+            "once, and the grammar engine enforces a oneOf only when its alternatives exclude each other "
+            '(different types, or a property with a different "const" in each); use "anyOf" if any match '
+            "will do"
+        )
+    return None
+
+
+def _node_at(schema: Any, path: tuple[str | int, ...]) -> dict[str, Any]:
+    node = schema
+    for part in path:
+        node = node[part]
+    return {"oneOf": node["oneOf"]}
+
+
+def read_schema(source: str, *, warn: Callable[[str], None] | None = None) -> tuple[dict[str, Any], str]:
     """The schema a command-line argument names, and a name for messages: "json" is any JSON object, else
-    `source` is the path of a JSON schema file. ConfigError names the file when it is missing or not JSON."""
+    `source` is the path of a JSON schema file. ConfigError names the file when it is missing or not JSON.
+    Text that is not valid Unicode in it is replaced with U+FFFD, and `warn` is told (`spqr_run.text`)."""
     if source.strip().lower() == "json":
         return {"type": "object"}, "JSON object format"
     path = Path(source).expanduser()
     try:
-        schema = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the JSON schema ({e.strerror or e})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    try:
+        schema = json.loads(decode_text(raw, str(path), warn))
+    except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not a JSON file ({e})") from None
+    schema = valid_json_warn(schema, str(path), warn)
     if not isinstance(schema, dict):
         raise ConfigError(f"{path}: a JSON schema must be a JSON object, not {type(schema).__name__}")
     return schema, f"JSON schema {path}"

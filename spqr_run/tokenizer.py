@@ -27,6 +27,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from spqr_run.errors import ConfigError, ModelFormatError
+from spqr_run.text import valid_text
 
 FORMAT = "spqr-tokenizer/1"
 # Tokens that end a chat turn; they join `eos_ids` when present in the vocab and flagged special.
@@ -586,6 +587,7 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise ConfigError(f"tokenizer: text to encode must be a string, not {type(text).__name__}")
+        text = valid_text(text)[0]  # lone surrogates -> U+FFFD, 1:1 (`spqr_run.text`); entries warn first
         ids = (
             self._encode_markup(text, literal) if special and literal else self._backend.encode(text, special)
         )

@@ -7,6 +7,13 @@ Two output styles, chosen from the chat template (and vocabulary) of the model:
 - `Llama3Format`: Llama-3.1 writes a call as a bare JSON object `{"name": ..., "parameters": {...}}`
   (optionally after `<|python_tag|>`, several joined by ";"); results come back with the `ipython` role.
 
+Reading: a call is parsed from the text the model wrote; the text around calls is the content. Tool markup
+never reaches the content: an output cut by `max_tokens` inside a call reports that call as far as it was
+written (its name, and its arguments as the raw text so far, as OpenAI reports a cut call) with
+finish_reason "length", and drops a cut opening tag; a call that is complete but not valid (unknown function,
+not JSON) is not a call, and the output stays content as the model wrote it. A stream (`ToolStream`) holds
+back whatever may be part of a call and ends with exactly the content and calls of the non-streamed parse.
+
 Rendering: a template that uses the Hugging Face `tools` variable gets the tools and the messages as
 transformers passes them (`tool_calls` with `arguments` as an object, `tool` role messages); otherwise a
 built-in system message describes the tools in the model's style, and earlier calls and their results are
@@ -74,8 +81,11 @@ class ToolFormat:
         raise NotImplementedError
 
     # ---- reading the output -----------------------------------------------------------------------
-    def parse(self, text: str, known: Iterable[str]) -> tuple[str | None, list[ToolCallText]]:
-        """(content, calls) of a finished output; no calls when it holds none or any is malformed."""
+    def parse(
+        self, text: str, known: Iterable[str], *, cut: bool = False
+    ) -> tuple[str | None, list[ToolCallText]]:
+        """(content, calls) of a finished output; no calls when it holds none or any is malformed. `cut`:
+        max_tokens ended the output, so its last call may be incomplete (reported as far as written)."""
         raise NotImplementedError
 
     latches = False  # once the output is seen not to start with a call, none can follow
@@ -139,25 +149,47 @@ class HermesFormat(ToolFormat):
         text = "\n".join(f"<tool_response>\n{c}\n</tool_response>" for c in contents)
         return {"role": "user", "content": text}
 
-    def parse(self, text: str, known: Iterable[str]) -> tuple[str | None, list[ToolCallText]]:
-        if self.OPEN not in text:
-            return text, []
+    def parse(
+        self, text: str, known: Iterable[str], *, cut: bool = False
+    ) -> tuple[str | None, list[ToolCallText]]:
         names = set(known)
-        calls = []
-        for m in self._CALL.finditer(text):
-            call = _call_from_json(m.group(1), names, self.arguments_key)
+        outside: list[str] = []  # the text before, between and after the calls
+        calls: list[ToolCallText] = []
+        markup, pos = False, 0
+        while True:
+            start = text.find(self.OPEN, pos)
+            if start < 0:
+                tail = text[pos:]
+                if cut and (keep := _partial_start(tail, self.OPEN)) < len(tail):
+                    tail, markup = tail[:keep], True  # cut inside an opening tag
+                outside.append(tail)
+                break
+            markup = True
+            outside.append(text[pos:start])
+            close = text.find(self.CLOSE, start)
+            body = text[start + len(self.OPEN) : len(text) if close < 0 else close]
+            if close < 0 and cut:
+                body = body[: _partial_start(body, self.CLOSE)]  # cut inside the closing tag
+            call = _call_from_json(body.strip(), names, self.arguments_key)
             if call is None:
-                return text, []
+                if not (cut and close < 0 and not _is_json(body)):
+                    return text, []  # a malformed call is no call: the output stays content
+                partial = _partial_call(body, self.arguments_key)  # cut by max_tokens inside it
+                calls += [partial] if partial is not None else []
+                break
             calls.append(call)
-        content = self._CALL.sub("", text).strip()
-        return content or None, calls
+            pos = len(text) if close < 0 else close + len(self.CLOSE)
+        if not markup:
+            return text, []
+        parts = [outside[0].rstrip(), *(o.strip() for o in outside[1:])]
+        return "\n".join(p for p in parts if p) or None, calls
 
     def hold_from(self, text: str) -> int | None:
         i = text.find(self.OPEN)
-        if i >= 0:
-            return i
-        partial = [k for k in range(1, len(self.OPEN)) if text.endswith(self.OPEN[:k])]
-        return len(text) - max(partial) if partial else None
+        if i < 0:
+            i = _partial_start(text, self.OPEN)
+        i = len(text[:i].rstrip())  # the whitespace before a call is not content either
+        return i if i < len(text) else None
 
     def call_rule(self) -> str:
         return f'"{_lark_escape(self.OPEN)}\\n" body "\\n{_lark_escape(self.CLOSE)}"'
@@ -183,7 +215,9 @@ class Llama3Format(ToolFormat):
     def result_message(self, contents: list[str]) -> dict[str, Any]:
         return {"role": "ipython", "content": "\n".join(contents)}
 
-    def parse(self, text: str, known: Iterable[str]) -> tuple[str | None, list[ToolCallText]]:
+    def parse(
+        self, text: str, known: Iterable[str], *, cut: bool = False
+    ) -> tuple[str | None, list[ToolCallText]]:
         body = text.strip()
         if body.startswith(self.TAG):
             body = body[len(self.TAG) :].strip()
@@ -194,7 +228,12 @@ class Llama3Format(ToolFormat):
             try:
                 obj, end = decoder.raw_decode(body, pos)
             except ValueError:
-                return text, []
+                if not cut:
+                    return text, []
+                partial = _partial_call(body[pos:], self.arguments_key)  # cut by max_tokens inside it
+                if partial is None and not calls:
+                    return text, []  # nothing shows it was a call
+                return None, calls + ([partial] if partial is not None else [])
             call = _call_from_object(obj, names, self.arguments_key)
             if call is None:
                 return text, []
@@ -234,12 +273,53 @@ class ToolStream:
         out, self.sent = self.text[self.sent : end], end
         return out
 
-    def finish(self) -> tuple[str, list[ToolCallText]]:
-        """At the end of the output: (content still to send, tool calls)."""
-        _, calls = self.fmt.parse(self.text, self.known) if not self.free else (None, [])
-        rest = "" if calls else self.text[self.sent :]
+    def finish(self, *, cut: bool = False) -> tuple[str, list[ToolCallText]]:
+        """At the end of the output (`cut`: by max_tokens): (content still to send, tool calls), so that the
+        content sent in all is the non-streamed parse's content."""
+        if self.free:
+            rest, calls = self.text[self.sent :], []
+        else:
+            content, calls = self.fmt.parse(self.text, self.known, cut=cut)
+            sent = self.text[: self.sent]
+            # what was sent is a prefix of the content (`hold_from` never lets out a call's first character
+            # nor the whitespace before it); anything else would be a bug, and sent text cannot be taken back
+            rest = (content or "")[len(sent) :] if (content or "").startswith(sent) else ""
         self.sent = len(self.text)
         return rest, calls
+
+
+def _partial_start(text: str, tag: str) -> int:
+    """Where `text` ends with the start of `tag` ("<tool_c"), or len(text) when it does not."""
+    partial = [k for k in range(1, len(tag)) if text.endswith(tag[:k])]
+    return len(text) - max(partial) if partial else len(text)
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+_NAME = re.compile(r'"name"\s*:\s*"((?:[^"\\]|\\.)*)')
+
+
+def _partial_call(body: str, arguments_key: str) -> ToolCallText | None:
+    """A call cut by max_tokens: its name as far as written and its arguments as the raw text written so far
+    (OpenAI's form of a cut call); None before the name has begun."""
+    m = _NAME.search(body)
+    if m is None:
+        return None
+    raw = m.group(1).rstrip("\\")  # a cut escape sequence
+    try:
+        name = json.loads(f'"{raw}"')
+    except ValueError:
+        name = raw
+    rest = body[m.end() :]
+    keys = "|".join(re.escape(k) for k in dict.fromkeys((arguments_key, "arguments", "parameters")))
+    a = re.search(rf'"(?:{keys})"\s*:\s*', rest)
+    return ToolCallText(name, rest[a.end() :].rstrip() if a else "")
 
 
 def _call_from_json(text: str, names: set[str], arguments_key: str) -> ToolCallText | None:

@@ -69,3 +69,32 @@ def client(server):
     from test_server_support import API_KEY
 
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory) -> Path:
+    """A tiny LLaMA Hugging Face folder (random weights, tokenizer trained on tests/test_quantize_model.py's
+    corpus), written once per session."""
+    from tests import test_quantize_model as tq
+    from tests.tiny_configs import write_tiny_hf_llama
+
+    return write_tiny_hf_llama(tmp_path_factory.mktemp("tiny-llama"), tq.CORPUS)
+
+
+@pytest.fixture(scope="session")
+def tiny_spqr_file(tiny_hf, tmp_path_factory):
+    """`tiny_spqr_file(wbits)`: the `tiny_hf` LLaMA quantized with SpQR at `wbits` (outlier threshold 0.2) into
+    a `.spqr` file, made once per session and width."""
+    from spqr_run.quant import QuantConfig
+    from tests import test_quantize_model as tq
+
+    made: dict[int, Path] = {}
+
+    def get(wbits: int) -> Path:
+        if wbits not in made:
+            out = tmp_path_factory.mktemp("spqr") / f"tiny-{wbits}bit.spqr"
+            tq._quantize(tiny_hf, out, qcfg=QuantConfig(method="spqr", wbits=wbits, outlier_threshold=0.2))
+            made[wbits] = out
+        return made[wbits]
+
+    return get

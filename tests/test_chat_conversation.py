@@ -116,6 +116,8 @@ def test_missing_and_binary_files(tmp_path: Path) -> None:
     with pytest.raises(ConversationError, match="cannot read"):
         Conversation.load(tmp_path / "missing.json")
     binary = tmp_path / "bin.json"
-    binary.write_bytes(b"\xff\xfe\x00garbage")
-    with pytest.raises(ConversationError, match="cannot read.*UTF-8"):
-        Conversation.load(binary)
+    binary.write_bytes(b"\xff\xfe\x00garbage")  # its bytes that are not UTF-8 become U+FFFD: then not JSON
+    notes: list[str] = []
+    with pytest.raises(ConversationError, match="bin.json: not valid JSON"):
+        Conversation.load(binary, warn=notes.append)
+    assert notes == [f"{binary}: 2 bytes that are not valid UTF-8 were replaced with U+FFFD"]

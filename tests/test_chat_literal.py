@@ -5,6 +5,7 @@ and distinct token strings that logprobs report, on the three kinds of vocabular
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -171,5 +172,6 @@ def test_repl_session_and_generate_chat_keep_content_as_text(gguf_tok: Tokenizer
     assert session.prompt_ids() == expected
 
     monkeypatch.setattr("spqr_run.runtime.load_runtime", lambda *a, **k: runtime)  # imported when called
+    monkeypatch.setattr("spqr_run.default_model.find_model", Path)  # no file: the loader is faked
     cli_run._generate(cli_run.build_parser().parse_args(["generate", "m.gguf", "--chat", "--prompt", FORGED]))
     assert seen == [expected]

@@ -80,9 +80,7 @@ def test_reply_is_streamed_and_kept() -> None:
     assert reply.text == "w0 w1 w2 w3 " and reply.finish_reason == "length"
     assert [m.role for m in session.conversation.messages] == ["user", "assistant"]
     out = buf.getvalue()
-    assert (
-        out.startswith("w0 w1 w2 w3 \n") and "4 tokens, ttft" in out and "(stopped at the token limit)" in out
-    )
+    assert out.startswith("w0 w1 w2 w3 \n") and "4 tokens, ttft" in out and "(stopped at max_tokens)" in out
 
 
 def test_cancelled_reply_is_kept_in_history() -> None:
@@ -110,6 +108,34 @@ def test_too_large_message_is_an_error_and_history_survives(tmp_path: Path) -> N
     out = buf.getvalue()
     assert "error: your message needs" in out and "Traceback" not in out
     assert [m.content for m in session.conversation.messages] == ["hi", "w0 w1 w2 w3 "]
+
+
+def test_a_bug_in_one_turn_never_ends_the_chat() -> None:
+    """Issue 23: whatever fails while a message is answered (here the model step) is one error line; the
+    message is taken back, the conversation kept and the chat goes on."""
+    session, runtime, buf = make_session()
+    real = runtime.gen.stream
+    calls: list[int] = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise TypeError("TextInputSequence must be str")
+        return real(*args, **kwargs)
+
+    runtime.gen.stream = flaky  # type: ignore[method-assign]
+    repl = Repl(session, iter_reader(["first", "second", "third", "/exit"]), PlainOutput(buf))
+    assert repl.run() == 0
+    out = buf.getvalue()
+    assert (
+        "error: internal error (TypeError: TextInputSequence must be str)" in out and "Traceback" not in out
+    )
+    assert [m.content for m in session.conversation.messages] == [
+        "first",
+        "w0 w1 w2 w3 ",
+        "third",
+        "w0 w1 w2 w3 ",
+    ]
 
 
 def test_repl_commands(tmp_path: Path) -> None:
@@ -210,3 +236,33 @@ def test_stop_flag_turns_echo_off_on_a_terminal_stdin(monkeypatch) -> None:
     finally:
         os.close(leader)
         os.close(follower)
+
+
+def test_a_reply_that_fills_the_context_is_counted_and_labelled_as_such(tmp_path: Path) -> None:
+    """Issue 23: /stats said "166 of 160 tokens" after a reply that filled the context, and the reply was
+    labelled "stopped at the token limit". A context-full stop is labelled so (max_tokens is another label),
+    and /stats never counts more tokens than the context holds without saying what that means."""
+    import re
+
+    pytest.importorskip("transformers")
+    from spqr_run.runtime import load_runtime
+    from tests.test_quantize_model import CORPUS
+    from tests.tiny_configs import write_tiny_hf_llama
+
+    (tmp_path / "m").mkdir()
+    runtime = load_runtime(write_tiny_hf_llama(tmp_path / "m", CORPUS), device="cpu", ctx=64)
+    params = SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)  # more than the context holds
+    session = ChatSession(runtime, params)
+    buf = io.StringIO()
+    repl = Repl(session, iter_reader(["the river flows", "/stats", "/set max_tokens 3", "and the mill", "/stats"]),
+                PlainOutput(buf))  # fmt: skip
+    assert repl.run() == 0
+    out = buf.getvalue()
+    first, second = out.split("last reply:")[1:3]
+    assert "(stopped: the context is full, 64 tokens)" in out.split("last reply:")[0]
+    assert "(stopped: the context is full, 64 tokens)" in first
+    context = re.search(r"context:\s+(.*)", first).group(1)
+    assert context.startswith("full: the last reply used all 64 tokens"), context
+    for used, total in re.findall(r"(\d+) of (\d+) tokens", out):
+        assert int(used) <= int(total), out
+    assert "(stopped at max_tokens, 3 tokens)" in second

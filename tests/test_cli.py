@@ -209,6 +209,31 @@ def test_banner_memory_plan_counts_the_workspace():
     assert plan.startswith("weights 500.0 MiB + workspace 300.0 MiB + KV cache 200.0 MiB (fp32) = 1000.0 MiB")
 
 
+def test_banner_names_the_model_as_its_file_does(tmp_path):
+    """Issue 23: the demo's banner said "Smollm2 135M 8k Lc100K Mix1 Ep2" (the GGUF's general.name) where the
+    README and the file say SmolLM2-135M-Instruct: the banner names a model by its file (what the user typed),
+    and adds the metadata's own name only when it is another name."""
+    from spqr_run.chat.info import display_name
+
+    demo = tmp_path / "SmolLM2-135M-Instruct.spqr"
+    demo.write_bytes(b"")
+    assert display_name(demo, "SmolLM2-135M-Instruct") == ("SmolLM2-135M-Instruct", "")
+    assert display_name(demo, "smollm2 135m instruct") == ("SmolLM2-135M-Instruct", "")
+    name, other = display_name(demo, "Smollm2 135M 8k Lc100K Mix1 Ep2")
+    assert name == "SmolLM2-135M-Instruct" and other == "Smollm2 135M 8k Lc100K Mix1 Ep2"
+    folder = tmp_path / "Llama-2-7b-hf"
+    folder.mkdir()
+    assert display_name(folder, "meta-llama/Llama-2-7b-hf") == ("Llama-2-7b-hf", "meta-llama/Llama-2-7b-hf")
+    facts = dict(
+        file=str(demo), arch="llama", parameters=1, bits_per_param=None, bits_note="", device="cpu",
+        weights_bytes=1, workspace_bytes=1, kv_cache_bytes=1, budget_bytes=4, max_context=16, context_fit=16,
+        max_positions=16, kv_dtype="fp32",
+    )  # fmt: skip
+    row = dict(describe(ModelFacts(name=name, metadata_name=other, **facts)))["model"]
+    assert row == f'SmolLM2-135M-Instruct ({demo}; its metadata calls it "Smollm2 135M 8k Lc100K Mix1 Ep2")'
+    assert dict(describe(ModelFacts(name=name, **facts)))["model"] == f"SmolLM2-135M-Instruct ({demo})"
+
+
 # ---- dependencies and the context limit ---------------------------------------------------------------
 def test_missing_dependency_is_reported_before_any_download(tmp_path):
     """gguf unimportable: spqr-chat (no model: the demo model) says so at once and prepares nothing."""

@@ -125,11 +125,12 @@ def _outliers(q):
 
 
 SHAPES = [(16, 64), (40, 80), (17, 65), (100, 200), (576, 576), (48, 1000)]
+SHAPE_IDS = [f"{o}x{i}" for o, i in SHAPES]  # the sanitizer builds skip the large ones (.ci/cpu-kernels)
 CONFIGS = [(wb, sb) for wb in (2, 3, 4) for sb in (1, 3, 4, 5, 8)]
 
 
 @pytest.mark.parametrize("wbits,stat_bits", CONFIGS)
-@pytest.mark.parametrize("shape", SHAPES[:4])
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=SHAPE_IDS[:4])
 def test_repack_is_the_specified_cpu_layout(wbits, stat_bits, shape):
     q = layer(*shape, wbits, stat_bits, seed=hash((wbits, stat_bits, shape)) % 1000)
     nw = W.spqr_weight(q)
@@ -155,7 +156,7 @@ def test_activation_quantization_is_its_torch_definition(inp, perm):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("wbits,stat_bits", [(2, 3), (3, 3), (4, 3), (3, 5), (4, 8), (2, 1)])
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_spqr_matmul_matches_the_references(isa, wbits, stat_bits, shape):
     LIB.spqr_cpu_set_isa(isa)
     seed = hash((isa, wbits, stat_bits, shape)) % 10_000
@@ -165,6 +166,33 @@ def test_spqr_matmul_matches_the_references(isa, wbits, stat_bits, shape):
     for rows in (1, 3, 9):
         x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(seed + rows))
         check_against_references(q, nw, x, run(nw, x), bias)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("wbits", [3, 4])
+def test_activation_residual_makes_the_activations_nearly_exact(isa, wbits):
+    """act_residual: a second int8 pass over x - xhat (step dx / 254): the result is within the fp32 bound of
+    the exact-activation reference plus |w| times the residual's own rounding (dx / 508 per element); the
+    ISA variants agree bit for bit."""
+    q = layer(200, 576, wbits, 3, seed=31 + wbits)
+    nw = W.spqr_weight(q, act_residual=True)
+    x = torch.randn(5, 576) * torch.logspace(-2, 1, 576)
+    LIB.spqr_cpu_set_isa(isa)
+    y = run(nw, x)
+    LIB.spqr_cpu_set_isa(0)
+    assert torch.equal(run(nw, x), y)
+    perm = q.perm_indices()
+    xs = x[:, perm]
+    _, dx = quantize_reference(xs)
+    step = (dx / 254).repeat_interleave(16, dim=1)[
+        :, :576
+    ].double() / 2  # (rows, in): the residual's rounding
+    w = q.dequantize(dtype=torch.float64)
+    exact = spqr_matmul_reference(x, q).double()
+    bound = step @ w.abs().T + 2.0**-19 * (xs.double().abs() @ w.abs().T)
+    assert ((y.double() - exact).abs() <= bound).all()
+    int8 = run(W.spqr_weight(q), x).double()
+    assert (y.double() - exact).abs().mean() < (int8 - exact).abs().mean() / 50
 
 
 @pytest.mark.parametrize("scale", [1e-4, 300.0])
@@ -205,23 +233,42 @@ def test_rows_and_threads_do_not_change_a_rows_result(isa):
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_q8_rows_and_matmul(isa):
+    """Int8 codes with an fp16 scale per row and 64 columns (`weights.q8_quantize` defines them)."""
     LIB.spqr_cpu_set_isa(isa)
-    w = torch.randn(100, 72) * torch.rand(100, 1) * 3  # rows of different scales; 72 not a multiple of 64
+    torch.manual_seed(isa)
+    w = torch.randn(100, 200) * torch.rand(100, 1) * 3  # rows of different scales; 200 = 3 x 64 + 8
     w[5] = 0.0
+    w[7, 64:128] = 0.0
     nw = W.q8_weight(w.half())
-    amax = w.half().float().abs().amax(1)
-    scale = amax / 127  # codes = round(w * (127 / amax)), nearest even
-    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, 0)  # a true fp32 division, as the C
-    codes = torch.round(w.half().float() * inv[:, None]).clamp(-127, 127)
-    assert torch.equal(nw.tensors["row_scale"], scale)
-    rows = W.q8_rows(nw, torch.tensor([0, 5, 99, 17]))
-    assert torch.equal(rows, (codes * scale[:, None])[[0, 5, 99, 17]])
-    x = torch.randn(6, 72)
+    codes, scales = W.q8_quantize(w.half())
+    s = scales.float().repeat_interleave(64, dim=1)[:, :200]
+    deq = codes.double()[:, :200] * s.double()  # (100, 200)
+    # the definition: scale = fp16(absmax / 127) per row and 64 columns, code = round(w / scale)
+    blocks = torch.nn.functional.pad(w.half().float(), (0, 56)).reshape(100, 4, 64)
+    amax = blocks.abs().amax(-1)
+    assert (scales.float() * 127 >= amax).all() and (
+        scales.float() - amax / 127 <= 2**-9 * amax / 127
+    ).all()  # one fp16 step
+    assert (deq - w.half().double()).abs().le(s.double() / 2 + 1e-12).all()
+    ids = torch.tensor([0, 5, 7, 99, 17])
+    assert torch.equal(W.q8_rows(nw, ids).double(), deq[ids])
+    x = torch.randn(6, 200)
     xq, dx = quantize_reference(x)
-    xhat = (xq.double().reshape(6, -1, 16) * dx.double()[..., None]).reshape(6, -1)[:, :72]
-    want = xhat @ (codes.double() * scale.double()[:, None]).T
+    # the head's activations: int8, plus their residual in int8 with step dx / 254 (`quantize_row`)
+    xg = torch.nn.functional.pad(x, (0, 8)).reshape(6, -1, 16)
+    r = xg - dx[..., None] * xq.float().reshape(6, -1, 16)
+    inv2 = torch.where(dx > 0, torch.full_like(dx, 254.0) / dx, torch.zeros_like(dx))
+    rq = torch.round(r * inv2[..., None]).clamp(-127, 127)
+    assert (r.abs() <= dx[..., None] / 2 * (1 + 1e-6)).all()
+    parts = [
+        xq.double().reshape(6, -1, 16) * dx.double()[..., None],
+        rq.double() * (dx / 254).double()[..., None],
+    ]
+    xhat = sum(p.reshape(6, -1)[:, :200] for p in parts)
+    assert (xhat - x.double()).abs().max() <= dx.max() / 400  # the head sees x to ~2^-15 of its group max
+    want = xhat @ deq.T
     y = run(nw, x)
-    terms = xhat.abs() @ (codes.double().abs() * scale.double()[:, None]).T
+    terms = sum(p.reshape(6, -1)[:, :200].abs() for p in parts) @ deq.abs().T
     assert ((y.double() - want).abs() <= 2.0**-19 * terms + 1e-30).all()
 
 
@@ -249,3 +296,16 @@ def test_matmul_takes_strided_rows_and_checks_inputs():
         nw.matmul(torch.randn(2, 63))
     with pytest.raises(TypeError, match="fp32"):
         nw.matmul(torch.randn(2, 64).half())
+
+
+def test_thread_pool_runs_every_chunk_once_under_contention():
+    """Many short parallel loops back to back with more threads than cores (workers descheduled while holding
+    chunks, late wake-ups): every result identical to one thread's."""
+    q = layer(160, 320, 3, 3, seed=21)
+    nw = W.spqr_weight(q)
+    x = torch.randn(3, 320)
+    want = run(nw, x)
+    for threads in (2, 3, 4):
+        LIB.spqr_cpu_set_threads(threads, 0 if threads == 3 else 50)  # spin 0: every wake-up is a futex
+        for _ in range(30):
+            assert torch.equal(run(nw, x), want)

@@ -16,18 +16,11 @@ from spqr_run.loading import build_decoder, open_model
 from spqr_run.models import linear
 from spqr_run.models.linear import held_linear
 from spqr_run.models.spqr_linear import SpQRLinear
-from spqr_run.quant import QuantConfig
-from tests import test_quantize_model
-
-tiny_hf = test_quantize_model.tiny_model  # the module-scoped fixture: a tiny LLaMA HF folder
 
 
 @pytest.fixture(scope="module")
-def tiny_spqr(tiny_hf: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("spqr") / "tiny.spqr"
-    qcfg = QuantConfig(method="spqr", wbits=4, outlier_threshold=0.2)
-    test_quantize_model._quantize(tiny_hf, out, qcfg=qcfg)
-    return out
+def tiny_spqr(tiny_spqr_file) -> Path:
+    return tiny_spqr_file(4)
 
 
 def _old_layout(path: Path):
@@ -123,3 +116,21 @@ def test_banner_says_what_the_cpu_path_holds(tiny_spqr: Path) -> None:
     assert rows["kernels"] == f"native CPU ({lib.isa_name()}, {lib.load().spqr_cpu_threads()} threads)"
     # under one byte a parameter even at this size (fp32 norms and the rotary tables are much of it)
     assert resident_bytes(runtime.model)[0] < 1.0 * runtime.source.config.num_parameters()
+
+
+def test_without_the_native_library_the_fp16_path_runs_and_says_why(tiny_spqr: Path, tmp_path: Path) -> None:
+    """A machine where the kernels could not be built (here: $SPQR_CPU_LIB names a file that is not there):
+    generation still works, on the decode-to-fp16 path, and one warning line says why."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SPQR_CPU_LIB=str(tmp_path / "missing.so"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "spqr_run.cli.run", "generate", str(tiny_spqr), "--prompt", "hello",
+         "--max-tokens", "4", "--temperature", "0", "--device", "cpu"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if "CPU decode from the packed weights unavailable" in ln]
+    assert len(lines) == 1 and "missing.so" in lines[0] and "decoding each layer to fp16" in lines[0]

@@ -103,7 +103,7 @@ def test_kv_cache_decode_equals_full_recompute(arch, tmp_path):
     tokens = torch.randint(0, 101, (1, 20))
     with torch.no_grad():
         full = model(tokens, use_cache=False)  # (1, 20, V)
-        model.setup_caches(1, 64)
+        model.setup_caches(1, 64, dtype=torch.float32)  # the decoder's math: no fp16 cache rounding
         first = model(tokens[:, :12], kv_len=12)  # prefill 12 tokens
         steps = [first]
         for i in range(12, 20):
@@ -122,7 +122,7 @@ def test_batched_rows_with_different_positions(tmp_path):
     with torch.no_grad():
         ref_a = model(a, use_cache=False)[0, -1]
         ref_b = model(b, use_cache=False)[0, -1]
-        model.setup_caches(2, 32)
+        model.setup_caches(2, 32, dtype=torch.float32)
         model(a[:, :-1], rows=torch.tensor([0]), kv_len=8)
         model(b[:, :-1], rows=torch.tensor([1]), kv_len=4)
         step = model(

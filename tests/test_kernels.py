@@ -30,6 +30,7 @@ import itertools
 import math
 import os
 import sys
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from spqr_run.ops import ext, spqr_matmul, spqr_matmul_stored
+from spqr_run.gpu.modules import KernelsUnavailable
+from spqr_run.ops import spqr_matmul, spqr_matmul_stored
 from spqr_run.ops.spqr_matmul import reference_weight
 from spqr_run.quant import LinearMeta, spqr_matmul_reference
 from spqr_run.quant import tile_layout as tl
@@ -684,28 +686,42 @@ def test_wrong_feature_count_is_one_clear_error():
             fn(torch.randn(1, 63), q)
 
 
-def test_fallback_when_the_extension_cannot_build(monkeypatch):
-    def broken_build():
-        raise RuntimeError("nvcc fatal: no such file\nmore lines")
+class _NoKernels:
+    """A CUDA device whose kernels cannot be had (what `spqr_run.ops.cuda_gpu` returns on such a GPU)."""
 
-    monkeypatch.setattr(ext, "missing_toolchain", lambda: None)
-    monkeypatch.setattr(ext, "_build", broken_build)
+    def kernels(self, bits):
+        raise KernelsUnavailable("no prebuilt cubin for sm_120 (shipped: sm_80, sm_90); no NVRTC found: pip install "
+                                 "nvidia-cuda-nvrtc (torch's CUDA wheels bring it)")  # fmt: skip
+
+
+def test_a_gpu_without_kernels_warns_once_in_one_line_and_runs_the_reference(monkeypatch):
+    monkeypatch.setattr(ops_module, "_no_gpu_reason", lambda device: None)  # pretend torch sees the GPU
+    monkeypatch.setattr(ops_module, "cuda_gpu", lambda index: _NoKernels())
+    monkeypatch.setattr(ops_module, "_warned", set())
+    cuda0 = torch.device("cuda", 0)
+    with pytest.warns(RuntimeWarning, match="reference path") as record:
+        assert ops_module.gpu_kernels(cuda0, (3, 3)) is None
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert (
+        "\n" not in message
+        and "pip install nvidia-cuda-nvrtc" in message
+        and "wbits=3, stat_bits=3" in message
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second time: no warning
+        assert ops_module.gpu_kernels(cuda0, (3, 3)) is None
+    # the ops then compute the reference
     monkeypatch.setattr(ops_module, "kernels_support", lambda x, q: True)  # pretend this input wants kernels
-    ext.load_extension.cache_clear()
-    try:
-        q = random_layer(20, 40, outlier_fraction=0.02)
-        x = torch.randn(1, 40).half()
-        with pytest.warns(RuntimeWarning, match="reference path") as record:
-            y = spqr_matmul(x, q)
-        assert len(record) == 1 and "\n" not in str(record[0].message)
-        assert torch.equal(y, spqr_matmul_reference(x, q))
-    finally:
-        ext.load_extension.cache_clear()
+    monkeypatch.setattr(ops_module, "gpu_kernels", lambda device, bits: None)
+    q = random_layer(20, 40, outlier_fraction=0.02)
+    x = torch.randn(1, 40).half()
+    assert torch.equal(spqr_matmul(x, q), spqr_matmul_reference(x, q))
 
 
 def test_kernel_benchmark_dry_run(capsys):
-    """benchmarks/kernels.py runs end to end without a GPU (--dry-run: tiny shapes, CPU reference)."""
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernels.py")
+    """benchmarks/kernel_bench.py runs end to end without a GPU (--dry-run: tiny shapes, CPU reference)."""
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernel_bench.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)

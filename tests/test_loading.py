@@ -249,16 +249,67 @@ def test_gguf_unsupported_architecture(tmp_path):
         config_from_metadata(read_metadata(reader, path), path)
 
 
+def _gguf_dequantizable() -> list[str]:
+    """Every tensor type the installed `gguf` package dequantizes (probed here with one zero block each)."""
+    names = []
+    for qtype in gguf.GGMLQuantizationType:
+        if qtype not in gguf.GGML_QUANT_SIZES:
+            continue
+        try:
+            with np.errstate(all="ignore"):
+                gguf.quants.dequantize(np.zeros((1, gguf.GGML_QUANT_SIZES[qtype][1]), np.uint8), qtype)
+        except NotImplementedError:
+            continue
+        names.append(qtype.name)
+    return names
+
+
+def _blocks_of(qtype: str, rows: int, cols: int) -> np.ndarray:
+    """A (rows, cols) tensor stored as `qtype`: gguf's own quantization of random weights where it can
+    quantize that type, else random blocks (random bytes: a scale may decode to inf or NaN, which the
+    comparison below counts as equal where both have it)."""
+    t = gguf.GGMLQuantizationType[qtype]
+    rng = np.random.default_rng(sum(map(ord, qtype)))
+    try:
+        return gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), t)
+    except NotImplementedError:
+        block, size = gguf.GGML_QUANT_SIZES[t]
+        return rng.integers(0, 256, size=(rows, cols // block * size), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("qtype", _gguf_dequantizable())
+def test_every_tensor_type_gguf_dequantizes_loads_as_gguf_dequantizes_it(qtype, tmp_path):
+    """Issue 23: Q2_K, Q3_K, IQ3_XXS, IQ3_S, IQ4_NL, IQ4_XS (llama.cpp's Q3_K_* / IQ3_* outputs, and its IQ4_NL
+    fallback for rows that are not a multiple of 256) and every other type `gguf` can dequantize load, each
+    weight equal to `gguf`'s own dequantization of the blocks written."""
+    hf_model = _tiny_llama(hidden_size=256, intermediate_size=256, num_attention_heads=4)
+    hf_model.model.layers[0].mlp.up_proj = torch.nn.Identity()
+    raw = _blocks_of(qtype, 256, 256)
+    path = tmp_path / f"{qtype}.gguf"
+    _write_gguf(path, hf_model, extra_tensor=("blk.0.ffn_up.weight", raw, gguf.GGMLQuantizationType[qtype]))
+    with np.errstate(all="ignore"):  # random scales may be inf or NaN
+        got = open_model(path).weights["layers.0.mlp.up_proj.weight"]
+        expected = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).reshape(256, 256)
+    assert got.shape == (256, 256) and got.dtype == torch.float32
+    np.testing.assert_array_equal(got.numpy(), expected.astype(np.float32))
+
+
+def test_the_types_issue_23_names_are_accepted():
+    assert {"Q2_K", "Q3_K", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS"} <= set(_gguf_dequantizable())
+
+
 def test_gguf_unsupported_tensor_type(tmp_path):
+    """A type `gguf` cannot dequantize (Q8_1, an intermediate type llama.cpp never stores) is refused at open
+    with one line naming the tensor and its type."""
     hf_model = _tiny_llama(hidden_size=256, intermediate_size=256)
     hf_model.model.layers[0].mlp.up_proj = torch.nn.Identity()
-    raw = np.zeros((256, 256 // 256 * 66), dtype=np.uint8)  # IQ2_XXS: 66 bytes per 256 values
-    path = tmp_path / "iq.gguf"
-    _write_gguf(path, hf_model, extra_tensor=("blk.0.ffn_up.weight", raw, gguf.GGMLQuantizationType.IQ2_XXS))
+    raw = np.zeros((256, 256 // 32 * 40), dtype=np.uint8)  # Q8_1: 40 bytes per 32 values
+    path = tmp_path / "q81.gguf"
+    _write_gguf(path, hf_model, extra_tensor=("blk.0.ffn_up.weight", raw, gguf.GGMLQuantizationType.Q8_1))
     reader = open_gguf(path)
     cfg = config_from_metadata(read_metadata(reader, path), path)
     with pytest.raises(
-        ModelFormatError, match=r"iq\.gguf: tensor 'blk\.0\.ffn_up\.weight' has unsupported type IQ2_XXS"
+        ModelFormatError, match=r"q81\.gguf: tensor 'blk\.0\.ffn_up\.weight' has type Q8_1, which the gguf"
     ):
         GGUFWeights(reader, path, cfg)
 
@@ -281,7 +332,8 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     )
     assert out.returncode == 2
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "missing.gguf: no such file" in lines[0] and "Traceback" not in out.stderr
+    assert len(lines) == 1 and "missing.gguf' not found: no such file" in lines[0]
+    assert "Traceback" not in out.stderr
 
 
 def test_sliding_window_caps_context(tmp_path):

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+# appended, not first: a benchmarks/ module must not shadow an installed package (as kernels.py, now kernel_bench.py, once did)
+sys.path.append(str(ROOT / "benchmarks"))
 
 import quality  # noqa: E402
 import texts  # noqa: E402

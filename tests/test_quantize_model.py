@@ -345,7 +345,7 @@ def test_progress_bars_show_an_eta():
     from spqr_run.cli.quantize import progress_columns
 
     assert any(isinstance(c, TimeRemainingColumn) for c in progress_columns())
-    assert any(isinstance(c, TimeRemainingColumn) for c in _progress(Console()).columns)
+    assert any(isinstance(c, TimeRemainingColumn) for c in _progress(Console(force_terminal=True)).columns)
 
 
 def test_one_hessian_per_group_equals_each_linears_own(tiny_model):
@@ -400,6 +400,7 @@ def test_default_model_preparation_resumes_without_sampling_again(tiny_model, tm
     )
     full = dm.finish_default_model(tiny_model, models_dir=tmp_path / "once")
     assert len(samples) == 1
+    assert read_header(full)["model_config"]["name"] == "SmolLM2-135M-Instruct"  # the demo's name, issue 23
     interrupt = _Interrupt(monkeypatch, 6)
     with pytest.raises(KeyboardInterrupt):
         dm.finish_default_model(tiny_model, models_dir=tmp_path / "twice")
@@ -629,3 +630,101 @@ def test_presets_search_the_stat_codes_and_a_flag_turns_it_off():
         assert off == dataclasses.replace(PRESETS[preset], stat_search=False)
     gptq = quant_config_from_args(build_parser().parse_args(["m", "-o", "x", "--method", "gptq"]))
     assert not gptq.stat_search  # the baselines stay the paper's
+
+
+# ---- a full disk (issue 23 item 3): one line, what was kept, the --resume command; nothing lost ------------
+ENOSPC_MESSAGE = (
+    'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+)
+
+
+def _check_disk_full_line(message: str, writing: str) -> None:
+    assert "\n" not in message
+    assert message.startswith("no space left on the disk: writing ") and writing in message
+    assert "needed" in message and "free there" in message and "kept" in message
+
+
+def test_disk_full_while_saving_a_block_keeps_the_finished_ones(tiny_model, tmp_path, monkeypatch):
+    """safetensors' ENOSPC (a SafetensorError, as on a real full disk) while block 1 is saved: the error says
+    what failed and what was kept, no temporary file is left, and --resume gives the uninterrupted file."""
+    import safetensors
+
+    import spqr_run.quantize_model as qm
+    from spqr_run.errors import DiskFullError
+
+    full = tmp_path / "full.spqr"
+    _quantize(tiny_model, full)
+    out = tmp_path / "out.spqr"
+    real_save = qm.save_file
+
+    def full_disk(tensors, filename, metadata=None):
+        if "block_0001" in str(filename):
+            Path(filename).write_bytes(b"\0" * 100)  # what a write cut short leaves
+            raise safetensors.SafetensorError(ENOSPC_MESSAGE)
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(qm, "save_file", full_disk)
+    with pytest.raises(DiskFullError) as e:
+        _quantize(tiny_model, out)
+    message = str(e.value)
+    _check_disk_full_line(message, "block_0001.safetensors")
+    assert "1 of 2 blocks" in message and "--resume" in message
+    partial = tmp_path / "out.spqr.partial"
+    assert not out.exists() and partial.is_dir() and not list(partial.glob("*.tmp"))
+    monkeypatch.setattr(qm, "save_file", real_save)
+    _quantize(tiny_model, out, resume=True)
+    _same_files(full, out)
+
+
+@pytest.mark.skipif(
+    not Path("/dev/full").exists(), reason="needs /dev/full (a device whose writes fail ENOSPC)"
+)
+def test_cli_disk_full_on_the_final_write_prints_one_line_with_the_resume_command(
+    tiny_model, tmp_path, capsys
+):
+    """The kernel's own ENOSPC on the final write (the temporary file is /dev/full): exit 2, one line naming
+    the file, the bytes needed, what was kept and the exact command that continues; that command works."""
+    import shlex
+
+    import spqr_run.cli.quantize as cli
+
+    out = tmp_path / "o.spqr"
+    (tmp_path / "o.spqr.tmp").symlink_to("/dev/full")
+    args = [str(tiny_model), "-o", str(out), "--nsamples", "2", "--seqlen", "16", "--device", "cpu"]
+    with pytest.raises(SystemExit) as e:
+        cli.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    message = lines[0].removeprefix("error: ")
+    _check_disk_full_line(message, str(out))
+    assert "all 2 blocks" in message and not out.exists() and (tmp_path / "o.spqr.partial").is_dir()
+    command = message.rpartition("continue with: ")[2]
+    argv = shlex.split(command)
+    assert argv[0] == "spqr-quantize" and argv[-1] == "--resume"
+    assert cli._main(argv[1:]) == 0
+    assert out.exists() and not (tmp_path / "o.spqr.partial").exists()
+    assert open_model(out).kind == "spqr"
+
+
+def test_free_space_is_checked_before_the_final_write(tiny_model, tmp_path, monkeypatch):
+    import shutil
+
+    from spqr_run.errors import DiskFullError
+
+    out = tmp_path / "small.spqr"
+    real = shutil.disk_usage
+
+    def almost_full(path):
+        usage = real(path)
+        return usage._replace(free=4096) if Path(path) == tmp_path else usage
+
+    monkeypatch.setattr(shutil, "disk_usage", almost_full)
+    with pytest.raises(DiskFullError) as e:
+        _quantize(tiny_model, out)
+    message = str(e.value)
+    _check_disk_full_line(message, str(out))
+    assert "4.0 KiB free there" in message and "all 2 blocks" in message
+    assert not (tmp_path / "small.spqr.tmp").exists() and not out.exists()

@@ -98,7 +98,9 @@ def recorded(real_spqr):
     """(name, packed linear, bias, its real input (PREFILL, in) fp16) for every quantized linear of the model
     as the runtime loads it, inputs recorded from a forward pass over a wiki-test passage."""
     source = open_model(real_spqr)
-    model = build_decoder(source, dtype=torch.float32)  # CPU path, packed form kept
+    model = build_decoder(
+        source, dtype=torch.float32, native=False
+    )  # PyTorch CPU path: modules run, packed kept
     text = WIKI_TEST.read_text(encoding="utf-8")[:2000]
     tokens = torch.tensor([source.tokenizer.encode(text, add_bos=False, special=False)[:PREFILL]])
     assert tokens.shape == (1, PREFILL)
@@ -179,15 +181,16 @@ def check(y: Tensor, ref: Tensor, b: Tensor, what: str) -> None:
 def kernel_output(backend, x: Tensor, q: QuantizedLinear, bias: Tensor | None) -> Tensor:
     """The kernels for this input as `SpQRLinear.forward` runs them on a GPU: x gathered into the stored
     column order once, then `spqr_matmul_stored` (small-batch kernel up to 16 rows, else dequantize + GEMM).
-    `backend`: the shim (its library) or "cuda" (the module itself on the GPU, the extension required)."""
+    `backend`: the shim (its library) or "cuda" (the module itself on the GPU, its kernels required)."""
     b16 = None if bias is None else bias.half()
     if backend != "cuda":
         x_stored = x if q.perm is None else x.index_select(-1, q.perm_indices())
         return backend.spqr_matmul_stored(x_stored, q, b16)
-    from spqr_run.ops.ext import load_extension
+    from spqr_run.ops import prepare_kernels
 
-    assert load_extension() is not None, "the CUDA extension did not build: the kernels would not run"
     layer = SpQRLinear(q, b16).cuda()
+    paths = prepare_kernels(layer)
+    assert paths and all(p.name != "reference" for p in paths.values()), f"no CUDA kernels would run: {paths}"
     with torch.no_grad():
         return layer(x.cuda()).cpu()
 

@@ -3,13 +3,20 @@ rules for weights per iteration and targets, on small hand-written inputs."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import sass_report as sr  # noqa: E402
+# loaded by path: benchmarks/ on sys.path would shadow installed packages (its kernels.py is not Hugging Face's
+# `kernels`, which transformers imports)
+_spec = importlib.util.spec_from_file_location(
+    "sass_report", Path(__file__).resolve().parents[1] / "benchmarks" / "sass_report.py"
+)
+sr = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = sr  # dataclasses look their module up there
+_spec.loader.exec_module(sr)
 
 SOURCE = """
 constexpr int kWarps = 4;

@@ -104,6 +104,9 @@ def test_prompt_scores_equal_a_plain_forward(engine: Engine, real_source) -> Non
     assert [t.token_id for t in scored] == ids[1:]
 
     reference = build_decoder(real_source)
+    reference.setup_caches(
+        1, len(ids)
+    )  # the engine's cache kind (fp16 on the native CPU path): same rounding
     with torch.inference_mode():
         logits = reference(torch.tensor([ids]))[0, :-1]  # (T-1, V): position i predicts ids[i + 1]
     lp = torch.log_softmax(logits.float(), dim=-1)

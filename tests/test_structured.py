@@ -168,6 +168,65 @@ def test_uncompilable_schemas_name_the_problem(engine: GrammarEngine, schema, na
     assert named in str(e.value) and "\n" not in str(e.value)
 
 
+def test_one_of_is_enforced_when_its_alternatives_exclude_each_other(
+    tokenizer, engine: GrammarEngine
+) -> None:
+    """Issue 23: `oneOf` whose alternatives no value can match twice (different types, a property with a
+    different const in each) compiles, and the grammar only lets through values of one alternative."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "shape": {
+                "oneOf": [
+                    {"type": "object", "properties": {"kind": {"const": "circle"}, "r": {"type": "number"}},
+                     "required": ["kind", "r"], "additionalProperties": False},
+                    {"type": "object", "properties": {"kind": {"const": "square"}, "side": {"type": "integer"}},
+                     "required": ["kind", "side"], "additionalProperties": False},
+                ]
+            },
+            "label": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
+        },
+        "required": ["shape", "label"],
+        "additionalProperties": False,
+    }  # fmt: skip
+
+    def allows(text: str) -> bool:
+        c = engine.compile_json_schema(schema)
+        for i in tokenizer.encode(text, add_bos=False, special=False):
+            if not c.compute_mask()[i]:
+                return False
+            c.accept(i)
+        return True
+
+    assert allows('{"shape": {"kind": "circle", "r": 1.5}, "label": 3}')
+    assert not allows('{"shape": {"kind": "circle", "side": 2}')
+
+
+@pytest.mark.parametrize(
+    ("schema", "keyword", "path"),
+    [
+        ({"type": "object", "properties": {"n": {"oneOf": [{"type": "integer"}, {"type": "number"}]}}},
+         "oneOf", "response_format.json_schema.schema.properties.n.oneOf"),
+        ({"type": "object", "properties": {"tags": {"type": "array", "items": {"anyOf": [
+            {"type": "string"}, {"type": "array", "uniqueItems": True}]}}}},
+         "uniqueItems", "response_format.json_schema.schema.properties.tags.items.anyOf[1].uniqueItems"),
+        ({"$defs": {"p": {"type": "object", "properties": {"x y": {"not": {"type": "null"}}}}},
+          "type": "object", "properties": {"p": {"$ref": "#/$defs/p"}}},
+         "not", 'response_format.json_schema.schema.$defs.p.properties["x y"].not'),
+        ({"if": {"type": "string"}, "then": {"minLength": 3}}, "if", "response_format.json_schema.schema.if"),
+    ],
+)  # fmt: skip
+def test_a_refused_keyword_is_named_with_its_json_path(engine: GrammarEngine, schema, keyword, path) -> None:
+    """Issue 23: one sentence naming the keyword and where it is, with what to do; no advice that no request
+    can follow (llguidance's "enable coerce_one_of")."""
+    with pytest.raises(GrammarError) as e:
+        engine.compile_json_schema(schema, what="JSON schema 'x'", where="response_format.json_schema.schema")
+    message = str(e.value)
+    assert "\n" not in message and f'"{keyword}" at {path}' in message, message
+    assert "coerce_one_of" not in message and "Unimplemented" not in message
+    assert message.count(". ") == 0 and len(message) < 400, message
+
+
 def test_mask_cost_per_token(tokenizer, engine: GrammarEngine) -> None:
     """The per-token cost of computing and applying the mask on the 49,152-token vocabulary stays far below a
     decode step (measured ~0.1-0.2 ms a token on one loaded CPU core; the bound leaves room for slow CI)."""
@@ -334,6 +393,32 @@ def test_bad_schema_is_400(server: Server, fmt: dict, named: str) -> None:
     error = r.json()["error"]
     assert named in error["message"] or named == error["param"]
     assert error["param"] is not None and error["param"].startswith("response_format")
+
+
+@needs_model
+def test_a_refused_keyword_in_tool_parameters_is_one_sentence(server: Server) -> None:
+    """Issue 23: a keyword the engine cannot enforce in a forced tool's `parameters` is a 400 naming the
+    keyword and its path in the request, not a cut-off dump of the internal grammar."""
+    tools = [
+        {"type": "function", "function": {"name": "ok", "parameters": {"type": "object"}}},
+        {"type": "function", "function": {"name": "tag", "parameters": {
+            "type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}}},
+    ]  # fmt: skip
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "x"}], "tools": tools,
+            "tool_choice": "required"}  # fmt: skip
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "tools"
+    assert '"uniqueItems" at tools[1].function.parameters.properties.tags.uniqueItems' in error["message"]
+    assert (
+        "%json" not in error["message"] and "call:" not in error["message"] and "..." not in error["message"]
+    )
 
 
 # ---- spqr-run generate --json-schema and /format in spqr-chat ---------------------------------------------

@@ -65,7 +65,7 @@ def test_hermes_parse() -> None:
 @pytest.mark.parametrize(
     "text",
     [
-        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa',  # cut by max_tokens
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa',  # ended (not cut) inside a call
         '<tool_call>\n{"name": "send_mail", "arguments": {}}\n</tool_call>',  # not a tool of the request
         '<tool_call>\n["get_weather"]\n</tool_call>',
     ],
@@ -99,7 +99,7 @@ def test_stream_holds_back_calls_only() -> None:
     s = ToolStream(HermesFormat(), NAMES)
     sent = _feed(s, text, step=1)
     rest, calls = s.finish()
-    assert sent == "Checking a < b.\n" and rest == "" and [c.name for c in calls] == ["get_time"]
+    assert sent + rest == "Checking a < b." and [c.name for c in calls] == ["get_time"]
     plain = "x <tool it is not>"
     s = ToolStream(HermesFormat(), NAMES)
     sent = _feed(s, plain, step=2)
@@ -111,6 +111,79 @@ def test_stream_holds_back_calls_only() -> None:
     s = ToolStream(Llama3Format(), NAMES)
     assert _feed(s, '{"name": "get_time", "parameters": {"zone": "UTC"}}') == ""
     assert [c.name for c in s.finish()[1]] == ["get_time"]
+
+
+# ---- outputs cut by max_tokens (issue 23 item 2) ----------------------------------------------------------
+CALL_W = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
+CALL_T = '{"name": "get_time", "arguments": {"zone": "UTC"}}'
+FULL = {"get_weather": CALL_W, "get_time": CALL_T}
+HERMES_OUTPUTS = [
+    f"<tool_call>\n{CALL_W}\n</tool_call>",  # tool_choice named or required
+    f"<tool_call>\n{CALL_W}\n</tool_call>\n<tool_call>\n{CALL_T}\n</tool_call>",  # required, parallel
+    f"Let me check.\n<tool_call>\n{CALL_T}\n</tool_call>",  # auto: text, then a call
+]
+
+
+def _check_cut(content: str | None, calls, full: str, prose: str) -> None:
+    """What a cut output may give: content a prefix of the prose around the calls, never markup; each call
+    a prefix of a real one (name, then raw arguments text), all but the last complete."""
+    assert not content or prose.startswith(content.rstrip()), (content, full)
+    for k, c in enumerate(calls):
+        whole = next((FULL[n] for n in FULL if n.startswith(c.name)), None)
+        assert whole is not None, (c.name, full)
+        args = whole[whole.index('"arguments": ') + len('"arguments": ') : -1]
+        if k < len(calls) - 1:
+            assert json.loads(c.arguments) == json.loads(args)
+        assert args.startswith(c.arguments), (c.arguments, full)
+
+
+@pytest.mark.parametrize("full", HERMES_OUTPUTS)
+def test_hermes_cut_anywhere_leaks_no_markup_and_stream_agrees(full: str) -> None:
+    """Cut by max_tokens at every character: no tool markup in content (not even a lone "<"), the partial
+    call reported in tool_calls (name and arguments as far as written), and the same content and calls
+    from the stream (fed in 1- and 4-character pieces) as from the whole text."""
+    prose = full.split("<tool_call>")[0].rstrip()
+    fmt = HermesFormat()
+    for k in range(len(full) + 1):
+        text, cut = full[:k], k < len(full)
+        content, calls = fmt.parse(text, NAMES, cut=cut)
+        _check_cut(content, calls, full, prose)
+        if cut and k > len(prose) + len("<tool_call>\n") + len('{"name": "'):
+            assert calls, text  # the name has begun: the call is reported
+        for step in (1, 4):
+            s = ToolStream(HermesFormat(), NAMES)
+            sent = _feed(s, text, step)
+            rest, streamed = s.finish(cut=cut)
+            assert sent + rest == (content or ""), (text, sent, rest)
+            assert [(c.name, c.arguments) for c in streamed] == [(c.name, c.arguments) for c in calls]
+
+
+def test_the_cuts_issue_23_reported() -> None:
+    fmt = HermesFormat()
+    content, calls = fmt.parse('<tool_call>\n{"name": "get_', NAMES, cut=True)
+    assert content is None and [(c.name, c.arguments) for c in calls] == [("get_", "")]
+    content, calls = fmt.parse(f"<tool_call>\n{CALL_W}\n</tool_call>\n<", NAMES, cut=True)
+    assert content is None and [c.name for c in calls] == ["get_weather"]
+    content, calls = fmt.parse(
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa', NAMES, cut=True
+    )
+    assert content is None and [(c.name, c.arguments) for c in calls] == [("get_weather", '{"city": "Pa')]
+
+
+def test_llama3_cut_anywhere() -> None:
+    full = '{"name": "get_time", "parameters": {"zone": "UTC"}}; {"name": "get_weather", "parameters": {"city": "Oslo", "unit": "celsius"}}'
+    fmt = Llama3Format()
+    for k in range(1, len(full) + 1):
+        text, cut = full[:k], k < len(full)
+        content, calls = fmt.parse(text, NAMES, cut=cut)
+        s = ToolStream(Llama3Format(), NAMES)
+        sent = _feed(s, text, 3)
+        rest, streamed = s.finish(cut=cut)
+        assert sent + rest == (content or "")
+        assert [(c.name, c.arguments) for c in streamed] == [(c.name, c.arguments) for c in calls]
+        if '"name": "' in text:
+            assert content is None and calls, text
+            assert "get_time".startswith(calls[0].name) or calls[0].name == "get_time"
 
 
 # ---- rendering ---------------------------------------------------------------------------------------------
@@ -255,6 +328,50 @@ def test_required_plain_and_streamed(client: openai.OpenAI) -> None:
     for c in r.choices:  # sampled, still valid by construction (the parameter schemas are bounded)
         assert c.finish_reason == "tool_calls"
         _check_calls(c.message.tool_calls)
+
+
+def _cut_after(tokens: list[str], end: str) -> int:
+    """How many of `tokens` (the texts of a generated output's tokens) end the text with `end`."""
+    text = ""
+    for k, t in enumerate(tokens, 1):
+        text += t
+        if text.endswith(end):
+            return k
+    raise AssertionError(f"{end!r} not in {''.join(tokens)!r}")
+
+
+@needs_model
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("choice", "end", "names"),
+    [
+        ({"type": "function", "function": {"name": "get_weather"}}, '"name": "get_', ["get_"]),
+        ({"type": "function", "function": {"name": "get_weather"}}, '{"city": "Paris', ["get_weather"]),
+        ("required", "</tool_call>\n<", ["get_weather"]),  # a parallel second call cut in its opening tag
+        ("required", '</tool_call>\n<tool_call>\n{"', ["get_weather"]),  # ... cut before its name
+    ],
+)
+def test_a_call_cut_by_max_tokens_is_reported_the_same_streamed_or_not(
+    client: openai.OpenAI, choice, end: str, names: list[str]
+) -> None:
+    """Issue 23: a forced or required call that max_tokens cuts never leaks its markup as content; the cut
+    call is in tool_calls as far as it was written (finish_reason "length"), identically when streamed."""
+    kw = dict(model=MODEL_NAME, messages=USER, tools=TOOLS, tool_choice=choice, temperature=0)
+    if choice == "required":
+        kw["parallel_tool_calls"] = True
+    whole = client.chat.completions.create(**kw, max_tokens=200, logprobs=True).choices[0]
+    tokens = [bytes(t.bytes or []).decode("utf-8", errors="replace") for t in whole.logprobs.content]
+    cut = _cut_after(tokens, end)
+    r = client.chat.completions.create(**kw, max_tokens=cut).choices[0]
+    assert r.finish_reason == "length" and r.message.content is None
+    got = [(c.function.name, c.function.arguments) for c in r.message.tool_calls]
+    assert [name for name, _ in got] == names
+    for (name, args), full in zip(got, whole.message.tool_calls, strict=False):
+        assert full.function.name.startswith(name) and full.function.arguments.startswith(args)
+        assert all(c.id.startswith("call_") for c in r.message.tool_calls)
+    content, calls, finish = _stream_calls(client.chat.completions.create(**kw, max_tokens=cut, stream=True))
+    assert content == "" and finish == "length"
+    assert [(c["name"], c["arguments"]) for _, c in sorted(calls.items())] == got
 
 
 @needs_model

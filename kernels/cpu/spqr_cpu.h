@@ -29,7 +29,7 @@
 extern "C" {
 #endif
 
-#define SPQR_CPU_ABI_VERSION 1
+#define SPQR_CPU_ABI_VERSION 5
 
 /* ---- instruction sets ------------------------------------------------------------------------------- */
 enum spqr_isa {
@@ -58,20 +58,24 @@ enum spqr_weight_kind {
   SPQR_W_SPQR = 1, /* CPU-layout SpQR: codes, stats, outliers, perm */
   SPQR_W_F32 = 2,  /* dense fp32 (out, in) row-major */
   SPQR_W_F16 = 3,  /* dense fp16 (out, in) row-major */
-  SPQR_W_Q8 = 4,   /* int8 codes (w + 128 as uint8) in quads, fp32 scale per row (the embedding / LM head) */
+  SPQR_W_Q8 = 4,   /* int8 codes (w + 128 as uint8) in quads, an fp16 scale per row and 64 columns (the
+                      embedding / LM head; llama.cpp's Q8_0 keeps one per 32) */
 };
 
 typedef struct spqr_weight {
   int32_t kind;
   int32_t out_features, in_features;
   int32_t wbits, stat_bits;      /* SPQR */
-  int32_t row_tiles, k_blocks;   /* SPQR: ceil(out/16), ceil(in/64); Q8: ceil(out/16), ceil(in/16) groups */
-  const uint8_t *codes;          /* SPQR: (RT, KB, 128*wbits) bytes; Q8: (RT, in_pad/4, 64) bytes */
+  int32_t row_tiles, k_blocks;   /* ceil(out/16), ceil(in/64) */
+  int32_t act_residual;          /* SPQR: 1 = a second int8 pass over the activations' rounding residual
+                                    (activations exact to ~2^-15 of their group maximum); Q8 always has it */
+  const uint8_t *codes;          /* SPQR: (RT, KB, 128*wbits) bytes; Q8: (RT, 16*KB, 64) bytes (quads) */
   const uint8_t *stats;          /* SPQR: (RT, KB, stat_block_bytes) */
-  const int32_t *outliers;       /* SPQR: (nnz,) fp16 delta | stored column << 16 */
+  const uint16_t *outlier_cols;  /* SPQR: (nnz,) stored column of each outlier, CSR order */
+  const float *outlier_vals;     /* SPQR: (nnz,) its delta (fp32: the file's fp16, exactly) */
   const int32_t *outlier_row_ptr;/* SPQR: (RT*16 + 1,) */
   const uint16_t *perm;          /* SPQR: (in,) stored column j reads input perm[j]; NULL = identity */
-  const float *row_scale;        /* Q8: (out,) */
+  const uint16_t *scales;        /* Q8: (RT, KB, 16) fp16: row 16*rt + i, columns 64*kb .. +63 */
   const void *dense;             /* F32 / F16: (out, in) */
   const float *bias;             /* (out,) or NULL */
 } spqr_weight;
@@ -86,10 +90,6 @@ int32_t spqr_cpu_stat_block_bytes(int32_t stat_bits);
 int spqr_cpu_repack(const int32_t *tiles, int32_t row_tiles, int32_t k_blocks, int32_t wbits,
                     int32_t stat_bits, uint8_t *codes, uint8_t *stats);
 
-/* A dense (out, in) fp32 or fp16 matrix -> Q8: codes (RT, in_pad/4, 64) (w/scale rounded, + 128), per-row
- * scale = max|w| / 127. in_pad = in rounded up to 16 (pad codes 128 = 0). dtype_bytes: 4 or 2. */
-void spqr_cpu_quantize_q8(const void *w, int32_t dtype_bytes, int32_t out, int32_t in, uint8_t *codes,
-                          float *row_scale);
 /* Rows `ids` (n,) of a Q8 weight, dequantized to fp32 (n, in): the embedding lookup. */
 void spqr_cpu_q8_rows(const spqr_weight *w, const int64_t *ids, int32_t n, float *out);
 
@@ -105,7 +105,7 @@ void spqr_cpu_quantize_rows(const float *x, int64_t x_stride, int32_t rows, int3
                             int8_t *xq, float *dx);
 
 /* ---- decoder (spqr_decoder.c) ----------------------------------------------------------------------- */
-enum spqr_kv_kind { SPQR_KV_F32 = 0, SPQR_KV_INT8 = 1 };
+enum spqr_kv_kind { SPQR_KV_F32 = 0, SPQR_KV_INT8 = 1, SPQR_KV_F16 = 2 };
 
 typedef struct spqr_layer {
   const float *attn_norm_w, *attn_norm_b; /* (hidden,) ; b NULL for RMSNorm */
@@ -117,7 +117,7 @@ typedef struct spqr_layer {
                               attention residual) */
   int32_t n_in_proj;
   spqr_weight o_proj, down_proj;
-  /* KV cache of this layer: (rows, max_seq, kv_heads, head_dim) fp32 or int8 (+ fp32 scales (.., 1)) */
+  /* KV cache of this layer: (rows, max_seq, kv_heads, head_dim) fp32, fp16, or int8 (+ fp32 scales (.., 1)) */
   void *k_cache, *v_cache;
   float *k_scale, *v_scale;
 } spqr_layer;

@@ -13,13 +13,9 @@
 
 #include "spqr_internal.h"
 
-/* Vector loops: one source, compiled for AVX-512, AVX2 and plain x86-64 and picked when the library loads
- * (GCC function multiversioning). Sums use 16 partial sums in a fixed order, so every clone rounds alike. */
-#if defined(SPQR_HAVE_X86) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_THREAD__)
-#define VEC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define VEC_CLONES
-#endif
+/* The attention loops (dot products over head_dim) are inlined into `attention_task`, which is cloned per
+ * instruction set once (SPQR_VEC_CLONES), not per call. Sums use 16 partial sums in a fixed order. */
+#define VEC_CLONES SPQR_VEC_CLONES
 
 static inline float reduce16(float acc[16]) {
   for (int w = 8; w >= 1; w /= 2)
@@ -28,7 +24,7 @@ static inline float reduce16(float acc[16]) {
 }
 
 /* sum_i a[i] b[i] */
-VEC_CLONES static float dot_f32(const float *a, const float *b, int32_t n) {
+static inline float dot_f32(const float *a, const float *b, int32_t n) {
   float acc[16] = {0};
   int32_t i = 0;
   for (; i + 16 <= n; i += 16)
@@ -37,7 +33,7 @@ VEC_CLONES static float dot_f32(const float *a, const float *b, int32_t n) {
   return reduce16(acc);
 }
 
-VEC_CLONES static float dot_f32_i8(const float *a, const int8_t *b, int32_t n) {
+static inline float dot_f32_i8(const float *a, const int8_t *b, int32_t n) {
   float acc[16] = {0};
   int32_t i = 0;
   for (; i + 16 <= n; i += 16)
@@ -46,19 +42,42 @@ VEC_CLONES static float dot_f32_i8(const float *a, const int8_t *b, int32_t n) {
   return reduce16(acc);
 }
 
+/* fp16 cache reads: `_Float16` converts with one vcvtph2ps per 8 or 16 values in the F16C clones (exact,
+ * as spqr_half_to_float); compilers without it use the bit-level conversion */
+#if defined(__FLT16_MAX__)
+typedef _Float16 half_t;
+#define HALF(p, i) ((float)(p)[i])
+#else
+typedef uint16_t half_t;
+#define HALF(p, i) spqr_half_to_float((p)[i])
+#endif
+
+static inline float dot_f32_f16(const float *a, const half_t *b, int32_t n) {
+  float acc[16] = {0};
+  int32_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int l = 0; l < 16; l++) acc[l] = fmaf(a[i + l], HALF(b, i + l), acc[l]);
+  for (int l = 0; i + l < n; l++) acc[l] = fmaf(a[i + l], HALF(b, i + l), acc[l]);
+  return reduce16(acc);
+}
+
+static inline void axpy_f16(float a, const half_t *x, float *y, int32_t n) {
+  for (int32_t i = 0; i < n; i++) y[i] = fmaf(a, HALF(x, i), y[i]);
+}
+
 /* y += a x */
-VEC_CLONES static void axpy_f32(float a, const float *x, float *y, int32_t n) {
+static inline void axpy_f32(float a, const float *x, float *y, int32_t n) {
   for (int32_t i = 0; i < n; i++) y[i] = fmaf(a, x[i], y[i]);
 }
 
-VEC_CLONES static void axpy_i8(float a, const int8_t *x, float *y, int32_t n) {
+static inline void axpy_i8(float a, const int8_t *x, float *y, int32_t n) {
   for (int32_t i = 0; i < n; i++) y[i] = fmaf(a, (float)x[i], y[i]);
 }
 
 /* exp(x) to about 2 ulp for finite x (range reduction by ln 2, degree-6 polynomial: the Cephes expf
  * coefficients), written without calls or branches so the loops below vectorize. */
 static inline float exp_poly(float x) {
-  x = fminf(fmaxf(x, -87.3f), 88.3f); /* 2^-126 .. 2^127: normal results */
+  x = x < -87.3f ? -87.3f : x > 88.3f ? 88.3f : x; /* 2^-126 .. 2^127: normal results */
   const float n = nearbyintf(x * 1.44269504088896341f);
   float r = fmaf(n, -0.693359375f, x);
   r = fmaf(n, 2.12194440e-4f, r);
@@ -93,6 +112,11 @@ typedef struct {
   float *norm_out;
   const spqr_layer *layer;
 } fwd_ctx;
+
+/* fp32 -> fp16 as the KV cache stores it (exported for the tests) */
+void spqr_float_to_half_array(const float *x, uint16_t *out, int64_t n) {
+  for (int64_t i = 0; i < n; i++) out[i] = spqr_float_to_half(x[i]);
+}
 
 /* ---- norms ------------------------------------------------------------------------------------------ */
 static void norm_row(const spqr_model *m, const float *x, const float *w, const float *b, float *out) {
@@ -162,6 +186,11 @@ static void rope_cache_task(void *p, int64_t b, int64_t e) {
     if (m->kv_kind == SPQR_KV_F32) {
       memcpy((float *)L->k_cache + at, k, sizeof(float) * kvd);
       memcpy((float *)L->v_cache + at, v, sizeof(float) * kvd);
+    } else if (m->kv_kind == SPQR_KV_F16) {
+      for (int64_t i = 0; i < kvd; i++) {
+        ((uint16_t *)L->k_cache)[at + i] = spqr_float_to_half(k[i]);
+        ((uint16_t *)L->v_cache)[at + i] = spqr_float_to_half(v[i]);
+      }
     } else {
       for (int32_t h = 0; h < m->n_kv_heads; h++) {
         const int64_t s = (row * m->kv_max_seq + pos) * m->n_kv_heads + h;
@@ -172,53 +201,158 @@ static void rope_cache_task(void *p, int64_t b, int64_t e) {
   }
 }
 
-/* ---- attention: one query token, one KV head (its group of query heads), keys 0 .. pos of its row ------- */
-static void attention_task(void *p, int64_t b, int64_t e) {
-  const fwd_ctx *c = p;
+/* ---- attention ----------------------------------------------------------------------------------------
+ * A task is one row b, one KV head g and a block of up to QB of the row's query tokens; each query attends to
+ * its row's keys 0 .. its position. One query (decode): dot products over head_dim. Several (prefill): the
+ * queries are transposed once, then for each key the scores of all of them come from head_dim fmas with
+ * the queries in the lanes (each key row read once, no horizontal sums), and softmax runs across the lanes
+ * too. The two orders of summation differ in the last bits; a given call shape always takes the same one. */
+#define QB 16
+
+static inline float key_scale(const spqr_layer *L, int int8, int64_t at) { return int8 ? L->k_scale[at] : 1.f; }
+
+VEC_CLONES static void attend_one(const fwd_ctx *c, int64_t n, int32_t g, float *scores) {
   const spqr_model *m = c->m;
   const spqr_layer *L = c->layer;
   const int32_t hd = m->head_dim, kvh = m->n_kv_heads, group = m->n_heads / m->n_kv_heads;
   const float scale = 1.f / sqrtf((float)hd);
-  const int int8 = m->kv_kind == SPQR_KV_INT8;
-  float *scores = malloc(sizeof(float) * (size_t)m->kv_max_seq * group);
-  if (!scores) return;
-  for (int64_t i = b; i < e; i++) {
-    const int64_t n = i / kvh;
-    const int32_t g = (int32_t)(i % kvh);
-    const int64_t pos = c->positions[n], row = c->rows ? c->rows[n / c->seq] : n / c->seq;
-    const int64_t base = row * m->kv_max_seq * kvh + g; /* (row, s, g) = base + s * kvh */
-    const float *q = c->proj + n * c->proj_stride + (int64_t)g * group * hd;
-    float *out = c->att + n * (int64_t)m->n_heads * hd + (int64_t)g * group * hd;
-    const int64_t keys = pos + 1;
-    for (int64_t s = 0; s < keys; s++) { /* each key row read once for the whole group */
-      const int64_t at = (base + s * kvh) * hd;
-      for (int32_t h = 0; h < group; h++) {
-        float dot = int8 ? dot_f32_i8(q + h * hd, (const int8_t *)L->k_cache + at, hd) * L->k_scale[base + s * kvh]
-                         : dot_f32(q + h * hd, (const float *)L->k_cache + at, hd);
-        scores[h * keys + s] = dot * scale;
-      }
-    }
+  const int int8 = m->kv_kind == SPQR_KV_INT8, f16 = m->kv_kind == SPQR_KV_F16;
+  const int64_t pos = c->positions[n], row = c->rows ? c->rows[n / c->seq] : n / c->seq;
+  const int64_t base = row * m->kv_max_seq * kvh + g; /* (row, s, g) = base + s * kvh */
+  const float *q = c->proj + n * c->proj_stride + (int64_t)g * group * hd;
+  float *out = c->att + n * (int64_t)m->n_heads * hd + (int64_t)g * group * hd;
+  const int64_t keys = pos + 1;
+  for (int64_t s = 0; s < keys; s++) { /* each key row read once for the whole group */
+    const int64_t at = (base + s * kvh) * hd;
     for (int32_t h = 0; h < group; h++) {
-      float *sc = scores + h * keys, mx = -INFINITY, sum = 0.f;
-      for (int64_t s = 0; s < keys; s++) mx = fmaxf(mx, sc[s]);
-      for (int64_t s = 0; s < keys; s++) sc[s] -= mx;
-      spqr_vec_exp(sc, keys);
-      for (int64_t s = 0; s < keys; s++) sum += sc[s];
-      const float inv = 1.f / sum;
-      for (int64_t s = 0; s < keys; s++) sc[s] *= inv;
-      memset(out + h * hd, 0, sizeof(float) * hd);
+      float dot = int8 ? dot_f32_i8(q + h * hd, (const int8_t *)L->k_cache + at, hd) * L->k_scale[base + s * kvh]
+                  : f16 ? dot_f32_f16(q + h * hd, (const half_t *)L->k_cache + at, hd)
+                        : dot_f32(q + h * hd, (const float *)L->k_cache + at, hd);
+      scores[h * keys + s] = dot * scale;
     }
+  }
+  for (int32_t h = 0; h < group; h++) {
+    float *sc = scores + h * keys, mx = -INFINITY, sum = 0.f;
+    for (int64_t s = 0; s < keys; s++) mx = sc[s] > mx ? sc[s] : mx;
+    for (int64_t s = 0; s < keys; s++) sc[s] -= mx;
+    spqr_vec_exp(sc, keys);
+    for (int64_t s = 0; s < keys; s++) sum += sc[s];
+    const float inv = 1.f / sum;
+    for (int64_t s = 0; s < keys; s++) sc[s] *= inv;
+    memset(out + h * hd, 0, sizeof(float) * hd);
+  }
+  for (int64_t s = 0; s < keys; s++) {
+    const int64_t at = (base + s * kvh) * hd;
+    for (int32_t h = 0; h < group; h++) {
+      if (int8)
+        axpy_i8(scores[h * keys + s] * L->v_scale[base + s * kvh], (const int8_t *)L->v_cache + at, out + h * hd, hd);
+      else if (f16)
+        axpy_f16(scores[h * keys + s], (const half_t *)L->v_cache + at, out + h * hd, hd);
+      else
+        axpy_f32(scores[h * keys + s], (const float *)L->v_cache + at, out + h * hd, hd);
+    }
+  }
+}
+
+/* 16 fp32 lanes (one zmm, two ymm or four xmm, per clone) */
+typedef float lanes16 __attribute__((vector_size(64)));
+
+#define LOAD16(dst, p) memcpy(&(dst), (p), sizeof(lanes16))
+
+/* Queries n0 .. n0 + nq - 1 (one row, nq <= QB), KV head g. buf: hd*QB + keys*QB floats. Contraction on here
+ * only (acc += k * q becomes one fma where the clone has them). */
+__attribute__((optimize("fp-contract=fast"))) VEC_CLONES static void attend_block(const fwd_ctx *c, int64_t n0, int32_t nq, int32_t g, float *buf) {
+  const spqr_model *m = c->m;
+  const spqr_layer *L = c->layer;
+  const int32_t hd = m->head_dim, kvh = m->n_kv_heads, group = m->n_heads / m->n_kv_heads;
+  const float scale = 1.f / sqrtf((float)hd);
+  const int int8 = m->kv_kind == SPQR_KV_INT8, f16 = m->kv_kind == SPQR_KV_F16;
+  const int64_t row = c->rows ? c->rows[n0 / c->seq] : n0 / c->seq;
+  const int64_t base = row * m->kv_max_seq * kvh + g;
+  int64_t maxpos = 0;
+  float limit[QB]; /* last key of each lane's query (-1: an empty lane) */
+  for (int l = 0; l < QB; l++) {
+    const int64_t p = l < nq ? c->positions[n0 + l] : -1;
+    limit[l] = (float)p;
+    maxpos = p > maxpos ? p : maxpos;
+  }
+  const int64_t keys = maxpos + 1;
+  float *qt = buf, *st = buf + hd * QB; /* qt[d][lane]; st[s][lane] */
+  for (int32_t h = 0; h < group; h++) {
+    const int64_t qoff = (int64_t)(g * group + h) * hd;
+    for (int32_t d = 0; d < hd; d++)
+      for (int l = 0; l < QB; l++) qt[d * QB + l] = l < nq ? c->proj[(n0 + l) * c->proj_stride + qoff + d] : 0.f;
+    float mx[QB], sum[QB];
+    for (int l = 0; l < QB; l++) mx[l] = -INFINITY, sum[l] = 0.f;
     for (int64_t s = 0; s < keys; s++) {
       const int64_t at = (base + s * kvh) * hd;
-      for (int32_t h = 0; h < group; h++) {
+      const float ks = key_scale(L, int8, base + s * kvh);
+      lanes16 acc = {0}, qd;
+      if (int8) {
+        for (int32_t d = 0; d < hd; d++) {
+          LOAD16(qd, qt + d * QB);
+          acc += (float)((const int8_t *)L->k_cache)[at + d] * qd;
+        }
+      } else if (f16) {
+        for (int32_t d = 0; d < hd; d++) {
+          LOAD16(qd, qt + d * QB);
+          acc += HALF((const half_t *)L->k_cache, at + d) * qd;
+        }
+      } else {
+        for (int32_t d = 0; d < hd; d++) {
+          LOAD16(qd, qt + d * QB);
+          acc += ((const float *)L->k_cache)[at + d] * qd;
+        }
+      }
+      for (int l = 0; l < QB; l++) {
+        const float v = (float)s <= limit[l] ? acc[l] * ks * scale : -INFINITY;
+        st[s * QB + l] = v;
+        mx[l] = v > mx[l] ? v : mx[l];
+      }
+    }
+    for (int64_t s = 0; s < keys; s++) {
+      for (int l = 0; l < QB; l++) {
+        const float v = (float)s <= limit[l] ? exp_poly(st[s * QB + l] - mx[l]) : 0.f;
+        st[s * QB + l] = v;
+        sum[l] += v;
+      }
+    }
+    for (int l = 0; l < nq; l++) {
+      float *out = c->att + (n0 + l) * (int64_t)m->n_heads * hd + qoff;
+      const float inv = 1.f / sum[l];
+      memset(out, 0, sizeof(float) * hd);
+      for (int64_t s = 0; s <= (int64_t)limit[l]; s++) {
+        const int64_t at = (base + s * kvh) * hd;
         if (int8)
-          axpy_i8(scores[h * keys + s] * L->v_scale[base + s * kvh], (const int8_t *)L->v_cache + at, out + h * hd, hd);
+          axpy_i8(st[s * QB + l] * inv * L->v_scale[base + s * kvh], (const int8_t *)L->v_cache + at, out, hd);
+        else if (f16)
+          axpy_f16(st[s * QB + l] * inv, (const half_t *)L->v_cache + at, out, hd);
         else
-          axpy_f32(scores[h * keys + s], (const float *)L->v_cache + at, out + h * hd, hd);
+          axpy_f32(st[s * QB + l] * inv, (const float *)L->v_cache + at, out, hd);
       }
     }
   }
-  free(scores);
+}
+
+static void attention_task(void *p, int64_t b, int64_t e) {
+  const fwd_ctx *c = p;
+  const spqr_model *m = c->m;
+  const int64_t blocks = (c->seq + QB - 1) / QB, kvh = m->n_kv_heads;
+  const int32_t group = m->n_heads / m->n_kv_heads;
+  const size_t floats = c->seq == 1 ? (size_t)m->kv_max_seq * group : (size_t)(m->head_dim + m->kv_max_seq) * QB;
+  float *buf = malloc(sizeof(float) * floats);
+  if (!buf) return;
+  for (int64_t i = b; i < e; i++) { /* i = (row b, query block, kv head) */
+    const int32_t g = (int32_t)(i % kvh);
+    const int64_t blk = i / kvh % blocks, rowb = i / kvh / blocks;
+    const int64_t n0 = rowb * c->seq + blk * QB;
+    const int32_t nq = (int32_t)(c->seq - blk * QB < QB ? c->seq - blk * QB : QB);
+    if (c->seq == 1)
+      attend_one(c, n0, g, buf);
+    else
+      attend_block(c, n0, nq, g, buf);
+  }
+  free(buf);
 }
 
 /* ---- MLP activation, in place in the gate (gated) or up columns of proj -------------------------------- */
@@ -288,8 +422,8 @@ int spqr_cpu_forward(const spqr_model *m, const int64_t *tokens, const int64_t *
       off += L->in_proj[i].out_features;
     }
     spqr_parallel_for(N, spqr_grain(N, 2), rope_cache_task, &c);
-    const int64_t pairs = N * m->n_kv_heads;
-    spqr_parallel_for(pairs, spqr_grain(pairs, 4), attention_task, &c);
+    const int64_t tasks = (int64_t)batch * ((seq + QB - 1) / QB) * m->n_kv_heads;
+    spqr_parallel_for(tasks, spqr_grain(tasks, 4), attention_task, &c);
     if (run_linear(&L->o_proj, c.att, qd, ao, H, (int32_t)N)) return -1;
     const float *mlp_in;
     if (m->parallel) {

@@ -18,6 +18,7 @@
 #ifndef SPQR_INTERNAL_H
 #define SPQR_INTERNAL_H
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -32,26 +33,47 @@
 
 static inline int32_t spqr_stat_group_bytes(int32_t stat_bits) { return stat_bits <= 4 ? 16 : 32; }
 
+/* fp16 bits -> fp32, exact for every fp16 value, branch-free (so that loops over it vectorize): the 15
+ * magnitude bits moved to fp32's exponent/mantissa position are the value times 2^-112 (normal and
+ * subnormal alike), then scaled back; infinities and NaNs keep an all-ones exponent. */
 static inline float spqr_half_to_float(uint16_t h) {
-  uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
-  if (exp == 0x1F) {
-    bits = sign | 0x7F800000u | (mant << 13);
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112) << 23) | (mant << 13);
-  } else if (mant == 0) {
-    bits = sign;
-  } else { /* subnormal: normalise */
-    int e = -1;
-    do {
-      mant <<= 1;
-      e++;
-    } while (!(mant & 0x400));
-    bits = sign | ((uint32_t)(112 - e) << 23) | ((mant & 0x3FF) << 13);
-  }
+  uint32_t mag = (uint32_t)(h & 0x7FFF) << 13, sign = (uint32_t)(h & 0x8000) << 16;
   float f;
+  memcpy(&f, &mag, 4);
+  f *= 0x1p112f;
+  uint32_t bits;
+  memcpy(&bits, &f, 4);
+  bits |= sign | ((h & 0x7C00) == 0x7C00 ? 0x7F800000u : 0u);
   memcpy(&f, &bits, 4);
   return f;
 }
+
+/* fp32 -> fp16 bits, rounded to nearest even (as torch's .half()): overflow to infinity, NaN kept quiet. */
+static inline uint16_t spqr_float_to_half(float f) {
+  uint32_t x;
+  memcpy(&x, &f, 4);
+  const uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+  const uint32_t a = x & 0x7FFFFFFFu;
+  if (a >= 0x7F800000u) return sign | (a > 0x7F800000u ? 0x7E00 : 0x7C00);
+  if (a < 0x38800000u) { /* below 2^-14: a multiple of 2^-24 in fp16, the rounding is nearbyintf's */
+    float m;
+    memcpy(&m, &a, 4);
+    return sign | (uint16_t)nearbyintf(m * 0x1p24f);
+  }
+  uint32_t r = a + 0x0FFFu + ((a >> 13) & 1u); /* round at bit 13, ties to even */
+  r = (r >> 13) - (112u << 10);                /* exponent bias 127 -> 15 */
+  return sign | (uint16_t)(r > 0x7C00u ? 0x7C00u : r);
+}
+
+/* Vector loops: one source compiled for x86-64-v4 (AVX-512), v3 (AVX2) and the baseline, picked when the
+ * library loads (GCC function multiversioning); results are the same in every clone (explicit fmaf,
+ * -ffp-contract=off, fixed summation order). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_THREAD__) && \
+    !defined(__SANITIZE_ADDRESS__)
+#define SPQR_VEC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SPQR_VEC_CLONES
+#endif
 
 /* ---- thread pool (spqr_pool.c) ---------------------------------------------------------------------- */
 typedef void (*spqr_task_fn)(void *ctx, int64_t begin, int64_t end);
@@ -71,6 +93,12 @@ typedef struct spqr_mm_args {
   const float *dx;    /* (rows, g_stride): the dequantization step of each group (absmax / 127) */
   const float *xsum;  /* (rows, g_stride): dx * sum of the group's xq = the sum of the dequantized x */
   const int32_t *xqs; /* (rows, g_stride): the sum of the group's xq */
+  /* with act_residual (and Q8): the residual x - dx * xq, quantized again with step dx2 = dx / 254 (its
+   * range is +-dx/2), so the weight sees activations to about 2^-15 of their group maximum; NULL otherwise.
+   * xsum then sums both parts. */
+  const int8_t *xq2;
+  const float *dx2;
+  const int32_t *xqs2;
   int64_t g_stride;
   const float *xst;   /* (rows, xst_stride): exact x in stored order (outliers, dense weights) */
   int64_t xst_stride;

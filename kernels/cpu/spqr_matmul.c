@@ -46,19 +46,23 @@ int spqr_cpu_abi_version(void) { return SPQR_CPU_ABI_VERSION; }
 /* ---- activation quantization ------------------------------------------------------------------------ */
 /* One row: xst = x[perm] (stored order, zero beyond `in`), per group of 16: dx = absmax / 127,
  * xq = round(x / dx) (nearest even), X = dx * sum(xq). */
-static void quantize_row(const float *x, int32_t in, const uint16_t *perm, int32_t groups, float *xst,
-                         int8_t *xq, float *dx, float *xsum, int32_t *xqs) {
+SPQR_VEC_CLONES static void quantize_row(const float *x, int32_t in, const uint16_t *perm, int32_t groups,
+                                         float *xst, int8_t *xq, float *dx, float *xsum, int32_t *xqs,
+                                         int8_t *xq2, float *dx2, int32_t *xqs2) {
   for (int32_t g = 0; g < groups; g++) {
     float v[16], amax = 0.f;
     for (int k = 0; k < 16; k++) {
       int32_t j = 16 * g + k;
       v[k] = j < in ? x[perm ? perm[j] : j] : 0.f;
-      amax = fmaxf(amax, fabsf(v[k]));
+    }
+    for (int k = 0; k < 16; k++) {
+      const float a = fabsf(v[k]);
+      amax = a > amax ? a : amax;
     }
     float inv = amax > 0.f ? 127.f / amax : 0.f;
     int32_t sum = 0;
     for (int k = 0; k < 16; k++) {
-      float q = fminf(fmaxf(nearbyintf(v[k] * inv), -127.f), 127.f);
+      float q = nearbyintf(v[k] * inv); /* |v| <= amax, so |q| <= 127 */
       xq[16 * g + k] = (int8_t)q;
       sum += (int32_t)q;
       if (xst) xst[16 * g + k] = v[k];
@@ -66,6 +70,20 @@ static void quantize_row(const float *x, int32_t in, const uint16_t *perm, int32
     dx[g] = amax / 127.f;
     xsum[g] = dx[g] * (float)sum;
     if (xqs) xqs[g] = sum;
+    if (xq2) { /* the residual, |x - dx q| <= dx / 2, in steps of dx / 254 */
+      const float step = dx[g] / 254.f, inv2 = dx[g] > 0.f ? 254.f / dx[g] : 0.f;
+      int32_t sum2 = 0;
+      for (int k = 0; k < 16; k++) {
+        const float r = v[k] - dx[g] * (float)xq[16 * g + k];
+        float q = nearbyintf(r * inv2);
+        q = q > 127.f ? 127.f : q < -127.f ? -127.f : q;
+        xq2[16 * g + k] = (int8_t)q;
+        sum2 += (int32_t)q;
+      }
+      dx2[g] = step;
+      xqs2[g] = sum2;
+      xsum[g] = fmaf(step, (float)sum2, xsum[g]);
+    }
   }
 }
 
@@ -75,12 +93,12 @@ void spqr_cpu_quantize_rows(const float *x, int64_t x_stride, int32_t rows, int3
   float *xsum = malloc(sizeof(float) * groups);
   for (int32_t t = 0; t < rows; t++)
     quantize_row(x + t * x_stride, in, perm, groups, NULL, xq + (int64_t)t * groups * 16,
-                 dx + (int64_t)t * groups, xsum, NULL);
+                 dx + (int64_t)t * groups, xsum, NULL, NULL, NULL, NULL);
   free(xsum);
 }
 
 /* ---- epilogue: outliers (exact x) and bias ------------------------------------------------------------ */
-void spqr_mm_epilogue(const spqr_mm_args *a, int64_t r0, int64_t r1) {
+SPQR_VEC_CLONES void spqr_mm_epilogue(const spqr_mm_args *a, int64_t r0, int64_t r1) {
   const spqr_weight *w = a->w;
   if (r1 > w->out_features) r1 = w->out_features;
   for (int32_t t = 0; t < a->rows; t++) {
@@ -89,10 +107,8 @@ void spqr_mm_epilogue(const spqr_mm_args *a, int64_t r0, int64_t r1) {
     if (w->kind == SPQR_W_SPQR && w->outlier_row_ptr) {
       for (int64_t r = r0; r < r1; r++) {
         float acc = y[r];
-        for (int32_t k = w->outlier_row_ptr[r]; k < w->outlier_row_ptr[r + 1]; k++) {
-          uint32_t word = (uint32_t)w->outliers[k];
-          acc = fmaf(spqr_half_to_float((uint16_t)(word & 0xFFFF)), xs[word >> 16], acc);
-        }
+        for (int32_t k = w->outlier_row_ptr[r]; k < w->outlier_row_ptr[r + 1]; k++)
+          acc = fmaf(w->outlier_vals[k], xs[w->outlier_cols[k]], acc);
         y[r] = acc;
       }
     }
@@ -169,14 +185,19 @@ void spqr_mm_spqr_portable(const spqr_mm_args *a, int64_t rt0, int64_t rt1) {
             z[r] = fmaf((float)zc[r], sz, -(sz * zz));
           }
           for (int t = 0; t < nt; t++) {
-            const int8_t *xq = a->xq + (t0 + t) * a->xq_stride + kb * 64 + 16 * j;
+            const int64_t xo = (t0 + t) * a->xq_stride + kb * 64 + 16 * j;
+            const int8_t *xq = a->xq + xo, *xr = a->xq2 ? a->xq2 + xo : NULL;
             const int64_t gi = (t0 + t) * a->g_stride + kb * 4 + j;
             const float dx = a->dx[gi], X = a->xsum[gi];
             for (int r = 0; r < 16; r++) {
-              int32_t d = 0;
+              int32_t d = 0, d2 = 0;
               for (int i = 0; i < 4; i++)
-                for (int c = 0; c < 4; c++) d += (int32_t)q[i][4 * r + c] * xq[4 * i + c];
+                for (int c = 0; c < 4; c++) {
+                  d += (int32_t)q[i][4 * r + c] * xq[4 * i + c];
+                  if (xr) d2 += (int32_t)q[i][4 * r + c] * xr[4 * i + c];
+                }
               float u = fmaf((float)d, dx, -(z[r] * X));
+              if (xr) u = fmaf((float)d2, a->dx2[gi], u);
               acc[t][r] = fmaf(s[r], u, acc[t][r]);
             }
           }
@@ -192,25 +213,32 @@ void spqr_mm_spqr_portable(const spqr_mm_args *a, int64_t rt0, int64_t rt1) {
 
 void spqr_mm_q8_portable(const spqr_mm_args *a, int64_t rt0, int64_t rt1) {
   const spqr_weight *w = a->w;
-  const int32_t groups = w->k_blocks, quads = 4 * groups;
+  const int32_t kbn = w->k_blocks;
   for (int64_t rt = rt0; rt < rt1; rt++) {
-    const uint8_t *tile = w->codes + rt * quads * 64;
+    const uint8_t *tile = w->codes + rt * kbn * 16 * 64;
+    const uint16_t *scales = w->scales + rt * kbn * 16;
     for (int32_t t = 0; t < a->rows; t++) {
       float acc[16] = {0};
       const int8_t *xq = a->xq + t * a->xq_stride;
-      for (int32_t g = 0; g < groups; g++) {
-        const int64_t gi = t * a->g_stride + g;
-        const float dx = a->dx[gi];
-        const int32_t S = a->xqs[gi];
-        for (int r = 0; r < 16; r++) {
-          int32_t d = 0;
-          for (int i = 0; i < 4; i++)
-            for (int c = 0; c < 4; c++) d += (int32_t)tile[(4 * g + i) * 64 + 4 * r + c] * xq[16 * g + 4 * i + c];
-          acc[r] = fmaf((float)(d - 128 * S), dx, acc[r]);
+      for (int32_t kb = 0; kb < kbn; kb++) {
+        float blk[16] = {0};
+        for (int32_t g = 4 * kb; g < 4 * kb + 4; g++) {
+          const int64_t gi = t * a->g_stride + g;
+          const int8_t *xq2 = a->xq2 + t * a->xq_stride;
+          for (int r = 0; r < 16; r++) {
+            int32_t d = 0, d2 = 0;
+            for (int i = 0; i < 4; i++)
+              for (int c = 0; c < 4; c++) {
+                d += (int32_t)tile[(4 * g + i) * 64 + 4 * r + c] * xq[16 * g + 4 * i + c];
+                d2 += (int32_t)tile[(4 * g + i) * 64 + 4 * r + c] * xq2[16 * g + 4 * i + c];
+              }
+            blk[r] = fmaf((float)(d - 128 * a->xqs[gi]), a->dx[gi], blk[r]);
+            blk[r] = fmaf((float)(d2 - 128 * a->xqs2[gi]), a->dx2[gi], blk[r]);
+          }
         }
+        for (int r = 0; r < 16; r++) acc[r] = fmaf(blk[r], spqr_half_to_float(scales[16 * kb + r]), acc[r]);
       }
-      for (int r = 0; r < 16 && 16 * rt + r < w->out_features; r++)
-        a->y[t * a->y_stride + 16 * rt + r] = acc[r] * w->row_scale[16 * rt + r];
+      for (int r = 0; r < 16 && 16 * rt + r < w->out_features; r++) a->y[t * a->y_stride + 16 * rt + r] = acc[r];
     }
     spqr_mm_epilogue(a, 16 * rt, 16 * rt + 16);
   }
@@ -262,7 +290,9 @@ static void quant_task(void *p, int64_t b, int64_t e) {
     quantize_row(c->x + t * c->x_stride, c->w->in_features, c->w->kind == SPQR_W_SPQR ? c->w->perm : NULL,
                  c->groups, (float *)a->xst + t * a->xst_stride, (int8_t *)a->xq + t * a->xq_stride,
                  (float *)a->dx + t * a->g_stride, (float *)a->xsum + t * a->g_stride,
-                 (int32_t *)a->xqs + t * a->g_stride);
+                 (int32_t *)a->xqs + t * a->g_stride, a->xq2 ? (int8_t *)a->xq2 + t * a->xq_stride : NULL,
+                 a->xq2 ? (float *)a->dx2 + t * a->g_stride : NULL,
+                 a->xq2 ? (int32_t *)a->xqs2 + t * a->g_stride : NULL);
 }
 
 static spqr_mm_fn pick(int kind) {
@@ -292,10 +322,11 @@ int spqr_cpu_matmul(const spqr_weight *w, const float *x, int64_t x_stride, floa
     return 0;
   }
   if (w->kind != SPQR_W_SPQR && w->kind != SPQR_W_Q8) return -1;
-  const int32_t groups = w->kind == SPQR_W_SPQR ? 4 * w->k_blocks : w->k_blocks;
+  const int32_t groups = 4 * w->k_blocks;
   const int64_t cols = 16 * (int64_t)groups;
   /* one scratch block: xst (fp32), dx, xsum (fp32), xq (int8), each row padded to whole groups */
-  size_t bytes = (size_t)rows * (cols * 4 + 3 * groups * 4 + cols) + 256;
+  const int residual = w->kind == SPQR_W_Q8 || w->act_residual;
+  size_t bytes = (size_t)rows * (cols * 4 + 5 * groups * 4 + 2 * cols) + 256;
   uint8_t *s = spqr_scratch(SPQR_SCRATCH_MATMUL, bytes);
   if (!s) return -1;
   a.xst = (float *)s;
@@ -304,7 +335,10 @@ int spqr_cpu_matmul(const spqr_weight *w, const float *x, int64_t x_stride, floa
   a.xsum = a.dx + (int64_t)rows * groups;
   a.xqs = (const int32_t *)(a.xsum + (int64_t)rows * groups);
   a.g_stride = groups;
-  a.xq = (int8_t *)(a.xqs + (int64_t)rows * groups);
+  a.dx2 = (const float *)(a.xqs + (int64_t)rows * groups);
+  a.xqs2 = (const int32_t *)(a.dx2 + (int64_t)rows * groups);
+  a.xq = (int8_t *)(a.xqs2 + (int64_t)rows * groups);
+  a.xq2 = residual ? a.xq + (int64_t)rows * cols : NULL;
   a.xq_stride = cols;
   quant_ctx qc = {x, x_stride, w, &a, groups};
   spqr_parallel_for(rows, spqr_grain(rows, 2), quant_task, &qc);

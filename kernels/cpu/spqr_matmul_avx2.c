@@ -135,8 +135,15 @@ INLINE void spqr_tile(const spqr_mm_args *a, const int64_t rt, const int32_t t0,
         const __m256 X = _mm256_set1_ps(a->xsum[gi]), dx = _mm256_set1_ps(a->dx[gi]);
         const __m256i d[2] = {half_dot(q[0].lo, q[1].lo, q[2].lo, q[3].lo, xq),
                               half_dot(q[0].hi, q[1].hi, q[2].hi, q[3].hi, xq)};
+        __m256i e[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        if (a->xq2) { /* the activation residual, step dx2 */
+          const int8_t *xr = a->xq2 + (t0 + t) * a->xq_stride + kb * 64 + 16 * j;
+          e[0] = half_dot(q[0].lo, q[1].lo, q[2].lo, q[3].lo, xr);
+          e[1] = half_dot(q[0].hi, q[1].hi, q[2].hi, q[3].hi, xr);
+        }
         for (int h = 0; h < 2; h++) {
-          const __m256 u = _mm256_fmsub_ps(_mm256_cvtepi32_ps(d[h]), dx, _mm256_mul_ps(z[h], X));
+          __m256 u = _mm256_fmsub_ps(_mm256_cvtepi32_ps(d[h]), dx, _mm256_mul_ps(z[h], X));
+          if (a->xq2) u = _mm256_fmadd_ps(_mm256_cvtepi32_ps(e[h]), _mm256_set1_ps(a->dx2[gi]), u);
           acc[t][h] = _mm256_fmadd_ps(s[h], u, acc[t][h]);
         }
       }
@@ -192,23 +199,34 @@ INLINE __m256i q8_half_dot(const uint8_t *tile, int h, const int8_t *xq) {
 
 void spqr_mm_q8_avx2(const spqr_mm_args *a, int64_t rt0, int64_t rt1) {
   const spqr_weight *w = a->w;
-  const int32_t groups = w->k_blocks;
+  const int32_t kbn = w->k_blocks;
   for (int64_t rt = rt0; rt < rt1; rt++) {
     const int64_t left = w->out_features - 16 * rt;
+    const uint16_t *scales = w->scales + rt * kbn * 16;
     for (int32_t t = 0; t < a->rows; t++) {
-      const uint8_t *tile = w->codes + rt * groups * 256;
+      const uint8_t *tile = w->codes + rt * kbn * 16 * 64;
       __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-      for (int32_t g = 0; g < groups; g++, tile += 256) {
-        const int8_t *xq = a->xq + t * a->xq_stride + 16 * g;
-        const __m256 dx = _mm256_set1_ps(a->dx[t * a->g_stride + g]);
-        for (int h = 0; h < 2; h++)
-          acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_half_dot(tile, h, xq)), dx, acc[h]);
+      for (int32_t kb = 0; kb < kbn; kb++) {
+        __m256 blk[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int32_t g = 4 * kb; g < 4 * kb + 4; g++, tile += 256) {
+          const int8_t *xq = a->xq + t * a->xq_stride + 16 * g, *xr = a->xq2 + t * a->xq_stride + 16 * g;
+          const __m256 dx = _mm256_set1_ps(a->dx[t * a->g_stride + g]);
+          const __m256 dx2 = _mm256_set1_ps(a->dx2[t * a->g_stride + g]);
+          for (int h = 0; h < 2; h++) {
+            blk[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_half_dot(tile, h, xq)), dx, blk[h]);
+            blk[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_half_dot(tile, h, xr)), dx2, blk[h]);
+          }
+        }
+        for (int h = 0; h < 2; h++) {
+          const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + 16 * kb + 8 * h)));
+          acc[h] = _mm256_fmadd_ps(blk[h], s, acc[h]);
+        }
       }
       float tmp[16];
       _mm256_storeu_ps(tmp, acc[0]);
       _mm256_storeu_ps(tmp + 8, acc[1]);
       float *y = a->y + t * a->y_stride + 16 * rt;
-      for (int r = 0; r < 16 && r < left; r++) y[r] = tmp[r] * w->row_scale[16 * rt + r];
+      for (int r = 0; r < 16 && r < left; r++) y[r] = tmp[r];
     }
     spqr_mm_epilogue(a, 16 * rt, 16 * rt + 16);
   }

@@ -25,6 +25,14 @@ INLINE __m512i bcast4(const int8_t *p) {
   return _mm512_set1_epi32(v);
 }
 
+/* The exact integer dot products of a group's 16 rows (four quads) with 16 activation bytes: 16 int32 lanes. */
+INLINE __m512i group_dot(__m512i q0, __m512i q1, __m512i q2, __m512i q3, const int8_t *x) {
+  __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q0, bcast4(x));
+  d = _mm512_dpbusd_epi32(d, q1, bcast4(x + 4));
+  d = _mm512_dpbusd_epi32(d, q2, bcast4(x + 8));
+  return _mm512_dpbusd_epi32(d, q3, bcast4(x + 12));
+}
+
 /* q[i] = quad 4j + i of a k-block's codes, as u8 (byte 4r + c = row r, column 4(4j+i) + c). */
 INLINE void group_codes(const uint8_t *c, const int b, const int j, __m512i q[4]) {
   if (b == 4) {
@@ -77,7 +85,7 @@ INLINE void group_stats(const uint8_t *grp, const int nibbles, __m512 *sc, __m51
 
 /* Row tile `rt`, activation rows t0 .. t0 + NT - 1: y = codes x activations (outliers, bias: epilogue). */
 INLINE void spqr_tile(const spqr_mm_args *a, const int64_t rt, const int32_t t0, const int NT, const int b,
-                      const int nibbles) {
+                      const int nibbles, const int res) {
   const spqr_weight *w = a->w;
   const int kbn = w->k_blocks;
   const int64_t cbytes = 128 * b;
@@ -109,12 +117,13 @@ INLINE void spqr_tile(const spqr_mm_args *a, const int64_t rt, const int32_t t0,
       const __m512 z = _mm512_fmsub_ps(zc, _mm512_set1_ps(pq[4 * j + 2]), _mm512_set1_ps(pq[16 + 4 * j + 3]));
       const int64_t k = kb * 64 + 16 * j, g = kb * 4 + j;
       _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) {
-        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[0], bcast4(xq[t] + k));
-        d = _mm512_dpbusd_epi32(d, q[1], bcast4(xq[t] + k + 4));
-        d = _mm512_dpbusd_epi32(d, q[2], bcast4(xq[t] + k + 8));
-        d = _mm512_dpbusd_epi32(d, q[3], bcast4(xq[t] + k + 12));
+        const __m512i d = group_dot(q[0], q[1], q[2], q[3], xq[t] + k);
         const __m512 zx = _mm512_mul_ps(z, _mm512_set1_ps(xs[t][g]));
-        const __m512 u = _mm512_fmsub_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(dx[t][g]), zx);
+        __m512 u = _mm512_fmsub_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(dx[t][g]), zx);
+        if (res) { /* the activation residual, step dx2 */
+          const __m512i e = group_dot(q[0], q[1], q[2], q[3], a->xq2 + (t0 + t) * a->xq_stride + k);
+          u = _mm512_fmadd_ps(_mm512_cvtepi32_ps(e), _mm512_set1_ps(a->dx2[(t0 + t) * a->g_stride + g]), u);
+        }
         acc[t] = _mm512_fmadd_ps(s, u, acc[t]);
       }
     }
@@ -125,16 +134,17 @@ INLINE void spqr_tile(const spqr_mm_args *a, const int64_t rt, const int32_t t0,
     _mm512_mask_storeu_ps(a->y + (t0 + t) * a->y_stride + 16 * rt, keep, acc[t]);
 }
 
-#define NT_CASES(B, N)                                  \
-  switch (nt) {                                         \
-    case 1: spqr_tile(a, rt, t0, 1, B, N); break;       \
-    case 2: spqr_tile(a, rt, t0, 2, B, N); break;       \
-    case 3: spqr_tile(a, rt, t0, 3, B, N); break;       \
-    case 4: spqr_tile(a, rt, t0, 4, B, N); break;       \
-    case 5: spqr_tile(a, rt, t0, 5, B, N); break;       \
-    case 6: spqr_tile(a, rt, t0, 6, B, N); break;       \
-    case 7: spqr_tile(a, rt, t0, 7, B, N); break;       \
-    default: spqr_tile(a, rt, t0, 8, B, N); break;      \
+#define NT_CASES(B, N)                                          \
+  const int res = a->xq2 != NULL;                               \
+  switch (nt) {                                                 \
+    case 1: spqr_tile(a, rt, t0, 1, B, N, res); break;          \
+    case 2: spqr_tile(a, rt, t0, 2, B, N, res); break;          \
+    case 3: spqr_tile(a, rt, t0, 3, B, N, res); break;          \
+    case 4: spqr_tile(a, rt, t0, 4, B, N, res); break;          \
+    case 5: spqr_tile(a, rt, t0, 5, B, N, res); break;          \
+    case 6: spqr_tile(a, rt, t0, 6, B, N, res); break;          \
+    case 7: spqr_tile(a, rt, t0, 7, B, N, res); break;          \
+    default: spqr_tile(a, rt, t0, 8, B, N, res); break;         \
   }
 
 typedef void (*tile_fn)(const spqr_mm_args *, int64_t, int32_t, int);
@@ -157,32 +167,36 @@ void spqr_mm_spqr_avx512(const spqr_mm_args *a, int64_t rt0, int64_t rt1) {
   }
 }
 
-/* ---- Q8 (embedding / LM head): u8 codes = w + 128, one scale per row -------------------------------- */
+/* ---- Q8 (embedding / LM head): u8 codes = w + 128, an fp16 scale per row and 64 columns ---------------- */
 INLINE void q8_tile(const spqr_mm_args *a, const int64_t rt, const int32_t t0, const int NT) {
   const spqr_weight *w = a->w;
-  const int32_t groups = w->k_blocks;
-  const uint8_t *tile = w->codes + rt * groups * 4 * 64;
+  const int32_t kbn = w->k_blocks;
+  const uint8_t *tile = w->codes + rt * kbn * 16 * 64;
+  const uint16_t *scales = w->scales + rt * kbn * 16;
   __m512 acc[NT];
   _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
-  for (int32_t g = 0; g < groups; g++, tile += 256) {
-    const __m512i q0 = _mm512_loadu_si512(tile), q1 = _mm512_loadu_si512(tile + 64),
-                  q2 = _mm512_loadu_si512(tile + 128), q3 = _mm512_loadu_si512(tile + 192);
-    _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) {
-      const int8_t *xq = a->xq + (t0 + t) * a->xq_stride + 16 * g;
-      const int64_t gi = (t0 + t) * a->g_stride + g;
-      __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q0, bcast4(xq));
-      d = _mm512_dpbusd_epi32(d, q1, bcast4(xq + 4));
-      d = _mm512_dpbusd_epi32(d, q2, bcast4(xq + 8));
-      d = _mm512_dpbusd_epi32(d, q3, bcast4(xq + 12));
-      d = _mm512_sub_epi32(d, _mm512_set1_epi32(128 * a->xqs[gi]));
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(a->dx[gi]), acc[t]);
+  for (int32_t kb = 0; kb < kbn; kb++) {
+    __m512 blk[NT];
+    _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) blk[t] = _mm512_setzero_ps();
+    for (int32_t g = 4 * kb; g < 4 * kb + 4; g++, tile += 256) {
+      const __m512i q0 = _mm512_loadu_si512(tile), q1 = _mm512_loadu_si512(tile + 64),
+                    q2 = _mm512_loadu_si512(tile + 128), q3 = _mm512_loadu_si512(tile + 192);
+      _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) {
+        const int8_t *xq = a->xq + (t0 + t) * a->xq_stride + 16 * g;
+        const int64_t gi = (t0 + t) * a->g_stride + g;
+        __m512i d = _mm512_sub_epi32(group_dot(q0, q1, q2, q3, xq), _mm512_set1_epi32(128 * a->xqs[gi]));
+        blk[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(a->dx[gi]), blk[t]);
+        const int8_t *xr = a->xq2 + (t0 + t) * a->xq_stride + 16 * g; /* the activation residual */
+        const __m512i e = _mm512_sub_epi32(group_dot(q0, q1, q2, q3, xr), _mm512_set1_epi32(128 * a->xqs2[gi]));
+        blk[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(e), _mm512_set1_ps(a->dx2[gi]), blk[t]);
+      }
     }
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + 16 * kb)));
+    _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) acc[t] = _mm512_fmadd_ps(blk[t], s, acc[t]);
   }
   const int64_t left = w->out_features - 16 * rt;
   const __mmask16 keep = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
-  const __m512 scale = _mm512_maskz_loadu_ps(keep, w->row_scale + 16 * rt);
-  for (int t = 0; t < NT; t++)
-    _mm512_mask_storeu_ps(a->y + (t0 + t) * a->y_stride + 16 * rt, keep, _mm512_mul_ps(acc[t], scale));
+  _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) _mm512_mask_storeu_ps(a->y + (t0 + t) * a->y_stride + 16 * rt, keep, acc[t]);
 }
 
 void spqr_mm_q8_avx512(const spqr_mm_args *a, int64_t rt0, int64_t rt1) {

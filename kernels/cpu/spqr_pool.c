@@ -5,9 +5,11 @@
  * while the others take the rest. Idle workers spin for `spin_us` (a decode step runs a few hundred short
  * loops back to back), then sleep on a futex, so a pool never burns a core between requests.
  *
- * Claim word: generation (high 32 bits) | next chunk (low 32 bits). A worker that wakes late for an old
- * generation fails its compare-and-swap and runs nothing; job descriptors alternate between two slots so
- * that the one a late worker reads is never the one being written (the next job's).
+ * Claim word: generation (24 bits) | chunk count (20 bits) | next chunk (20 bits). A worker decides whether
+ * a chunk is left from the claim word alone, and reads the job descriptor only after its compare-and-swap
+ * succeeded: a claim of generation g proves job g is unfinished, so the caller is not rewriting the
+ * descriptor for the next job, and the acquire pairs with the release that published it. A worker that wakes
+ * late for an old generation fails its compare-and-swap and runs nothing.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -37,20 +39,23 @@ typedef struct {
   spqr_task_fn fn;
   void *ctx;
   int64_t n, grain;
-  uint32_t chunks;
 } job_desc;
+
+#define GEN_MASK 0xFFFFFFu
+#define CHUNK_BITS 20
+#define MAX_CHUNKS ((1u << CHUNK_BITS) - 1)
 
 static struct {
   pthread_mutex_t resize_lock;
   int threads;           /* including the caller */
-  int spin_us;
+  _Atomic int spin_us;     /* read by spinning workers while the caller may change it */
   pthread_t tid[MAX_THREADS];
-  _Atomic uint64_t claim;    /* generation << 32 | next chunk */
+  _Atomic uint64_t claim;    /* generation << 40 | chunks << 20 | next chunk */
   _Atomic uint32_t wake;     /* the generation, as a futex word */
   _Atomic uint32_t done;     /* chunks finished in the current generation */
   _Atomic int sleepers;
   _Atomic int quit;
-  job_desc desc[2];
+  job_desc desc;
 } pool = {.resize_lock = PTHREAD_MUTEX_INITIALIZER, .threads = 1, .spin_us = 200};
 
 static double now_us(void) {
@@ -77,17 +82,17 @@ static void futex_wake_all(_Atomic uint32_t *addr) {
 #endif
 }
 
-/* Claim and run chunks of generation `gen` until none is left. */
+/* Claim and run chunks of generation `gen` (24 bits) until none is left. */
 static void run_chunks(uint32_t gen) {
-  const job_desc *d = &pool.desc[gen & 1];
   uint64_t cur = atomic_load_explicit(&pool.claim, memory_order_acquire);
   for (;;) {
-    if ((uint32_t)(cur >> 32) != gen) return;
-    uint32_t idx = (uint32_t)cur;
-    if (idx >= d->chunks) return;
+    if ((uint32_t)(cur >> 40) != gen) return;
+    const uint32_t chunks = (uint32_t)(cur >> CHUNK_BITS) & MAX_CHUNKS, idx = (uint32_t)cur & MAX_CHUNKS;
+    if (idx >= chunks) return;
     if (!atomic_compare_exchange_weak_explicit(&pool.claim, &cur, cur + 1, memory_order_acq_rel,
                                                memory_order_acquire))
       continue;
+    const job_desc *d = &pool.desc; /* published before the claim word: safe to read once claimed */
     int64_t b = (int64_t)idx * d->grain, e = b + d->grain;
     d->fn(d->ctx, b, e < d->n ? e : d->n);
     atomic_fetch_add_explicit(&pool.done, 1, memory_order_acq_rel);
@@ -105,7 +110,7 @@ static void *worker(void *arg) {
     while ((gen = atomic_load_explicit(&pool.wake, memory_order_acquire)) == seen) {
       if (atomic_load_explicit(&pool.quit, memory_order_relaxed)) return NULL;
       SPQR_PAUSE();
-      if (++spins % 256 == 0 && now_us() - t0 > pool.spin_us) {
+      if (++spins % 256 == 0 && now_us() - t0 > atomic_load_explicit(&pool.spin_us, memory_order_relaxed)) {
         atomic_fetch_add(&pool.sleepers, 1);
         if (atomic_load(&pool.wake) == seen && !atomic_load(&pool.quit)) futex_wait(&pool.wake, seen);
         atomic_fetch_sub(&pool.sleepers, 1);
@@ -113,7 +118,7 @@ static void *worker(void *arg) {
       }
     }
     seen = gen;
-    run_chunks(gen);
+    run_chunks(gen & GEN_MASK);
   }
 }
 
@@ -126,23 +131,20 @@ int64_t spqr_grain(int64_t n, int64_t per_thread) {
 void spqr_parallel_for(int64_t n, int64_t grain, spqr_task_fn fn, void *ctx) {
   if (n <= 0) return;
   if (grain < 1) grain = 1;
+  if ((n + grain - 1) / grain > MAX_CHUNKS) grain = (n + MAX_CHUNKS - 1) / MAX_CHUNKS;
   int64_t chunks = (n + grain - 1) / grain;
   if (pool.threads == 1 || chunks == 1) {
     fn(ctx, 0, n);
     return;
   }
   uint32_t gen = atomic_load_explicit(&pool.wake, memory_order_relaxed) + 1;
-  job_desc *d = &pool.desc[gen & 1];
-  d->fn = fn;
-  d->ctx = ctx;
-  d->n = n;
-  d->grain = grain;
-  d->chunks = (uint32_t)chunks;
+  pool.desc = (job_desc){fn, ctx, n, grain};
   atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
-  atomic_store_explicit(&pool.claim, (uint64_t)gen << 32, memory_order_release);
+  atomic_store_explicit(&pool.claim, (uint64_t)(gen & GEN_MASK) << 40 | (uint64_t)chunks << CHUNK_BITS,
+                        memory_order_release);
   atomic_store_explicit(&pool.wake, gen, memory_order_release);
   if (atomic_load(&pool.sleepers) > 0) futex_wake_all(&pool.wake);
-  run_chunks(gen);
+  run_chunks(gen & GEN_MASK);
   /* wait for chunks other threads hold; yield now and then so a descheduled holder on this core runs */
   int spins = 0;
   while (atomic_load_explicit(&pool.done, memory_order_acquire) < (uint32_t)chunks) {
@@ -164,7 +166,7 @@ int spqr_cpu_set_threads(int threads, int spin_us) {
   if (threads < 1) threads = 1;
   if (threads > MAX_THREADS) threads = MAX_THREADS;
   pthread_mutex_lock(&pool.resize_lock);
-  if (spin_us >= 0) pool.spin_us = spin_us;
+  if (spin_us >= 0) atomic_store_explicit(&pool.spin_us, spin_us, memory_order_relaxed);
   if (threads != pool.threads) {
     stop_workers();
     int started = 1;

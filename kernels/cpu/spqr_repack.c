@@ -11,7 +11,6 @@
  *          little-endian bit string of words 32b .. 32b + 4sb.
  *   second: half 2m in the low 16 bits of word 32b + 4sb + m; group j's four numbers are halves 4j .. 4j+3.
  */
-#include <math.h>
 #include <stdlib.h>
 
 #include "spqr_internal.h"
@@ -134,50 +133,13 @@ int spqr_cpu_repack(const int32_t *tiles, int32_t row_tiles, int32_t k_blocks, i
 }
 
 /* ---- Q8: embedding / LM head ------------------------------------------------------------------------ */
-typedef struct {
-  const void *w;
-  int32_t bytes, out, in, in_pad;
-  uint8_t *codes;
-  float *scale;
-} q8_ctx;
-
-static float load_w(const void *w, int32_t bytes, int64_t i) {
-  return bytes == 4 ? ((const float *)w)[i] : spqr_half_to_float(((const uint16_t *)w)[i]);
-}
-
-static void q8_task(void *p, int64_t begin, int64_t end) {
-  const q8_ctx *x = p;
-  int32_t quads = x->in_pad / 4;
-  for (int64_t r = begin; r < end; r++) {
-    const int64_t base = r * x->in;
-    float amax = 0.f;
-    for (int32_t k = 0; k < x->in; k++) amax = fmaxf(amax, fabsf(load_w(x->w, x->bytes, base + k)));
-    float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-    x->scale[r] = scale;
-    uint8_t *tile = x->codes + (r >> 4) * (int64_t)quads * 64 + 4 * (r & 15);
-    for (int32_t k = 0; k < x->in_pad; k++) {
-      float v = k < x->in ? nearbyintf(load_w(x->w, x->bytes, base + k) * inv) : 0.f;
-      v = fminf(fmaxf(v, -127.f), 127.f);
-      tile[(k >> 2) * 64 + (k & 3)] = (uint8_t)((int)v + 128);
-    }
-  }
-}
-
-void spqr_cpu_quantize_q8(const void *w, int32_t dtype_bytes, int32_t out, int32_t in, uint8_t *codes,
-                          float *row_scale) {
-  int32_t in_pad = (in + 15) / 16 * 16, rt = (out + 15) / 16;
-  /* padding rows of the last tile: codes 128 (= 0) so that they add nothing */
-  memset(codes + (int64_t)(rt - 1) * (in_pad / 4) * 64, 128, (size_t)(in_pad / 4) * 64);
-  q8_ctx x = {w, dtype_bytes, out, in, in_pad, codes, row_scale};
-  spqr_parallel_for(out, spqr_grain(out, 4), q8_task, &x);
-}
-
 void spqr_cpu_q8_rows(const spqr_weight *w, const int64_t *ids, int32_t n, float *out) {
-  int32_t in = w->in_features, quads = (in + 15) / 16 * 4;
+  const int32_t in = w->in_features, kbn = w->k_blocks;
   for (int32_t i = 0; i < n; i++) {
-    int64_t r = ids[i];
-    const uint8_t *tile = w->codes + (r >> 4) * (int64_t)quads * 64 + 4 * (r & 15);
-    float s = w->row_scale[r];
-    for (int32_t k = 0; k < in; k++) out[(int64_t)i * in + k] = s * (float)((int)tile[(k >> 2) * 64 + (k & 3)] - 128);
+    const int64_t r = ids[i];
+    const uint8_t *tile = w->codes + (r >> 4) * (int64_t)kbn * 16 * 64 + 4 * (r & 15);
+    const uint16_t *sc = w->scales + (r >> 4) * (int64_t)kbn * 16 + (r & 15);
+    for (int32_t k = 0; k < in; k++)
+      out[(int64_t)i * in + k] = spqr_half_to_float(sc[(k >> 6) * 16]) * (float)((int)tile[(k >> 2) * 64 + (k & 3)] - 128);
   }
 }

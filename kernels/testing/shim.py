@@ -1,5 +1,11 @@
-"""Python driver of the CUDA execution shim: builds kernels/*.cu with g++ into a shared library and calls the
-SpQR kernels on torch CPU tensors through ctypes.
+"""Python driver of the CUDA execution shim: builds kernels/*.cu with g++ into a shared library and runs the SpQR
+kernels on the CPU through the real Python launcher (spqr_run/gpu/spqr_matmul.py).
+
+The library exposes each kernel instance with a `cuLaunchKernel`-shaped entry (grid, block, shared memory, one
+pointer per argument) and fenced host memory. `ShimDriver` is a driver for the launcher on top of it (module
+load checks the cubin's symbols, functions resolve by symbol, occupancy is fixed), and `ShimDevice` is a
+launcher device whose memory is fenced host memory: so the plan, argument blocks, grids, name tables and the
+cache lookup that a GPU gets all run here, and each launch is checked against the reference on the CPU.
 
 Builds (`BUILDS`): "plain" (-O2), "asan" (AddressSanitizer + UndefinedBehaviorSanitizer) and "tsan"
 (ThreadSanitizer). A sanitized library needs its runtime loaded first into the process: run Python with
@@ -11,6 +17,8 @@ through CUDA_HOME, nvcc on PATH, or /usr/local/cuda*.
     shim = load("plain")
     shim.configure(order="random", seed=3)
     y = shim.spqr_matmul(x, q)            # same dispatch as spqr_run.ops.spqr_matmul on a GPU
+    with shim.device() as dev:            # or the launcher itself, on fenced buffers
+        y = launcher.matmul_small(dev, dev.input(x, "x"), ...)
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,15 +41,24 @@ import torch
 HERE = Path(__file__).resolve().parent
 KERNELS = HERE.parent
 ROOT = KERNELS.parent
+if str(ROOT) not in sys.path:  # the package (spqr_run.gpu) when this file is loaded by path; an installed
+    sys.path.append(str(ROOT))  # one comes first
+
+from spqr_run.gpu import build as gpu_build  # noqa: E402
+from spqr_run.gpu import modules  # noqa: E402
+from spqr_run.gpu import spqr_matmul as launcher  # noqa: E402
+from spqr_run.gpu.driver import DriverError  # noqa: E402
+
 BUILD_ROOT = ROOT / "build" / "cuda_shim"
 BUILDS = ("plain", "asan", "tsan")
 ORDERS = {"forward": 0, "reverse": 1, "random": 2}
-OPS = {"matmul_small": 1, "dequantize": 2}
 MAX_SMALL_ROWS = 16  # as spqr_run.ops.spqr_matmul: more rows dequantize and multiply
+BLOCKS_PER_SM = 4  # what the shim's occupancy query answers
+KERNEL_TABLE = "spqr_kernels_shim.cpp"  # generated: includes the kernel source, lists its instances
 
-# (source, is CUDA): the kernel sources are compiled unchanged as C++ with the prelude force-included.
+# (source, is CUDA): the kernel sources are compiled unchanged as C++ with the prelude force-included; the SpQR
+# kernels through the generated table (`kernel_table`), which includes kernels/spqr_matmul.cu.
 SOURCES = (
-    (KERNELS / "spqr_matmul.cu", True),
     (HERE / "shim_selftest.cu", True),
     (HERE / "shim_runtime.cpp", False),
     (HERE / "shim_api.cpp", False),
@@ -146,6 +165,22 @@ def _flags(build: str, sanitize_runtime: bool) -> list[str]:
     return flags
 
 
+def kernel_table(kernel_source: Path) -> str:
+    """The translation unit of the SpQR kernels: their source, and the table of every instance
+    (spqr_run/gpu/build.py `instances()`) with its cuLaunchKernel-style launcher."""
+    insts = gpu_build.instances()
+    lines = [f'#include "{kernel_source}"', "",
+             "namespace {", "const cuda_shim::KernelEntry kEntries[] = {"]  # fmt: skip
+    for i in insts:
+        lines.append(
+            f'    {{"{i.expr}", &cuda_shim::launch_params<&{i.expr}>, reinterpret_cast<const void*>(&{i.expr})}},'
+        )
+    lines += ["};", "}  // namespace", "",
+              'extern "C" size_t cuda_shim_kernel_entries(const cuda_shim::KernelEntry** out) {',
+              "  *out = kEntries;", "  return sizeof(kEntries) / sizeof(kEntries[0]);", "}"]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def build(build: str = "plain", *, kernel_source: Path | None = None, verbose: bool = False) -> Path:
     """Compiles the shim library for `build` (cached) and returns its path.
 
@@ -157,14 +192,13 @@ def build(build: str = "plain", *, kernel_source: Path | None = None, verbose: b
         raise ValueError(f"unknown shim build {build!r}; expected one of {', '.join(BUILDS)}")
     cxx = compiler()
     include = cuda_include_dir()
-    sources = [
-        (kernel_source or src, cuda) if src.name == "spqr_matmul.cu" else (src, cuda) for src, cuda in SOURCES
-    ]
+    kernel_source = (kernel_source or KERNELS / "spqr_matmul.cu").resolve()
+    table = kernel_table(kernel_source)
     digest = hashlib.sha256()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    for part in (version, str(include), build, *COMMON_FLAGS, *cpu_flags(), *BUILD_FLAGS[build]):
+    for part in (version, str(include), build, table, *COMMON_FLAGS, *cpu_flags(), *BUILD_FLAGS[build]):
         digest.update(part.encode())
-    for path in [s for s, _ in sources] + list(HEADERS):
+    for path in [s for s, _ in SOURCES] + list(HEADERS) + [kernel_source]:
         digest.update(path.name.encode() + path.read_bytes())
     out_dir = BUILD_ROOT / f"{build}-{digest.hexdigest()[:16]}"
     lib = out_dir / "libcuda_shim.so"
@@ -179,7 +213,9 @@ def build(build: str = "plain", *, kernel_source: Path | None = None, verbose: b
             shutil.rmtree(stale, ignore_errors=True)
         tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
         tmp.mkdir(parents=True)
-        includes = [f"-I{HERE / 'include'}", f"-I{KERNELS}", f"-I{include}"]
+        (tmp / KERNEL_TABLE).write_text(table)
+        sources = [(tmp / KERNEL_TABLE, True), *SOURCES]  # the kernels first: they take longest
+        includes = [f"-I{HERE / 'include'}", f"-I{KERNELS}", f"-I{kernel_source.parent}", f"-I{include}"]
 
         def compile_one(item: tuple[Path, bool]) -> Path:
             src, cuda = item
@@ -196,7 +232,6 @@ def build(build: str = "plain", *, kernel_source: Path | None = None, verbose: b
             return obj
 
         with ThreadPoolExecutor(max_workers=max(1, min(len(sources), os.cpu_count() or 1))) as pool:
-            # the kernel sources first: they take longest
             objs = list(pool.map(compile_one, sources))
         link = [cxx, "-shared", *BUILD_FLAGS[build], "-o", str(tmp / lib.name), *map(str, objs)]
         res = subprocess.run(link, capture_output=True, text=True)
@@ -213,21 +248,130 @@ def _preloaded(build: str) -> bool:
         return any(name in line for line in f)
 
 
+class ShimModule:
+    """A "loaded" cubin: the symbols its ELF image defines (None: the shim's own table, no image)."""
+
+    def __init__(self, image: bytes) -> None:
+        self.symbols = set(gpu_build.elf_function_symbols(image)) if image else None
+
+
+class ShimDriver:
+    """The launcher's driver interface (spqr_run.gpu.driver.Driver) on the shim library: cuModuleGetFunction
+    resolves a symbol the module's cubin defines to the shim's instance of the same symbol (g++ mangles as nvcc
+    and NVRTC do), cuLaunchKernel runs the grid on the CPU."""
+
+    def __init__(self, shim: Shim, blocks_per_sm: int = BLOCKS_PER_SM) -> None:
+        self.shim = shim
+        self.blocks_per_sm = blocks_per_sm
+        self.index = {symbol: i for i, (_, symbol) in enumerate(shim.kernels()) if symbol}
+
+    def load_module(self, image: bytes) -> ShimModule:
+        try:
+            return ShimModule(image)
+        except ValueError as e:
+            raise DriverError(f"cuModuleLoadData failed: CUDA_ERROR_INVALID_IMAGE ({e})") from e
+
+    def get_function(self, module: ShimModule, name: str) -> int:
+        if module.symbols is not None and name not in module.symbols:
+            raise DriverError(f"cuModuleGetFunction({name}) failed: CUDA_ERROR_NOT_FOUND (not in the cubin)")
+        if name not in self.index:
+            raise DriverError(f"cuModuleGetFunction({name}) failed: the shim has no kernel with this symbol")
+        return self.index[name]
+
+    def occupancy(self, function: int, block_threads: int, dynamic_smem: int) -> int:
+        return self.blocks_per_sm
+
+    def launch(
+        self, function: int, grid, block, dynamic_smem: int, stream: int, params: ctypes.Array
+    ) -> None:
+        rc = self.shim.lib.cuda_shim_launch(function, *grid, *block, dynamic_smem, params)
+        if rc != 0:
+            raise self.shim._error(rc)
+
+
+class ShimDevice(launcher.GpuDevice):
+    """A launcher device on the shim: fenced host memory (outputs and workspaces start as NaN, inputs read-only,
+    every buffer ends at a guard page), the shim's driver, and kernel images from `images` (default: the shim's
+    own table, no cubin). A context manager: on exit it checks that every layer's split-K ticket counters are
+    zero again (the launcher's contract for reusing them) and unmaps every buffer: copy results out first."""
+
+    def __init__(self, shim: Shim, *, num_sms: int = 132, arch: str = "sm_80",
+                 images: Callable[[tuple[int, int], list[str]], Iterable[modules.KernelImage]] | None = None) -> None:  # fmt: skip
+        super().__init__()
+        self.shim, self.driver, self.num_sms, self.arch = shim, ShimDriver(shim), num_sms, arch
+        self._images = images
+
+    def images(self, bits: tuple[int, int], reasons: list[str]) -> Iterable[modules.KernelImage]:
+        if self._images is not None:
+            return self._images(bits, reasons)
+        return [self.shim.image(bits, self.arch)]
+
+    def _alloc(
+        self, name: str, shape, dtype: torch.dtype, fill: int, src: torch.Tensor | None
+    ) -> torch.Tensor:
+        numel = 1
+        for n in shape:
+            numel *= n
+        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        ptr = self.shim.lib.cuda_shim_alloc(name.encode(), None if src is None else src.data_ptr(), nbytes, fill,
+                                            int(src is not None))  # fmt: skip
+        if not ptr:
+            raise MemoryError(f"cuda shim: cannot map {nbytes} bytes for {name}")
+        raw = (ctypes.c_char * nbytes).from_address(ptr)
+        return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).view(shape)
+
+    def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        return self._alloc("output", shape, dtype, 0xFF, None)
+
+    def zeros(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        return self._alloc("zeros", shape, dtype, 0, None)
+
+    def input(self, t: torch.Tensor | None, name: str) -> torch.Tensor | None:
+        """A read-only fenced copy of `t` (None stays None)."""
+        if t is None:
+            return None
+        t = t.contiguous()
+        return self._alloc(name, tuple(t.shape), t.dtype, 0, t)
+
+    def stream(self) -> int:
+        return 0
+
+    def __enter__(self) -> ShimDevice:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None:
+                for lay in list(self._layers.values()):
+                    if bool(lay.counters.ne(0).any()):
+                        i = int(lay.counters.ne(0).nonzero()[0])
+                        raise ShimError(f"spqr_matmul_small left ticket counter {i} at {int(lay.counters[i])} "
+                                        "(must be reset to 0)")  # fmt: skip
+        finally:
+            self._layers.clear()
+            self.shim.lib.cuda_shim_free_all()
+
+
 class Shim:
     """One loaded shim library: the SpQR kernels and the self-test kernels on CPU tensors."""
 
     def __init__(self, path: Path, build: str):
         self.build = build
         self.path = path
+        self._kernels: list[tuple[str, str]] | None = None
         self.lib = ctypes.CDLL(str(path))
         self.lib.cuda_shim_last_error.restype = ctypes.c_char_p
         self.lib.cuda_shim_build.restype = ctypes.c_char_p
         self.lib.cuda_shim_shared_bytes.restype = ctypes.c_size_t
         self.lib.cuda_shim_configure.argtypes = [ctypes.c_int, ctypes.c_ulonglong]
-        self.lib.spqr_shim_call.argtypes = [
-            ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_void_p),
-            ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p, ctypes.c_size_t,
-        ]  # fmt: skip
+        self.lib.cuda_shim_kernel_expr.restype = ctypes.c_char_p
+        self.lib.cuda_shim_kernel_symbol.restype = ctypes.c_char_p
+        self.lib.cuda_shim_launch.argtypes = [ctypes.c_int, *[ctypes.c_uint] * 7, ctypes.c_void_p]
+        self.lib.cuda_shim_alloc.restype = ctypes.c_void_p
+        self.lib.cuda_shim_alloc.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                             ctypes.c_int]  # fmt: skip
         self.lib.cuda_shim_selftest.argtypes = [
             ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
         ]  # fmt: skip
@@ -245,49 +389,33 @@ class Shim:
     def _error(self, rc: int) -> ShimError:
         return ShimError(self.lib.cuda_shim_last_error().decode(errors="replace") or f"error {rc}")
 
-    def call(
-        self,
-        op: str,
-        q,
-        x: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        out: torch.Tensor,
-        *,
-        splits: int = 0,
-        num_sms: int = 132,
-    ) -> torch.Tensor:
-        """Runs launcher `op` ("matmul_small", "dequantize") of the v2 layer `q` (`tiles`, `outliers`,
-        `outlier_row_ptr`, `meta`), writing `out` (fp16, its final shape). `x` is x_stored (rows, in) fp16.
-        splits: forced split-K count (0: the launcher's plan for `num_sms` SMs). Raises ShimError on a
-        diagnosed fault or a CUDA error."""
-        m = q.meta
-        rows = 0 if x is None else x.numel() // m.in_features
-        bias_kind = 0 if bias is None else {torch.float16: 1, torch.float32: 2}[bias.dtype]
-        tensors = [q.tiles, q.outliers, q.outlier_row_ptr, x, bias]
-        tensors = [None if t is None or t.numel() == 0 else t.contiguous() for t in tensors]
-        ptrs = (ctypes.c_void_p * 5)(*[None if t is None else t.data_ptr() for t in tensors])
-        sizes = (ctypes.c_size_t * 5)(*[0 if t is None else t.numel() * t.element_size() for t in tensors])
-        ldx = m.in_features
-        if x is not None and m.in_features % 64:  # the kernel reads whole records of x: pad with zeros
-            ldx = -(-m.in_features // 64) * 64
-            x = torch.nn.functional.pad(x.reshape(rows, m.in_features), (0, ldx - m.in_features))
-            tensors[3] = x.contiguous()
-            ptrs[3] = x.data_ptr()
-            sizes[3] = x.numel() * x.element_size()
-        ints = (ctypes.c_int * 9)(m.wbits, m.stat_bits, m.out_features, m.in_features, rows, bias_kind, splits,
-                                  num_sms, ldx)  # fmt: skip
-        assert out.is_contiguous() and out.dtype == torch.float16
-        rc = self.lib.spqr_shim_call(OPS[op], ints, ptrs, sizes, out.data_ptr(), out.numel() * 2)
-        if rc != 0:
-            raise self._error(rc)
-        return out
+    def kernels(self) -> list[tuple[str, str]]:
+        """(C++ name, symbol) of each kernel instance the library holds, in launch-index order."""
+        if self._kernels is None:
+            n = self.lib.cuda_shim_kernel_count()
+            self._kernels = [(self.lib.cuda_shim_kernel_expr(i).decode(), self.lib.cuda_shim_kernel_symbol(i).decode())
+                             for i in range(n)]  # fmt: skip
+        return self._kernels
+
+    def image(self, bits: tuple[int, int], arch: str = "sm_80") -> modules.KernelImage:
+        """The shim's own "kernel image" of a (wbits, stat_bits): no cubin, the name table from its symbols."""
+        table = dict(self.kernels())
+        names = {i.expr: table[i.expr] for i in gpu_build.instances([bits])}
+        return modules.KernelImage(b"", names, arch, "shim", "the CPU execution shim's own kernels")
+
+    def device(self, **kw) -> ShimDevice:
+        """A launcher device on this library (see `ShimDevice`)."""
+        return ShimDevice(self, **kw)
 
     def dequantize(self, q) -> torch.Tensor:
-        """W (out, in) fp16 in stored column order (the spqr::dequantize op)."""
+        """W (out, in) fp16 in stored column order (the spqr::dequantize op), written into a NaN-filled buffer."""
         m = q.meta
-        return self.call(
-            "dequantize", q, None, None, torch.empty(m.out_features, m.in_features, dtype=torch.half)
-        )
+        with self.device() as dev:
+            packed = [dev.input(t, n) for t, n in ((q.tiles, "tiles"), (q.outliers, "outliers"),
+                                                   (q.outlier_row_ptr, "outlier_row_ptr"))]  # fmt: skip
+            return launcher.dequantize(
+                dev, *packed, m.wbits, m.stat_bits, m.out_features, m.in_features
+            ).clone()
 
     def spqr_matmul_stored(
         self,
@@ -299,22 +427,27 @@ class Shim:
         num_sms: int = 132,
     ) -> torch.Tensor:
         """x_stored (..., in) fp16, already in stored column order -> (..., out) fp16 with the dispatch of
-        spqr_run.ops.spqr_matmul on a GPU: the small-batch kernel for 1..16 rows, dequantize + an
-        fp32-accumulated matmul above."""
+        spqr_run.ops.spqr_matmul on a GPU, through the launcher: the small-batch kernel for 1..16 rows (`splits`
+        forces a split-K count; default the plan for `num_sms` SMs), dequantize + an fp32-accumulated matmul
+        above."""
         m = q.meta
         x2 = x_stored.reshape(-1, m.in_features).contiguous()  # (tokens, in)
         rows = x2.shape[0]
-        if rows <= MAX_SMALL_ROWS:
-            if bias is not None and bias.dtype not in (torch.float16, torch.float32):
-                bias = bias.float()
-            out = torch.empty(rows, m.out_features, dtype=torch.half)
-            y = self.call("matmul_small", q, x2, bias, out, splits=splits, num_sms=num_sms)
-        else:
-            w = self.dequantize(q)  # (out, in) fp16, stored column order
-            y = x2.float() @ w.float().T  # cuBLAS: fp16 inputs, fp32 accumulation
-            if bias is not None:
-                y += bias.half().float()
-            y = y.half()
+        numbers = (m.wbits, m.stat_bits, m.out_features, m.in_features)
+        with self.device(num_sms=num_sms) as dev:
+            packed = [dev.input(t, n) for t, n in ((q.tiles, "tiles"), (q.outliers, "outliers"),
+                                                   (q.outlier_row_ptr, "outlier_row_ptr"))]  # fmt: skip
+            if rows <= MAX_SMALL_ROWS:
+                if bias is not None and bias.dtype not in (torch.float16, torch.float32):
+                    bias = bias.float()
+                y = launcher.matmul_small(dev, dev.input(x2, "x"), *packed, dev.input(bias, "bias"), *numbers,
+                                          splits=splits or None).clone()  # fmt: skip
+            else:
+                w = launcher.dequantize(dev, *packed, *numbers).float()  # (out, in), stored column order
+                y = x2.float() @ w.T  # cuBLAS: fp16 inputs, fp32 accumulation
+                if bias is not None:
+                    y += bias.half().float()
+                y = y.half()
         return y.reshape(*x_stored.shape[:-1], m.out_features)
 
     def spqr_matmul(self, x: torch.Tensor, q, bias: torch.Tensor | None = None, **kw) -> torch.Tensor:

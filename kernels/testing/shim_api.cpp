@@ -1,10 +1,14 @@
-// C API of the CUDA execution shim library (loaded by kernels/testing/shim.py with ctypes): runs the launchers
-// of kernels/spqr_matmul.h on host memory.
+// C API of the CUDA execution shim library (loaded by kernels/testing/shim.py with ctypes): the SpQR kernel
+// instances by index with cuLaunchKernel-shaped arguments, fenced host memory for their buffers, the self-test
+// kernels.
 //
-// Every buffer a kernel sees is a fresh copy placed so that it ends exactly at a PROT_NONE guard page (an
-// "electric fence"): a read one element past the end faults, and the fault is reported with the buffer's name
-// instead of silently reading a neighbour. Inputs are read-only (a write into one faults too). The output is
-// filled with 0xff bytes (fp16 NaN) before the launch, so an element the kernel does not write stays NaN.
+// Every buffer a kernel sees is allocated here (cuda_shim_alloc) so that it ends exactly at a PROT_NONE guard
+// page (an "electric fence"): a read one element past the end faults, and the fault is reported with the
+// buffer's name instead of silently reading a neighbour. Inputs are read-only (a write into one faults too).
+// Outputs and workspaces are filled with 0xff bytes (fp16/fp32 NaN), so an element the kernel does not write
+// stays NaN.
+#include <dlfcn.h>
+
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -14,20 +18,24 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "../spqr_matmul.h"
+#include <cuda_runtime.h>
+
 #include "shim_runtime.h"
+
+// The kernel instances (the table shim.py generates beside the kernel source).
+extern "C" size_t cuda_shim_kernel_entries(const cuda_shim::KernelEntry** out);
 
 namespace {
 
 struct Fence {
-  const char* name = "";
+  std::string name;
   char* map = nullptr;  // whole mapping: data pages then one guard page
   size_t map_bytes = 0;
   char* data = nullptr;  // the buffer: data + bytes == guard page
   size_t bytes = 0;
 };
 
-std::vector<Fence> g_fences;  // buffers of the current call, for fault messages
+std::vector<Fence> g_fences;  // live buffers, for fault messages
 
 size_t page_size() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
 
@@ -83,10 +91,7 @@ struct CallGuard {
     cuda_shim::clear_last_error();
     cuda_shim::set_address_describer(&describe);
   }
-  ~CallGuard() {
-    cuda_shim::set_address_describer(nullptr);
-    release_fences();
-  }
+  ~CallGuard() { cuda_shim::set_address_describer(nullptr); }
 };
 
 std::string g_api_error;
@@ -96,6 +101,12 @@ int report(cudaError_t e, const char* what) {
   g_api_error = cuda_shim::last_error_text();
   if (g_api_error.empty()) g_api_error = std::string(what) + " returned CUDA error " + std::to_string(int(e));
   return static_cast<int>(e);
+}
+
+const cuda_shim::KernelEntry* entry(int i) {
+  const cuda_shim::KernelEntry* entries = nullptr;
+  const size_t n = cuda_shim_kernel_entries(&entries);
+  return i >= 0 && static_cast<size_t>(i) < n ? &entries[i] : nullptr;
 }
 
 }  // namespace
@@ -124,86 +135,63 @@ const char* cuda_shim_build() {
 #endif
 }
 
-// One SpQR kernel call. op: 1 spqr_matmul_small, 2 spqr_dequantize.
-// ints (9): wbits, stat_bits, out_features, in_features, rows, bias_kind (0 none, 1 fp16, 2 fp32), splits (0: the
-// launcher's plan for num_sms SMs), num_sms, ldx (the row stride of x in halves).
-// buffers/bytes (5): tiles, outliers, outlier_row_ptr, x (stored column order), bias; a null pointer is an
-// absent buffer. The split-K workspace is fenced and poisoned (NaN), the ticket counters fenced and zeroed; after
-// the call every counter must be zero again (the launcher's contract for reusing them).
-// out/out_bytes: where the kernel's output is copied. Returns 0, or a CUDA error code with
-// cuda_shim_last_error() set.
-int spqr_shim_call(int op, const int* ints, const void* const* buffers, const size_t* bytes, void* out,
-                   size_t out_bytes) {
-  const CallGuard guard;
-  static const char* const names[5] = {"tiles", "outliers", "outlier_row_ptr", "x", "bias"};
-  const void* dev[5] = {};
-  for (int i = 0; i < 5; ++i) {
-    if (buffers[i] != nullptr) dev[i] = fenced(names[i], buffers[i], bytes[i], 0, /*read_only=*/true);
-  }
-  char* y = fenced("output", nullptr, out_bytes, 0xff, /*read_only=*/false);
-  SpqrLayer layer;
-  layer.tiles = static_cast<const int32_t*>(dev[0]);
-  layer.outliers = static_cast<const int32_t*>(dev[1]);
-  layer.outlier_row_ptr = static_cast<const int32_t*>(dev[2]);
-  layer.wbits = ints[0];
-  layer.stat_bits = ints[1];
-  layer.out_features = ints[2];
-  layer.in_features = ints[3];
-  const int rows = ints[4];
-  SpqrBias bias{nullptr, nullptr};
-  if (ints[5] == 1) bias.f16 = static_cast<const __half*>(dev[4]);
-  if (ints[5] == 2) bias.f32 = static_cast<const float*>(dev[4]);
-  const auto* x = static_cast<const __half*>(dev[3]);
-  auto* yh = reinterpret_cast<__half*>(y);
-  cudaError_t e = cudaErrorInvalidValue;
-  const char* what = "unknown op";
-  if (op == 1) {
-    what = "spqr_matmul_small";
-    SpqrSmallPlan plan = spqr_matmul_small_plan(layer, ints[7], spqr_matmul_small_blocks_per_sm(
-                                                                     layer.wbits, layer.stat_bits, rows));
-    if (ints[6] > 0) {  // a forced split count: the workspace for it
-      plan.splits = ints[6];
-      plan.counters = (layer.out_features + 63) / 64;
-      plan.workspace_floats = static_cast<size_t>(plan.counters) * plan.splits * 4 * 32 * 8;
-    }
-    float* ws = plan.workspace_floats == 0
-                    ? nullptr
-                    : reinterpret_cast<float*>(
-                          fenced("workspace", nullptr, plan.workspace_floats * sizeof(float), 0xff, false));
-    int* counters = plan.counters == 0 ? nullptr
-                                       : reinterpret_cast<int*>(
-                                             fenced("counters", nullptr, plan.counters * sizeof(int), 0, false));
-    e = spqr_matmul_small(layer, x, ints[8], rows, bias, yh, plan, ws, counters, nullptr);
-    for (int i = 0; e == cudaSuccess && i < plan.counters; ++i) {
-      if (counters[i] != 0) {
-        g_api_error = "spqr_matmul_small left ticket counter " + std::to_string(i) + " at " +
-                      std::to_string(counters[i]) + " (must be reset to 0)";
-        return static_cast<int>(cudaErrorLaunchFailure);
-      }
-    }
-  } else if (op == 2) {
-    what = "spqr_dequantize";
-    e = spqr_dequantize(layer, yh, nullptr);
-  }
-  if (e == cudaSuccess) std::memcpy(out, y, out_bytes);
-  return report(e, what);
+// The kernel instances: how many, and instance i's C++ name and symbol (this compiler's mangling, from the
+// dynamic symbol table; "" when not found).
+int cuda_shim_kernel_count() {
+  const cuda_shim::KernelEntry* entries = nullptr;
+  return static_cast<int>(cuda_shim_kernel_entries(&entries));
 }
+const char* cuda_shim_kernel_expr(int i) { return entry(i) != nullptr ? entry(i)->expr : ""; }
+const char* cuda_shim_kernel_symbol(int i) {
+  Dl_info info{};
+  if (entry(i) == nullptr || dladdr(entry(i)->address, &info) == 0 || info.dli_sname == nullptr) return "";
+  return info.dli_saddr == entry(i)->address ? info.dli_sname : "";
+}
+
+// cuLaunchKernel of instance `kernel`: grid, block, dynamic shared memory (must be 0) and `params` (one pointer
+// to each argument's value). Runs the grid to completion; returns 0, or a CUDA error code with
+// cuda_shim_last_error() set (a diagnosed fault, an invalid configuration).
+int cuda_shim_launch(int kernel, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                     unsigned smem, void* const* params) {
+  const CallGuard guard;
+  const cuda_shim::KernelEntry* e = entry(kernel);
+  if (e == nullptr) {
+    g_api_error = "cuda_shim_launch: no kernel instance " + std::to_string(kernel);
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  e->launch(dim3(gx, gy, gz), dim3(bx, by, bz), smem, params, e->expr);
+  return report(cudaGetLastError(), e->expr);
+}
+
+// A fenced buffer of `bytes` bytes: a copy of `src`, or `fill` bytes when src is null; read-only if asked.
+// Null when it cannot be mapped. Lives until cuda_shim_free_all.
+void* cuda_shim_alloc(const char* name, const void* src, size_t bytes, int fill, int read_only) {
+  return fenced(name, src, bytes, fill, read_only != 0);
+}
+
+// Unmaps every fenced buffer.
+void cuda_shim_free_all() { release_fences(); }
 
 // Runs the self-test kernel `name` (shim_selftest.cu) on `in` (n_in floats) into `out` (n_out floats).
 int cuda_shim_selftest_launch(const char* name, const float* in, size_t n_in, float* out, size_t n_out);
 
 int cuda_shim_selftest(const char* name, const float* in, size_t n_in, float* out, size_t n_out) {
   const CallGuard guard;
+  const size_t mark = g_fences.size();
   const auto* din = reinterpret_cast<const float*>(fenced("in", in, n_in * sizeof(float), 0, true));
   auto* dout = reinterpret_cast<float*>(fenced("out", nullptr, n_out * sizeof(float), 0xff, false));
   const int rc = cuda_shim_selftest_launch(name, din, n_in, dout, n_out);
+  int result = rc;
   if (rc < 0) {
     g_api_error = std::string("no self-test kernel named ") + name;
-    return rc;
+  } else {
+    const cudaError_t e = cudaGetLastError();
+    if (e == cudaSuccess) std::memcpy(out, dout, n_out * sizeof(float));
+    result = report(e, name);
   }
-  const cudaError_t e = cudaGetLastError();
-  if (e == cudaSuccess) std::memcpy(out, dout, n_out * sizeof(float));
-  return report(e, name);
+  for (size_t i = mark; i < g_fences.size(); ++i) munmap(g_fences[i].map, g_fences[i].map_bytes);
+  g_fences.resize(mark);
+  return result;
 }
 
 }  // extern "C"

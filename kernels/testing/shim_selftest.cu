@@ -6,7 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "../spqr_matmul.h"  // SPQR_LAUNCH
+#include "../spqr_matmul.h"
 #include "../spqr_ptx.cuh"
 
 namespace {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,12 +149,13 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
-def parse_format(arg: str) -> tuple[dict[str, Any], str] | None:
+def parse_format(arg: str, *, warn: Callable[[str], None] | None = None) -> tuple[dict[str, Any], str] | None:
     """'/format ARG' -> (JSON schema, its name) or None for "off"; a missing or non-JSON file raises
-    CommandError naming it. An empty ARG is the caller's (show the current format)."""
+    CommandError naming it (`warn` hears of text in it that is not valid Unicode, replaced with U+FFFD). An
+    empty ARG is the caller's (show the current format)."""
     if arg.strip().lower() in ("off", "none", "text"):
         return None
     try:
-        return read_schema(arg.strip())
+        return read_schema(arg.strip(), warn=warn)
     except ConfigError as e:
         raise CommandError(str(e)) from None

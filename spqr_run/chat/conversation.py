@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from spqr_run.errors import SpqrError
+from spqr_run.text import decode_text, valid_json_warn
 
 FILE_FORMAT = "spqr-run-conversation"
 FILE_VERSION = 1
@@ -144,15 +145,16 @@ class Conversation:
         return target
 
     @classmethod
-    def load(cls, path: str | Path) -> Conversation:
+    def load(cls, path: str | Path, *, warn: Callable[[str], None] | None = None) -> Conversation:
+        """Read a file written by `save`; text that is not valid Unicode in it becomes U+FFFD (`warn` is told:
+        `spqr_run.text`), any other problem is one ConversationError line."""
         source = Path(path).expanduser()
         try:
-            text = source.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
-            raise ConversationError(f"cannot read {source}: {why}") from None
+            raw = source.read_bytes()
+        except OSError as e:
+            raise ConversationError(f"cannot read {source}: {e.strerror}") from None
         try:
-            data = json.loads(text)
+            data = json.loads(decode_text(raw, str(source), warn))
         except json.JSONDecodeError as e:
             raise ConversationError(f"{source}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        return cls.from_json(data, source=str(source))
+        return cls.from_json(valid_json_warn(data, str(source), warn), source=str(source))

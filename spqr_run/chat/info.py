@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,20 @@ class ModelFacts:
     )
     weights_held: str = ""  # how the weights sit in memory, e.g. "fp16 (decoded once from the packed .spqr)"
     kernels: str = ""  # which kernels run it: "native CPU (AVX-512 VNNI, 2 threads)", ...
+    metadata_name: str = ""  # the name in the model's own metadata, when it is another than `name`
+
+
+def display_name(path: Path, metadata_name: str) -> tuple[str, str]:
+    """(the model's name, the other name its metadata gives or ""): a model is named by its file or folder
+    (what the user typed, and what the README and `spqr-serve` call it); a GGUF's `general.name` or a
+    config's `_name_or_path` is often another label (a training run: "Smollm2 135M 8k Lc100K Mix1 Ep2"),
+    kept beside it when it is one (ignoring case, spaces and punctuation)."""
+    name = path.name if path.is_dir() else path.stem
+
+    def key(s: str) -> str:
+        return re.sub(r"[\W_]+", "", s).lower()
+
+    return name, (metadata_name if metadata_name and key(metadata_name) != key(name) else "")
 
 
 def model_facts(runtime: Runtime) -> ModelFacts:
@@ -45,8 +60,10 @@ def model_facts(runtime: Runtime) -> ModelFacts:
         size = _weight_file_bytes(source.path)
         bits, note = (size * 8 / params, f"{source.kind} file size") if size and params else (None, "")
     weights, kv = resident_bytes(runtime.model)
+    name, metadata_name = display_name(source.path, cfg.name)
     return ModelFacts(
-        name=cfg.name or source.path.stem,
+        name=name,
+        metadata_name=metadata_name,
         file=str(source.path),
         arch=cfg.arch,
         parameters=params,
@@ -90,9 +107,13 @@ def weights_held(model: nn.Module) -> str:
 
 
 def kernels_used(model: nn.Module) -> str:
-    """Which kernels run the model, in words: on a CPU the native path (ISA, threads) or why not."""
+    """Which kernels run the model, in words: on a CPU the native path (ISA, threads) or why not; on a GPU the
+    SpQR layers' path (prebuilt cubin, NVRTC cache, reference) and why ("" without packed SpQR layers)."""
     if model.device.type != "cpu":  # type: ignore[union-attr]
-        return ""
+        from spqr_run.ops import model_kernel_path
+
+        path = model_kernel_path(model)
+        return "" if path is None else f"GPU {path}"
     from spqr_run.cpu import lib
 
     if getattr(model, "native", None) is not None:
@@ -132,7 +153,11 @@ def describe(facts: ModelFacts) -> list[tuple[str, str]]:
     else:
         bits = f"{facts.bits_per_param:.2f}" + (f" (from the {facts.bits_note})" if facts.bits_note else "")
     return [
-        ("model", f"{facts.name} ({facts.file})"),
+        (
+            "model",
+            f"{facts.name} ({facts.file}"
+            + (f'; its metadata calls it "{facts.metadata_name}")' if facts.metadata_name else ")"),
+        ),
         ("architecture", facts.arch),
         ("parameters", human_count(facts.parameters)),
         ("bits/param", bits),

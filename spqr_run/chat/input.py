@@ -8,6 +8,7 @@ KeyboardInterrupt on Ctrl-C.
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from collections.abc import Iterable
@@ -21,6 +22,7 @@ from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 
 from spqr_run.chat.commands import COMMANDS, SETTINGS
+from spqr_run.text import valid_text
 
 PROMPT = ">>> "
 BLOCK_FENCE = '"""'
@@ -107,13 +109,22 @@ class TerminalReader:
         return unwrap_block(self.session.prompt(PROMPT))
 
 
+class _ValidHistory(FileHistory):
+    """The history file, written as valid UTF-8: an entry holding what is not valid Unicode (bytes typed or
+    pasted that are not UTF-8 reach prompt_toolkit as lone surrogates) is stored with U+FFFD in their place
+    (writing them as they are would raise UnicodeEncodeError and end the chat)."""
+
+    def store_string(self, string: str) -> None:
+        super().store_string(valid_text(string)[0])
+
+
 def _open_history(path: Path) -> History:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch(exist_ok=True)
     except OSError:
         return InMemoryHistory()  # read-only home: no history across runs, but chat still works
-    return FileHistory(str(path))
+    return _ValidHistory(str(path))
 
 
 class LineReader:
@@ -139,7 +150,13 @@ class LineReader:
 
 
 def make_reader() -> InputReader:
-    """A prompt_toolkit reader on a terminal, a line reader otherwise."""
+    """A prompt_toolkit reader on a terminal, a line reader otherwise.
+
+    Piped input that is not valid UTF-8 (Latin-1 text, say) must not end the chat: standard input is read
+    with "surrogateescape", so such bytes reach the REPL as lone surrogates, which it replaces with U+FFFD
+    and reports (`spqr_run.text`); prompt_toolkit decodes a terminal's input the same way."""
     if sys.stdin.isatty() and sys.stdout.isatty():
         return TerminalReader()
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="surrogateescape")
     return LineReader()

@@ -22,14 +22,25 @@ from spqr_run.generation import GenerationStats
 
 __all__ = ["PlainOutput", "RichOutput", "complete_blocks_end", "end_line", "printable", "stats_line"]
 
-FINISH_NOTES = {"length": "stopped at the token limit", "cancelled": "stopped"}
+
+def finish_note(finish_reason: str, stats: GenerationStats | None) -> str | None:
+    """Why a reply stopped early, in words (None when it ended by itself): the context was full, max_tokens
+    was reached (both are finish_reason "length"), or the user stopped it."""
+    if finish_reason == "cancelled":
+        return "stopped"
+    if finish_reason != "length":
+        return None
+    limit = f", {stats.token_limit} tokens" if stats is not None and stats.token_limit else ""
+    if stats is not None and stats.context_full:
+        return f"stopped: the context is full{limit}"
+    return f"stopped at max_tokens{limit}"
 
 
 def end_line(finish_reason: str, stats: GenerationStats | None, show_stats: bool) -> str | None:
     """The line after a reply: the stats (when shown), or just why it stopped early, or nothing."""
     if show_stats and stats is not None:
         return stats_line(finish_reason, stats)
-    note = FINISH_NOTES.get(finish_reason)
+    note = finish_note(finish_reason, stats)
     return f"({note})" if note else None
 
 
@@ -39,7 +50,7 @@ def stats_line(finish_reason: str, stats: GenerationStats) -> str:
     When part of the prompt came from the KV cache (the earlier turns of the conversation), a prefill rate
     would count tokens that were not computed: the line says 'prompt 230 of 240 tokens cached' instead.
     """
-    note = FINISH_NOTES.get(finish_reason)
+    note = finish_note(finish_reason, stats)
     if stats.cached_tokens:
         prompt = f"prompt {stats.cached_tokens} of {stats.prompt_tokens} tokens cached"
     else:

@@ -22,6 +22,7 @@ from spqr_run.chat.input import InputReader
 from spqr_run.chat.render import PlainOutput, RichOutput, stats_line
 from spqr_run.chat.session import ChatSession
 from spqr_run.errors import SpqrError
+from spqr_run.text import replaced_note, valid_text
 
 Output = PlainOutput | RichOutput
 SHOWN_SETTINGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens", "seed")
@@ -91,6 +92,26 @@ class StopFlag:
             signal.signal(signal.SIGINT, previous)
 
 
+def context_use(session: ChatSession) -> str:
+    """/stats' context row: tokens the conversation takes as the next prompt (the chat template's markup and
+    the next turn's opening included) of the context. When the last reply filled the context that count can
+    exceed it (the reply ran to the last slot, and closing it adds markup): then it says so, and what the next
+    message does, instead of printing "166 of 160"."""
+    used, size = session.context_tokens(), session.runtime.max_context
+    messages = f"{len(session.conversation.messages)} messages"
+    if used <= size:
+        return f"{used} of {size} tokens ({messages})"
+    stats = session.last_stats
+    if stats is not None and stats.context_full:
+        head = f"full: the last reply used all {size} tokens"
+    else:
+        head = f"full: the conversation needs more than the {size} tokens"
+    return (
+        f"{head}; with the chat template the {messages} take {used}, so the oldest are dropped when you send "
+        "the next message (/clear starts afresh)"
+    )
+
+
 class Repl:
     def __init__(self, session: ChatSession, reader: InputReader, out: Output) -> None:
         self.session, self.reader, self.out = session, reader, out
@@ -111,6 +132,9 @@ class Repl:
             except EOFError:
                 self.out.line()
                 return 0
+            text, replaced = valid_text(text)  # what is not valid Unicode: U+FFFD, and the user is told
+            if replaced:
+                self.out.notice(f"[{replaced_note('your input', replaced)}]")
             if not text.strip():
                 continue
             try:
@@ -122,6 +146,11 @@ class Repl:
                         self.session.send(text, self.out, flag)
             except SpqrError as e:  # one line, never a traceback
                 self.out.error(str(e))
+            except Exception as e:  # noqa: BLE001 - a bug: say so in one line, but never lose the conversation
+                self.out.error(
+                    f"internal error ({type(e).__name__}: {e}); the message was not sent and the conversation "
+                    "is kept (/save FILE keeps it on disk)"
+                )
 
     def command(self, cmd: Command) -> str | None:
         """Run one slash command; returns "exit" to end the loop."""
@@ -144,7 +173,8 @@ class Repl:
                     f"replies follow the {s.format[1]}" if s.format else "replies are free text", style="dim"
                 )
             else:
-                out.line(s.set_format(parse_format(cmd.arg)), style="dim")
+                schema = parse_format(cmd.arg, warn=lambda note: out.notice(f"[{note}]"))
+                out.line(s.set_format(schema), style="dim")
         elif cmd.name == "show":
             self._show()
         elif cmd.name == "retry":
@@ -154,7 +184,7 @@ class Repl:
             path = s.conversation.save(cmd.arg)
             out.line(f"saved {len(s.conversation.messages)} messages to {path}", style="dim")
         elif cmd.name == "load":
-            s.conversation = Conversation.load(cmd.arg)
+            s.conversation = Conversation.load(cmd.arg, warn=lambda note: out.notice(f"[{note}]"))
             system = " and a system prompt" if s.conversation.system else ""
             out.line(f"loaded {len(s.conversation.messages)} messages{system} from {cmd.arg}", style="dim")
         elif cmd.name == "stats":
@@ -186,14 +216,10 @@ class Repl:
     def _stats(self) -> None:
         s = self.session
         last = stats_line(s.last_finish or "", s.last_stats) if s.last_stats else "no reply yet"
-        used = s.context_tokens()
         self.out.table(
             [
                 ("last reply", last),
                 ("replies", f"{s.replies} ({s.total_completion_tokens} tokens generated)"),
-                (
-                    "context",
-                    f"{used} of {s.runtime.max_context} tokens ({len(s.conversation.messages)} messages)",
-                ),
+                ("context", context_use(s)),
             ]
         )

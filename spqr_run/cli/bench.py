@@ -12,6 +12,7 @@ from rich.text import Text
 from spqr_run.bench import BenchSettings, run_bench
 from spqr_run.cli.common import (
     ArgumentParser,
+    add_checksum_flag,
     add_kv_cache_flag,
     add_threads_flag,
     apply_threads,
@@ -32,9 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time SpQR and its FP16 counterpart side by side on one device.",
         epilog="examples: spqr-bench --synthetic llama-7b   |   spqr-bench models/llama-7b.spqr --json",
     )
-    p.add_argument("model", nargs="?", help="a .spqr file, Hugging Face folder or GGUF file")
+    p.add_argument(
+        "model", nargs="?", help="a .spqr file, Hugging Face folder or GGUF file, or its bare name in models/"
+    )
     p.add_argument("--synthetic", choices=sorted(SYNTHETIC), help="random weights with a real model's shapes")
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_checksum_flag(p)
     add_threads_flag(p)
     p.add_argument(
         "--prompt-len",
@@ -92,16 +96,21 @@ def _bench(args: argparse.Namespace) -> int:
     err = Console(stderr=True, highlight=False)
     device = resolve_device(args.device)
     settings = BenchSettings.from_args(args)
+    model = None
+    if args.model is not None:
+        from spqr_run.default_model import find_model
+
+        model = str(find_model(args.model))  # a path, or a bare name in the models folder
     settings.build_llama_cpp = args.llama_cpp is not None  # asked for by name: build it if needed
     if args.no_llama_cpp:
         settings.llama_cpp = None
-    elif settings.llama_cpp is None and args.model is not None and device.type == "cpu":
-        settings.llama_cpp = _default_llama_cpp(args.model)
+    elif settings.llama_cpp is None and model is not None and device.type == "cpu":
+        settings.llama_cpp = _default_llama_cpp(model)
     report = run_bench(
         device=device,
         settings=settings,
         synthetic=args.synthetic,
-        model_path=args.model,
+        model_path=model,
         log=lambda msg: err.print(Text(printable(msg))),  # messages hold paths and exception text: literal
     )
     if args.json:

@@ -27,7 +27,9 @@ from spqr_run.cli.common import (
     int_arg,
     memory_budget,
     run_cli,
+    text_arg,
 )
+from spqr_run.cli.progress import make_progress
 from spqr_run.sampling import SamplingParams, resolve_sampling
 
 DESCRIPTION = """\
@@ -63,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_flags(p, model_required=False)
     add_memory_flags(p)
-    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--system", type=text_arg("--system"), default=None, help="system prompt")
     add_sampling_flags(p)
     p.add_argument(
         "--max-tokens",
@@ -86,7 +88,8 @@ def sampling_params(args: argparse.Namespace, defaults: dict) -> SamplingParams:
 
 
 def _progress(console: Console) -> Progress:
-    return Progress(
+    """Bars on a terminal, plain lines elsewhere (`cli.progress.make_progress`)."""
+    return make_progress(
         SpinnerColumn(),
         TextColumn("{task.description}", markup=False),  # descriptions hold file names: printed literally
         BarColumn(),
@@ -123,7 +126,13 @@ def _main() -> int:
             progress.update(task, completed=done, total=total)
 
         runtime = load_runtime(
-            path, device=args.device, ctx=args.ctx, memory=memory, kv_cache=args.kv_cache, progress=on_weight
+            path,
+            device=args.device,
+            ctx=args.ctx,
+            memory=memory,
+            kv_cache=args.kv_cache,
+            progress=on_weight,
+            verify_checksums=not args.skip_checksums,
         )
         progress.update(task, description=f"loaded {path.name}")
     params = sampling_params(args, runtime.source.generation_defaults)

@@ -75,6 +75,28 @@ def print_error(message: str, console: Console | None = None) -> None:
     (console or stderr).print(Text.assemble(("error:", "bold red"), " ", printable(message)), soft_wrap=True)
 
 
+def print_warning(message: str, console: Console | None = None) -> None:
+    """Print 'warning: MESSAGE' on one line (literally)."""
+    (console or stderr).print(
+        Text.assemble(("warning:", "bold yellow"), " ", printable(message)), soft_wrap=True
+    )
+
+
+def text_arg(flag: str) -> Callable[[str], str]:
+    """An argparse `type` for free text (a prompt, a system prompt, a name): text that is not valid Unicode
+    (bytes of the command line that are not UTF-8) is replaced with U+FFFD, with a warning (`spqr_run.text`)."""
+    from spqr_run.text import replaced_note, valid_text
+
+    def parse(text: str) -> str:
+        clean, n = valid_text(text)
+        if n:
+            print_warning(replaced_note(flag, n))
+        return clean
+
+    parse.__name__ = "text"
+    return parse
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run a command's body: user errors print one line and exit 2; Ctrl-C exits 130 without a traceback."""
     try:
@@ -234,9 +256,11 @@ def add_model_flags(parser: argparse.ArgumentParser, *, model_required: bool = T
     parser.add_argument(
         "model",
         nargs=None if model_required else "?",
-        help="a .spqr file, a Hugging Face model folder or a GGUF file",
+        help="a .spqr file, a Hugging Face model folder or a GGUF file, or the bare name of one in models/ "
+        "or $SPQR_RUN_MODELS (NAME, NAME.spqr or NAME.gguf)",
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_checksum_flag(parser)
     add_threads_flag(parser)
 
 
@@ -254,6 +278,16 @@ def apply_threads(args: argparse.Namespace) -> int:
     from spqr_run.cpu import configure_threads
 
     return configure_threads(getattr(args, "threads", None))
+
+
+def add_checksum_flag(parser: argparse.ArgumentParser) -> None:
+    """--skip-checksums: load a .spqr without checking its tensors against the checksums in its header."""
+    parser.add_argument(
+        "--skip-checksums",
+        action="store_true",
+        help="load a .spqr file without checking each tensor against the CRC-32 stored in its header "
+        "(a corrupt file is then not detected; the check costs a few percent of the load time)",
+    )
 
 
 def add_memory_flags(parser: argparse.ArgumentParser, *, per_sequence: bool = False) -> None:

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
@@ -17,9 +18,11 @@ from spqr_run.cli.common import (
     apply_threads,
     check_dependencies,
     int_arg,
+    print_warning,
     run_cli,
     wide_console,
 )
+from spqr_run.cli.progress import make_progress
 from spqr_run.errors import ConfigError
 
 
@@ -56,20 +59,20 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     check_dependencies()
     apply_threads(args)
+    from spqr_run.default_model import find_model
     from spqr_run.devices import default_dtype, resolve_device
     from spqr_run.eval import perplexity
     from spqr_run.loading import build_decoder, open_model
+    from spqr_run.text import read_text_file
 
     console = wide_console(stderr_=args.json)
+    model_path = find_model(args.model)  # a path, or a bare name in the models folder
     text_path = Path(args.text)
-    try:
-        text = text_path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"--text {text_path}: file not found") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"--text {text_path}: not UTF-8 text") from None
+    text = read_text_file(
+        text_path, f"--text {text_path}", warn=print_warning
+    )  # not UTF-8: U+FFFD, a warning
     device = resolve_device(args.device)
-    source = open_model(args.model)
+    source = open_model(model_path, verify_checksums=not args.skip_checksums)
     seqlen = args.seqlen or min(2048, source.config.max_position_embeddings)
     if not 2 <= seqlen <= source.config.max_position_embeddings:
         raise ConfigError(
@@ -81,12 +84,13 @@ def _main(argv: list[str] | None) -> int:
     if len(ids) < 2:
         raise ConfigError(f"--text {text_path}: fewer than 2 tokens to score")
     dtype = default_dtype(device)
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("loading", total=None)
+    status = Console(stderr=True, highlight=False)  # progress: bars on a terminal, else plain lines
+    with make_progress(*Progress.get_default_columns(), console=status, transient=True) as bar:
+        task = bar.add_task(f"loading {model_path.name}", total=None)
         model = build_decoder(
             source, device=device, dtype=dtype, progress=lambda i, n: bar.update(task, completed=i, total=n)
         )
-        bar.update(task, description="scoring", completed=0, total=None)
+        bar.update(task, description=f"scoring {text_path.name}", completed=0, total=None)
         result = perplexity(
             model,
             ids,
@@ -94,7 +98,7 @@ def _main(argv: list[str] | None) -> int:
             kv_cache=None if args.kv_cache == "auto" else args.kv_cache,  # auto: no cache, the same numbers
             progress=lambda i, n: bar.update(task, completed=i, total=n),
         )
-    table = Table(title=Text(f"perplexity of {Path(args.model).name}"))  # a file name: literal, not markup
+    table = Table(title=Text(f"perplexity of {model_path.name}"))  # a file name: literal, not markup
     for col in ("text", "tokens scored", "windows x seqlen", "ppl", "seconds"):
         table.add_column(col)
     table.add_row(

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
+import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
@@ -22,10 +23,12 @@ from rich.text import Text
 from torch import Tensor
 
 from spqr_run.calibration import sample_from_model, windows_from_text
-from spqr_run.cli.common import add_threads_flag, run_cli
+from spqr_run.cli.common import add_threads_flag, print_warning, run_cli
+from spqr_run.cli.progress import make_progress
 from spqr_run.cpu import configure_threads
+from spqr_run.default_model import find_model
 from spqr_run.devices import resolve_device
-from spqr_run.errors import ConfigError
+from spqr_run.errors import ConfigError, DiskFullError
 from spqr_run.loading import open_model
 from spqr_run.quant import QuantConfig
 from spqr_run.quantize_model import PRESETS, QuantizeSummary, check_interrupted, quantize_model
@@ -54,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  spqr-quantize model.gguf -o gptq.spqr --method gptq --wbits 4 --groupsize 128",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("source", help="a Hugging Face model folder or a GGUF file")
+    p.add_argument(
+        "source", help="a Hugging Face model folder or a GGUF file, or the bare name of one in models/"
+    )
     p.add_argument("-o", "--output", required=True, help="the .spqr file to write")
     p.add_argument(
         "--preset",
@@ -136,9 +141,24 @@ def main(argv: list[str] | None = None) -> None:
     run_cli(lambda: _main(argv))
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this run: the same arguments with --resume."""
+    return shlex.join(["spqr-quantize", *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
 def _main(argv: list[str] | None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _quantize(argv)
+    except DiskFullError as e:
+        e.resume = resume_command(argv)
+        raise
+
+
+def _quantize(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(stderr=args.json, highlight=False)
+    console = Console(stderr=args.json, highlight=False)  # the summary
+    status = Console(stderr=True, highlight=False)  # progress: bars on a terminal, else plain lines
     out = Path(args.output)
     if out.suffix != ".spqr":
         raise ConfigError(f"--output {out}: the file name must end in .spqr")
@@ -150,18 +170,19 @@ def _main(argv: list[str] | None) -> int:
     configure_threads(args.threads, torch_work=True)
     check_interrupted(out, args.resume)  # before loading or sampling anything
     device = resolve_device(args.device)
-    source = open_model(args.source)
+    source = open_model(find_model(args.source))  # a path, or a bare name in the models folder
     if source.kind == "spqr":
         raise ConfigError(f"{args.source}: already a .spqr file; quantize the original model instead")
     seqlen = min(args.seqlen, source.config.max_position_embeddings)
-    with Progress(*progress_columns(), console=console) as bar:
+    with make_progress(*progress_columns(), console=status) as bar:
         if args.calib:
             desc = f"{Path(args.calib).name}: {args.nsamples} x {seqlen} tokens (seed {args.seed})"
 
             def calibration() -> Tensor:
                 return windows_from_text(
-                    Path(args.calib), source, nsamples=args.nsamples, seqlen=seqlen, seed=args.seed
-                )
+                    Path(args.calib), source, nsamples=args.nsamples, seqlen=seqlen, seed=args.seed,
+                    warn=lambda note: print_warning(note, status),
+                )  # fmt: skip
         else:
             desc = f"sampled from the model: {args.nsamples} x {seqlen} tokens (seed {args.seed})"
 
@@ -181,11 +202,13 @@ def _main(argv: list[str] | None) -> int:
         started: list[int] = []
 
         def on_block_start(i: int, n: int) -> None:
+            what = f"quantizing block {i + 1}/{n}"
             if not started:  # start the clock (and the ETA) when quantizing starts, after calibration
                 started.append(i)
-                bar.reset(blocks, completed=i, visible=True)
-            bar.update(blocks, completed=i, description=f"quantizing block {i + 1}/{n}")
-            bar.reset(layer_task, total=linears_per_block, visible=True)
+                bar.reset(blocks, completed=i, visible=True, description=what)
+            else:
+                bar.update(blocks, completed=i, description=what)
+            bar.reset(layer_task, total=linears_per_block, visible=True, description="  linears")
 
         summary = quantize_model(
             source, out, qcfg=qcfg, calib_tokens=calibration, calib_desc=desc, device=device,

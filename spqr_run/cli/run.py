@@ -1,4 +1,4 @@
-"""spqr-run: one-shot commands (`spqr-run generate MODEL --prompt ...`)."""
+"""spqr-run: one-shot commands (`spqr-run generate MODEL --prompt ...`, `spqr-run kernels build|show`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import argparse
 import sys
 
 from rich.console import Console
+from rich.progress import Progress
 
+from spqr_run.cli import kernels
 from spqr_run.cli.common import (
     SAMPLING_FLAGS,
     ArgumentParser,
@@ -17,8 +19,11 @@ from spqr_run.cli.common import (
     check_dependencies,
     int_arg,
     memory_budget,
+    print_warning,
     run_cli,
+    text_arg,
 )
+from spqr_run.cli.progress import make_progress
 
 DEFAULT_MAX_TOKENS = 128
 
@@ -33,9 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog='example: spqr-run generate model.gguf --chat --prompt "Name three rivers." --temperature 0',
     )
     add_model_flags(g)
-    g.add_argument("--prompt", required=True, help="the prompt text ('-' reads standard input)")
+    g.add_argument(
+        "--prompt",
+        type=text_arg("--prompt"),
+        required=True,
+        help="the prompt text ('-' reads standard input)",
+    )
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--system", default=None, help="system prompt (with --chat)")
+    g.add_argument("--system", type=text_arg("--system"), default=None, help="system prompt (with --chat)")
     g.add_argument(
         "--max-tokens",
         type=int_arg(1),
@@ -51,26 +61,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_memory_flags(g)
     g.add_argument("--stats", action="store_true", help="print timings to standard error")
+    kernels.add_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_cli(lambda: _generate(build_parser().parse_args(argv)))
+    def run() -> int:
+        args = build_parser().parse_args(argv)
+        return kernels.run(args) if args.command == "kernels" else _generate(args)
+
+    run_cli(run)
 
 
 def _generate(args: argparse.Namespace) -> int:
     check_dependencies()
     apply_threads(args)
+    from spqr_run.default_model import find_model
     from spqr_run.runtime import load_runtime
     from spqr_run.sampling import resolve_sampling
     from spqr_run.structured import GrammarEngine, read_schema
+    from spqr_run.text import decode_text
 
     err = Console(stderr=True, highlight=False)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    schema = read_schema(args.json_schema) if args.json_schema else None  # a bad file fails before loading
-    with err.status("loading model"):
+    model = find_model(args.model)  # a path, or a bare name in the models folder (one line when neither)
+    if args.prompt == "-":  # standard input as bytes: what is not UTF-8 becomes U+FFFD, with a warning
+        prompt = decode_text(sys.stdin.buffer.read(), "--prompt - (standard input)", print_warning)
+    else:
+        prompt = args.prompt
+    schema = (
+        read_schema(args.json_schema, warn=print_warning) if args.json_schema else None
+    )  # a bad file fails before loading
+    memory = memory_budget(args)  # a malformed --gpu-memory too
+    with make_progress(*Progress.get_default_columns(), console=err, transient=True) as bar:
+        task = bar.add_task(f"loading {model.name}", total=None)
         rt = load_runtime(
-            args.model, device=args.device, ctx=args.ctx, memory=memory_budget(args), kv_cache=args.kv_cache
+            model,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            device=args.device,
+            ctx=args.ctx,
+            memory=memory,
+            kv_cache=args.kv_cache,
+            verify_checksums=not args.skip_checksums,
         )
     flags = {name: getattr(args, name) for name in SAMPLING_FLAGS}  # flags > the model's > global defaults
     max_tokens = args.max_tokens if args.max_tokens is not None else DEFAULT_MAX_TOKENS

@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 from spqr_run.cli.common import (
     CORE_MODULES,
@@ -22,8 +21,8 @@ from spqr_run.cli.common import (
     memory_budget,
     print_error,
     run_cli,
+    text_arg,
 )
-from spqr_run.errors import ModelFormatError
 
 DESCRIPTION = """\
 Serve a model over HTTP with OpenAI's API, so any OpenAI client can use it:
@@ -33,9 +32,15 @@ Serve a model over HTTP with OpenAI's API, so any OpenAI client can use it:
        -d '{"messages": [{"role": "user", "content": "Hello"}]}'
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, POST /tokenize,
-POST /detokenize, GET /health (503 while the model loads), GET /metrics (Prometheus text).
+POST /detokenize, GET /tokenizer_info, GET /health, GET /metrics (Prometheus text).
 
-The socket opens at once and the model loads in the background. Up to --parallel sequences generate together
+Ready: the socket opens once Python has started (a few seconds) and the model then loads in the background;
+GET /health answers 503 (code "model_loading") until it is loaded, then 200 {"status": "ok"}, and the log
+says "ready: model ... loaded". To wait for it in a script:
+
+  curl -s --retry 120 --retry-delay 1 --retry-connrefused localhost:8000/health
+
+Up to --parallel sequences generate together
 (continuous batching; each holds one KV-cache row of --ctx tokens, sized to fit --gpu-memory); more requests
 wait in a queue and get 429 when it is full. Greedy output (temperature 0) is the same whether a request runs alone or batched.
 """
@@ -65,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_memory_flags(p, per_sequence=True)
     p.add_argument(
-        "--model-name", default=None, help="the model id clients send and see (default: file name stem)"
+        "--model-name",
+        type=text_arg("--model-name"),
+        default=None,
+        help="the model id clients send and see (default: file name stem)",
     )
     p.add_argument(
         "--log-level",
@@ -88,11 +96,10 @@ def _serve(argv: list[str] | None) -> int:
     apply_threads(args)
     import uvicorn
 
+    from spqr_run.default_model import find_model
     from spqr_run.server.app import ServerConfig, create_app
 
-    path = Path(args.model).expanduser()
-    if not path.exists():
-        raise ModelFormatError(f"{path}: no such file or folder")
+    path = find_model(args.model)  # a path, or a bare name in the models folder (one line when neither)
     config = ServerConfig(
         model_path=str(path),
         model_name=args.model_name or path.stem,
@@ -106,6 +113,7 @@ def _serve(argv: list[str] | None) -> int:
         api_key=args.api_key or None,
         max_body_bytes=args.max_body_bytes,
         load_delay_s=args.load_delay,
+        verify_checksums=not args.skip_checksums,
     )
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

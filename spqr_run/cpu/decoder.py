@@ -142,13 +142,14 @@ class NativeDecoder:
                 layer.k_cache = layer.v_cache = layer.k_scale = layer.v_scale = None
             return
         first = caches[0]
+        kinds = {torch.float32: native.KV_F32, torch.float16: native.KV_F16}
         if first.kind == "int8":
             m.kv_kind = native.KV_INT8
-        elif first.k.dtype == torch.float32:
-            m.kv_kind = native.KV_F32
+        elif first.k.dtype in kinds:
+            m.kv_kind = kinds[first.k.dtype]
         else:
             raise ValueError(
-                f"the native CPU decoder keeps its KV cache in fp32 or int8, not {first.k.dtype}"
+                f"the native CPU decoder keeps its KV cache in fp32, fp16 or int8, not {first.k.dtype}"
             )
         m.kv_rows, m.kv_max_seq = first.rows, first.max_seq_len
         for layer, cache in zip(self.layers, caches, strict=True):
@@ -169,7 +170,7 @@ class NativeDecoder:
 
         With the cache, keys and values are written at `positions` of cache rows `rows` (B,) (None: 0..B-1)
         and each token attends to its row's keys 0 .. its position. Without it (`use_cache=False`), the T
-        tokens attend to each other causally in a cache of their own. Raises ValueError for a token, position
+        tokens attend to each other causally in an fp32 cache of their own (no cache rounding). Raises ValueError for a token, position
         or row out of range."""
         lib = native.load()
         assert lib is not None
@@ -187,6 +188,7 @@ class NativeDecoder:
                          [(x.k_cache, x.v_cache, x.k_scale, x.v_scale) for x in self.layers])  # fmt: skip
                 seq = int(positions.max()) + 1 if positions.numel() else 1
                 shape = (b, seq, cfg.num_kv_heads, cfg.head_dim)
+                # fp32: no cache means no cache rounding (as the Python decoder; spqr-eval's default)
                 temp = [torch.empty(shape) for _ in range(2 * cfg.num_layers)]
                 self.struct.kv_kind, self.struct.kv_rows, self.struct.kv_max_seq = native.KV_F32, b, seq
                 for i, layer in enumerate(self.layers):

@@ -18,14 +18,14 @@ from ctypes import POINTER, c_char_p, c_float, c_int, c_int32, c_int64, c_void_p
 from dataclasses import dataclass
 from pathlib import Path
 
-ABI_VERSION = 1
+ABI_VERSION = 5
 ISA_NAMES = {0: "portable C", 1: "AVX2", 2: "AVX-512 VNNI"}
 LIB_ENV = "SPQR_CPU_LIB"  # path of a library to load instead of the installed one (tests: sanitizer builds)
 
 # weight kinds (enum spqr_weight_kind)
 W_NONE, W_SPQR, W_F32, W_F16, W_Q8 = 0, 1, 2, 3, 4
 # KV cache kinds (enum spqr_kv_kind)
-KV_F32, KV_INT8 = 0, 1
+KV_F32, KV_INT8, KV_F16 = 0, 1, 2
 
 
 class Weight(ctypes.Structure):
@@ -39,12 +39,14 @@ class Weight(ctypes.Structure):
         ("stat_bits", c_int32),
         ("row_tiles", c_int32),
         ("k_blocks", c_int32),
+        ("act_residual", c_int32),
         ("codes", c_void_p),
         ("stats", c_void_p),
-        ("outliers", c_void_p),
+        ("outlier_cols", c_void_p),
+        ("outlier_vals", c_void_p),
         ("outlier_row_ptr", c_void_p),
         ("perm", c_void_p),
-        ("row_scale", c_void_p),
+        ("scales", c_void_p),
         ("dense", c_void_p),
         ("bias", c_void_p),
     ]
@@ -112,7 +114,6 @@ _SIGNATURES = {
     "spqr_cpu_threads": (c_int, []),
     "spqr_cpu_stat_block_bytes": (c_int32, [c_int32]),
     "spqr_cpu_repack": (c_int, [c_void_p, c_int32, c_int32, c_int32, c_int32, c_void_p, c_void_p]),
-    "spqr_cpu_quantize_q8": (None, [c_void_p, c_int32, c_int32, c_int32, c_void_p, c_void_p]),
     "spqr_cpu_q8_rows": (None, [POINTER(Weight), c_void_p, c_int32, c_void_p]),
     "spqr_cpu_matmul": (c_int, [POINTER(Weight), c_void_p, c_int64, c_void_p, c_int64, c_int32]),
     "spqr_cpu_quantize_rows": (None, [c_void_p, c_int64, c_int32, c_int32, c_void_p, c_void_p, c_void_p]),

@@ -3,8 +3,10 @@ file's records), int8 rows for the embedding / LM head, and dense fp32 / fp16 ma
 
 Each `NativeWeight` owns its tensors and the `spqr_weight` struct that points into them, so the struct stays
 valid while the object lives. The CPU layout (docs/FORMAT.md, "CPU layout"; kernels/cpu/spqr_internal.h)
-holds the same code bits as the file, nibble stat codes (+0.125 bits per weight over 3-bit stats) and the
-same fp16 second-order numbers: 2.7% (4-bit codes) to 4.8% (2-bit) more bytes than the stored records.
+holds the same code bits as the file, nibble stat codes (+0.125 bits per weight over 3-bit stats), the same
+fp16 second-order numbers, and outliers as uint16 columns + fp32 values (6 bytes instead of 4, so that adding
+them costs three loads and an fma): 2.7% (4-bit codes) to 4.8% (2-bit) more bytes than the stored records,
+plus 2 bytes an outlier.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from spqr_run.cpu import lib as native
 from spqr_run.quant import tile_layout
 from spqr_run.quant.quantized import QuantizedLinear
 
-ROWS, KCOLS, GROUP = 16, 64, 16
+ROWS, KCOLS = 16, 64
 
 
 def stat_group_bytes(stat_bits: int) -> int:
@@ -79,8 +81,13 @@ def _bias(bias: Tensor | None) -> Tensor | None:
     return None if bias is None else bias.detach().to(torch.float32).contiguous()
 
 
-def spqr_weight(q: QuantizedLinear, bias: Tensor | None = None) -> NativeWeight:
+def spqr_weight(
+    q: QuantizedLinear, bias: Tensor | None = None, *, act_residual: bool = False
+) -> NativeWeight:
     """Repack an spqr `QuantizedLinear` (format 3 records) into the CPU layout (native, on the pool).
+
+    `act_residual`: the kernel also runs a second int8 pass over the activations' rounding residual (4 more
+    integer dot products a group and row), for inputs where int8 activations cost measurable perplexity.
 
     Raises ValueError for a gptq/rtn layout or bit widths the kernels lack (wbits 2-4, stat_bits 1-8)."""
     lib = native.load()
@@ -96,12 +103,14 @@ def spqr_weight(q: QuantizedLinear, bias: Tensor | None = None) -> NativeWeight:
         tiles.data_ptr(), rt, kb, m.wbits, m.stat_bits, codes.data_ptr(), stats.data_ptr()
     ):
         raise ValueError(f"spqr_cpu_repack refused wbits {m.wbits}, stat_bits {m.stat_bits}")
-    # own copies (2-3% of the bytes): tensors read from a `.spqr` file view its memory map, and keeping any of
-    # them would keep the whole map, with every page the repack read (the records), resident in this process
+    words = q.outliers.long() & 0xFFFFFFFF  # (nnz,) fp16 delta | column << 16
+    halves = (words & 0xFFFF).to(torch.int32).to(torch.int16)  # wraps to the 16-bit pattern
     tensors = {
         "codes": codes,
         "stats": stats,
-        "outliers": q.outliers.clone(memory_format=torch.contiguous_format),
+        "outlier_cols": (words >> 16).to(torch.int32).to(torch.int16).contiguous(),  # unsigned 16-bit
+        "outlier_vals": halves.view(torch.float16).float().contiguous(),  # exact
+        # copies, so that no tensor keeps the file's memory map (and its resident pages) alive
         "outlier_row_ptr": q.outlier_row_ptr.clone(memory_format=torch.contiguous_format),
     }
     if q.perm is not None:  # unsigned 16-bit column indices, as stored (int16 bit patterns)
@@ -117,9 +126,11 @@ def spqr_weight(q: QuantizedLinear, bias: Tensor | None = None) -> NativeWeight:
         stat_bits=m.stat_bits,
         row_tiles=rt,
         k_blocks=kb,
+        act_residual=int(act_residual),
         codes=codes.data_ptr(),
         stats=stats.data_ptr(),
-        outliers=tensors["outliers"].data_ptr(),
+        outlier_cols=tensors["outlier_cols"].data_ptr(),
+        outlier_vals=tensors["outlier_vals"].data_ptr(),
         outlier_row_ptr=tensors["outlier_row_ptr"].data_ptr(),
         perm=_ptr(tensors.get("perm")),
         bias=_ptr(b),
@@ -144,30 +155,59 @@ def dense_weight(w: Tensor, bias: Tensor | None = None) -> NativeWeight:
     return NativeWeight(struct, tensors)
 
 
+Q8_COLS = 64  # columns sharing one fp16 scale of a row
+
+
+def q8_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w (out, in) -> codes int8 (out, in_pad) and fp16 scales (out, in_pad / 64): for each row and 64
+    columns, scale = max |w| / 127 rounded to fp16, up to the next fp16 where rounding went below (so that no
+    code clips: every |w - code * scale| <= scale / 2), and code = round(w / scale) (nearest even; 0 where
+    the scale is 0). in_pad = in rounded up to 64 (padding codes 0). The kernels are tested against this."""
+    out, in_ = w.shape
+    pad = -in_ % Q8_COLS
+    wb = torch.nn.functional.pad(w.float(), (0, pad)).reshape(out, -1, Q8_COLS)  # (out, KB, 64)
+    amax = wb.abs().amax(-1)  # (out, KB)
+    scale = (amax / 127).clamp_max(65504).half()
+    low = scale.float() * 127 < amax  # rounded down: one fp16 step up (positive: the next bit pattern)
+    scale = torch.where(low, (scale.view(torch.int16) + 1).view(torch.float16), scale)
+    s = scale.float()[..., None]
+    codes = torch.where(s > 0, torch.round(wb / torch.where(s > 0, s, 1)), 0).clamp(-127, 127)
+    return codes.reshape(out, -1).to(torch.int8), scale
+
+
 def q8_weight(w: Tensor) -> NativeWeight:
-    """A dense (out, in) matrix quantized to int8 per row (scale = max |w| / 127), in quads of 16 rows x 4
-    columns (llama.cpp keeps its Q8_0 embedding the same way, with per-32 scales): the embedding / LM head.
-    Its rows are read back with `q8_rows`."""
-    lib = native.load()
-    assert lib is not None
+    """A dense (out, in) matrix in int8 with an fp16 scale per row and 64 columns (8.25 bits a weight;
+    llama.cpp keeps its Q8_0 embedding with one per 32), in quads of 16 rows x 4 columns: the embedding /
+    LM head. One scale per row instead costs +0.18% perplexity on SmolLM2 (BENCHMARKS.md "CPU decode").
+    Quantized straight into that layout a chunk of row tiles at a time (a few MB of transients, never a second
+    copy of the table). Rows are read back with `q8_rows`."""
     if w.dtype not in (torch.float32, torch.float16) or w.dim() != 2:
         raise ValueError(f"q8 weights are made from 2-D fp32 or fp16, got {w.dtype} {tuple(w.shape)}")
-    w = w.detach().contiguous()
     out, in_ = w.shape
-    rt, groups = -(-out // ROWS), -(-in_ // GROUP)
-    codes = torch.empty(rt, groups * 4, 64, dtype=torch.uint8)
-    scale = torch.empty(out, dtype=torch.float32)
-    lib.spqr_cpu_quantize_q8(w.data_ptr(), w.element_size(), out, in_, codes.data_ptr(), scale.data_ptr())
+    rt, kb = -(-out // ROWS), -(-in_ // Q8_COLS)
+    quads = torch.empty(rt, kb * 16, 64, dtype=torch.uint8)  # byte 4*r + c of quad q = row r, column 4q + c
+    tile_scales = torch.zeros(rt, kb, ROWS, dtype=torch.float16)  # (RT, KB, 16)
+    step = max(1, (1 << 22) // max(kb * Q8_COLS * ROWS, 1))  # row tiles a chunk: ~4M weights of transients
+    for t0 in range(0, rt, step):
+        t1 = min(rt, t0 + step)
+        rows = w[t0 * ROWS : t1 * ROWS].detach()
+        c, sc = q8_quantize(rows)  # (rows, KB*64) int8, (rows, KB) fp16
+        pad = (t1 - t0) * ROWS - rows.shape[0]  # the last tile's padding rows: code 0 (byte 128), scale 0
+        c = torch.nn.functional.pad(c, (0, 0, 0, pad)).to(torch.int16).add_(128).to(torch.uint8)
+        quads[t0:t1] = c.reshape(t1 - t0, ROWS, kb * 16, 4).permute(0, 2, 1, 3).reshape(t1 - t0, kb * 16, 64)
+        tile_scales[t0:t1] = (
+            torch.nn.functional.pad(sc, (0, 0, 0, pad)).reshape(t1 - t0, ROWS, kb).transpose(1, 2)
+        )
     struct = native.Weight(
         kind=native.W_Q8,
         out_features=out,
         in_features=in_,
         row_tiles=rt,
-        k_blocks=groups,
-        codes=codes.data_ptr(),
-        row_scale=scale.data_ptr(),
+        k_blocks=kb,
+        codes=quads.data_ptr(),
+        scales=tile_scales.data_ptr(),
     )
-    return NativeWeight(struct, {"codes": codes, "row_scale": scale})
+    return NativeWeight(struct, {"codes": quads, "scales": tile_scales})
 
 
 def q8_rows(w: NativeWeight, ids: Tensor) -> Tensor:

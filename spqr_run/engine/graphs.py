@@ -12,7 +12,9 @@ Capture follows PyTorch's CUDA-graph recipe: warm-up iterations on a side stream
 are saved and restored, so a step can be created after a prefill. The graph holds the cache buffers'
 addresses: re-running `setup_caches` needs a new `GraphDecodeStep`. Everything the step runs must be
 capturable (no host synchronisation): on CUDA that needs the SpQR kernels (`spqr_run.ops`), not the
-pure-torch reference matmul, whose outlier pass reads sizes to the host.
+pure-torch reference matmul, whose outlier pass reads sizes to the host. Their modules are loaded (or compiled
+by NVRTC) and resolved before the warm-up (`prepare_kernels`): module loading cannot be captured; the warm-up
+then makes every layer's argument block and split-K counters.
 """
 
 from __future__ import annotations
@@ -88,8 +90,11 @@ class GraphDecodeStep:
 
     # ---- capture ----------------------------------------------------------------------------------
     def _capture(self, warmup: int) -> None:
+        from spqr_run.ops import prepare_kernels
+
         caches = self.model.caches
         assert caches is not None
+        prepare_kernels(self.model)  # every kernel module loaded and resolved before capture (not capturable)
         last = self.model.max_seq_len - 1
         b = self.batch
         with torch.inference_mode():

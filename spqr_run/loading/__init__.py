@@ -36,8 +36,11 @@ class ModelSource:
     info: dict[str, Any] = field(default_factory=dict)  # display facts: bits/param, quantization config
 
 
-def open_model(path: str | Path) -> ModelSource:
-    """Open a model folder or file; raises ModelFormatError with one line on any problem."""
+def open_model(path: str | Path, *, verify_checksums: bool = True) -> ModelSource:
+    """Open a model folder or file; raises ModelFormatError with one line on any problem.
+
+    A `.spqr` file's tensors are checked against the checksums in its header as they are read (a corrupt
+    tensor is a ModelFormatError naming it); `verify_checksums=False` skips that."""
     p = Path(path).expanduser()
     if not p.exists():
         raise ModelFormatError(f"{p}: no such file or folder")
@@ -50,7 +53,7 @@ def open_model(path: str | Path) -> ModelSource:
     if p.suffix == ".spqr":
         from spqr_run.loading.spqr_file import open_spqr
 
-        return open_spqr(p)
+        return open_spqr(p, verify=verify_checksums)
     raise ModelFormatError(f"{p}: not a model (expected a Hugging Face folder, a .gguf or a .spqr file)")
 
 
@@ -197,12 +200,13 @@ def build_decoder(
         quantized = {n: m for n, m in model.named_modules() if isinstance(m, SpQRLinear)}
     if not use_native:  # (with a quantized source, `use_native` was decided above; dense sources decide here)
         use_native = on_cpu and dtype == torch.float32 and native is not False and _native_available(native)
-    for module in quantized.values():
+    for name, module in quantized.items():
         if module.native is not None or module.dense_weight is not None:  # type: ignore[union-attr]
             continue  # converted with its block (`_native_block`)
         module.to(device)
         if use_native and module.meta.method == "spqr":  # type: ignore[union-attr]
-            module.to_native(keep_packed=keep_packed)  # type: ignore[operator]
+            residual = name.rpartition(".")[2] in PRECISE_INPUTS
+            module.to_native(keep_packed=keep_packed, act_residual=residual)  # type: ignore[operator]
         elif on_cpu:  # no native kernels: quantized linears run from a once-decoded dense weight
             module.materialize(held, keep_packed=keep_packed)  # type: ignore[operator]
     model.rotary = Rotary(cfg).to(device)
@@ -215,7 +219,31 @@ def build_decoder(
             if model.lm_head is not None and model.lm_head.bias is None:
                 model.lm_head = Q8Linear(model.lm_head.weight)
         model.native = NativeDecoder.for_model(model)
+    if on_cpu:
+        release_free_memory()
     return model.eval()
+
+
+def release_free_memory() -> None:
+    """Hand the memory freed by loading (file reads, repacking, quantized embeddings) back to the OS.
+
+    glibc keeps freed blocks in its heap, and raises its mmap threshold after large frees, so the transients
+    of a CPU load stayed in the process's RSS (+140 MiB for SmolLM2-135M). `malloc_trim(0)` returns the free
+    pages; elsewhere (no glibc) this does nothing."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+# Linears whose input the native CPU kernels take to ~2^-15 instead of int8 (a second int8 pass over the
+# rounding residual): int8 activations cost +0.046% perplexity at the q/k/v input of SmolLM2-135M and
+# nothing measurable elsewhere (o, gate/up, down within +-0.03%; BENCHMARKS.md "CPU decode").
+PRECISE_INPUTS = ("qkv_proj", "q_proj", "k_proj", "v_proj", "in_proj")
 
 
 def _native_block(
@@ -234,7 +262,8 @@ def _native_block(
     for name, module in block.named_modules():
         if isinstance(module, SpQRLinear):
             if module.meta.method == "spqr":
-                module.to_native(keep_packed=keep_packed)
+                residual = name.rpartition(".")[2] in PRECISE_INPUTS
+                module.to_native(keep_packed=keep_packed, act_residual=residual)
             else:
                 module.materialize(held, keep_packed=keep_packed)
             out[prefix + name] = module

@@ -6,6 +6,7 @@ dimensions); `unpermute_rope_rows` restores the rotate-half layout the decoder u
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,21 +17,6 @@ from torch import Tensor
 
 from spqr_run.config import ModelConfig
 from spqr_run.errors import ModelFormatError
-
-SUPPORTED_TYPES = (
-    "F32",
-    "F16",
-    "BF16",
-    "Q8_0",
-    "Q4_0",
-    "Q4_1",
-    "Q5_0",
-    "Q5_1",
-    "Q4_K",
-    "Q5_K",
-    "Q6_K",
-    "Q8_K",
-)
 
 # GGUF tensor name (after "blk.{i}.") -> canonical name
 BLOCK_NAMES = {
@@ -63,6 +49,31 @@ def _import_gguf():
             "pip install gguf, or reinstall the checkout with pip install -e ."
         ) from None
     return gguf
+
+
+@functools.cache
+def supported_types() -> tuple[str, ...]:
+    """The tensor types this loader reads: every type the installed `gguf` package dequantizes (gguf 0.19:
+    F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K to Q6_K, every IQ type, TQ1_0, TQ2_0, MXFP4, NVFP4).
+
+    Found by asking `gguf` to dequantize one zero block of each type it knows, so a newer `gguf` that learns a
+    type extends the list without a change here (and Q8_K, which gguf 0.19 cannot dequantize, is refused when
+    the file is opened instead of failing later)."""
+    gguf = _import_gguf()
+    names = []
+    for qtype in gguf.GGMLQuantizationType:
+        size = gguf.GGML_QUANT_SIZES.get(qtype)
+        if size is None:
+            continue
+        try:
+            with np.errstate(all="ignore"):
+                gguf.quants.dequantize(np.zeros((1, size[1]), dtype=np.uint8), qtype)
+        except NotImplementedError:
+            continue
+        except Exception:  # noqa: BLE001 - a type gguf knows but cannot dequantize this way: not supported
+            continue
+        names.append(qtype.name)
+    return tuple(names)
 
 
 def open_gguf(path: Path):
@@ -157,10 +168,10 @@ class GGUFWeights(Mapping[str, Tensor]):
                 if t.name == "rope_freqs.weight":
                     raise ModelFormatError(f"{path}: per-dimension RoPE frequency factors are not supported")
                 raise ModelFormatError(f"{path}: unexpected tensor {t.name!r} for a llama model")
-            if t.tensor_type.name not in SUPPORTED_TYPES:
+            if t.tensor_type.name not in supported_types():
                 raise ModelFormatError(
-                    f"{path}: tensor {t.name!r} has unsupported type {t.tensor_type.name} "
-                    f"(supported: {', '.join(SUPPORTED_TYPES)})"
+                    f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which the gguf package "
+                    f"cannot dequantize (it reads {', '.join(supported_types())})"
                 )
             self._tensors[canonical] = t
 

@@ -198,13 +198,13 @@ class Decoder(nn.Module):
         self, rows: int, max_seq_len: int, *, dtype: torch.dtype | None = None, kind: str | None = None
     ) -> None:
         """Allocate a zeroed KV cache: `rows` sequences of up to `max_seq_len` tokens, stored as `kind`
-        ("auto": the model's dtype, "int8": see `kv_cache`; None: the current cache's kind, else "auto"). The
+        ("auto": `kv_cache_dtype`, "int8": see `kv_cache`; None: the current cache's kind, else "auto"). The
         old cache is freed first, or zeroed and kept when it already has that size, so a cache never exists
         twice."""
         cfg = self.config
         if max_seq_len > cfg.max_position_embeddings:
             max_seq_len = cfg.max_position_embeddings
-        dtype = dtype or self.dtype
+        dtype = dtype or self.kv_cache_dtype
         device = self.device
         if kind is None:
             kind = self.caches[0].kind if self.caches is not None else "auto"
@@ -228,10 +228,24 @@ class Decoder(nn.Module):
         return self.norm.weight.device
 
     @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        """What an "auto" KV cache stores: fp16 under the native CPU decoder (attention reads half the bytes
+        a step; llama.cpp's default on CPUs too), else the model's dtype."""
+        return torch.float16 if self.native is not None else self.dtype
+
+    @property
     def dtype(self) -> torch.dtype:
         """The dtype the model computes in (activations, KV cache): its norms'. Weight matrices may be held
         narrower (fp16 on a CPU, see `loading.build_decoder`)."""
         return self.norm.weight.dtype
+
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether a row's logits are bit for bit the same whatever else is in the batch and however many
+        keys `kv_len` reads: true when the native CPU kernels run the forward (per-row arithmetic, attention
+        over keys 0 .. position; `NativeDecoder.batch_invariant`), false for torch's kernels, whose fp32 matmul
+        and attention results depend on the number of rows and on the key length."""
+        return bool(getattr(self.native, "batch_invariant", False))
 
     @property
     def max_seq_len(self) -> int:

@@ -57,11 +57,12 @@ class SpQRLinear(nn.Module):
         """True after `materialize(keep_packed=False)` or `to_native()`."""
         return any(getattr(self, name) is None for name in self._packed_names)
 
-    def to_native(self, *, keep_packed: bool = False) -> None:
+    def to_native(self, *, keep_packed: bool = False, act_residual: bool = False) -> None:
         """Repack the weight into the CPU layout of the native kernels (`spqr_run.cpu.weights.spqr_weight`)
         and free the file's records: from now on `forward` computes from the packed bytes on the CPU
         (fp32 activations), and the layer holds 2.7-4.8% more bytes than stored, never a dense copy.
         `keep_packed=True` keeps the file's records too (to read the stored bits back; twice the memory).
+        `act_residual`: activations to ~2^-15 instead of int8 (`cpu.weights.spqr_weight`).
 
         Raises ValueError for a layout without CPU kernels (gptq/rtn) and RuntimeError when the native
         library is unavailable (`spqr_run.cpu.lib.unavailable_reason`)."""
@@ -72,7 +73,7 @@ class SpQRLinear(nn.Module):
             raise RuntimeError(native_lib.unavailable_reason())
         if _device_of(self.quantized()).type != "cpu":
             raise ValueError("to_native() needs the layer on the CPU")
-        weight = spqr_weight(self.quantized(), self.bias)
+        weight = spqr_weight(self.quantized(), self.bias, act_residual=act_residual)
         if not keep_packed:
             for name in self._packed_names:
                 setattr(self, name, None)

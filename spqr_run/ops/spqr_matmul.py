@@ -12,20 +12,29 @@ Dispatch (`spqr_matmul_stored`):
   deterministic reduction; kernels/spqr_matmul.cu);
 - CUDA, fp16, more rows (prefill) -> `spqr::dequantize` (fp16 W, stored column order, one launch) + cuBLAS.
 
-The ops are `torch.library` custom ops with fake (meta) implementations, so `torch.compile` and CUDA graphs can
-capture them; on a CPU tensor, or when the extension cannot be built, their body computes the reference
-instead, so they run (and `torch.library.opcheck` passes) anywhere. GPTQ/RTN layouts have no kernels.
+The kernels are cubins launched through the driver (`spqr_run.gpu`: prebuilt for sm_80/86/89/90, else compiled
+by NVRTC at model load and cached), never a torch C++ extension. `kernel_path(device)` says which path runs and
+why; `prepare_kernels(model)` loads (or compiles) a model's kernels before any CUDA graph capture. The ops are
+`torch.library` custom ops with fake (meta) implementations, so `torch.compile` and CUDA graphs can capture them;
+on a CPU tensor, or on a GPU without kernels (one warning naming what is missing), their body computes the
+reference instead, so they run (and `torch.library.opcheck` passes) anywhere. GPTQ/RTN layouts have no kernels.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
+import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from spqr_run.ops.ext import load_extension
+from spqr_run.gpu import modules
+from spqr_run.gpu import spqr_matmul as launcher
+from spqr_run.gpu.modules import KernelPath
 from spqr_run.quant import tile_layout
 from spqr_run.quant.grid import dequantize_codes
 from spqr_run.quant.spqr_matmul import spqr_matmul_reference
@@ -33,6 +42,7 @@ from spqr_run.quant.spqr_matmul import spqr_matmul_reference
 TILE = 16  # the kernels' beta1 = beta2
 KERNEL_WBITS = (2, 3, 4)
 KERNEL_STAT_BITS = (2, 3, 4)
+_BITS = {(w, sb) for w in KERNEL_WBITS for sb in KERNEL_STAT_BITS}
 MAX_SMALL_ROWS = 16  # up to this many activation rows use the small-batch kernel, more dequantize + cuBLAS
 REFERENCE_BLOCK_ELEMENTS = 1 << 22  # the reference dequantizes about this many weights at a time
 
@@ -88,9 +98,121 @@ def _reference_stored(x_stored: Tensor, weight_rows, out_features: int, bias: Te
     return y.to(x_stored.dtype)
 
 
-def _kernels_for(t: Tensor) -> Any:
-    """The extension module when `t` is on CUDA and it builds, else None."""
-    return load_extension() if t.is_cuda else None
+# ---- the GPU kernels of a device -------------------------------------------------------------------------------
+_warned: set[tuple[str, tuple[int, int]]] = set()
+_warn_lock = threading.Lock()
+
+
+def _nvrtc_loader():
+    """NVRTC of torch's CUDA major version first (its cubins load on any driver that runs torch)."""
+    from spqr_run.gpu.nvrtc import load_nvrtc
+
+    major = int(torch.version.cuda.split(".")[0]) if torch.version.cuda else None
+    return load_nvrtc(major)
+
+
+@functools.cache
+def cuda_gpu(index: int) -> launcher.CudaGpu:
+    """The launcher's state for cuda:`index` (driver, SM count, loaded kernels), made once. Raises OSError or
+    DriverError when the CUDA driver cannot be loaded."""
+    from spqr_run.gpu.driver import cuda_driver
+
+    return launcher.CudaGpu(torch.device("cuda", index), cuda_driver(), _nvrtc_loader)
+
+
+def _no_gpu_reason(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return f"the model runs on {device.type}"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device" + ("" if torch.version.cuda else " (a CPU-only torch build)")
+    return None
+
+
+def gpu_kernels(device: torch.device, bits: tuple[int, int]) -> launcher.GpuDevice | None:
+    """The device's launcher when it has kernels for `bits` (loading or compiling them on first use), else None
+    after one warning naming what is missing (then the reference runs)."""
+    reason = _no_gpu_reason(device)
+    if reason is None:
+        try:
+            dev = cuda_gpu(device.index if device.index is not None else torch.cuda.current_device())
+            dev.kernels(bits)
+            return dev
+        except modules.KernelsUnavailable as e:
+            reason = str(e)
+        except OSError as e:  # no libcuda.so.1
+            reason = f"the CUDA driver library could not be loaded ({e})"
+        except RuntimeError as e:  # DriverError, or a capture that started before the kernels were loaded
+            if "CUDA graph capture" in str(e):
+                raise
+            reason = str(e).splitlines()[0]
+    key = (str(device), bits)
+    with _warn_lock:
+        if key not in _warned:
+            _warned.add(key)
+            warnings.warn(f"spqr-run: CUDA kernels unavailable on {device} for wbits={bits[0]}, stat_bits={bits[1]}: "
+                          f"{reason}; using the slow pure-torch reference path", RuntimeWarning, stacklevel=3)  # fmt: skip
+    return None
+
+
+def _device_guard(device: torch.device):
+    """The device current for the launch (the driver launches into the current context): a no-op when it
+    already is, as on a one-GPU machine."""
+    if device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def kernel_path(device: torch.device | str | None = None, bits: tuple[int, int] | None = None) -> KernelPath:
+    """Which GPU path runs on `device` (default cuda:0) for `bits` (default: whatever is loaded there, else the
+    3-bit pair) and why: the kernels already loaded say where they came from; otherwise the path is predicted
+    without compiling (prebuilt cubin, NVRTC cache or an NVRTC compile at model load, reference)."""
+    device = torch.device(device if device is not None else "cuda")
+    reason = _no_gpu_reason(device)
+    if reason is not None:
+        return KernelPath(modules.REFERENCE, reason)
+    try:
+        dev = cuda_gpu(device.index if device.index is not None else torch.cuda.current_device())
+    except (OSError, RuntimeError) as e:
+        return KernelPath(
+            modules.REFERENCE, f"the CUDA driver could not be loaded ({str(e).splitlines()[0]})"
+        )
+    loaded = [k for k in dev.loaded() if bits is None or k.bits == tuple(bits)]
+    if loaded:
+        return KernelPath(loaded[0].image.path, loaded[0].image.origin)
+    if bits is not None and tuple(bits) in dev._failed:
+        return KernelPath(modules.REFERENCE, dev._failed[tuple(bits)])
+    return modules.predict(dev.arch, bits, nvrtc_loader=dev.nvrtc_loader, driver_cuda=dev.driver_cuda)
+
+
+def _packed_cuda_layers(model: nn.Module) -> list[tuple[torch.device, tuple[int, int]]]:
+    """(device, (wbits, stat_bits)) of every packed SpQR layer on CUDA that has kernels, in module order."""
+    out = []
+    for m in model.modules():
+        meta, tiles = getattr(m, "meta", None), getattr(m, "tiles", None)
+        if meta is None or not isinstance(tiles, Tensor) or not tiles.is_cuda or meta.method != "spqr":
+            continue
+        if (meta.groupsize, meta.stat_groupsize) == (TILE, TILE) and (meta.wbits, meta.stat_bits) in _BITS:
+            out.append((tiles.device, (meta.wbits, meta.stat_bits)))
+    return out
+
+
+def model_kernel_path(model: nn.Module) -> KernelPath | None:
+    """The GPU path of the model's packed SpQR layers (the first (device, bits) they use), None when it has no
+    packed SpQR layer on a GPU (a CPU model, a dense model)."""
+    layers = _packed_cuda_layers(model)
+    return kernel_path(*layers[0]) if layers else None
+
+
+def prepare_kernels(model: nn.Module) -> dict[tuple[str, tuple[int, int]], KernelPath]:
+    """Loads (or NVRTC-compiles, once, into the cache) the kernels of every (wbits, stat_bits) the model's packed
+    CUDA layers use, before any CUDA graph capture. Returns {(device, bits): the path each takes}; a pair without
+    kernels warns once and runs the reference."""
+    wanted = set(_packed_cuda_layers(model))
+    out = {}
+    for device, bits in sorted(wanted, key=str):
+        gpu_kernels(device, bits)
+        out[(str(device), bits)] = kernel_path(device, bits)
+    return out
 
 
 # ---- custom ops ---------------------------------------------------------------------------------------------
@@ -110,9 +232,10 @@ def matmul_small(
     """x_stored (rows, in) fp16 with 1..16 rows, stored column order -> (rows, out) fp16 (tensor-core kernel)."""
     packed = (tiles, outliers, outlier_row_ptr)
     numbers = (wbits, stat_bits, out_features, in_features)
-    ext = _kernels_for(x_stored)
-    if ext is not None:
-        return ext.matmul_small(x_stored, *packed, bias, *numbers)
+    dev = gpu_kernels(x_stored.device, (wbits, stat_bits)) if x_stored.is_cuda else None
+    if dev is not None:
+        with _device_guard(x_stored.device):
+            return launcher.matmul_small(dev, x_stored, *packed, bias, *numbers)
 
     def rows(t0: int, t1: int) -> Tensor:
         return reference_weight(*packed, *numbers, row_tiles=slice(t0, t1))
@@ -139,9 +262,10 @@ def dequantize(
     """The weight (out, in) fp16 in stored (permuted) column order, outliers included (one launch on CUDA)."""
     packed = (tiles, outliers, outlier_row_ptr)
     numbers = (wbits, stat_bits, out_features, in_features)
-    ext = _kernels_for(tiles)
-    if ext is not None:
-        return ext.dequantize(*packed, *numbers)
+    dev = gpu_kernels(tiles.device, (wbits, stat_bits)) if tiles.is_cuda else None
+    if dev is not None:
+        with _device_guard(tiles.device):
+            return launcher.dequantize(dev, *packed, *numbers)
     return reference_weight(*packed, *numbers).to(torch.float16)
 
 
@@ -182,7 +306,7 @@ def spqr_matmul_stored(x_stored: Tensor, q: Any, bias: Tensor | None = None) -> 
     """
     _check_features(x_stored, q)
     m = q.meta
-    if not kernels_support(x_stored, q) or load_extension() is None:
+    if not kernels_support(x_stored, q) or gpu_kernels(x_stored.device, (m.wbits, m.stat_bits)) is None:
         x2 = x_stored.reshape(-1, m.in_features)
 
         def rows(t0: int, t1: int) -> Tensor:
@@ -209,9 +333,9 @@ def spqr_matmul_stored(x_stored: Tensor, q: Any, bias: Tensor | None = None) -> 
 def spqr_matmul(x: Tensor, q: Any, bias: Tensor | None = None) -> Tensor:
     """x (..., in) in input-feature order -> (..., out) in x's dtype, like `spqr_matmul_reference(x, q,
     bias=bias)`: gathers x[..., perm] once, then `spqr_matmul_stored`. CPU inputs, layouts without kernels,
-    and every input when the extension cannot be built (one warning) run the reference."""
+    and every input on a GPU without kernels (one warning) run the reference."""
     _check_features(x, q)
-    if not kernels_support(x, q) or load_extension() is None:
+    if not kernels_support(x, q) or gpu_kernels(x.device, (q.meta.wbits, q.meta.stat_bits)) is None:
         return spqr_matmul_reference(x, q, bias=bias)
     perm = q.perm_indices()
     x_stored = x if perm is None else x.index_select(-1, perm)

@@ -2,12 +2,18 @@
 
 The socket comes up first; the model loads in a thread while /health (and every model route) answers 503.
 Every error is `{"error": {message, type, param, code}}`; a 500 means a bug and its traceback is logged.
+
+Text that is not valid Unicode in a request body (bytes that are not UTF-8, lone surrogates such as
+"\ud800" in JSON strings) is replaced with U+FFFD in every field before anything reads it (`Guard`,
+`spqr_run.text`); the answer carries an `X-Spqr-Warning` header naming the fields, and the log a warning.
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import logging
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -29,6 +35,7 @@ from spqr_run.server.protocol import APIError
 from spqr_run.server.serving import OpenAIServing
 from spqr_run.server.serving_chat import create_chat_completion
 from spqr_run.server.serving_completion import create_completion
+from spqr_run.text import valid_json
 
 log = logging.getLogger("spqr_run.server")
 
@@ -58,6 +65,7 @@ class ServerConfig:
     api_key: str | None = None
     max_body_bytes: int = 4 * 1024 * 1024
     load_delay_s: float = 0.0  # test hook: stay in the loading state this long
+    verify_checksums: bool = True  # check a .spqr's tensors against its header's checksums
 
 
 class ServerState:
@@ -84,6 +92,7 @@ class ServerState:
                 rows=cfg.parallel,
                 memory=cfg.memory,
                 kv_cache=cfg.kv_cache,
+                verify_checksums=cfg.verify_checksums,
             )
             engine = Engine(
                 runtime.model,
@@ -96,9 +105,16 @@ class ServerState:
             )
             engine.start()
             self.engine = engine
+            from spqr_run.ops import model_kernel_path
+
+            path = model_kernel_path(runtime.model)
+            self.metrics.gpu_kernels = None if path is None else (path.name, path.reason)
             self.serving = OpenAIServing(runtime, engine, cfg.model_name)
             log.info(
-                "model %s loaded: %d slots of %d tokens", cfg.model_name, cfg.parallel, engine.max_context
+                "ready: model %s loaded, %d slots of %d tokens (GET /health answers 200)",
+                cfg.model_name,
+                cfg.parallel,
+                engine.max_context,
             )
         except Exception as e:  # noqa: BLE001 - a user error (bad file) or a bug: either way the server must stop
             self.error = str(e) if isinstance(e, SpqrError) else f"{type(e).__name__}: {e}"
@@ -118,8 +134,34 @@ class ServerState:
         return self.serving
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # "\ud800"-"\udfff" in JSON text
+WARNING_HEADER = b"x-spqr-warning"
+
+
+def valid_body(body: bytes) -> tuple[bytes, list[str]]:
+    """A JSON request body with every string made valid Unicode (`spqr_run.text.valid_json`), and the
+    paths of the fields that changed ("messages[0].content"). Bodies that are valid UTF-8 without surrogate
+    escapes (nearly all) and bodies that are not JSON come back unchanged."""
+    try:
+        body.decode("utf-8")
+        if not _SURROGATE_ESCAPE.search(body):
+            return body, []
+    except UnicodeDecodeError:
+        pass
+    try:
+        value = json.loads(body.decode("utf-8", errors="surrogateescape"))
+    except ValueError:
+        return body, []  # not JSON: the route's own parsing reports it
+    value, fields = valid_json(value, "")
+    if not fields:
+        return body, []
+    return json.dumps(value, ensure_ascii=False).encode("utf-8"), fields
+
+
 class Guard:
-    """ASGI middleware: rejects bodies over `max_body` bytes (413) and counts answers by route and status."""
+    """ASGI middleware: rejects bodies over `max_body` bytes (413), makes the text in JSON bodies valid
+    Unicode (`valid_body`, with an `X-Spqr-Warning` header on the answer), and counts answers by route and
+    status."""
 
     def __init__(self, app: ASGIApp, *, max_body: int, metrics: Metrics) -> None:
         self.app, self.max_body, self.metrics = app, max_body, metrics
@@ -130,11 +172,14 @@ class Guard:
             return
         route = scope["path"] if scope["path"] in ROUTES else "other"
         status = 0
+        warning: bytes | None = None
 
         async def counted_send(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if warning is not None:
+                    message = {**message, "headers": [*message.get("headers", []), (WARNING_HEADER, warning)]}
             await send(message)
 
         try:
@@ -145,6 +190,14 @@ class Guard:
                 )
                 await JSONResponse(err.body(), status_code=413)(scope, receive, counted_send)
                 return
+            body, fields = valid_body(body)
+            if fields:
+                shown = ", ".join(fields[:8]) + (f" and {len(fields) - 8} more" if len(fields) > 8 else "")
+                note = f"text that is not valid Unicode was replaced with U+FFFD in {shown}"
+                warning = note.encode("ascii", errors="backslashreplace")
+                log.warning("%s %s: %s", scope.get("method", ""), scope["path"], note)
+                headers = [(k, v) for k, v in scope.get("headers", []) if k != b"content-length"]
+                scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
             done = False
 
             async def replay() -> Message:

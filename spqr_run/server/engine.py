@@ -16,13 +16,20 @@ Results go back through each job's `sink`, which the caller makes thread-safe (t
 asyncio queue with `loop.call_soon_threadsafe`). Setting `job.cancelled` ends the sequence and frees its row
 before the next step.
 
-Determinism: a sequence's greedy tokens do not depend on what else runs. On CPU, fp32 matmul results depend
-on the number of rows M (M=1 and M=8 differ in the last bits) and attention results depend on the key length
-when it is not a multiple of the vector width, so every decode step runs all `slots` rows (rows not decoding
-are dummies writing the last position of their row, which a sequence always writes itself before it reads
-it) and reads a key length rounded up to a multiple of `kv_bucket`. Measured on SmolLM2: with both, a row's
-logits are bit-identical whatever the other rows hold and however far the keys are padded (masked keys add
-exact zeros).
+Determinism: a sequence's tokens and logprobs do not depend on what else runs, and each path keeps that
+promise its own way:
+
+- A batch-invariant model (`Decoder.batch_invariant`: the native CPU kernels, whose arithmetic is per row and
+  whose attention reads a row's keys 0 .. its position) gives a row the same logits bit for bit in any batch,
+  so a decode step runs only the busy rows and reads exactly the keys they need: a lone request costs one
+  row per token, N requests N rows.
+- Otherwise (torch's kernels: a GPU, or a CPU without the native library) fp32 matmul results depend on the
+  number of rows M (M=1 and M=8 differ in the last bits) and attention results on the key length when it is
+  not a multiple of the vector width, so every decode step runs all `slots` rows (rows not decoding are
+  dummies writing the last position of their row, which a sequence always writes itself before it reads it)
+  and reads a key length rounded up to a multiple of `kv_bucket`. Measured on SmolLM2: with both, a row's
+  logits are bit-identical whatever the other rows hold and however far the keys are padded (masked keys
+  add exact zeros). The price: a lone request pays for `slots` rows per token.
 """
 
 from __future__ import annotations
@@ -94,6 +101,7 @@ class Engine:
         self.prefill_chunk, self.kv_bucket, self.prefix_reuse = prefill_chunk, kv_bucket, prefix_reuse
         model.setup_caches(slots, max_context)
         self.max_context = model.max_seq_len
+        self.busy_rows_only = model.batch_invariant  # decode steps skip idle rows (module docstring)
         self.device = model.device
         self.eos_ids = tuple(model.config.eos_token_ids)
         self._waiting: collections.deque[Job] = collections.deque()
@@ -268,9 +276,17 @@ class Engine:
         return out
 
     def _decode_step(self, jobs: list[Job]) -> None:
-        busy = {j.slot for j in jobs}
-        dummies = [s for s in range(self.slots) if s not in busy]
-        rows = [j.slot for j in jobs] + dummies
+        """Feed each job's last token at its position, then sample its next one. A batch-invariant model runs
+        only these rows; otherwise idle rows run as dummies and the key length is padded (module docstring)."""
+        need = max(j.pos for j in jobs) + 1
+        if self.busy_rows_only:
+            dummies: list[int] = []
+            kv_len = need
+        else:
+            busy = {j.slot for j in jobs}
+            dummies = [s for s in range(self.slots) if s not in busy]
+            kv_len = min(self.max_context, -(-need // self.kv_bucket) * self.kv_bucket)
+        rows = [j.slot for j in jobs] + dummies  # (B,)
         tokens = torch.tensor(
             [[j.last_token] for j in jobs] + [[0]] * len(dummies), device=self.device
         )  # (B, 1)
@@ -278,8 +294,6 @@ class Engine:
         positions = torch.tensor(
             [[j.pos] for j in jobs] + [[last]] * len(dummies), device=self.device
         )  # (B, 1)
-        need = max(j.pos for j in jobs) + 1
-        kv_len = min(self.max_context, -(-need // self.kv_bucket) * self.kv_bucket)
         # constrained rows: their masks depend only on the tokens fed now, so they are computed meanwhile
         self._masks.start([j.constraint for j in jobs if j.constraint is not None])
         try:

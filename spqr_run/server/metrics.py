@@ -52,6 +52,9 @@ class Metrics:
         self.cancelled = 0
         self.ttft = Histogram(TTFT_BUCKETS)
         self.tpot = Histogram(TPOT_BUCKETS)
+        self.gpu_kernels: tuple[str, str] | None = (
+            None  # (path, reason) of the model's GPU kernels, when on a GPU
+        )
 
     def request_done(self, route: str, status: int) -> None:
         with self._lock:
@@ -108,9 +111,19 @@ class Metrics:
             ]
             for name, kind, doc, value in simple:
                 out += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}", f"{name} {value}"]
+            if self.gpu_kernels is not None:
+                path, reason = (_label(v) for v in self.gpu_kernels)
+                out += ["# HELP spqr_gpu_kernels The GPU kernel path the SpQR layers take (prebuilt cubin, NVRTC "
+                        "cache, reference) and why: 1 for the one in use.", "# TYPE spqr_gpu_kernels gauge",
+                        f'spqr_gpu_kernels{{path="{path}",reason="{reason}"}} 1']  # fmt: skip
             for name, doc, hist in (
                 ("spqr_time_to_first_token_seconds", "Request arrival to first token.", self.ttft),
                 ("spqr_time_per_output_token_seconds", "Time between consecutive tokens.", self.tpot),
             ):
                 out += [f"# HELP {name} {doc}", f"# TYPE {name} histogram", *hist.render(name)]
         return "\n".join(out) + "\n"
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value: backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

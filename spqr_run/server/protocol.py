@@ -10,7 +10,17 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 MAX_N = 16  # choices per request (a server limit: OpenAI takes up to 128)
 MAX_STOP = 8  # stop strings per request
@@ -22,6 +32,19 @@ NULL_IS_DEFAULT = (
 )  # fmt: skip
 
 TokenId = Annotated[StrictInt, Field(ge=0, lt=2**31)]
+
+
+def _json_number(value: Any) -> Any:
+    """A JSON number only: pydantic's lax mode would also take true/false and numeric strings, which the
+    published schema (integer / number) does not allow."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+# 13 and 13.0 (both JSON Schema integers), never "13" or true
+JsonInt = Annotated[int, BeforeValidator(_json_number)]
+JsonFloat = Annotated[float, BeforeValidator(_json_number)]
 
 
 class APIError(Exception):
@@ -57,7 +80,7 @@ class ErrorResponse(BaseModel):
 # ---- requests ---------------------------------------------------------------------------------------------
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class SamplingFields(BaseModel):
@@ -69,22 +92,22 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: StrictStr | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: JsonInt | None = Field(default=None, ge=1)
     # None (not sent, or null): the model's recommended value, else the global default (`sampling.resolve_sampling`)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
-    top_k: int | None = Field(default=None, ge=0)
-    min_p: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
-    n: int | None = Field(default=1, ge=1, le=MAX_N)
+    temperature: JsonFloat | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: JsonFloat | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
+    top_k: JsonInt | None = Field(default=None, ge=0)
+    min_p: JsonFloat | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
+    n: JsonInt | None = Field(default=1, ge=1, le=MAX_N)
     stop: StrictStr | list[StrictStr] | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
-    stream: bool | None = False
+    seed: JsonInt | None = Field(default=None, ge=-(2**63), lt=2**64)
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
-    frequency_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    presence_penalty: JsonFloat | None = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: JsonFloat | None = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     # the engine accepts (0, 10]; a tiny divisor sends positive logits to inf, so the API stops at 0.01
-    repetition_penalty: float | None = Field(default=None, ge=0.01, le=10.0, allow_inf_nan=False)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
+    repetition_penalty: JsonFloat | None = Field(default=None, ge=0.01, le=10.0, allow_inf_nan=False)
+    logit_bias: dict[str, Annotated[JsonFloat, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
     user: str | None = None
 
     @model_validator(mode="after")
@@ -120,7 +143,7 @@ class JSONSchemaFormat(BaseModel):
     name: StrictStr = Field(default="response", min_length=1, max_length=64)
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # None: any JSON object
-    strict: bool | None = None
+    strict: StrictBool | None = None
 
 
 class ResponseFormat(BaseModel):
@@ -136,7 +159,7 @@ class FunctionDefinition(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema; None: no parameters
-    strict: bool | None = None
+    strict: StrictBool | None = None
 
 
 class ToolDefinition(BaseModel):
@@ -183,9 +206,9 @@ class CompletionRequest(SamplingFields):
     """POST /v1/completions. `prompt`: a string, a list of strings, token ids or a list of token-id lists."""
 
     prompt: StrictStr | list[StrictStr] | list[TokenId] | list[list[TokenId]]
-    max_tokens: int | None = Field(default=16, ge=0)  # 0: score the prompt only (with echo + logprobs)
-    logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: bool | None = False
+    max_tokens: JsonInt | None = Field(default=16, ge=0)  # 0: score the prompt only (with echo + logprobs)
+    logprobs: JsonInt | None = Field(default=None, ge=0, le=20)
+    echo: StrictBool | None = False
     suffix: str | None = None
     response_format: ResponseFormat | None = None  # structured output of the generated text
 
@@ -214,13 +237,13 @@ class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool | None = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    max_completion_tokens: JsonInt | None = Field(default=None, ge=1)
+    logprobs: StrictBool | None = False
+    top_logprobs: JsonInt | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: StrictBool = True
 
 
 class TokenizeRequest(BaseModel):
@@ -230,7 +253,7 @@ class TokenizeRequest(BaseModel):
     model: StrictStr | None = None
     prompt: StrictStr | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: StrictBool = True
 
 
 class DetokenizeRequest(BaseModel):

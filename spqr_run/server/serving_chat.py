@@ -60,7 +60,7 @@ async def create_chat_completion(
         return None
     choices = []
     for index, r in enumerate(results):
-        content, calls = plan.parse("".join(r.text))
+        content, calls = plan.parse("".join(r.text), cut=r.finish_reason == "length")
         message = P.AssistantMessage(content=content, tool_calls=tool_calls(calls) if calls else None)
         finish = "tool_calls" if calls and r.finish_reason == "stop" else r.finish_reason
         lp = _logprobs(serving.tokenizer, r.logprobs) if req.logprobs else None
@@ -102,7 +102,7 @@ async def _stream(
             if c.finish_reason is not None:
                 finish = c.finish_reason
                 if ts is not None:
-                    rest, calls = ts.finish()
+                    rest, calls = ts.finish(cut=finish == "length")
                     if rest:
                         yield chunk([P.ChatChunkChoice(index=index, delta=P.ChatDelta(content=rest))])
                     if calls:

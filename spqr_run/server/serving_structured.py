@@ -26,11 +26,11 @@ class ChatPlan:
     tool_format: ToolFormat | None = None  # set when the output is to be read for tool calls
     tool_names: list[str] = field(default_factory=list)
 
-    def parse(self, text: str) -> tuple[str | None, list[ToolCallText]]:
-        """(content, tool calls) of a finished output."""
+    def parse(self, text: str, *, cut: bool = False) -> tuple[str | None, list[ToolCallText]]:
+        """(content, tool calls) of a finished output (`cut`: max_tokens ended it, maybe inside a call)."""
         if self.tool_format is None:
             return text, []
-        return self.tool_format.parse(text, self.tool_names)
+        return self.tool_format.parse(text, self.tool_names, cut=cut)
 
     def stream(self) -> ToolStream | None:
         return ToolStream(self.tool_format, self.tool_names) if self.tool_format is not None else None
@@ -45,7 +45,9 @@ def _compile(engine: GrammarEngine, fmt: P.ResponseFormat) -> Constraint | None:
         schema = fmt.json_schema.schema_
         if schema is None:
             return engine.compile_json_object()
-        return engine.compile_json_schema(schema, what=f"JSON schema {fmt.json_schema.name!r}")
+        return engine.compile_json_schema(
+            schema, what=f"JSON schema {fmt.json_schema.name!r}", where="response_format.json_schema.schema"
+        )
     return None
 
 
@@ -102,8 +104,28 @@ async def chat_plan(serving: Any, req: P.ChatCompletionRequest) -> ChatPlan:
                 lambda: serving.grammars.get().compile_lark(lark, what="tool parameters schema")
             )
         except GrammarError as e:
-            raise APIError(400, str(e), param="tools") from None
+            detail = await asyncio.to_thread(_tool_refusal, serving.grammars.get(), forced, names)
+            raise APIError(400, detail or str(e), param="tools") from None
     return plan
+
+
+def _tool_refusal(engine: GrammarEngine, forced: list[dict[str, Any]], names: list[str]) -> str | None:
+    """Which forced tool's `parameters` the engine refuses, in one sentence with the keyword's path in the
+    request (`tools[i].function.parameters...`); None when each compiles alone."""
+    for function in forced:
+        params = function.get("parameters")
+        if not isinstance(params, dict):
+            continue
+        i = names.index(function["name"])
+        try:
+            engine.compile_json_schema(
+                params,
+                what=f"parameters of tool {function['name']!r}",
+                where=f"tools[{i}].function.parameters",
+            )
+        except GrammarError as e:
+            return str(e)
+    return None
 
 
 def tool_calls(calls: list[ToolCallText]) -> list[P.ToolCall]:

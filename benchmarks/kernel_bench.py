@@ -1,9 +1,9 @@
 """SpQR kernels vs cuBLAS fp16 on LLaMA / Falcon linear shapes, side by side in one run.
 
-    python benchmarks/kernels.py            # all models, batch 1, 4, 16, 512
-    python benchmarks/kernels.py --quick    # LLaMA-7B shapes, fewer repetitions
-    python benchmarks/kernels.py --graph    # time CUDA-graph replays: the kernels, not Python's launch cost
-    python benchmarks/kernels.py --dry-run  # no GPU needed: tiny shapes on the CPU reference, checks the script
+    python benchmarks/kernel_bench.py            # all models, batch 1, 4, 16, 512
+    python benchmarks/kernel_bench.py --quick    # LLaMA-7B shapes, fewer repetitions
+    python benchmarks/kernel_bench.py --graph    # time CUDA-graph replays: the kernels, not Python's launch cost
+    python benchmarks/kernel_bench.py --dry-run  # no GPU needed: tiny shapes on the CPU reference, checks the script
 
 Method: random packed 3-bit SpQR layers in the v2 `tiles` layout (3.625 bits + 1% outliers, permuted) and fp16
 weights of each shape; the SpQR call is `spqr_matmul_stored` on x already in stored order (the gather is done once
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
         print(
-            "benchmarks/kernels.py: no CUDA GPU available (this torch build or machine has none); nothing to "
+            "benchmarks/kernel_bench.py: no CUDA GPU available (this torch build or machine has none); nothing to "
             "measure (--dry-run runs the script on tiny CPU shapes)"
         )
         return 0
