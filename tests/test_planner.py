@@ -293,7 +293,7 @@ def test_plan_peak_counts_the_load_transient():
 
 def test_load_runtime_takes_int8_when_the_context_needs_it(tmp_path):
     """A `.spqr` loaded as `spqr-run generate` does: with a budget where 4096 tokens fit in int8 only,
-    `--kv-cache auto` allocates an int8 cache and the banner says why; a roomy budget keeps fp32."""
+    `--kv-cache auto` allocates an int8 cache and the banner says why; a roomy budget keeps the model's KV dtype."""
     from spqr_run.chat.info import describe, model_facts
     from spqr_run.engine.synthetic_file import write_synthetic_spqr
     from spqr_run.runtime import load_runtime
@@ -301,13 +301,15 @@ def test_load_runtime_takes_int8_when_the_context_needs_it(tmp_path):
     cfg = tiny_llama(vocab_size=256, intermediate_size=160, max_position_embeddings=4096, name="tiny-4k")
     path = write_synthetic_spqr(tmp_path / "tiny.spqr", cfg).path
     roomy = load_runtime(path, device="cpu", ctx=4096)
-    assert roomy.plan.kv_dtype == "fp32" and roomy.model.caches[0].kind == "auto"
+    auto = "fp16" if roomy.model.native is not None else "fp32"  # `Decoder.kv_cache_dtype`
+    assert roomy.plan.kv_dtype == auto and roomy.model.caches[0].kind == "auto"
     fixed = roomy.plan.total - roomy.plan.kv_bytes
-    kv32, kv8 = 2 * 2 * 2 * 16 * 4, 2 * 2 * 2 * (16 + 4)  # k and v, 2 layers, 2 kv heads, head_dim 16
-    tight = load_runtime(path, device="cpu", ctx=4096, memory=fixed + 4096 * (kv8 + kv32) // 2)
+    # k and v, 2 layers, 2 kv heads, head_dim 16; int8 adds an fp32 scale per head
+    kv_auto, kv8 = 2 * 2 * 2 * 16 * (2 if auto == "fp16" else 4), 2 * 2 * 2 * (16 + 4)
+    tight = load_runtime(path, device="cpu", ctx=4096, memory=fixed + 4096 * (kv8 + kv_auto) // 2)
     assert tight.plan.kv_dtype == "int8" and tight.model.caches[0].kind == "int8"
     assert tight.max_context == 4096 and tight.plan.kv_note.startswith("--kv-cache auto chose int8")
     if tight.model.native is not None:  # the native kernels' workspace: no mask, no dequantized weight
         assert tight.plan.workspace.dequant == 0 == tight.plan.workspace.mask
     banner = dict(describe(model_facts(tight)))
-    assert "int8; --kv-cache auto chose int8: fp32 fits none of 4096 tokens" in banner["memory plan"]
+    assert f"int8; --kv-cache auto chose int8: {auto} fits none of 4096 tokens" in banner["memory plan"]

@@ -1,9 +1,9 @@
-"""`Q8Embedding` and `Q8Linear`: the token embedding and the LM head (tied or not) held as int8 rows with one
-fp32 scale per row.
+"""`Q8Embedding` and `Q8Linear`: the token embedding and the LM head (tied or not) held as int8 rows with an
+fp16 scale per row and 64 columns.
 
 The embedding and the tied LM head of a small model are much of what a decode step reads (SmolLM2-135M: 56 MB
 of fp16 against 63 MB of SpQR linears), so on the CPU a quantized model keeps them in 8 bits, as llama.cpp
-keeps its Q8_0 embedding: (vocab, hidden) bytes plus vocab fp32 scales, in the quad layout of the native
+keeps its Q8_0 embedding: (vocab, hidden) bytes plus 2 bytes of scale per 64, in the quad layout of the native
 kernels (`spqr_run.cpu.weights.q8_weight`). Lookups dequantize rows (`scale * code`); the LM head runs the
 native int8 matmul. What it costs in perplexity is in BENCHMARKS.md ("CPU decode").
 """

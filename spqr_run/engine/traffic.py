@@ -10,10 +10,10 @@ values of every cached position, so its time is at least bytes read / read bandw
   its packed tensors; a dense `nn.Linear`: its weight and bias;
 - the LM head (or the tied embedding serving as one): read whole;
 - the embedding: one row (int8 rows in the native quad layout interleave 16 rows per 64-byte line, so a
-  lookup touches its whole 16-row tile: 16 x hidden bytes, counted so);
+  lookup touches its whole 16-row tile: 16 x hidden bytes and the tile's fp16 scales, counted so);
 - norms: their weights (fp32 on the native path);
 - the KV cache: keys and values (and int8 scales) of positions 0 .. p for a token at position p, in the
-  cache's own storage (fp32 or int8 on a CPU, the model's dtype on a GPU).
+  cache's own storage (fp16 under the native CPU decoder, int8, or the model's dtype).
 
 Activations and the rotary tables are a few KB per layer and stay in cache: not counted.
 
@@ -77,9 +77,9 @@ def linear_read_bytes(module: nn.Module) -> int:
 def _embedding_row_bytes(embedding: nn.Module) -> int:
     """Bytes one token's embedding lookup reads (int8 quad layout: its 16-row tile, see module docstring)."""
     native = getattr(embedding, "native", None)
-    if native is not None:  # `cpu.embedding.Q8Embedding`: codes (RT, in_pad/4, 64), one fp32 scale a row
-        codes = native.tensors["codes"]
-        return codes[0].numel() * codes.element_size() + 4
+    if native is not None:  # `cpu.embedding.Q8Embedding`: codes (RT, in_pad/4, 64), fp16 scales (RT, KB, 16)
+        codes, scales = native.tensors["codes"], native.tensors["scales"]
+        return _nbytes(codes[0], scales[0])  # the row's tile: its codes and scales interleave 16 rows'
     weight = embedding.weight
     return weight.shape[1] * weight.element_size()
 

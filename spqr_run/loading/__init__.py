@@ -198,7 +198,7 @@ def build_decoder(
         quantized.clear()  # no references to the members: each group's parts are freed as it fuses
         fuse_linears(model)
         quantized = {n: m for n, m in model.named_modules() if isinstance(m, SpQRLinear)}
-    if not use_native:  # (with a quantized source, `use_native` was decided above; dense sources decide here)
+    if source.linear_factory is None:  # a quantized source decided `use_native` above; a dense one does here
         use_native = on_cpu and dtype == torch.float32 and native is not False and _native_available(native)
     for name, module in quantized.items():
         if module.native is not None or module.dense_weight is not None:  # type: ignore[union-attr]

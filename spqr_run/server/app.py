@@ -355,10 +355,14 @@ def create_app(config: ServerConfig, *, on_load_failed: Callable[[str], None] | 
         card = P.ModelCard(id=s.model_name, created=state.created, max_model_len=s.max_context)
         return P.ModelList(data=[card])
 
-    # with "stream": true the answer is server-sent events (chunks of the same shape, then "data: [DONE]")
-    streamed: dict[int | str, dict[str, Any]] = {
-        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
+    # with "stream": true the answer is server-sent events (chunks of the same shape, then "data: [DONE]");
+    # before OpenAPI 3.2 a stream's `schema` describes one event: its fields, `data` a chunk's JSON or [DONE]
+    event = {
+        "type": "object",
+        "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
+        "required": ["data"],
     }
+    streamed: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {"schema": event}}}}
 
     @api.post("/v1/completions", response_model=P.CompletionResponse, responses=streamed)
     async def completions(body: P.CompletionRequest, request: Request, s: Ready) -> Response:
