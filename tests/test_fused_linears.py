@@ -355,7 +355,8 @@ def test_loading_frees_each_groups_parts_as_it_fuses(quantize_model_named, monke
 
     source, packed = quantize_model_named("llama_gqa")
     qsource = quantized_source(source, packed)
-    refs: dict[int, weakref.ref] = {}  # id of a member module -> weakref to its packed tiles
+    refs: list[weakref.ref] = []  # weakrefs to each member's packed tiles, in load order (not by id(): a
+    # freed member's id is reused by a later one)
 
     factory = qsource.linear_factory
 
@@ -368,7 +369,8 @@ def test_loading_frees_each_groups_parts_as_it_fuses(quantize_model_named, monke
         module = SpQRLinear(
             dataclasses.replace(q, **{k: v.clone() for k, v in q.tensors().items()}), module.bias
         )
-        refs[id(module)] = weakref.ref(module.tiles)
+        module.ref_index = len(refs)
+        refs.append(weakref.ref(module.tiles))
         return module
 
     calls: list[list[int]] = []
@@ -377,7 +379,7 @@ def test_loading_frees_each_groups_parts_as_it_fuses(quantize_model_named, monke
     def fuse_and_check(modules):
         for earlier in calls:  # every member of an earlier group is freed by now
             assert all(refs[i]() is None for i in earlier), "an earlier group's packed tensors are still held"
-        calls.append([id(m) for m in modules])
+        calls.append([m.ref_index for m in modules])
         return real(modules)
 
     monkeypatch.setattr(fused_module, "fuse_modules", fuse_and_check)

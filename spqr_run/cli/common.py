@@ -315,9 +315,9 @@ def add_kv_cache_flag(parser: argparse.ArgumentParser) -> None:
         "--kv-cache",
         choices=["auto", "int8"],
         default="auto",
-        help="KV cache storage: auto = the model's dtype, or int8 when only that fits the context (--ctx, else "
-        "4096 tokens or the model's limit; the plan says so); int8 = 8 bits with a scale per token and head, "
-        "about half the memory, so twice the context fits (default: auto)",
+        help="KV cache storage: auto = the model's dtype (fp16 with the native CPU kernels), or int8 when "
+        "only that fits the context (--ctx, else 4096 tokens or the model's limit; the plan says so); int8 = 8 "
+        "bits with a scale per token and head, about half the memory, so twice the context fits (default: auto)",
     )
 
 
