@@ -29,7 +29,7 @@
 extern "C" {
 #endif
 
-#define SPQR_CPU_ABI_VERSION 5
+#define SPQR_CPU_ABI_VERSION 6
 
 /* ---- instruction sets ------------------------------------------------------------------------------- */
 enum spqr_isa {
@@ -51,6 +51,10 @@ int spqr_cpu_abi_version(void);
  * `spin_us` microseconds after a parallel loop, then sleep on a futex. Returns the thread count. */
 int spqr_cpu_set_threads(int threads, int spin_us);
 int spqr_cpu_threads(void);
+/* Run every parallel loop on the calling thread alone (1) or on the whole pool (0), without stopping the
+ * workers (they spin, then sleep): what a caller picks when other processes make the pool slower than one
+ * thread (spqr_run.cpu.governor). Results do not depend on it: a loop's chunks never change its output. */
+void spqr_cpu_set_serial(int serial);
 
 /* ---- weights ---------------------------------------------------------------------------------------- */
 enum spqr_weight_kind {

@@ -55,6 +55,7 @@ static struct {
   _Atomic uint32_t done;     /* chunks finished in the current generation */
   _Atomic int sleepers;
   _Atomic int quit;
+  _Atomic int serial;        /* 1: every loop runs on the caller alone (spqr_cpu_set_serial) */
   job_desc desc;
 } pool = {.resize_lock = PTHREAD_MUTEX_INITIALIZER, .threads = 1, .spin_us = 200};
 
@@ -133,7 +134,7 @@ void spqr_parallel_for(int64_t n, int64_t grain, spqr_task_fn fn, void *ctx) {
   if (grain < 1) grain = 1;
   if ((n + grain - 1) / grain > MAX_CHUNKS) grain = (n + MAX_CHUNKS - 1) / MAX_CHUNKS;
   int64_t chunks = (n + grain - 1) / grain;
-  if (pool.threads == 1 || chunks == 1) {
+  if (pool.threads == 1 || chunks == 1 || atomic_load_explicit(&pool.serial, memory_order_relaxed)) {
     fn(ctx, 0, n);
     return;
   }
@@ -182,6 +183,8 @@ int spqr_cpu_set_threads(int threads, int spin_us) {
 }
 
 int spqr_cpu_threads(void) { return pool.threads; }
+
+void spqr_cpu_set_serial(int serial) { atomic_store_explicit(&pool.serial, serial != 0, memory_order_relaxed); }
 
 /* ---- scratch arenas ------------------------------------------------------------------------------- */
 static struct {

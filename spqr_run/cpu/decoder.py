@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 
 import torch
 from torch import Tensor, nn
 
 from spqr_run.cpu import lib as native
 from spqr_run.cpu.embedding import Q8Embedding
+from spqr_run.cpu.governor import ThreadGovernor
 from spqr_run.cpu.weights import NativeWeight, dense_weight
 
 
@@ -43,6 +45,7 @@ class NativeDecoder:
         self.model_ref = model
         self._keep: list[object] = []  # tensors and NativeWeights the structs point into
         self._lock = threading.Lock()  # the library's scratch memory serves one forward at a time
+        self.governor = ThreadGovernor()  # decode steps: the pool, or one thread when that is faster now
         m = native.Model()
         m.hidden, m.ffn, m.n_layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
         m.n_heads, m.n_kv_heads, m.head_dim, m.vocab = (
@@ -194,12 +197,19 @@ class NativeDecoder:
                 for i, layer in enumerate(self.layers):
                     layer.k_cache, layer.v_cache = temp[2 * i].data_ptr(), temp[2 * i + 1].data_ptr()
                 rows_t = None
+            governed = t == 1 and use_cache and saved is None and lib.spqr_cpu_threads() > 1  # decode steps
+            serial = self.governor.choose(b) if governed else False
+            lib.spqr_cpu_set_serial(int(serial))
+            start = time.perf_counter()
             try:
                 rc = lib.spqr_cpu_forward(
                     self.struct, tokens.data_ptr(), positions.data_ptr(), _ptr(rows_t), b, t, int(last_only),
                     logits.data_ptr(),
                 )  # fmt: skip
+                if governed:
+                    self.governor.observe(b, serial, time.perf_counter() - start)
             finally:
+                lib.spqr_cpu_set_serial(0)
                 if saved is not None:
                     self.struct.kv_kind, self.struct.kv_rows, self.struct.kv_max_seq = saved[:3]
                     for layer, (k, v, ks, vs) in zip(self.layers, saved[3], strict=True):

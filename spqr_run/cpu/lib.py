@@ -18,7 +18,7 @@ from ctypes import POINTER, c_char_p, c_float, c_int, c_int32, c_int64, c_void_p
 from dataclasses import dataclass
 from pathlib import Path
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 ISA_NAMES = {0: "portable C", 1: "AVX2", 2: "AVX-512 VNNI"}
 LIB_ENV = "SPQR_CPU_LIB"  # path of a library to load instead of the installed one (tests: sanitizer builds)
 
@@ -111,6 +111,7 @@ _SIGNATURES = {
     "spqr_cpu_set_isa": (c_int, [c_int]),
     "spqr_cpu_isa": (c_int, []),
     "spqr_cpu_set_threads": (c_int, [c_int, c_int]),
+    "spqr_cpu_set_serial": (None, [c_int]),
     "spqr_cpu_threads": (c_int, []),
     "spqr_cpu_stat_block_bytes": (c_int32, [c_int32]),
     "spqr_cpu_repack": (c_int, [c_void_p, c_int32, c_int32, c_int32, c_int32, c_void_p, c_void_p]),
