@@ -130,6 +130,14 @@ def load_transient_bytes(model: Decoder, *, quantized: bool) -> int:
     return max(tables, 2 * repack)
 
 
+def _longest_context(model: Decoder, kv_dtype: str, common: dict) -> int:
+    """The most tokens a KV cache in `kv_dtype` holds with the plan's other terms (0 when none fit)."""
+    try:
+        return plan_memory(model.config, context=None, kv_dtype=kv_dtype, **common).max_context
+    except ConfigError:
+        return 0
+
+
 def plan_context(
     model: Decoder,
     *,
@@ -190,6 +198,7 @@ def plan_context(
         return first  # type: ignore[return-value]
     if first is not None and small.max_context <= first.max_context:
         return first
-    had = "none" if first is None else f"only {first.max_context}"
+    fits = first.max_context if first is not None else _longest_context(model, full, common)
+    had = f"only {fits}" if fits else "none"
     why = f"--kv-cache auto chose int8: {full} fits {had} of {target} tokens"
     return dataclasses.replace(small, kv_note=why)
