@@ -98,3 +98,15 @@ def tiny_spqr_file(tiny_hf, tmp_path_factory):
         return made[wbits]
 
     return get
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch intra-op thread for the test (tiny ops on a busy shared CPU: a second thread costs
+    milliseconds an op); restored after. Modules take it with `pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

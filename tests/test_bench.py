@@ -29,13 +29,7 @@ TINY = tiny_llama(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: one intra-op thread (on a busy shared CPU, a second one costs milliseconds an op)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_spqr_bench_cli_json_subprocess():

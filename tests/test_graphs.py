@@ -24,14 +24,7 @@ from spqr_run.models.spqr_linear import SpQRLinear
 from spqr_run.quant import QuantizedLinear
 from spqr_run.sampling import SamplingParams
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: one intra-op thread (on a busy shared CPU, a second one costs milliseconds an op)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class NumberTokenizer:
