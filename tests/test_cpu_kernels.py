@@ -49,7 +49,8 @@ def layer(out: int, inp: int, wbits: int, stat_bits: int, *, seed: int, outliers
     if scale is not None:  # second-order scales far from the synthetic default
         from spqr_run.quant import tile_layout
 
-        second = torch.tensor([scale, -1.0, 1.0, 0.5], dtype=torch.float16).repeat(4)
+        # [s.scale, s.zero, z.scale, z.zero]: z.scale not 1, so that z.scale * z.zero differs from z.zero
+        second = torch.tensor([scale, -1.0, 0.75, 0.5], dtype=torch.float16).repeat(4)
         q.tiles[..., -tile_layout.SECOND_WORDS :] = tile_layout.halves_to_words(second)
     return q
 
@@ -195,8 +196,10 @@ def test_activation_residual_makes_the_activations_nearly_exact(isa, wbits):
     assert (y.double() - exact).abs().mean() < (int8 - exact).abs().mean() / 50
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("scale", [1e-4, 300.0])
-def test_second_order_scales_far_from_one(scale):
+def test_second_order_scales_far_from_one(scale, isa):
+    LIB.spqr_cpu_set_isa(isa)
     q = layer(64, 192, 3, 3, seed=7, scale=scale)
     nw = W.spqr_weight(q)
     x = torch.randn(4, 192)
