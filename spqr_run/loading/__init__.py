@@ -131,20 +131,14 @@ def build_decoder(
     On a CPU with the native kernels (`native` None or True; `spqr_run.cpu.lib`), SpQR linears are repacked
     into the CPU layout and computed from their packed bytes, the embedding of a quantized model is held in
     int8 rows (`cpu.embedding.Q8Embedding`), and `Decoder.forward` runs natively (`cpu.decoder`); the file's
-    records are freed unless `keep_packed`, block by block as they are read (`_native_block`). Otherwise (`native=False`, or the library is missing: a one-line
-    warning says why), quantized linears run from a dense copy decoded once (`SpQRLinear.materialize`);
-    `keep_packed=False` then frees their packed form.
+    records are freed unless `keep_packed`, block by block as they are read (`_native_block`). Otherwise
+    (`native=False`, or the library is missing: a one-line warning says why), quantized linears run from a
+    dense copy decoded once (`SpQRLinear.materialize`); `keep_packed=False` then frees their packed form.
     """
     cfg = source.config
     held = weight_dtype or held_dtype(source, device, dtype)
     on_cpu = torch.device(device).type == "cpu"
-    use_native = (
-        source.linear_factory is not None
-        and on_cpu
-        and dtype == torch.float32
-        and native is not False
-        and _native_available(native)
-    )
+    use_native = on_cpu and dtype == torch.float32 and native is not False and _native_available(native)
     with torch.device("meta"):
         model = Decoder(cfg)
     quantized: dict[str, nn.Module] = {}
@@ -198,8 +192,6 @@ def build_decoder(
         quantized.clear()  # no references to the members: each group's parts are freed as it fuses
         fuse_linears(model)
         quantized = {n: m for n, m in model.named_modules() if isinstance(m, SpQRLinear)}
-    if source.linear_factory is None:  # a quantized source decided `use_native` above; a dense one does here
-        use_native = on_cpu and dtype == torch.float32 and native is not False and _native_available(native)
     for name, module in quantized.items():
         if module.native is not None or module.dense_weight is not None:  # type: ignore[union-attr]
             continue  # converted with its block (`_native_block`)
