@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,11 +33,18 @@ ODD = [
     "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n",
     "",
 ]
-# Fallback corpus when wiki-test.txt is absent (the SentencePiece tests do not need the real model).
-FALLBACK_TEXT = (
-    "The quick brown fox jumps over the lazy dog. Tokenizers split text into pieces; "
-    "some pieces are whole words and some are bytes. 1234 5678 café naïve 世界 🎉\n"
-) * 400
+# Fallback corpus when wiki-test.txt is absent (the SentencePiece tests do not need the real model): the
+# project's own prose (~150 KB, enough distinct words for a 1000-piece BPE; one repeated sentence is not),
+# without the special-token strings it quotes (text here is compared with SentencePiece's, which never
+# matches them), and a line of non-ASCII text.
+_REPO = Path(__file__).resolve().parents[1]
+FALLBACK_TEXT = re.sub(
+    r"<\|[a-z_]+\|>|</?s>",
+    "",
+    "\n".join(
+        (_REPO / n).read_text(encoding="utf-8") for n in ("README.md", "BENCHMARKS.md", "docs/FORMAT.md")
+    ),
+) + ("The quick brown fox jumps over the lazy dog. 1234 5678 café naïve 世界 🎉\n" * 40)
 
 
 @pytest.fixture(scope="module")
