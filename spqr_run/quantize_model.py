@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from spqr_run.config import ModelConfig
 from spqr_run.errors import ConfigError, DiskFullError, is_disk_full
+from spqr_run.finetune import FinetuneConfig, FinetuneReport, finetune, memory_bytes
 from spqr_run.loading import ModelSource
 from spqr_run.loading.spqr_file import DENSE_DTYPE, FORMAT_VERSION, write_spqr
 from spqr_run.models.decoder import Block, Rotary
@@ -48,7 +49,7 @@ from spqr_run.quant.grid import FP16_MAX
 # tau 0.2 -> 0.16 (4.717 -> 4.731 bits) and 2 passes of coordinate descent over the codes (`cd_passes`):
 # +5.46% / +4.72% -> +4.70% / +3.93% (tau alone +5.17% / +4.16%, the passes alone +5.35% / +4.70%).
 PRESETS: dict[str, QuantConfig] = {
-    "near-lossless": QuantConfig(method="spqr", wbits=4, groupsize=16, stat_bits=3, stat_groupsize=16, outlier_threshold=0.16, percdamp=0.1, stat_search=True, cd_passes=2),
+    "near-lossless": QuantConfig(method="spqr", wbits=4, groupsize=16, stat_bits=3, stat_groupsize=16, outlier_threshold=0.16, percdamp=0.1, stat_search=True, cd_passes=2, finetune_steps=32, finetune_lr=1e-4),
     "3bit": QuantConfig(method="spqr", wbits=3, groupsize=16, stat_bits=3, stat_groupsize=16, outlier_threshold=0.3, stat_search=True),
 }  # fmt: skip
 LLAMA_GROUPS = [["attn.q_proj", "attn.k_proj", "attn.v_proj"], ["attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]  # fmt: skip
@@ -83,6 +84,7 @@ class QuantizeSummary:
     calibration_seconds: float = 0.0  # making the calibration tokens (0 when a resumed run reused them)
     quantization_seconds: float = 0.0  # the rest: quantizing the blocks and writing the file
     layers: list[LayerReport] = field(default_factory=list)
+    finetune: dict[str, Any] | None = None  # `finetune.FinetuneReport` as a dict, when fine-tuning ran
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -524,13 +526,16 @@ def quantize_model(
     fingerprint_extra: dict[str, Any] | None = None,
     on_block_start: Callable[[int, int], None] | None = None,
     on_linear: Callable[[str], None] | None = None,
+    on_finetune_step: Callable[[int, float], None] | None = None,
 ) -> QuantizeSummary:
     """Quantize every linear of `source` with `qcfg` on calibration tokens (N, T) int64 and write `out`.
 
     `calib_tokens` may be a function that makes them (sampling from the model, reading a file): it is
     called only when there is no interrupted run to continue, after the check for one, and its time is
-    reported as `QuantizeSummary.calibration_seconds`. An interrupted run (`OUT.partial/`) raises
-    ConfigError naming `--resume` unless `resume`; with `resume` it continues from its last finished block
+    reported as `QuantizeSummary.calibration_seconds`. With `qcfg.finetune_steps`, the continuous numbers
+    of the quantized model are then trained against `source` on the same tokens (`spqr_run.finetune`;
+    `on_finetune_step(step, loss)` after each step); the result is kept in `OUT.partial/` like a block.
+    An interrupted run (`OUT.partial/`) raises ConfigError naming `--resume` unless `resume`; with `resume` it continues from its last finished block
     with the calibration it stored. `calib_desc` and `fingerprint_extra` must match the stored run's.
 
     A full disk (while a block is saved, or found before the final write) raises DiskFullError saying what
@@ -539,6 +544,8 @@ def quantize_model(
     """
     t0 = time.perf_counter()
     out = Path(out)
+    if qcfg.finetune_steps and isinstance(calib_tokens, Tensor):  # (a callable's: the caller checks)
+        check_finetune_memory(source.config, device, calib_tokens.shape[1])
     ckpt = Checkpoint(
         out,
         _fingerprint(
@@ -551,7 +558,7 @@ def quantize_model(
     )
     try:
         return _quantize(source, out, ckpt, qcfg, calib_tokens, calib_desc, device, resume, t0,
-                         on_block_start, on_linear)  # fmt: skip
+                         on_block_start, on_linear, on_finetune_step)  # fmt: skip
     except DiskFullError as e:
         e.kept = ckpt.kept(source.config.num_layers)
         e.resume = e.resume or "the same command with --resume"
@@ -570,6 +577,7 @@ def _quantize(
     t0: float,
     on_block_start: Callable[[int, int], None] | None,
     on_linear: Callable[[str], None] | None,
+    on_finetune_step: Callable[[int, float], None] | None,
 ) -> QuantizeSummary:
     cfg = source.config
     start = ckpt.next_block(resume)
@@ -610,16 +618,75 @@ def _quantize(
         ckpt.save_block(i, packed, reports, inps, fp_inps)
         del block, fp_block, packed
     del inps, fp_inps
-    summary = _write_file(source, out, qcfg, ckpt, calib_desc, t0)
+    tuned = _finetune(source, qcfg, ckpt, device, on_finetune_step) if qcfg.finetune_steps else None
+    summary = _write_file(source, out, qcfg, ckpt, calib_desc, t0, tuned)
     summary.calibration_seconds = calib_seconds
     summary.quantization_seconds = summary.seconds - calib_seconds
     ckpt.remove()
     return summary
 
 
+def check_finetune_memory(cfg: ModelConfig, device: torch.device, seqlen: int) -> None:
+    """ConfigError naming `--finetune-steps 0` when fine-tuning on sequences of `seqlen` tokens
+    (`finetune.memory_bytes`) would not fit the device's free memory (available RAM on a CPU)."""
+    from spqr_run.engine.planner import default_budget
+
+    ft = FinetuneConfig()
+    need, free = memory_bytes(cfg, ft.batch, min(seqlen, ft.seqlen)), default_budget(device, reserve=0)
+    if need > free:
+        raise ConfigError(
+            f"fine-tuning this model needs about {need / 2**30:.1f} GiB on {device}, {free / 2**30:.1f} GiB are "
+            "free: pass --finetune-steps 0 (or a device with more memory)"
+        )
+
+
+def _finetune(
+    source: ModelSource,
+    qcfg: QuantConfig,
+    ckpt: Checkpoint,
+    device: torch.device,
+    on_step: Callable[[int, float], None] | None,
+) -> tuple[Path, list[str], FinetuneReport]:
+    """Fine-tune the finished blocks' continuous numbers (`spqr_run.finetune`) on the stored calibration
+    tokens, or reuse the result an interrupted run saved; returns (its file, tensor names, report)."""
+    path = ckpt.dir / "finetuned.safetensors"
+    if path.exists():
+        with safe_open(path, framework="pt") as f:
+            report = FinetuneReport(**json.loads(f.metadata()["report"]))
+            return path, list(f.keys()), report
+    cfg = source.config
+    linears: dict[str, QuantizedLinear] = {}
+    for i in range(cfg.num_layers):
+        metas, _, names = ckpt.block_info(i)
+        with safe_open(ckpt.block_file(i), framework="pt") as f:
+            for module, meta in metas.items():
+                parts = {
+                    n.rpartition(".")[2]: f.get_tensor(n) for n in names if n.rpartition(".")[0] == module
+                }
+                linears[module] = QuantizedLinear.from_tensors(
+                    parts, meta=meta, source=str(ckpt.block_file(i))
+                )
+    ft = FinetuneConfig(steps=qcfg.finetune_steps, lr=qcfg.finetune_lr)
+    tuned, norms, report = finetune(
+        cfg, source.weights, linears, ckpt.load_calibration(), ft, device=device, on_step=on_step
+    )
+    tensors = {f"{name}.{k}": v.contiguous() for name, q in tuned.items() for k, v in q.tensors().items()}
+    tensors.update({name: w.to(DENSE_DTYPE).contiguous() for name, w in norms.items()})
+    _atomic_save(tensors, path, {"report": json.dumps(asdict(report))})
+    return path, list(tensors), report
+
+
 def _write_file(
-    source: ModelSource, out: Path, qcfg: QuantConfig, ckpt: Checkpoint, calib_desc: str, t0: float
+    source: ModelSource,
+    out: Path,
+    qcfg: QuantConfig,
+    ckpt: Checkpoint,
+    calib_desc: str,
+    t0: float,
+    tuned: tuple[Path, list[str], FinetuneReport] | None = None,
 ) -> QuantizeSummary:
+    """Write `out` from the finished blocks in `ckpt`, dense tensors from `source`; `tuned` (a file, its
+    tensor names, the report) replaces the packed tensors and norm weights it holds."""
     cfg = source.config
     metas: dict[str, dict[str, Any]] = {}
     reports: list[LayerReport] = []
@@ -647,6 +714,10 @@ def _write_file(
         if module in quantized_modules and attr == "weight":
             continue
         tensors.append((name, dense(name)))
+    if tuned is not None:
+        path, names, _ = tuned
+        replaced = set(names)
+        tensors = [(n, from_block(path, n) if n in replaced else load) for n, load in tensors]
     qbytes = sum(
         _nbytes(n, load)
         for n, load in tensors
@@ -658,6 +729,7 @@ def _write_file(
         path=str(out), method=qcfg.method, avg_bits=qbytes * 8 / qparams, file_bits_per_param=0.0,
         outlier_fraction=outliers / qparams, quantized_params=qparams, total_params=cfg.num_parameters(),
         file_bytes=0, calibration=calib_desc, seconds=0.0, layers=reports,
+        finetune=None if tuned is None else asdict(tuned[2]),
     )  # fmt: skip
     header = {
         "model_config": cfg.to_dict(),
@@ -668,6 +740,7 @@ def _write_file(
         "summary": {
             "avg_bits": summary.avg_bits, "outlier_fraction": summary.outlier_fraction,
             "quantized_params": qparams, "calibration": calib_desc, "source": Path(source.path).name,
+            **({"finetune": summary.finetune} if summary.finetune else {}),
         },
     }  # fmt: skip
     summary.file_bytes = write_spqr(out, header, tensors)

@@ -167,6 +167,8 @@ def test_default_model_is_quantized_once_to_spqr(tmp_path, monkeypatch, gguf_pat
     assert path == models / "SmolLM2-135M-Instruct.spqr" and path.exists()
     source = open_model(path)
     assert source.kind == "spqr" and source.info["quant_config"].wbits == 4
+    # the first use skips the preset's fine-tuning (its 3-minute budget): DEFAULT_FINETUNE_STEPS
+    assert source.info["quant_config"].finetune_steps == dm.DEFAULT_FINETUNE_STEPS == 0
     assert 4.6 < source.info["avg_bits"] < 4.75
     assert sorted(p.name for p in models.iterdir()) == [path.name]
     assert dm.finish_default_model(gguf_path, models_dir=models) == path  # cached: no second run

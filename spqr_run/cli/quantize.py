@@ -31,7 +31,13 @@ from spqr_run.devices import resolve_device
 from spqr_run.errors import ConfigError, DiskFullError
 from spqr_run.loading import open_model
 from spqr_run.quant import QuantConfig
-from spqr_run.quantize_model import PRESETS, QuantizeSummary, check_interrupted, quantize_model
+from spqr_run.quantize_model import (
+    PRESETS,
+    QuantizeSummary,
+    check_finetune_memory,
+    check_interrupted,
+    quantize_model,
+)
 
 
 def progress_columns() -> tuple[ProgressColumn, ...]:
@@ -96,6 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="spqr/gptq: coordinate-descent passes refining the codes after GPTQ (QuantEase; 0 = off)",
     )
     p.add_argument(
+        "--finetune-steps",
+        type=int,
+        help="spqr: after quantizing, train the fp16 statistics, outlier values and norms against the "
+        "original model on the calibration tokens for this many steps (codes and size unchanged; 0 = off; "
+        "the near-lossless preset: 32)",
+    )
+    p.add_argument(
+        "--finetune-lr",
+        type=float,
+        help="spqr: the fine-tuning's Adam learning rate, relative to each number (default 1e-4)",
+    )
+    p.add_argument(
         "--percdamp",
         type=float,
         help="Hessian damping relative to its mean diagonal (default 0.01; the near-lossless preset: 0.1)",
@@ -128,6 +146,8 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
         "stat_search",
         "fp_targets",
         "cd_passes",
+        "finetune_steps",
+        "finetune_lr",
     ):
         value = getattr(args, flag)
         if value is not None:
@@ -174,6 +194,8 @@ def _quantize(argv: list[str]) -> int:
     if source.kind == "spqr":
         raise ConfigError(f"{args.source}: already a .spqr file; quantize the original model instead")
     seqlen = min(args.seqlen, source.config.max_position_embeddings)
+    if qcfg.finetune_steps:  # before the calibration and the blocks: fail in a second, not after minutes
+        check_finetune_memory(source.config, device, seqlen)
     with make_progress(*progress_columns(), console=status) as bar:
         if args.calib:
             desc = f"{Path(args.calib).name}: {args.nsamples} x {seqlen} tokens (seed {args.seed})"
@@ -210,10 +232,20 @@ def _quantize(argv: list[str]) -> int:
                 bar.update(blocks, completed=i, description=what)
             bar.reset(layer_task, total=linears_per_block, visible=True, description="  linears")
 
+        tune_task = bar.add_task("fine-tuning fp16 statistics", total=qcfg.finetune_steps, visible=False)
+
+        def on_finetune_step(step: int, loss: float) -> None:
+            if step == 0:
+                bar.update(blocks, completed=source.config.num_layers)
+                bar.update(layer_task, visible=False)
+                bar.reset(tune_task, total=qcfg.finetune_steps, visible=True)
+            bar.update(tune_task, completed=step + 1, description=f"fine-tuning (KL {loss:.4f})")
+
         summary = quantize_model(
             source, out, qcfg=qcfg, calib_tokens=calibration, calib_desc=desc, device=device,
             resume=args.resume, on_block_start=on_block_start,
             on_linear=lambda name: bar.update(layer_task, advance=1, description=f"  {name}"),
+            on_finetune_step=on_finetune_step,
         )  # fmt: skip
         bar.update(blocks, completed=source.config.num_layers)
     print_summary(console, summary, qcfg)
@@ -256,6 +288,13 @@ def print_summary(console: Console, s: QuantizeSummary, qcfg: QuantConfig) -> No
     t.add_row("quantized parameters", f"{s.quantized_params:,} of {s.total_params:,}")
     t.add_row("mean relative error", f"{mean_err:.4f}")
     t.add_row("calibration", Text(s.calibration))
+    if s.finetune:
+        f = s.finetune
+        t.add_row(
+            "fine-tuning",
+            f"{f['steps']} steps, KL to the original {f['kl_before']:.3g} -> {f['kl_after']:.3g} nats/token "
+            f"({f['seconds']:.0f} s)",
+        )
     calib = (
         "reused from the interrupted run" if s.calibration_seconds == 0 else f"{s.calibration_seconds:.1f} s"
     )

@@ -41,6 +41,11 @@ class QuantConfig:
     # 2023): with the statistics and the outlier positions fixed, each column in turn takes the grid codes
     # (outliers: the fp16 values) minimising tr((W - Q) H (W - Q)^T) given all other columns; 0 = off
     cd_passes: int = 0
+    # spqr, whole-model runs only: after every block is quantized, optimizer steps training the continuous
+    # numbers the codes leave free (second-order statistics, outlier deltas, norms) against the unquantized
+    # model's next-token distributions on the calibration tokens (`spqr_run.finetune`); 0 = off. Same bytes.
+    finetune_steps: int = 0
+    finetune_lr: float = 1e-4  # Adam learning rate in relative units (see `finetune.FinetuneConfig`)
     # H[i, i] += percdamp * mean(diag H). 0.01 is GPTQ's default (Frantar et al., 2023); the SpQR release ran
     # 1.0, which on SmolLM2 costs every method 1.5-2.5 points of perplexity (sweep in BENCHMARKS.md)
     percdamp: float = 0.01
@@ -69,6 +74,14 @@ class QuantConfig:
             raise ConfigError(f"percdamp must be a finite number >= 0, got {self.percdamp}")
         if self.cd_passes < 0:
             raise ConfigError(f"cd_passes must be >= 0, got {self.cd_passes}")
+        if self.finetune_steps < 0:
+            raise ConfigError(f"finetune_steps must be >= 0, got {self.finetune_steps}")
+        if self.finetune_steps and self.method != "spqr":
+            raise ConfigError(
+                f"finetune_steps is for spqr only (it trains SpQR's fp16 statistics), got {self.method}"
+            )
+        if not (self.finetune_lr > 0 and math.isfinite(self.finetune_lr)):
+            raise ConfigError(f"finetune_lr must be a finite number > 0, got {self.finetune_lr}")
         if self.blocksize <= 0:
             raise ConfigError(f"blocksize must be positive, got {self.blocksize}")
 
