@@ -122,7 +122,6 @@ class TunableSpQRLinear(nn.Module):
         inv = None if u.perm is None else torch.argsort(u.perm)  # input feature i = stored column inv[i]
         self.register_buffer("inv_perm", inv, persistent=False)
         self.register_buffer("perm", u.perm, persistent=False)  # stored column j = input feature perm[j]
-        self._template = u
 
     def second(self) -> Tensor:
         """The second-order statistics as stored (fp16 values, fp32 dtype): (row_groups, groups, 4)."""
@@ -146,11 +145,11 @@ class TunableSpQRLinear(nn.Module):
     @torch.no_grad()
     def to_quantized(self) -> QuantizedLinear:
         """The packed linear with the trained numbers (same codes, positions and tensor shapes)."""
-        t = self._template
+        codes = self.codes[:, : self.meta.in_features].long()  # (out, in): the uint8 buffer, padding cut
         tuned = UnpackedLinear(
-            meta=t.meta, codes=t.codes, perm=t.perm, scale_codes=t.scale_codes, zero_codes=t.zero_codes,
-            second=self.second().half(), outlier_rows=t.outlier_rows, outlier_cols=t.outlier_cols,
-            outlier_values=self.outliers().half(),
+            meta=self.meta, codes=codes, perm=self.perm, scale_codes=self.scale_codes.long(),
+            zero_codes=self.zero_codes.long(), second=self.second().half(), outlier_rows=self.outlier_rows,
+            outlier_cols=self.outlier_cols, outlier_values=self.outliers().half(),
         )  # fmt: skip
         return QuantizedLinear.pack(tuned)
 
