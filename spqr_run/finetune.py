@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spqr_run.config import ModelConfig
-from spqr_run.models.decoder import Decoder, RMSNorm
+from spqr_run.models.decoder import Decoder, RMSNorm, materialize_fp32
 from spqr_run.quant import QuantizedLinear
 from spqr_run.quant.grid import FP16_MAX
 from spqr_run.quant.layout import UnpackedLinear
@@ -223,16 +223,7 @@ def dense_decoder(cfg: ModelConfig, weights: Mapping[str, Tensor], device: torch
     reference; raises ValueError naming a missing or misshapen tensor."""
     with torch.device("meta"):
         model = Decoder(cfg)
-    for name, p in list(model.named_parameters()):
-        if name not in weights:
-            raise ValueError(f"weight {name!r} is missing")
-        w = weights[name]
-        if tuple(w.shape) != tuple(p.shape):
-            raise ValueError(f"weight {name!r} has shape {tuple(w.shape)}, expected {tuple(p.shape)}")
-        owner, _, attr = name.rpartition(".")
-        model.get_submodule(owner)._parameters[attr] = nn.Parameter(
-            w.to(device, torch.float32), requires_grad=False
-        )
+    materialize_fp32(model, weights, device)
     model.rotary = type(model.rotary)(cfg).to(device)
     return model.eval()
 

@@ -728,3 +728,53 @@ def test_free_space_is_checked_before_the_final_write(tiny_model, tmp_path, monk
     _check_disk_full_line(message, str(out))
     assert "4.0 KiB free there" in message and "all 2 blocks" in message
     assert not (tmp_path / "small.spqr.tmp").exists() and not out.exists()
+
+
+def test_blocks_and_dense_models_read_each_weight_once_and_name_bad_ones(tiny_model):
+    """`load_block` and the fine-tuning's `dense_decoder` read every tensor of the lazy source once (a
+    membership test first would dequantize a GGUF tensor twice) and name a missing or misshapen one."""
+    from collections.abc import Mapping
+
+    import spqr_run.quantize_model as qm
+    from spqr_run.finetune import dense_decoder
+
+    source = open_model(tiny_model)
+    reads: list[str] = []
+
+    class Counting(Mapping):
+        def __init__(self, weights, changed=None):
+            self.weights, self.changed = weights, changed or {}
+
+        def __getitem__(self, name):
+            reads.append(name)
+            if name in self.changed:
+                if self.changed[name] is None:
+                    raise KeyError(name)
+                return self.changed[name]
+            return source.weights[name]
+
+        def __iter__(self):
+            return iter(self.weights)
+
+        def __len__(self):
+            return len(self.weights)
+
+    dev = torch.device("cpu")
+    counted = dataclasses.replace(source, weights=Counting(source.weights))
+    block = qm.load_block(counted, 1, dev)
+    assert sorted(reads) == sorted(f"layers.1.{n}" for n, _ in block.named_parameters())
+    assert torch.equal(block.mlp.down_proj.weight, source.weights["layers.1.mlp.down_proj.weight"].float())
+    reads.clear()
+    model = dense_decoder(source.config, Counting(source.weights), dev)
+    assert sorted(reads) == sorted(n for n, _ in model.named_parameters())
+
+    bad = dataclasses.replace(
+        source, weights=Counting(source.weights, {"layers.1.attn.o_proj.weight": torch.zeros(3, 3)})
+    )
+    with pytest.raises(
+        ConfigError, match=r"weight layers\.1\.attn\.o_proj\.weight has shape \(3, 3\), expected"
+    ):
+        qm.load_block(bad, 1, dev)
+    gone = Counting(source.weights, {"norm.weight": None})
+    with pytest.raises(ValueError, match=r"weight norm\.weight is missing"):
+        dense_decoder(source.config, gone, dev)

@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="spqr: after quantizing, train the fp16 statistics, outlier values and norms against the "
         "original model on the calibration tokens for this many steps (codes and size unchanged; 0 = off; "
-        "the near-lossless preset: 32)",
+        "both presets: 32)",
     )
     p.add_argument(
         "--finetune-lr",

@@ -27,6 +27,8 @@ The fused members are then None; `Attention.project`, `MLP.project` and `Block.f
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -291,3 +293,24 @@ class Decoder(nn.Module):
         if isinstance(self.embed_tokens, nn.Embedding):
             return held_linear(x, self.embed_tokens.weight).float()
         return self.embed_tokens.head(x)  # a quantized table computes its own tied head (`cpu.embedding`)
+
+
+def materialize_fp32(
+    module: nn.Module, weights: Mapping[str, Tensor], device: torch.device, prefix: str = ""
+) -> nn.Module:
+    """Give every parameter of `module` (built on the meta device) its tensor `weights[prefix + name]` in fp32 on
+    `device`, frozen; returns `module` in eval mode. Used for the quantizer's blocks and the fine-tuning's dense
+    models. Raises ValueError naming a missing tensor or one whose shape differs from the parameter's."""
+    for name, p in list(module.named_parameters()):
+        key = prefix + name
+        try:
+            w = weights[key]  # (not `key in weights`: a lazy mapping would read the tensor twice)
+        except KeyError:
+            raise ValueError(f"weight {key} is missing") from None
+        if tuple(w.shape) != tuple(p.shape):
+            raise ValueError(f"weight {key} has shape {tuple(w.shape)}, expected {tuple(p.shape)}")
+        owner, _, attr = name.rpartition(".")
+        module.get_submodule(owner)._parameters[attr] = nn.Parameter(
+            w.to(device, torch.float32), requires_grad=False
+        )
+    return module.eval()
